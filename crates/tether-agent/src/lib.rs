@@ -1,0 +1,1 @@
+//! tether agent library: connector, dial policy, local dialing.

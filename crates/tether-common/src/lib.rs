@@ -1,0 +1,1 @@
+//! shared plumbing: TLS and identity, PKI, config loading, shutdown, backoff, telemetry.

@@ -1,0 +1,1 @@
+//! one WebSocket, many streams: flow control, keepalive, sync and close.

@@ -1,0 +1,1 @@
+//! tether wire formats: frames, codec and target addresses (sans-IO).

@@ -1,0 +1,1 @@
+//! tether server library: accept, authenticate, registry, forwards, admin.

@@ -1,0 +1,1 @@
+//! test helpers: throwaway PKI, echo and sink servers, in-memory transports.

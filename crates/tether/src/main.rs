@@ -1,0 +1,3 @@
+//! The `tether` binary: parses flags, loads config, binds listeners and calls the daemon libraries.
+
+fn main() {}

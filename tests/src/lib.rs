@@ -1,0 +1,1 @@
+//! Whole-system tests for tether: helpers shared by the test files.
