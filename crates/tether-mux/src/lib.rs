@@ -1,1 +1,25 @@
-//! one WebSocket, many streams: flow control, keepalive, sync and close.
+//! One WebSocket, many streams: credit flow control, keepalive, SYNC reconciliation and close.
+//!
+//! A [`Session`] runs over any transport that carries whole [`Frame`]s (see [`transport`]): a
+//! WebSocket in the daemons, an in-memory pipe in tests. Streams are [`MuxStream`] handles that
+//! implement `AsyncRead + AsyncWrite`. The session's tasks are driven by the [`SessionDriver`]
+//! future that the owner spawns on its tracker; dropping every [`Session`] handle ends them.
+//!
+//! [`Frame`]: tether_proto::Frame
+
+mod config;
+mod error;
+mod incoming;
+mod metrics;
+mod session;
+mod state;
+mod stream;
+pub mod transport;
+
+pub use config::{MuxConfig, Role};
+pub use error::{OpenError, SessionEnd};
+pub use incoming::{Incoming, PendingOpen};
+pub use metrics::{CloseReason, MuxMetrics};
+pub use session::{Session, SessionDriver, SessionStats};
+pub use stream::MuxStream;
+pub use transport::{FrameTransport, TransportError};

@@ -1,0 +1,84 @@
+//! Session settings: windows, frame sizes, stream caps and timers.
+
+use std::time::Duration;
+
+/// Which end of the session this is; it decides the parity of the stream ids it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The server opens odd stream ids.
+    Server,
+    /// The agent opens even stream ids.
+    Agent,
+}
+
+impl Role {
+    /// The first id this role opens.
+    pub(crate) fn first_id(self) -> u64 {
+        match self {
+            Role::Server => 1,
+            Role::Agent => 2,
+        }
+    }
+
+    /// Whether `id` has the parity of streams the *peer* opens.
+    pub(crate) fn is_peer_id(self, id: u64) -> bool {
+        match self {
+            Role::Server => id % 2 == 0,
+            Role::Agent => id % 2 == 1,
+        }
+    }
+}
+
+/// Settings of one session. Every queue and buffer is bounded by one of these.
+#[derive(Debug, Clone)]
+pub struct MuxConfig {
+    /// Receive window per stream: the most bytes buffered for one stream (default 256 KiB).
+    pub window: u32,
+    /// Largest DATA payload sent and accepted (default 64 KiB).
+    pub max_data: u32,
+    /// Most streams open at once on the session, both directions together (default 1024).
+    pub max_streams: usize,
+    /// Most inbound OPENs waiting for the application to accept them (default 128).
+    pub accept_backlog: usize,
+    /// Frames queued towards the transport before stream writers wait (default 64).
+    pub write_queue: usize,
+    /// Most control frames (WINDOW, PONG, RST...) queued before new ones are dropped (default 4096).
+    pub max_control_queue: usize,
+    /// How often to PING the peer (default 15 s).
+    pub ping_interval: Duration,
+    /// A session with no frame received for this long is dead (default 45 s).
+    pub idle_timeout: Duration,
+    /// How often to send SYNC; `None` disables it (default 60 s).
+    pub sync_interval: Option<Duration>,
+    /// Dial timeout sent in OPEN frames this side sends (default 10 s).
+    pub dial_timeout: Duration,
+    /// Extra time an opener waits for OPEN_OK beyond the dial timeout (default 5 s).
+    pub open_grace: Duration,
+}
+
+impl Default for MuxConfig {
+    fn default() -> Self {
+        Self {
+            window: 256 * 1024,
+            max_data: tether_proto::codec::DEFAULT_MAX_DATA,
+            max_streams: 1024,
+            accept_backlog: 128,
+            write_queue: 64,
+            max_control_queue: 4096,
+            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+            sync_interval: Some(Duration::from_secs(60)),
+            dial_timeout: Duration::from_secs(10),
+            open_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl MuxConfig {
+    /// The decoder limits matching this configuration.
+    pub fn limits(&self) -> tether_proto::Limits {
+        tether_proto::Limits {
+            max_data: self.max_data,
+        }
+    }
+}
