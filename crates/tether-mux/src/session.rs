@@ -494,9 +494,7 @@ async fn write_frames(
 fn take_data_frame(shared: &Shared, frame: Frame) -> Option<Frame> {
     let id = frame.stream();
     let mut state = shared.lock();
-    let Some(slot) = state.streams.get_mut(&id) else {
-        return None;
-    };
+    let slot = state.streams.get_mut(&id)?;
     slot.queued = slot.queued.saturating_sub(1);
     let keep = slot.failure.is_none() || slot.rst_after_drain.is_some();
     if slot.queued == 0

@@ -305,7 +305,7 @@ impl<'a> Body<'a> {
                 max: MAX_MESSAGE_LEN as u64,
             });
         }
-        Ok(String::from_utf8_lossy(rest).into_owned())
+        Ok(lossy_utf8(rest))
     }
 
     fn finish(&self) -> Result<(), ProtoErrorKind> {
@@ -315,6 +315,22 @@ impl<'a> Body<'a> {
             Err(ProtoErrorKind::TrailingBytes(self.bytes.len()))
         }
     }
+}
+
+/// Decodes message text, replacing each invalid UTF-8 sequence with one `?`.
+///
+/// Unlike `String::from_utf8_lossy` (whose U+FFFD takes three bytes) the text never grows past
+/// the wire bytes, so a decoded message stays within [`MAX_MESSAGE_LEN`] and re-encodes to
+/// exactly the same frame.
+fn lossy_utf8(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        if !chunk.invalid().is_empty() {
+            text.push('?');
+        }
+    }
+    text
 }
 
 /// Encodes `frame` into a fresh message buffer.
@@ -437,6 +453,30 @@ mod tests {
         let huge = Bytes::from(vec![FrameType::Data as u8; 1000]);
         let err = decode(&huge, &limits).unwrap_err();
         assert_eq!(err.stream, None);
+    }
+
+    #[test]
+    fn invalid_utf8_messages_never_grow() {
+        let mut msg = vec![FrameType::Rst as u8, 1, ResetCode::Internal.to_u8()];
+        msg.extend_from_slice(b"ok ");
+        msg.extend_from_slice(&[0xff; 253]);
+        let frame = decode(&Bytes::from(msg), &Limits::default()).expect("decodes");
+        let Frame::Rst { message, .. } = &frame else {
+            panic!("an RST: {frame:?}");
+        };
+        assert_eq!(message.len(), 256);
+        assert!(message.starts_with("ok ???"));
+        assert_eq!(decode(&encode_to_bytes(&frame), &Limits::default()), Ok(frame));
+
+        // A truncated multi-byte character is one invalid sequence.
+        let msg = Bytes::from_static(&[FrameType::GoAway as u8, 0, 1, b'a', 0xe2, 0x82]);
+        assert_eq!(
+            decode(&msg, &Limits::default()),
+            Ok(Frame::GoAway {
+                code: GoAwayCode::Shutdown,
+                message: "a?".into()
+            })
+        );
     }
 
     #[test]
