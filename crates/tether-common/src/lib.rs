@@ -5,3 +5,5 @@ pub mod config_error;
 pub mod identity;
 pub mod pki;
 pub mod tls;
+pub mod duration;
+pub mod session_settings;
