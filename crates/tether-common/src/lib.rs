@@ -7,3 +7,4 @@ pub mod pki;
 pub mod tls;
 pub mod duration;
 pub mod session_settings;
+pub mod pipe;
