@@ -89,7 +89,9 @@ pub fn encoded_len(frame: &Frame) -> usize {
             timeout_ms,
             target,
             ..
-        } => varint_len(u64::from(*window)) + varint_len(u64::from(*timeout_ms)) + target.wire_len(),
+        } => {
+            varint_len(u64::from(*window)) + varint_len(u64::from(*timeout_ms)) + target.wire_len()
+        }
         Frame::OpenOk { window, .. } => varint_len(u64::from(*window)),
         Frame::OpenErr { message, .. }
         | Frame::Rst { message, .. }
@@ -466,7 +468,10 @@ mod tests {
         };
         assert_eq!(message.len(), 256);
         assert!(message.starts_with("ok ???"));
-        assert_eq!(decode(&encode_to_bytes(&frame), &Limits::default()), Ok(frame));
+        assert_eq!(
+            decode(&encode_to_bytes(&frame), &Limits::default()),
+            Ok(frame)
+        );
 
         // A truncated multi-byte character is one invalid sequence.
         let msg = Bytes::from_static(&[FrameType::GoAway as u8, 0, 1, b'a', 0xe2, 0x82]);

@@ -264,7 +264,9 @@ impl Frame {
             | Frame::Fin { stream }
             | Frame::Rst { stream, .. }
             | Frame::Unknown { stream, .. } => *stream,
-            Frame::Ping { .. } | Frame::Pong { .. } | Frame::Sync { .. } | Frame::GoAway { .. } => 0,
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::Sync { .. } | Frame::GoAway { .. } => {
+                0
+            }
         }
     }
 

@@ -216,9 +216,15 @@ mod tests {
             );
         }
         let long = format!("tcp/{}:80", "a".repeat(256));
-        assert_eq!(TargetAddr::parse_wire(long.as_bytes()), Err(TargetError::HostTooLong));
+        assert_eq!(
+            TargetAddr::parse_wire(long.as_bytes()),
+            Err(TargetError::HostTooLong)
+        );
         let longer = format!("tcp/{}:80", "a".repeat(600));
-        assert_eq!(TargetAddr::parse_wire(longer.as_bytes()), Err(TargetError::TooLong));
+        assert_eq!(
+            TargetAddr::parse_wire(longer.as_bytes()),
+            Err(TargetError::TooLong)
+        );
         let ok = format!("tcp/{}:80", "a".repeat(255));
         assert!(TargetAddr::parse_wire(ok.as_bytes()).is_ok());
     }

@@ -51,7 +51,17 @@ mod tests {
 
     #[test]
     fn round_trips_edges() {
-        for v in [0, 1, 127, 128, 16_383, 16_384, u64::from(u32::MAX), u64::MAX - 1, u64::MAX] {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
             let mut buf = Vec::new();
             put_varint(&mut buf, v);
             assert_eq!(buf.len(), varint_len(v), "len of {v}");
@@ -65,7 +75,10 @@ mod tests {
         assert_eq!(get_varint(&[0x80; 11]), Err(ProtoErrorKind::VarintOverflow));
         let mut eleven_bits_over = vec![0xff; 9];
         eleven_bits_over.push(0x02);
-        assert_eq!(get_varint(&eleven_bits_over), Err(ProtoErrorKind::VarintOverflow));
+        assert_eq!(
+            get_varint(&eleven_bits_over),
+            Err(ProtoErrorKind::VarintOverflow)
+        );
         assert_eq!(get_varint(&[0x80, 0x80]), Err(ProtoErrorKind::Truncated));
         assert_eq!(get_varint(&[]), Err(ProtoErrorKind::Truncated));
     }
