@@ -1,1 +1,340 @@
-//! Whole-system tests for tether: helpers shared by the test files.
+//! Whole-system test harness: servers and agents started from their library `run` entry points
+//! on ephemeral loopback ports, with per-test certificates, plus metric and polling helpers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tether_testkit::{AgentCert, TestPki};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use tether_testkit;
+
+/// How long any harness wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Polls `check` until it returns true, failing after [`WAIT`].
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The value of a metric series (counter or gauge) with exactly these labels, if present.
+pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    for family in registry.gather() {
+        if family.name() != name {
+            continue;
+        }
+        for m in family.get_metric() {
+            let pairs = m.get_label();
+            let matches = labels.len() == pairs.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| pairs.iter().any(|p| p.name() == *k && p.value() == *v));
+            if !matches {
+                continue;
+            }
+            return Some(sample_value(family.get_field_type(), m));
+        }
+    }
+    None
+}
+
+/// Like [`metric`] but a missing series counts as 0.
+pub fn metric_or_zero(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(registry, name, labels).unwrap_or(0.0)
+}
+
+/// A forward of the test server.
+#[derive(Debug, Clone)]
+pub struct ForwardSpec {
+    /// Agent id the forward goes through.
+    pub client: String,
+    /// Target as the agent should dial it (`host:port`).
+    pub target: String,
+}
+
+impl ForwardSpec {
+    /// A forward to `target` through agent `client`.
+    pub fn new(client: &str, target: impl ToString) -> Self {
+        Self {
+            client: client.to_string(),
+            target: target.to_string(),
+        }
+    }
+}
+
+/// A server running in this process.
+pub struct TestServer {
+    /// The tunnel listener (TLS WebSocket).
+    pub tunnel_addr: SocketAddr,
+    /// The admin listener (plain HTTP).
+    pub admin_addr: SocketAddr,
+    /// One address per forward, in order.
+    pub forward_addrs: Vec<SocketAddr>,
+    /// The server's metrics.
+    pub registry: prometheus::Registry,
+    token: CancellationToken,
+    task: JoinHandle<Result<(), tether_server::ServerError>>,
+}
+
+impl TestServer {
+    /// Starts a server with these forwards; `extra_yaml` is appended to the config.
+    pub async fn start(pki: &TestPki, forwards: &[ForwardSpec], extra_yaml: &str) -> Self {
+        let tunnel = TcpListener::bind("127.0.0.1:0").await.expect("bind tunnel");
+        Self::start_on(pki, tunnel, forwards, extra_yaml).await
+    }
+
+    /// Starts a server on an already bound tunnel listener (to restart on the same port).
+    pub async fn start_on(
+        pki: &TestPki,
+        tunnel: TcpListener,
+        forwards: &[ForwardSpec],
+        extra_yaml: &str,
+    ) -> Self {
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let mut forward_listeners = Vec::new();
+        let mut forward_yaml = String::new();
+        for (i, forward) in forwards.iter().enumerate() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind forward");
+            forward_yaml.push_str(&format!(
+                "  - {{ name: f{i}, listen: \"{}\", client: {}, target: \"{}\" }}\n",
+                listener.local_addr().expect("addr"),
+                forward.client,
+                forward.target
+            ));
+            forward_listeners.push(listener);
+        }
+        let tunnel_addr = tunnel.local_addr().expect("addr");
+        let admin_addr = admin.local_addr().expect("addr");
+        let forward_addrs = forward_listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr"))
+            .collect();
+        let mut yaml = format!(
+            "version: 1\n\
+             listen: \"{tunnel_addr}\"\n\
+             admin_listen: \"{admin_addr}\"\n\
+             tls: {{ cert: \"{}\", key: \"{}\", client_ca: \"{}\" }}\n\
+             handshake_timeout: 2s\n\
+             dial_timeout: 2s\n\
+             drain_timeout: 1s\n",
+            pki.server_cert_path().display(),
+            pki.server_key_path().display(),
+            pki.ca_path().display(),
+        );
+        if !forwards.is_empty() {
+            yaml.push_str("forwards:\n");
+            yaml.push_str(&forward_yaml);
+        }
+        yaml.push_str(extra_yaml);
+        let config = server_config(&yaml, pki).expect("valid server config");
+        let registry = prometheus::Registry::new();
+        let server = tether_server::Server::new(config, &registry).expect("server starts");
+        let token = CancellationToken::new();
+        let task = tokio::spawn(server.run(
+            tether_server::Listeners {
+                tunnel,
+                admin,
+                forwards: forward_listeners,
+            },
+            token.clone(),
+        ));
+        Self {
+            tunnel_addr,
+            admin_addr,
+            forward_addrs,
+            registry,
+            token,
+            task,
+        }
+    }
+
+    /// `tether_agents_connected`.
+    pub fn agents_connected(&self) -> f64 {
+        metric_or_zero(&self.registry, "tether_agents_connected", &[])
+    }
+
+    /// Waits until `n` agents are connected.
+    pub async fn wait_agents(&self, n: usize) {
+        eventually(&format!("{n} agents connected"), || {
+            self.agents_connected() as usize == n
+        })
+        .await;
+    }
+
+    /// Stops gracefully and returns the run result.
+    pub async fn stop(self) -> Result<(), tether_server::ServerError> {
+        self.token.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("server stops in time")
+            .expect("server task did not panic")
+    }
+}
+
+/// Parses a server config from YAML as the binary does.
+pub fn server_config(yaml: &str, pki: &TestPki) -> anyhow::Result<tether_server::ServerConfig> {
+    let mut config: tether_server::ServerConfig =
+        tether_common::config_error::parse_yaml(yaml, "test server config")?;
+    config.resolve_paths(pki.dir());
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid server config:\n{e}"))?;
+    Ok(config)
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    /// The agent's metrics.
+    pub registry: prometheus::Registry,
+    /// The agent's status.
+    pub status: tokio::sync::watch::Receiver<tether_agent::AgentStatus>,
+    token: CancellationToken,
+    task: JoinHandle<Result<(), tether_agent::AgentError>>,
+}
+
+impl TestAgent {
+    /// Starts an agent with certificate `cert` that dials `server`, with `policy_yaml` as the
+    /// body of its `policy:` key (indented by the caller), and `extra_yaml` appended.
+    pub async fn start(
+        pki: &TestPki,
+        cert: &AgentCert,
+        server: SocketAddr,
+        policy_yaml: &str,
+        extra_yaml: &str,
+    ) -> Self {
+        Self::start_with_ca(pki, cert, server, pki.ca_path(), policy_yaml, extra_yaml).await
+    }
+
+    /// Like [`TestAgent::start`] with a chosen server CA bundle.
+    pub async fn start_with_ca(
+        pki: &TestPki,
+        cert: &AgentCert,
+        server: SocketAddr,
+        server_ca: &std::path::Path,
+        policy_yaml: &str,
+        extra_yaml: &str,
+    ) -> Self {
+        let yaml = format!(
+            "version: 1\n\
+             server_url: \"wss://{server}/v1/connect\"\n\
+             tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
+             admin_listen: \"\"\n\
+             connect_timeout: 2s\n\
+             dial_timeout: 2s\n\
+             reconnect: {{ min_delay: 50ms, max_delay: 500ms }}\n\
+             policy:\n{policy_yaml}\n{extra_yaml}",
+            cert.cert_path.display(),
+            cert.key_path.display(),
+            server_ca.display(),
+        );
+        let config = agent_config(&yaml, pki).expect("valid agent config");
+        let registry = prometheus::Registry::new();
+        let agent = tether_agent::Agent::new(config, &registry).expect("agent starts");
+        let status = agent.status();
+        let token = CancellationToken::new();
+        let task = tokio::spawn(agent.run(tether_agent::AgentListeners { admin: None }, token.clone()));
+        Self {
+            registry,
+            status,
+            token,
+            task,
+        }
+    }
+
+    /// Waits until the agent reports a live session.
+    pub async fn wait_connected(&mut self) {
+        tokio::time::timeout(WAIT, self.status.wait_for(|s| s.connected))
+            .await
+            .expect("agent connects in time")
+            .expect("agent is running");
+    }
+
+    /// Stops gracefully and returns the run result.
+    pub async fn stop(self) -> Result<(), tether_agent::AgentError> {
+        self.token.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("agent stops in time")
+            .expect("agent task did not panic")
+    }
+}
+
+/// Parses an agent config from YAML as the binary does.
+pub fn agent_config(yaml: &str, pki: &TestPki) -> anyhow::Result<tether_agent::AgentConfig> {
+    let mut config: tether_agent::AgentConfig =
+        tether_common::config_error::parse_yaml(yaml, "test agent config")
+            .context("parse agent config")?;
+    config.resolve_paths(pki.dir());
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid agent config:\n{e}"))?;
+    Ok(config)
+}
+
+/// A policy body allowing exactly `addr` (an IP CIDR rule for its host and its port).
+pub fn allow_only(addr: SocketAddr) -> String {
+    format!(
+        "  allow:\n    - {{ cidrs: [\"{}/32\"], ports: [\"{}\"] }}\n",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// The sum of every series of a counter or gauge family (0 when absent).
+pub fn metric_sum(registry: &prometheus::Registry, name: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| {
+            let kind = family.get_field_type();
+            family.get_metric().iter().map(move |m| sample_value(kind, m))
+        })
+        .sum()
+}
+
+/// Proves a listener accepted nothing so far: connects a sentinel and checks that the first
+/// connection the listener accepts is that sentinel (no timing involved).
+pub async fn assert_no_connection_before_sentinel(listener: &TcpListener) {
+    let sentinel = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("sentinel connects");
+    let sentinel_addr = sentinel.local_addr().expect("sentinel addr");
+    let (_, peer) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("sentinel accepted in time")
+        .expect("accept");
+    assert_eq!(peer, sentinel_addr, "the target saw a connection before the sentinel");
+}
+
+/// Reads from a consumer connection whose tunnel stream failed; returns whether it ended with
+/// an error (reset) rather than a clean EOF.
+pub async fn ends_with_error(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+            Err(_) => panic!("consumer connection neither closed nor failed in time"),
+            Ok(Ok(0)) => return false,
+            Ok(Ok(_)) => continue,
+            Ok(Err(_)) => return true,
+        }
+    }
+}
+
+fn sample_value(kind: prometheus::proto::MetricType, m: &prometheus::proto::Metric) -> f64 {
+    match kind {
+        prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
+        _ => m.get_gauge().get_value(),
+    }
+}

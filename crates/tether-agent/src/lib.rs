@@ -1,3 +1,210 @@
-//! tether agent library: connector, dial policy, local dialing.
+//! tether agent library: dials out to the server, keeps a tunnel session up, and dials targets
+//! the server asks for under a deny-by-default policy.
+//!
+//! Follow a byte: [`connector`] (TCP, TLS, WebSocket) -> [`ws_transport`] -> the mux session ->
+//! [`handler`] (policy check, [`dial`], pump) -> the target socket. [`Agent::run`] owns the
+//! reconnect loop (`supervisor`) and the admin listener ([`admin`]).
+
+pub mod admin;
+pub mod config;
+pub mod connector;
 pub mod dial;
+pub mod handler;
+pub mod metrics;
 pub mod policy;
+pub mod status;
+mod supervisor;
+pub mod ws_transport;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tether_common::config_error::ConfigErrors;
+use tether_common::tls::{self, TlsError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use config::{AgentConfig, AgentTlsConfig, ReconnectConfig};
+pub use connector::{ConnectError, Connector};
+pub use handler::SharedPolicy;
+pub use metrics::{AgentMetrics, DialOutcome};
+pub use status::AgentStatus;
+
+use crate::dial::{Resolver, SystemResolver};
+use crate::handler::Handler;
+use crate::supervisor::Supervisor;
+
+/// How long `run` waits for its tasks (stream handlers, admin) after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Listeners bound by the caller (`main`, or a test on `127.0.0.1:0`).
+#[derive(Debug, Default)]
+pub struct AgentListeners {
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`); `None` serves no admin endpoint.
+    pub admin: Option<TcpListener>,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is invalid.
+    #[error("invalid agent configuration:\n{0}")]
+    Config(#[from] ConfigErrors),
+    /// The TLS material could not be loaded.
+    #[error("agent TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The metrics could not be registered (a name already taken in the registry).
+    #[error("registering agent metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A configured agent, ready to [`run`](Agent::run).
+pub struct Agent {
+    connector: Connector,
+    mux_config: tether_mux::MuxConfig,
+    reconnect: ReconnectConfig,
+    dial_timeout: Duration,
+    policy: SharedPolicy,
+    resolver: Arc<dyn Resolver>,
+    metrics: AgentMetrics,
+    registry: prometheus::Registry,
+    status: watch::Sender<AgentStatus>,
+    instance_id: String,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("instance_id", &self.instance_id)
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Validates `config`, loads the TLS material, compiles the policy and registers the
+    /// metrics into `registry`. Paths must already be resolved (`AgentConfig::resolve_paths`).
+    pub fn new(config: AgentConfig, registry: &prometheus::Registry) -> Result<Agent, AgentError> {
+        config.validate()?;
+        let policy = config.policy.compile().map_err(|errors| {
+            ConfigErrors(
+                errors
+                    .into_iter()
+                    .map(|e| tether_common::config_error::FieldError::new(e.path, e.message))
+                    .collect(),
+            )
+        })?;
+        let tls = tls::client_config(&config.tls_files())?;
+        let instance_id = connector::new_instance_id();
+        let connector = Connector::new(&config, tls, &instance_id)?;
+        let metrics = AgentMetrics::register(registry)?;
+        let (status, _) = watch::channel(AgentStatus {
+            instance_id: instance_id.clone(),
+            ..AgentStatus::default()
+        });
+        Ok(Agent {
+            connector,
+            mux_config: config.to_mux_config(),
+            reconnect: config.reconnect.clone(),
+            dial_timeout: config.dial_timeout.0,
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            resolver: Arc::new(SystemResolver),
+            metrics,
+            registry: registry.clone(),
+            status,
+            instance_id,
+        })
+    }
+
+    /// Uses `resolver` for target names instead of the system resolver (tests, static setups).
+    pub fn with_resolver(mut self, resolver: Arc<dyn Resolver>) -> Agent {
+        self.resolver = resolver;
+        self
+    }
+
+    /// The connection state, updated as it changes.
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
+    }
+
+    /// The dial policy in effect; storing a new one applies it to the next OPEN.
+    pub fn policy(&self) -> SharedPolicy {
+        self.policy.clone()
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &AgentMetrics {
+        &self.metrics
+    }
+
+    /// This process's instance id (`X-Tether-Instance`).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// Keeps a session to the server until `shutdown` fires, reconnecting with backoff, and
+    /// serves the admin endpoints on `listeners.admin`. On shutdown: GOAWAY and close the
+    /// session, wait (bounded) for stream handlers and the admin server, return `Ok`.
+    pub async fn run(
+        self,
+        listeners: AgentListeners,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
+        let span = info_span!("agent", agent.instance = %self.instance_id);
+        async move {
+            let tracker = TaskTracker::new();
+            if let Some(listener) = listeners.admin {
+                let addr = listener.local_addr().ok();
+                let router = admin::router(self.status.subscribe(), self.registry.clone());
+                let stop = shutdown.clone();
+                tracker.spawn(
+                    async move {
+                        info!(addr = ?addr, "admin listener serving");
+                        let served = axum::serve(listener, router)
+                            .with_graceful_shutdown(stop.cancelled_owned())
+                            .await;
+                        if let Err(err) = served {
+                            warn!(error = %err, "admin listener failed");
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+            info!(server_url = self.connector.url(), "agent starting");
+            let supervisor = Supervisor {
+                connector: self.connector,
+                handler: Handler {
+                    policy: self.policy,
+                    resolver: self.resolver,
+                    dial_timeout: self.dial_timeout,
+                    metrics: self.metrics,
+                    tracker: tracker.clone(),
+                },
+                mux_config: self.mux_config,
+                reconnect: self.reconnect,
+                status: self.status,
+                instance_id: self.instance_id,
+            };
+            supervisor.run(shutdown.clone()).await;
+            tracker.close();
+            if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    tasks = tracker.len(),
+                    grace = ?SHUTDOWN_GRACE,
+                    "tasks still running after the shutdown grace period"
+                );
+            }
+            info!("agent stopped");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,1 +1,25 @@
 //! tether server library: accept, authenticate, registry, forwards, admin.
+//!
+//! Follow a byte: a consumer connects to a [`forward`](ServerConfig::forwards) listener
+//! (`forward.rs`), which picks the agent's newest session from the [`SessionRegistry`]
+//! (`registry.rs`) and opens a mux stream over the WebSocket that `tunnel.rs` accepted and
+//! `connect.rs` upgraded (`ws_transport.rs` adapts it to frames). `server.rs` starts and stops
+//! it all; `admin.rs` serves health, metrics and the client listing.
+
+mod accept;
+pub mod admin;
+pub mod config;
+mod connect;
+mod forward;
+mod log_throttle;
+pub mod metrics;
+pub mod registry;
+mod server;
+mod tunnel;
+mod ws_transport;
+
+pub use admin::ClientsResponse;
+pub use config::{ForwardConfig, ServerConfig, TlsConfig};
+pub use metrics::ServerMetrics;
+pub use registry::{NoSession, SessionEntry, SessionGuard, SessionRegistry};
+pub use server::{Listeners, Server, ServerError, run};

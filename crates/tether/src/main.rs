@@ -1,3 +1,116 @@
 //! The `tether` binary: parses flags, loads config, binds listeners and calls the daemon libraries.
 
-fn main() {}
+mod certs_cmd;
+mod cli;
+mod config_load;
+mod demo;
+mod logging;
+mod signals;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{CertsCommand, Cli, Command};
+use crate::config_load::InvalidConfig;
+
+/// Exit code for invalid configuration (EX_CONFIG would be 78; 2 is what `check-config` promises).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(&cli.log, cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(InvalidConfig(message)) = err.downcast_ref::<InvalidConfig>() {
+                eprintln!("error: {message}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Server { config } => {
+            let config = config_load::load_server(&config)?;
+            let registry = prometheus::Registry::new();
+            let listeners = tether_server::Listeners {
+                tunnel: bind(&config.listen, "listen").await?,
+                admin: bind(&config.admin_listen, "admin_listen").await?,
+                forwards: {
+                    let mut forwards = Vec::new();
+                    for (i, forward) in config.forwards.iter().enumerate() {
+                        forwards.push(bind(&forward.listen, &format!("forwards[{i}].listen")).await?);
+                    }
+                    forwards
+                },
+            };
+            let server = tether_server::Server::new(config, &registry)?;
+            let shutdown = CancellationToken::new();
+            let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
+            server.run(listeners, shutdown).await?;
+            Ok(())
+        }
+        Command::Agent { config } => {
+            let config = config_load::load_agent(&config)?;
+            let registry = prometheus::Registry::new();
+            let admin = match config.admin_listen.as_str() {
+                "" => None,
+                addr => Some(bind(addr, "admin_listen").await?),
+            };
+            let agent = tether_agent::Agent::new(config, &registry)?;
+            let shutdown = CancellationToken::new();
+            let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
+            agent
+                .run(tether_agent::AgentListeners { admin }, shutdown)
+                .await?;
+            Ok(())
+        }
+        Command::Certs { command } => match command {
+            CertsCommand::Init { dir, dns, ip } => certs_cmd::init(&dir, &dns, &ip),
+            CertsCommand::Issue { dir, agent } => certs_cmd::issue(&dir, &agent),
+        },
+        Command::CheckConfig { kind, path } => {
+            let kind = config_load::check(kind, &path)?;
+            println!("{}: valid {kind:?} config", path.display());
+            Ok(())
+        }
+        Command::Demo { once, bytes } => {
+            let shutdown = CancellationToken::new();
+            let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
+            demo::run(once, bytes, shutdown).await
+        }
+    }
+}
+
+async fn bind(addr: &str, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {key} = {addr}"))
+}
+
+/// Aborts a background task when the owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

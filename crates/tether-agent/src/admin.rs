@@ -1,0 +1,55 @@
+//! The agent's admin HTTP router: `/healthz` (process up), `/readyz` (a session is up) and
+//! `/metrics` (Prometheus text format).
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::sync::watch;
+
+use crate::status::AgentStatus;
+
+#[derive(Clone)]
+struct AdminState {
+    status: watch::Receiver<AgentStatus>,
+    registry: Registry,
+}
+
+/// The admin routes, reading `status` and gathering `registry`.
+pub fn router(status: watch::Receiver<AgentStatus>, registry: Registry) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AdminState { status, registry })
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let reason = state.status.borrow().not_ready_reason();
+    match reason {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let encoder = TextEncoder::new();
+    let mut body = Vec::new();
+    match encoder.encode(&state.registry.gather(), &mut body) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, encoder.format_type().to_owned())],
+            body,
+        )
+            .into_response(),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot encode metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response()
+        }
+    }
+}

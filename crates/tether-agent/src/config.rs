@@ -1,0 +1,448 @@
+//! `AgentConfig`: the keys of agent.yaml, their defaults, path resolution and validation that
+//! reports every problem with its key path.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use tether_common::config_error::ConfigErrors;
+use tether_common::duration::HumanDuration;
+use tether_common::session_settings::SessionSettings;
+use tether_common::tls::{self, ClientTlsFiles};
+use tether_mux::MuxConfig;
+
+use crate::policy::PolicyConfig;
+
+/// The only config format version this agent reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// Longest accepted `connect_timeout` and `dial_timeout`.
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+/// Shortest accepted `reconnect.min_delay`: keeps a broken setup from spinning.
+const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(10);
+/// Most labels, and the longest label key and value.
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_LEN: usize = 63;
+
+/// agent.yaml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Config format version; must be 1.
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// Where to dial: `wss://host[:port]/path` (port 443 when omitted), e.g.
+    /// `wss://tether.example.com:8443/v1/connect`. Only `wss://` is accepted.
+    pub server_url: String,
+    /// TLS name the server certificate must be valid for; empty means the host of `server_url`
+    /// (an IP host is checked against the certificate's IP SANs).
+    #[serde(default)]
+    pub server_name: String,
+    /// The agent's certificate and key, and the CA bundle the server is pinned to.
+    pub tls: AgentTlsConfig,
+    /// Labels sent to the server as `X-Tether-Labels: k=v,k=v` (informational; identity comes
+    /// only from the certificate). Keys and values: letters, digits, `-`, `_`, `.`, `/`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Admin HTTP listener (`/healthz`, `/readyz`, `/metrics`); empty disables it.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// Bound on one connection attempt: TCP connect, TLS handshake and WebSocket upgrade.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Delays between connection attempts.
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    /// Upper bound for dialing a target; the server's timeout in its OPEN is honoured too (the
+    /// smaller one wins).
+    #[serde(default = "default_dial_timeout")]
+    pub dial_timeout: HumanDuration,
+    /// Tunnel session settings: windows, frame size, stream cap, keepalive.
+    #[serde(default)]
+    pub session: SessionSettings,
+    /// Which targets the server may ask this agent to dial. Deny by default: no rule, no dial.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// `tls:` of agent.yaml. Relative paths are relative to the config file's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTlsConfig {
+    /// The agent certificate chain (PEM), with the `tether://agent/<id>` URI SAN.
+    pub cert: PathBuf,
+    /// The agent private key (PEM).
+    pub key: PathBuf,
+    /// The CA bundle (PEM) the server certificate must chain to; the only trust anchors.
+    pub server_ca: PathBuf,
+}
+
+/// `reconnect:` of agent.yaml: capped exponential backoff with jitter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectConfig {
+    /// Shortest delay between attempts (and the first delay).
+    pub min_delay: HumanDuration,
+    /// Longest delay between attempts; the delay ceiling doubles per failure up to this.
+    pub max_delay: HumanDuration,
+    /// A session that lived at least this long resets the backoff to `min_delay`.
+    pub reset_after: HumanDuration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            min_delay: HumanDuration::millis(500),
+            max_delay: HumanDuration::secs(60),
+            reset_after: HumanDuration::secs(30),
+        }
+    }
+}
+
+fn default_version() -> u32 {
+    CONFIG_VERSION
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9091".to_owned()
+}
+
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration::secs(10)
+}
+
+fn default_dial_timeout() -> HumanDuration {
+    HumanDuration::secs(10)
+}
+
+/// The parts of `server_url` the connector needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    /// Host name or IP address (without brackets).
+    pub host: String,
+    /// TCP port (443 when the URL has none).
+    pub port: u16,
+}
+
+impl ServerUrl {
+    /// Parses and checks a `wss://` URL.
+    pub fn parse(url: &str) -> Result<ServerUrl, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("wss") => {}
+            Some("ws") => {
+                return Err("plain ws:// is not allowed; use wss:// (the tunnel needs TLS)".into());
+            }
+            Some(other) => return Err(format!("scheme `{other}` is not supported; use wss://")),
+            None => return Err(format!("`{url}` has no scheme; use wss://host:port/path")),
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("`{url}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err("user information in the URL is not supported".into());
+        }
+        let host = authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() {
+            return Err(format!("`{url}` has no host"));
+        }
+        if uri.query().is_some() {
+            return Err("a query string is not supported".into());
+        }
+        let port = match authority.port_u16() {
+            Some(0) => return Err("port 0 is not allowed".into()),
+            Some(port) => port,
+            None => 443,
+        };
+        Ok(ServerUrl {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The TLS name to verify: `server_name` when set, else this host (an IP host is verified
+    /// against IP SANs).
+    pub fn tls_name(&self, server_name: &str) -> Result<ServerName<'static>, String> {
+        let name = if server_name.is_empty() {
+            self.host.as_str()
+        } else {
+            server_name
+        };
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Ok(ServerName::IpAddress(ip.into()));
+        }
+        ServerName::try_from(name.to_owned())
+            .map_err(|_| format!("`{name}` is not a valid TLS server name"))
+    }
+}
+
+impl AgentConfig {
+    /// Makes relative TLS paths relative to `base_dir` (the config file's directory).
+    pub fn resolve_paths(&mut self, base_dir: &Path) {
+        for path in [
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.tls.server_ca,
+        ] {
+            if path.is_relative() {
+                *path = base_dir.join(&*path);
+            }
+        }
+    }
+
+    /// The TLS files in the form `tether_common::tls` takes.
+    pub fn tls_files(&self) -> ClientTlsFiles {
+        ClientTlsFiles {
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+            server_ca: self.tls.server_ca.clone(),
+        }
+    }
+
+    /// The admin listener address, `None` when `admin_listen` is empty or invalid.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listen.parse().ok()
+    }
+
+    /// `labels` as the `X-Tether-Labels` header value: `k=v,k=v`, sorted by key.
+    pub fn labels_header(&self) -> String {
+        let pairs: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        pairs.join(",")
+    }
+
+    /// Session settings for the multiplexer. A zero `session.sync_interval` disables SYNC.
+    pub fn to_mux_config(&self) -> MuxConfig {
+        let s = &self.session;
+        MuxConfig {
+            window: s.window,
+            max_data: s.max_frame,
+            max_streams: s.max_streams,
+            ping_interval: s.ping_interval.0,
+            idle_timeout: s.idle_timeout.0,
+            sync_interval: (!s.sync_interval.0.is_zero()).then_some(s.sync_interval.0),
+            dial_timeout: self.dial_timeout.0,
+            ..MuxConfig::default()
+        }
+    }
+
+    /// Checks every key; returns all problems at once, each with its key path.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = ConfigErrors::new();
+        if self.version != CONFIG_VERSION {
+            errors.push(
+                "version",
+                format!(
+                    "version {} is not supported (expected {CONFIG_VERSION})",
+                    self.version
+                ),
+            );
+        }
+        match ServerUrl::parse(&self.server_url) {
+            Ok(url) => {
+                if let Err(message) = url.tls_name(&self.server_name) {
+                    let key = if self.server_name.is_empty() {
+                        "server_url"
+                    } else {
+                        "server_name"
+                    };
+                    errors.push(key, message);
+                }
+            }
+            Err(message) => errors.push("server_url", message),
+        }
+        self.validate_tls(&mut errors);
+        validate_labels(&self.labels, &mut errors);
+        if !self.admin_listen.is_empty() && self.admin_listen.parse::<SocketAddr>().is_err() {
+            errors.push(
+                "admin_listen",
+                format!(
+                    "`{}` is not an address such as 127.0.0.1:9091 (empty disables the listener)",
+                    self.admin_listen
+                ),
+            );
+        }
+        check_timeout("connect_timeout", self.connect_timeout, &mut errors);
+        check_timeout("dial_timeout", self.dial_timeout, &mut errors);
+        self.validate_reconnect(&mut errors);
+        self.session.validate("session", &mut errors);
+        if let Err(policy_errors) = self.policy.compile() {
+            for err in policy_errors {
+                // Policy paths already start at `policy.`.
+                let path = if err.path.starts_with("policy") {
+                    err.path
+                } else {
+                    format!("policy.{}", err.path)
+                };
+                errors.push(path, err.message);
+            }
+        }
+        errors.into_result(())
+    }
+
+    fn validate_tls(&self, errors: &mut ConfigErrors) {
+        let mut all_exist = true;
+        for (key, path) in [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.server_ca", &self.tls.server_ca),
+        ] {
+            if path.as_os_str().is_empty() {
+                errors.push(key, "must be set");
+                all_exist = false;
+            } else if !path.is_file() {
+                errors.push(key, format!("{} does not exist", path.display()));
+                all_exist = false;
+            }
+        }
+        // The files are there: check that they load and fit together.
+        if all_exist && let Err(err) = tls::client_config(&self.tls_files()) {
+            errors.push("tls", err.to_string());
+        }
+    }
+
+    fn validate_reconnect(&self, errors: &mut ConfigErrors) {
+        let r = &self.reconnect;
+        if r.min_delay.0 < MIN_RECONNECT_DELAY {
+            errors.push(
+                "reconnect.min_delay",
+                format!(
+                    "{} is below the minimum of {}",
+                    r.min_delay,
+                    HumanDuration(MIN_RECONNECT_DELAY)
+                ),
+            );
+        }
+        if r.max_delay.0 < r.min_delay.0 {
+            errors.push(
+                "reconnect.max_delay",
+                format!(
+                    "{} is shorter than min_delay ({})",
+                    r.max_delay, r.min_delay
+                ),
+            );
+        }
+        if r.max_delay.0 > Duration::from_secs(3600) {
+            errors.push(
+                "reconnect.max_delay",
+                format!("{} is longer than 1h", r.max_delay),
+            );
+        }
+        if r.reset_after.0.is_zero() {
+            errors.push("reconnect.reset_after", "must be above zero");
+        }
+    }
+}
+
+fn check_timeout(key: &str, value: HumanDuration, errors: &mut ConfigErrors) {
+    if value.0.is_zero() {
+        errors.push(key, "must be above zero");
+    } else if value.0 > MAX_TIMEOUT {
+        errors.push(
+            key,
+            format!("{value} is longer than {}", HumanDuration(MAX_TIMEOUT)),
+        );
+    }
+}
+
+fn label_char_ok(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>, errors: &mut ConfigErrors) {
+    if labels.len() > MAX_LABELS {
+        errors.push(
+            "labels",
+            format!("{} labels; at most {MAX_LABELS} are allowed", labels.len()),
+        );
+    }
+    for (key, value) in labels {
+        let path = format!("labels.{key}");
+        if key.is_empty() || key.len() > MAX_LABEL_LEN || !key.chars().all(label_char_ok) {
+            errors.push(
+                &path,
+                format!(
+                    "key must be 1..={MAX_LABEL_LEN} characters of letters, digits, `-`, `_`, `.`, `/`"
+                ),
+            );
+        }
+        if value.len() > MAX_LABEL_LEN || !value.chars().all(label_char_ok) {
+            errors.push(
+                path,
+                format!(
+                    "value must be at most {MAX_LABEL_LEN} characters of letters, digits, `-`, `_`, `.`, `/`"
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_url_forms() {
+        let u = ServerUrl::parse("wss://tether.example.com:8443/v1/connect").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("tether.example.com", 8443));
+        let u = ServerUrl::parse("wss://example.com/v1/connect").unwrap();
+        assert_eq!(u.port, 443);
+        let u = ServerUrl::parse("wss://[::1]:9/v1/connect").unwrap();
+        assert_eq!(u.host, "::1");
+        assert!(matches!(u.tls_name("").unwrap(), ServerName::IpAddress(_)));
+        assert!(matches!(
+            u.tls_name("tether.example.com").unwrap(),
+            ServerName::DnsName(_)
+        ));
+        for bad in [
+            "ws://example.com/v1/connect",
+            "https://example.com/",
+            "example.com:443",
+            "wss://",
+            "wss://user@example.com/",
+            "wss://example.com:0/",
+            "wss://example.com/?a=b",
+            "not a url",
+        ] {
+            assert!(ServerUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mux_config_follows_session_settings() {
+        let mut config: AgentConfig = serde_yaml_ng::from_str(
+            "server_url: wss://a/\ntls: {cert: a, key: b, server_ca: c}\nsession: {max_frame: 2048, sync_interval: 0s}\n",
+        )
+        .unwrap();
+        config.dial_timeout = HumanDuration::secs(3);
+        let mux = config.to_mux_config();
+        assert_eq!(mux.max_data, 2048);
+        assert_eq!(mux.sync_interval, None);
+        assert_eq!(mux.dial_timeout, Duration::from_secs(3));
+        assert_eq!(config.admin_listen, "127.0.0.1:9091");
+        assert_eq!(config.reconnect, ReconnectConfig::default());
+    }
+
+    #[test]
+    fn labels_header_is_sorted_pairs() {
+        let mut config: AgentConfig = serde_yaml_ng::from_str(
+            "server_url: wss://a/\ntls: {cert: a, key: b, server_ca: c}\nlabels: {role: upstream, cluster: eu-1}\n",
+        )
+        .unwrap();
+        assert_eq!(config.labels_header(), "cluster=eu-1,role=upstream");
+        config.labels.clear();
+        assert_eq!(config.labels_header(), "");
+    }
+}

@@ -1,0 +1,362 @@
+//! One connection attempt to the server: TCP (bounded, `TCP_NODELAY`), TLS against the pinned
+//! CA, then the WebSocket upgrade to `tether.v1` with the agent's handshake headers.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::SEC_WEBSOCKET_PROTOCOL;
+use http::{HeaderName, HeaderValue, StatusCode};
+use rustls::pki_types::ServerName;
+use tether_common::config_error::ConfigErrors;
+use tether_proto::Limits;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Error as WsError};
+
+use crate::config::{AgentConfig, ServerUrl};
+use crate::ws_transport::WsTransport;
+
+/// The WebSocket subprotocol of the native protocol.
+pub const SUBPROTOCOL: &str = "tether.v1";
+/// Request header: a random id per agent process start.
+pub const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-tether-instance");
+/// Request header: the agent's version.
+pub const VERSION_HEADER: HeaderName = HeaderName::from_static("x-tether-version");
+/// Request header: the agent's labels, `k=v,k=v`.
+pub const LABELS_HEADER: HeaderName = HeaderName::from_static("x-tether-labels");
+/// Response header: the server process's id.
+pub const SERVER_HEADER: HeaderName = HeaderName::from_static("x-tether-server");
+
+/// Room for the frame header in a WebSocket message beyond the largest DATA payload.
+const WS_MESSAGE_SLACK: usize = 16;
+/// tungstenite writes to the socket once this much is buffered (and on every flush).
+const WS_WRITE_BUFFER: usize = 128 * 1024;
+/// Longest server id kept from `X-Tether-Server`.
+const MAX_SERVER_ID_LEN: usize = 128;
+/// Most bytes of an HTTP error body quoted in an error.
+const MAX_BODY_QUOTE: usize = 200;
+
+/// The transport of an established connection.
+pub type ServerTransport = WsTransport<TlsStream<TcpStream>>;
+
+/// Why a connection attempt failed. [`ConnectError::label`] gives a closed-set reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connection (or the resolution of the server's name) failed.
+    #[error("tcp connect to {addr}: {source}")]
+    Tcp {
+        /// `host:port` of the server.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The TLS handshake failed (untrusted or wrong server certificate, refused client
+    /// certificate, protocol mismatch).
+    #[error("tls handshake with {addr}: {source}")]
+    Tls {
+        /// The server's address.
+        addr: SocketAddr,
+        /// The error from rustls (wrapped by tokio-rustls).
+        #[source]
+        source: io::Error,
+    },
+    /// The WebSocket upgrade failed: an HTTP error status or a broken upgrade response.
+    #[error("websocket upgrade failed: {message}")]
+    Http {
+        /// The HTTP status, when the server answered one other than 101.
+        status: Option<StatusCode>,
+        /// What went wrong.
+        message: String,
+    },
+    /// The server did not select the `tether.v1` subprotocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The whole attempt did not finish within `connect_timeout`.
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ConnectError {
+    /// One of `tcp`, `tls`, `http`, `protocol`, `timeout`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ConnectError::Tcp { .. } => "tcp",
+            ConnectError::Tls { .. } => "tls",
+            ConnectError::Http { .. } => "http",
+            ConnectError::Protocol(_) => "protocol",
+            ConnectError::Timeout(_) => "timeout",
+        }
+    }
+
+    /// Every label, for pre-registering metric series.
+    pub const LABELS: [&'static str; 5] = ["tcp", "tls", "http", "protocol", "timeout"];
+}
+
+/// An established connection to the server.
+#[derive(Debug)]
+pub struct Connection {
+    /// The WebSocket as a frame transport.
+    pub transport: ServerTransport,
+    /// The server's `X-Tether-Server` id, if it sent one.
+    pub server_id: Option<String>,
+    /// The server's address.
+    pub peer: SocketAddr,
+}
+
+/// Everything needed to dial the server, prepared once.
+#[derive(Clone)]
+pub struct Connector {
+    url: String,
+    server: ServerUrl,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+    connect_timeout: Duration,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    ws_config: WebSocketConfig,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("url", &self.url)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// Prepares the attempts of `config` with the TLS client config `tls` and this process's
+    /// `instance_id`. Fails only on values that `AgentConfig::validate` also refuses.
+    pub fn new(
+        config: &AgentConfig,
+        tls: Arc<rustls::ClientConfig>,
+        instance_id: &str,
+    ) -> Result<Connector, ConfigErrors> {
+        let mut errors = ConfigErrors::new();
+        let server = ServerUrl::parse(&config.server_url).map_err(|message| {
+            let mut errors = ConfigErrors::new();
+            errors.push("server_url", message);
+            errors
+        })?;
+        let server_name = server
+            .tls_name(&config.server_name)
+            .map_err(|message| {
+                errors.push("server_name", message);
+            })
+            .ok();
+        let mut headers = vec![(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        )];
+        for (name, value, key) in [
+            (INSTANCE_HEADER, instance_id.to_owned(), "instance id"),
+            (
+                VERSION_HEADER,
+                env!("CARGO_PKG_VERSION").to_owned(),
+                "version",
+            ),
+            (LABELS_HEADER, config.labels_header(), "labels"),
+        ] {
+            if value.is_empty() {
+                continue;
+            }
+            match HeaderValue::from_str(&value) {
+                Ok(value) => headers.push((name, value)),
+                Err(_) => errors.push(key, "not a valid HTTP header value"),
+            }
+        }
+        let (Some(server_name), true) = (server_name, errors.is_empty()) else {
+            return Err(errors);
+        };
+        let limits = config.to_mux_config().limits();
+        let max_message = config.session.max_frame as usize + WS_MESSAGE_SLACK;
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message))
+            .write_buffer_size(WS_WRITE_BUFFER)
+            .max_write_buffer_size(WS_WRITE_BUFFER + 2 * max_message);
+        Ok(Connector {
+            url: config.server_url.clone(),
+            server,
+            server_name,
+            tls: TlsConnector::from(tls),
+            connect_timeout: config.connect_timeout.0,
+            headers,
+            ws_config,
+            limits,
+        })
+    }
+
+    /// The server URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// One attempt: TCP, TLS and WebSocket upgrade, all within `connect_timeout`.
+    pub async fn connect(&self) -> Result<Connection, ConnectError> {
+        tokio::time::timeout(self.connect_timeout, self.attempt())
+            .await
+            .map_err(|_| ConnectError::Timeout(self.connect_timeout))?
+    }
+
+    async fn attempt(&self) -> Result<Connection, ConnectError> {
+        let addr_text = format!("{}:{}", self.server.host, self.server.port);
+        let tcp = TcpStream::connect((self.server.host.as_str(), self.server.port))
+            .await
+            .map_err(|source| ConnectError::Tcp {
+                addr: addr_text.clone(),
+                source,
+            })?;
+        let tcp_error = |source| ConnectError::Tcp {
+            addr: addr_text.clone(),
+            source,
+        };
+        tcp.set_nodelay(true).map_err(tcp_error)?;
+        let peer = tcp.peer_addr().map_err(tcp_error)?;
+
+        let tls = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|source| ConnectError::Tls { addr: peer, source })?;
+
+        let request = self.request()?;
+        let (socket, response) =
+            tokio_tungstenite::client_async_with_config(request, tls, Some(self.ws_config))
+                .await
+                .map_err(upgrade_error)?;
+        let selected = response
+            .headers()
+            .get(SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok());
+        if selected != Some(SUBPROTOCOL) {
+            return Err(ConnectError::Protocol(format!(
+                "the server selected subprotocol {selected:?}, not {SUBPROTOCOL}"
+            )));
+        }
+        let server_id = response
+            .headers()
+            .get(SERVER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(sanitize_server_id)
+            .filter(|id| !id.is_empty());
+        Ok(Connection {
+            transport: WsTransport::new(socket, self.limits),
+            server_id,
+            peer,
+        })
+    }
+
+    fn request(&self) -> Result<tungstenite::handshake::client::Request, ConnectError> {
+        let mut request =
+            self.url
+                .as_str()
+                .into_client_request()
+                .map_err(|err| ConnectError::Http {
+                    status: None,
+                    message: format!("cannot build the upgrade request: {err}"),
+                })?;
+        let headers = request.headers_mut();
+        for (name, value) in &self.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        Ok(request)
+    }
+}
+
+fn upgrade_error(err: WsError) -> ConnectError {
+    match err {
+        WsError::Http(response) => {
+            let status = response.status();
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| {
+                    let text = String::from_utf8_lossy(&b[..b.len().min(MAX_BODY_QUOTE)]);
+                    text.trim().escape_debug().to_string()
+                })
+                .unwrap_or_default();
+            let message = if body.is_empty() {
+                format!("server answered HTTP {status}")
+            } else {
+                format!("server answered HTTP {status}: {body}")
+            };
+            ConnectError::Http {
+                status: Some(status),
+                message,
+            }
+        }
+        WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(err)) => {
+            ConnectError::Protocol(format!("subprotocol {SUBPROTOCOL}: {err}"))
+        }
+        other => ConnectError::Http {
+            status: None,
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Keeps printable ASCII only, bounded: the id comes from the network and goes into logs.
+fn sanitize_server_id(id: &str) -> String {
+    id.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(MAX_SERVER_ID_LEN)
+        .collect()
+}
+
+/// A random id for this process start: 16 lowercase hex characters.
+pub fn new_instance_id() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_cover_every_variant() {
+        let errors = [
+            ConnectError::Tcp {
+                addr: "a:1".into(),
+                source: io::ErrorKind::ConnectionRefused.into(),
+            },
+            ConnectError::Tls {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                source: io::ErrorKind::InvalidData.into(),
+            },
+            ConnectError::Http {
+                status: Some(StatusCode::FORBIDDEN),
+                message: "x".into(),
+            },
+            ConnectError::Protocol("x".into()),
+            ConnectError::Timeout(Duration::from_secs(1)),
+        ];
+        let labels: Vec<_> = errors.iter().map(ConnectError::label).collect();
+        assert_eq!(labels, ConnectError::LABELS);
+    }
+
+    #[test]
+    fn instance_ids_are_hex_and_differ() {
+        let a = new_instance_id();
+        assert_eq!(a.len(), 16);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, new_instance_id());
+    }
+
+    #[test]
+    fn server_ids_are_sanitized() {
+        assert_eq!(sanitize_server_id("srv-1\n\x1b[31m"), "srv-1[31m");
+        assert_eq!(
+            sanitize_server_id(&"x".repeat(500)).len(),
+            MAX_SERVER_ID_LEN
+        );
+    }
+}

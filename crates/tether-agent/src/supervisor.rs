@@ -1,0 +1,325 @@
+//! The reconnect loop: connect, run the session and its stream handlers until it ends, wait a
+//! jittered backoff delay, repeat; publishes the connection state and logs a failure streak
+//! once per backoff step, never once per attempt.
+
+use std::time::Duration;
+
+use tether_common::backoff::Backoff;
+use tether_mux::{MuxConfig, Role, Session, SessionEnd};
+use tether_proto::GoAwayCode;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::ReconnectConfig;
+use crate::connector::{Connection, Connector};
+use crate::handler::Handler;
+use crate::status::AgentStatus;
+
+/// How long a closing session may take to flush its GOAWAY and close the WebSocket.
+const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs sessions to the server one after the other.
+pub(crate) struct Supervisor {
+    pub(crate) connector: Connector,
+    pub(crate) handler: Handler,
+    pub(crate) mux_config: MuxConfig,
+    pub(crate) reconnect: ReconnectConfig,
+    pub(crate) status: watch::Sender<AgentStatus>,
+    pub(crate) instance_id: String,
+}
+
+/// How loudly to log one failure of a streak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loudness {
+    Warn,
+    Info,
+    Debug,
+}
+
+/// Failure streak bookkeeping: the first failure is a warning; later ones are logged at info
+/// only when the kind of failure changes or the attempt count reaches a power of two (once per
+/// doubling of the backoff), and at debug otherwise.
+#[derive(Debug, Default)]
+struct RetryLog {
+    streak: u32,
+    last_kind: Option<&'static str>,
+}
+
+impl RetryLog {
+    fn failure(&mut self, kind: &'static str) -> Loudness {
+        self.streak = self.streak.saturating_add(1);
+        let changed = self.last_kind.replace(kind) != Some(kind);
+        if self.streak == 1 {
+            Loudness::Warn
+        } else if changed || self.streak.is_power_of_two() {
+            Loudness::Info
+        } else {
+            Loudness::Debug
+        }
+    }
+
+    /// Ends the streak; returns how many failures it had.
+    fn reset(&mut self) -> u32 {
+        self.last_kind = None;
+        std::mem::take(&mut self.streak)
+    }
+}
+
+/// Logs one event at a level chosen at runtime, with the same fields at every level.
+macro_rules! log_at {
+    ($loudness:expr, $($rest:tt)+) => {
+        match $loudness {
+            Loudness::Warn => warn!($($rest)+),
+            Loudness::Info => info!($($rest)+),
+            Loudness::Debug => debug!($($rest)+),
+        }
+    };
+}
+
+/// A closed-set label for a session end, in `AgentStatus::last_error_kind` and logs.
+fn session_end_kind(end: &SessionEnd) -> &'static str {
+    match end {
+        SessionEnd::Local => "session_local",
+        SessionEnd::PeerClosed => "session_peer_closed",
+        SessionEnd::IdleTimeout => "session_idle_timeout",
+        SessionEnd::Protocol(_) => "session_protocol",
+        SessionEnd::Transport(_) => "session_transport",
+    }
+}
+
+impl Supervisor {
+    /// Connects and reconnects until `shutdown` fires. On shutdown the live session gets a
+    /// GOAWAY and is closed; its streams are reset.
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        let reconnect = &self.reconnect;
+        let mut backoff = Backoff::new(reconnect.min_delay.0, reconnect.max_delay.0);
+        let mut retry_log = RetryLog::default();
+        let mut sessions: u64 = 0;
+        let metrics = &self.handler.metrics;
+        loop {
+            let attempt = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                attempt = self.connector.connect() => attempt,
+            };
+            // What went wrong this round, for the log line after the delay is known.
+            let (kind, error) = match attempt {
+                Err(err) => {
+                    metrics.connect_failure(&err);
+                    let kind = err.label();
+                    let error = err.to_string();
+                    self.status.send_modify(|s| {
+                        s.attempts = s.attempts.saturating_add(1);
+                        s.last_error = Some(error.clone());
+                        s.last_error_kind = Some(kind);
+                    });
+                    (kind, error)
+                }
+                Ok(connection) => {
+                    sessions += 1;
+                    if sessions > 1 {
+                        metrics.reconnects.inc();
+                    }
+                    let session_id = format!("{}.{sessions}", self.instance_id);
+                    let streak = retry_log.streak;
+                    // A recovery is news; a flapping server (sessions that die young) is logged
+                    // once per backoff step like any other failure streak.
+                    let flapping = retry_log
+                        .last_kind
+                        .is_some_and(|kind| kind.starts_with("session_"));
+                    let loudness = if !flapping || streak.is_power_of_two() {
+                        Loudness::Info
+                    } else {
+                        Loudness::Debug
+                    };
+                    log_at!(
+                        loudness,
+                        session.id = %session_id,
+                        peer.addr = %connection.peer,
+                        server.id = connection.server_id.as_deref().unwrap_or(""),
+                        failed_attempts = streak,
+                        "connected to the server"
+                    );
+                    self.status.send_modify(|s| {
+                        s.connected = true;
+                        s.session_id = Some(session_id.clone());
+                        s.server_id = connection.server_id.clone();
+                        s.attempts = 0;
+                        s.sessions = sessions;
+                    });
+                    metrics.connected.set(1);
+                    let (end, lived) = self.run_session(connection, &session_id, &shutdown).await;
+                    metrics.connected.set(0);
+                    let Some((end, peer_goaway)) = end else {
+                        self.status.send_modify(|s| s.connected = false);
+                        info!(session.id = %session_id, "session closed for shutdown");
+                        break;
+                    };
+                    let kind = session_end_kind(&end);
+                    let error = match &peer_goaway {
+                        Some(message) => {
+                            format!("session ended after the server's GOAWAY ({message}): {end}")
+                        }
+                        None => format!("session ended: {end}"),
+                    };
+                    self.status.send_modify(|s| {
+                        s.connected = false;
+                        s.last_error = Some(error.clone());
+                        s.last_error_kind = Some(kind);
+                    });
+                    if lived >= reconnect.reset_after.0 {
+                        // A session that lived long enough ends any streak: start over.
+                        backoff.reset();
+                        retry_log.reset();
+                        let delay = backoff.next_delay();
+                        let loudness = if peer_goaway.is_some() {
+                            Loudness::Info
+                        } else {
+                            Loudness::Warn
+                        };
+                        log_at!(
+                            loudness,
+                            session.id = %session_id,
+                            reason = kind,
+                            error = %end,
+                            lived = ?lived,
+                            next_delay = ?delay,
+                            "session to the server ended; reconnecting"
+                        );
+                        if !sleep_or_shutdown(delay, &shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    // A short session counts as one more failure of the streak.
+                    (kind, error)
+                }
+            };
+            let loudness = retry_log.failure(kind);
+            let delay = backoff.next_delay();
+            log_at!(
+                loudness,
+                attempt = retry_log.streak,
+                reason = kind,
+                error = %error,
+                next_delay = ?delay,
+                server_url = self.connector.url(),
+                "cannot keep a session to the server; retrying"
+            );
+            if !sleep_or_shutdown(delay, &shutdown).await {
+                break;
+            }
+        }
+        self.status.send_modify(|s| {
+            s.connected = false;
+            s.stopping = true;
+        });
+    }
+
+    /// Runs one session until it ends (`Some((why, the server's GOAWAY message))`) or shutdown
+    /// (`None`); also returns how long it lived.
+    async fn run_session(
+        &self,
+        connection: Connection,
+        session_id: &str,
+        shutdown: &CancellationToken,
+    ) -> (Option<(SessionEnd, Option<String>)>, Duration) {
+        let started = Instant::now();
+        let span = info_span!(
+            "session",
+            session.id = %session_id,
+            peer.addr = %connection.peer,
+            server.id = connection.server_id.as_deref().unwrap_or(""),
+        );
+        let (session, incoming, driver) = Session::new(
+            connection.transport,
+            Role::Agent,
+            self.mux_config.clone(),
+            self.handler.metrics.mux.clone(),
+        );
+        // Cancelled when this function returns, however it returns: the session's dials and
+        // streams end with it.
+        let streams = shutdown.child_token();
+        let _streams_guard = streams.clone().drop_guard();
+        let tracker = &self.handler.tracker;
+        let mut driver = tracker.spawn(driver.run().instrument(span.clone()));
+        tracker.spawn(
+            self.handler
+                .clone()
+                .serve(incoming, streams.clone())
+                .instrument(span.clone()),
+        );
+        let end = tokio::select! {
+            end = &mut driver => Some(end.unwrap_or_else(|err| {
+                SessionEnd::Transport(format!("session task failed: {err}"))
+            })),
+            _ = shutdown.cancelled() => None,
+        };
+        let end = match end {
+            Some(end) => {
+                let goaway = session
+                    .peer_goaway()
+                    .map(|(code, message)| format!("{}: {message}", code.label()));
+                Some((end, goaway))
+            }
+            None => {
+                session.goaway(GoAwayCode::Shutdown, "agent shutting down");
+                session.close();
+                if tokio::time::timeout(SESSION_CLOSE_GRACE, &mut driver)
+                    .await
+                    .is_err()
+                {
+                    debug!(parent: &span, "session did not close in time");
+                }
+                None
+            }
+        };
+        streams.cancel();
+        (end, started.elapsed())
+    }
+}
+
+/// Sleeps for `delay`; `false` if `shutdown` fired first.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streak_warns_once_then_logs_per_doubling_or_change() {
+        let mut log = RetryLog::default();
+        let levels: Vec<Loudness> = (0..9).map(|_| log.failure("tcp")).collect();
+        use Loudness::*;
+        assert_eq!(
+            levels,
+            [Warn, Info, Debug, Info, Debug, Debug, Debug, Info, Debug]
+        );
+        // A new kind of failure is worth a line, but never another warning.
+        assert_eq!(log.failure("tls"), Info);
+        assert_eq!(log.failure("tls"), Debug);
+        assert_eq!(log.reset(), 11);
+        assert_eq!(log.failure("tls"), Warn);
+    }
+
+    #[test]
+    fn session_end_kinds_are_prefixed() {
+        for end in [
+            SessionEnd::Local,
+            SessionEnd::PeerClosed,
+            SessionEnd::IdleTimeout,
+            SessionEnd::Protocol("x".into()),
+            SessionEnd::Transport("x".into()),
+        ] {
+            assert_eq!(session_end_kind(&end), format!("session_{}", end.label()));
+        }
+    }
+}

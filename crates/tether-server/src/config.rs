@@ -1,0 +1,385 @@
+//! The server's configuration file: `ServerConfig` (serde, every key documented), path
+//! resolution against the file's directory, and validation that reports every problem at once.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tether_common::config_error::{ConfigErrors, ConfigLoadError, FieldError, parse_yaml};
+use tether_common::duration::HumanDuration;
+use tether_common::identity::{IdentityMode, validate_agent_id};
+use tether_common::session_settings::SessionSettings;
+use tether_common::tls::ServerTlsFiles;
+use tether_mux::MuxConfig;
+use tether_proto::TargetAddr;
+
+/// The only configuration format version this build understands.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// The server configuration (`server.yaml`). Every key is optional; defaults are shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Format version of this file; must be `1`.
+    pub version: u32,
+    /// Tunnel listener (mutual TLS, WebSocket upgrade on `/v1/connect`), `ip:port`.
+    /// Default `0.0.0.0:8443`.
+    pub listen: String,
+    /// Admin listener (plain HTTP: `/healthz`, `/readyz`, `/metrics`, `/v1/clients`), `ip:port`.
+    /// Default `127.0.0.1:9090`; keep it on loopback or a private network.
+    pub admin_listen: String,
+    /// TLS material of the tunnel listener. Relative paths are relative to the directory of the
+    /// configuration file.
+    pub tls: TlsConfig,
+    /// Where the agent id is read from in the client certificate: `uri_san`
+    /// (`tether://agent/<id>`, the default) or `dns_san` (the first DNS name).
+    pub identity: IdentityMode,
+    /// Agent ids allowed to connect. Empty (the default) admits any agent whose certificate
+    /// chains to `tls.client_ca`; otherwise other agents get HTTP 403.
+    pub allowed_agents: Vec<String>,
+    /// The TLS handshake and the HTTP upgrade of a new connection must finish within this
+    /// (default `10s`).
+    #[serde(deserialize_with = "duration_at_key")]
+    pub handshake_timeout: HumanDuration,
+    /// Most connections in the TLS/upgrade phase at once; further connections are dropped at
+    /// accept (default `1024`).
+    pub max_pending_handshakes: usize,
+    /// Most agent sessions at once; upgrades beyond this get HTTP 503 (default `10000`).
+    pub max_agents: usize,
+    /// How long an agent may take to connect a target for a dial (default `10s`).
+    #[serde(deserialize_with = "duration_at_key")]
+    pub dial_timeout: HumanDuration,
+    /// On shutdown, how long streams may take to finish after GOAWAY before the sessions are
+    /// closed (default `20s`). Keep it below systemd's `TimeoutStopSec`.
+    #[serde(deserialize_with = "duration_at_key")]
+    pub drain_timeout: HumanDuration,
+    /// Settings of every tunnel session: windows, frame size, stream cap and keepalive.
+    pub session: SessionSettings,
+    /// Static port forwards: each listens locally and tunnels every connection to `target`
+    /// through the newest session of agent `client`.
+    pub forwards: Vec<ForwardConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            version: CONFIG_VERSION,
+            listen: "0.0.0.0:8443".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            tls: TlsConfig::default(),
+            identity: IdentityMode::UriSan,
+            allowed_agents: Vec::new(),
+            handshake_timeout: HumanDuration::secs(10),
+            max_pending_handshakes: 1024,
+            max_agents: 10_000,
+            dial_timeout: HumanDuration::secs(10),
+            drain_timeout: HumanDuration::secs(20),
+            session: SessionSettings::default(),
+            forwards: Vec::new(),
+        }
+    }
+}
+
+/// The `tls:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Server certificate chain, PEM (default `server.pem`).
+    pub cert: PathBuf,
+    /// Server private key, PEM (default `server-key.pem`).
+    pub key: PathBuf,
+    /// CA bundle that agent certificates must chain to, PEM (default `ca.pem`).
+    pub client_ca: PathBuf,
+    /// Certificate revocation lists, PEM, checked for agent certificates (default none).
+    pub crls: Vec<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: "server.pem".into(),
+            key: "server-key.pem".into(),
+            client_ca: "ca.pem".into(),
+            crls: Vec::new(),
+        }
+    }
+}
+
+/// One entry of `forwards:`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// A unique name, used in logs (`[A-Za-z0-9._-]`, at most 64 characters).
+    pub name: String,
+    /// Local listen address, `ip:port` (use loopback unless consumers elsewhere need it).
+    pub listen: String,
+    /// The agent id whose session carries the connections.
+    pub client: String,
+    /// Where the agent connects, `host:port` as seen from the agent (`[v6]:port` for IPv6).
+    pub target: String,
+}
+
+impl ForwardConfig {
+    /// The parsed listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        parse_socket_addr(&self.listen)
+    }
+
+    /// The parsed target.
+    pub fn target_addr(&self) -> Result<TargetAddr, String> {
+        TargetAddr::from_str(&self.target).map_err(|e| format!("`{}`: {e}", self.target))
+    }
+}
+
+// === impl ServerConfig ===
+
+impl ServerConfig {
+    /// Reads `path`, parses it, resolves relative paths against its directory and validates it.
+    pub fn load(path: &Path) -> Result<ServerConfig, ConfigLoadError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigLoadError::Read {
+            source_name: source_name.clone(),
+            source,
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &source_name, base_dir)
+    }
+
+    /// Parses YAML `text` (named `source_name` in errors), resolves relative paths against
+    /// `base_dir` and validates the result.
+    pub fn parse(
+        text: &str,
+        source_name: &str,
+        base_dir: &Path,
+    ) -> Result<ServerConfig, ConfigLoadError> {
+        let mut config: ServerConfig = parse_yaml(text, source_name)?;
+        config.resolve_paths(base_dir);
+        config
+            .validate()
+            .map_err(|errors| ConfigLoadError::Invalid {
+                source_name: source_name.to_owned(),
+                errors,
+            })?;
+        Ok(config)
+    }
+
+    /// Makes the TLS paths absolute by joining relative ones onto `base_dir`.
+    pub fn resolve_paths(&mut self, base_dir: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base_dir.join(&*p);
+            }
+        };
+        resolve(&mut self.tls.cert);
+        resolve(&mut self.tls.key);
+        resolve(&mut self.tls.client_ca);
+        self.tls.crls.iter_mut().for_each(resolve);
+    }
+
+    /// Checks everything that parsing cannot; collects every problem with its key path.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = ConfigErrors::new();
+        if self.version != CONFIG_VERSION {
+            errors.push(
+                "version",
+                format!(
+                    "unsupported version {} (this build reads version {CONFIG_VERSION})",
+                    self.version
+                ),
+            );
+        }
+        for (path, addr) in [
+            ("listen", &self.listen),
+            ("admin_listen", &self.admin_listen),
+        ] {
+            if let Err(message) = parse_socket_addr(addr) {
+                errors.push(path, message);
+            }
+        }
+        self.validate_tls(&mut errors);
+        for (i, id) in self.allowed_agents.iter().enumerate() {
+            if let Err(err) = validate_agent_id(id) {
+                errors.push(format!("allowed_agents[{i}]"), err.to_string());
+            }
+        }
+        positive(&mut errors, "handshake_timeout", self.handshake_timeout);
+        positive(&mut errors, "dial_timeout", self.dial_timeout);
+        if self.dial_timeout.0 > Duration::from_millis(u64::from(u32::MAX)) {
+            errors.push("dial_timeout", "must be below 49 days");
+        }
+        if self.max_pending_handshakes == 0 {
+            errors.push("max_pending_handshakes", "must be at least 1");
+        }
+        if self.max_agents == 0 {
+            errors.push("max_agents", "must be at least 1");
+        }
+        self.session.validate("session", &mut errors);
+        self.validate_forwards(&mut errors);
+        errors.into_result(())
+    }
+
+    fn validate_tls(&self, errors: &mut ConfigErrors) {
+        let files = [
+            ("tls.cert".to_owned(), &self.tls.cert),
+            ("tls.key".to_owned(), &self.tls.key),
+            ("tls.client_ca".to_owned(), &self.tls.client_ca),
+        ];
+        let crls = self
+            .tls
+            .crls
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("tls.crls[{i}]"), p));
+        for (path, file) in files.into_iter().chain(crls) {
+            if let Err(message) = check_readable(file) {
+                errors.push(path, message);
+            }
+        }
+    }
+
+    fn validate_forwards(&self, errors: &mut ConfigErrors) {
+        let allowed: HashSet<&str> = self.allowed_agents.iter().map(String::as_str).collect();
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut listens: HashMap<SocketAddr, usize> = HashMap::new();
+        for (i, forward) in self.forwards.iter().enumerate() {
+            let at = |key: &str| format!("forwards[{i}].{key}");
+            if let Err(message) = check_forward_name(&forward.name) {
+                errors.push(at("name"), message);
+            } else if let Some(first) = names.insert(&forward.name, i) {
+                errors.push(
+                    at("name"),
+                    format!(
+                        "`{}` is already the name of forwards[{first}]",
+                        forward.name
+                    ),
+                );
+            }
+            match forward.listen_addr() {
+                Err(message) => errors.push(at("listen"), message),
+                Ok(addr) if addr.port() != 0 => {
+                    if let Some(first) = listens.insert(addr, i) {
+                        errors.push(
+                            at("listen"),
+                            format!("{addr} is already the address of forwards[{first}]"),
+                        );
+                    }
+                }
+                Ok(_) => {}
+            }
+            if let Err(err) = validate_agent_id(&forward.client) {
+                errors.push(at("client"), err.to_string());
+            } else if !allowed.is_empty() && !allowed.contains(forward.client.as_str()) {
+                errors.push(
+                    at("client"),
+                    format!(
+                        "`{}` is not in allowed_agents, so it can never connect",
+                        forward.client
+                    ),
+                );
+            }
+            if let Err(message) = forward.target_addr() {
+                errors.push(at("target"), message);
+            }
+        }
+    }
+
+    /// The parsed tunnel listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, FieldError> {
+        parse_socket_addr(&self.listen).map_err(|m| FieldError::new("listen", m))
+    }
+
+    /// The parsed admin listen address.
+    pub fn admin_addr(&self) -> Result<SocketAddr, FieldError> {
+        parse_socket_addr(&self.admin_listen).map_err(|m| FieldError::new("admin_listen", m))
+    }
+
+    /// The TLS files, for `tether_common::tls::server_config`.
+    pub fn tls_files(&self) -> ServerTlsFiles {
+        ServerTlsFiles {
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+            client_ca: self.tls.client_ca.clone(),
+            crls: self.tls.crls.clone(),
+        }
+    }
+
+    /// The multiplexer settings of each session.
+    pub fn to_mux_config(&self) -> MuxConfig {
+        let s = &self.session;
+        MuxConfig {
+            window: s.window,
+            max_data: s.max_frame,
+            max_streams: s.max_streams,
+            ping_interval: s.ping_interval.0,
+            idle_timeout: s.idle_timeout.0,
+            sync_interval: (!s.sync_interval.0.is_zero()).then_some(s.sync_interval.0),
+            dial_timeout: self.dial_timeout.0,
+            ..MuxConfig::default()
+        }
+    }
+}
+
+/// Deserializes a [`HumanDuration`] through a visitor, so that a bad value is reported by the
+/// YAML parser with its line, column and key path. (`HumanDuration`'s own impl parses after
+/// the string is read, which loses the position of top-level keys.)
+fn duration_at_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = HumanDuration;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration such as 500ms, 10s, 2m or 1h")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+            tether_common::duration::parse_duration(v)
+                .map(HumanDuration)
+                .map_err(E::custom)
+        }
+    }
+    d.deserialize_str(Visitor)
+}
+
+/// Parses `ip:port` (host names are not accepted for listen addresses).
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    SocketAddr::from_str(text).map_err(|_| {
+        format!("`{text}` is not an `ip:port` address (e.g. 127.0.0.1:8443 or [::1]:8443)")
+    })
+}
+
+fn positive(errors: &mut ConfigErrors, path: &str, value: HumanDuration) {
+    if value.0.is_zero() {
+        errors.push(path, "must be above zero");
+    }
+}
+
+fn check_readable(path: &Path) -> Result<(), String> {
+    match std::fs::File::open(path) {
+        Ok(file) => match file.metadata() {
+            Ok(meta) if meta.is_dir() => Err(format!("{} is a directory", path.display())),
+            _ => Ok(()),
+        },
+        Err(err) => Err(format!("cannot read {}: {err}", path.display())),
+    }
+}
+
+fn check_forward_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 64 {
+        return Err("must be at most 64 characters".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(format!(
+            "`{name}`: only the characters A-Z a-z 0-9 . _ - are allowed"
+        ));
+    }
+    Ok(())
+}

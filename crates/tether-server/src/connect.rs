@@ -1,0 +1,207 @@
+//! The HTTP side of the tunnel listener: the axum router whose `GET /v1/connect` checks the
+//! request (Origin, allow-list, subprotocol `tether.v1`, `max_agents`) and hands the upgraded
+//! WebSocket back to the connection task that owns it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::log_throttle::LogThrottle;
+use crate::metrics::ServerMetrics;
+use crate::registry::sanitize_instance;
+
+/// The WebSocket subprotocol of the native protocol.
+pub(crate) const SUBPROTOCOL: &str = "tether.v1";
+/// The path agents upgrade on.
+pub(crate) const CONNECT_PATH: &str = "/v1/connect";
+/// Response header naming this server process (for agents that connect to every replica).
+pub(crate) const SERVER_ID_HEADER: HeaderName = HeaderName::from_static("x-tether-server");
+/// Request header with the agent's per-process instance id.
+pub(crate) const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-tether-instance");
+/// Request header with the agent's version.
+pub(crate) const VERSION_HEADER: HeaderName = HeaderName::from_static("x-tether-version");
+
+/// Bytes tungstenite buffers before writing to the socket.
+const WS_WRITE_BUFFER: usize = 64 * 1024;
+/// Room for the frame header in a WebSocket message beyond the largest DATA payload.
+const WS_MESSAGE_OVERHEAD: usize = 16;
+
+/// Shared by every request on the tunnel listener.
+#[derive(Debug)]
+pub(crate) struct ConnectState {
+    /// Allowed agent ids; empty admits every verified agent.
+    pub(crate) allowed: HashSet<String>,
+    /// One permit per live agent session (`max_agents`).
+    pub(crate) agent_slots: Arc<Semaphore>,
+    pub(crate) metrics: ServerMetrics,
+    pub(crate) server_id: HeaderValue,
+    /// Cancelled when the server starts shutting down.
+    pub(crate) shutdown: CancellationToken,
+    /// Largest DATA payload (`session.max_frame`).
+    pub(crate) max_frame: usize,
+    pub(crate) log: LogThrottle,
+}
+
+/// Per-connection facts the connection task puts into every request's extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnContext {
+    /// The agent id from the verified client certificate.
+    pub(crate) agent_id: Arc<str>,
+    pub(crate) peer_addr: SocketAddr,
+    /// Where the upgraded socket goes; taken by the first successful upgrade.
+    pub(crate) handoff: Arc<Mutex<Option<oneshot::Sender<UpgradedAgent>>>>,
+}
+
+/// An upgraded agent connection on its way back to the connection task.
+#[derive(Debug)]
+pub(crate) struct UpgradedAgent {
+    pub(crate) socket: WebSocket,
+    /// `X-Tether-Instance`, sanitized (may be empty).
+    pub(crate) instance: String,
+    /// `X-Tether-Version`, sanitized (may be empty).
+    pub(crate) version: String,
+    /// The `max_agents` permit, held for the life of the session.
+    pub(crate) slot: OwnedSemaphorePermit,
+}
+
+/// The tunnel listener's router: `GET /v1/connect`, 404 for everything else.
+pub(crate) fn router(state: Arc<ConnectState>) -> Router {
+    Router::new()
+        .route(CONNECT_PATH, get(connect))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .with_state(state)
+}
+
+async fn connect(
+    State(state): State<Arc<ConnectState>>,
+    Extension(ctx): Extension<ConnContext>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if headers.contains_key(header::ORIGIN) {
+        debug!("refused a request with an Origin header");
+        return (
+            StatusCode::FORBIDDEN,
+            "requests from browsers (with an Origin header) are not accepted\n",
+        )
+            .into_response();
+    }
+    if !state.allowed.is_empty() && !state.allowed.contains(&*ctx.agent_id) {
+        state
+            .metrics
+            .auth_failures
+            .with_label_values(&["not_allowed"])
+            .inc();
+        match state.log.check("not_allowed") {
+            Some(suppressed) => warn!(
+                peer.addr = %ctx.peer_addr,
+                reason = "not_allowed",
+                suppressed,
+                "agent refused: its id is not in allowed_agents"
+            ),
+            None => debug!(reason = "not_allowed", "agent refused"),
+        }
+        return (
+            StatusCode::FORBIDDEN,
+            format!("agent \"{}\" is not allowed to connect\n", ctx.agent_id),
+        )
+            .into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(
+            WebSocketUpgradeRejection::InvalidConnectionHeader(_)
+            | WebSocketUpgradeRejection::InvalidUpgradeHeader(_),
+        ) => {
+            return (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::UPGRADE, HeaderValue::from_static("websocket"))],
+                format!(
+                    "{CONNECT_PATH} only accepts a WebSocket upgrade with \
+                     `Sec-WebSocket-Protocol: {SUBPROTOCOL}`\n"
+                ),
+            )
+                .into_response();
+        }
+        Err(rejection) => return rejection.into_response(),
+    };
+    let ws = ws.protocols([SUBPROTOCOL]);
+    if ws.selected_protocol().is_none() {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "missing WebSocket subprotocol: send `Sec-WebSocket-Protocol: {SUBPROTOCOL}`\n"
+            ),
+        )
+            .into_response();
+    }
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n").into_response();
+    }
+    let Ok(slot) = state.agent_slots.clone().try_acquire_owned() else {
+        if let Some(suppressed) = state.log.check("max_agents") {
+            warn!(
+                suppressed,
+                "agent refused: max_agents sessions are connected"
+            );
+        }
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server is at its agent limit (max_agents)\n",
+        )
+            .into_response();
+    };
+    let handoff = ctx.handoff.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(handoff) = handoff else {
+        return (StatusCode::BAD_REQUEST, "one upgrade per connection\n").into_response();
+    };
+    let instance = header_text(&headers, &INSTANCE_HEADER, sanitize_instance);
+    let version = header_text(&headers, &VERSION_HEADER, sanitize_version);
+    let message_max = state.max_frame + WS_MESSAGE_OVERHEAD;
+    let mut response = ws
+        .max_message_size(message_max)
+        .max_frame_size(message_max)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        // Above write_buffer_size plus a message and a queued pong (tungstenite asserts it).
+        .max_write_buffer_size(WS_WRITE_BUFFER + 4 * message_max)
+        .on_upgrade(move |socket| async move {
+            // If the connection task is gone, the socket and the slot drop here.
+            let _ = handoff.send(UpgradedAgent {
+                socket,
+                instance,
+                version,
+                slot,
+            });
+        });
+    response
+        .headers_mut()
+        .insert(SERVER_ID_HEADER, state.server_id.clone());
+    response
+}
+
+fn header_text(headers: &HeaderMap, name: &HeaderName, clean: fn(&str) -> String) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(clean)
+        .unwrap_or_default()
+}
+
+/// At most 64 characters of `[A-Za-z0-9.+_-]` (a semver string and a bit).
+fn sanitize_version(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '_' | '-'))
+        .take(64)
+        .collect()
+}

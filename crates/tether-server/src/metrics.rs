@@ -1,0 +1,126 @@
+//! `ServerMetrics`: every Prometheus series of the server, registered into the registry that the
+//! caller owns (no globals).
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tether_mux::MuxMetrics;
+
+/// Labels of `tether_session_events_total{event}`.
+pub const SESSION_EVENTS: [&str; 3] = ["added", "removed", "stale_removed"];
+
+/// The `code` label of `tether_dial_errors_total` when the client has no live session.
+pub const NO_SESSION: &str = "no_session";
+
+/// Server metrics. Cheap to clone; clones share the same series.
+#[derive(Debug, Clone)]
+pub struct ServerMetrics {
+    /// Stream counters of the multiplexer (`tether_streams_*`, `tether_stream_bytes_total`).
+    pub mux: MuxMetrics,
+    /// `tether_sessions{client}`: live sessions per agent id.
+    pub sessions: IntGaugeVec,
+    /// `tether_agents_connected`: agent ids with at least one live session.
+    pub agents_connected: IntGauge,
+    /// `tether_session_events_total{event}`: added, removed, stale_removed.
+    pub session_events: IntCounterVec,
+    /// `tether_tls_handshake_failures_total{reason}`.
+    pub tls_handshake_failures: IntCounterVec,
+    /// `tether_auth_failures_total{reason}`: certificates without a usable identity, and agents
+    /// outside the allow-list.
+    pub auth_failures: IntCounterVec,
+    /// `tether_dial_duration_seconds`: time from OPEN to OPEN_OK or failure.
+    pub dial_duration: Histogram,
+    /// `tether_dial_errors_total{code}`.
+    pub dial_errors: IntCounterVec,
+    /// `tether_preauth_handshakes_inflight`: connections in the TLS/upgrade phase.
+    pub preauth_inflight: IntGauge,
+    /// `tether_build_info{version}`: always 1.
+    pub build_info: IntGaugeVec,
+}
+
+impl ServerMetrics {
+    /// Creates the metrics and registers them (and the multiplexer's) in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = Self::build(MuxMetrics::register(registry)?)?;
+        registry.register(Box::new(metrics.sessions.clone()))?;
+        registry.register(Box::new(metrics.agents_connected.clone()))?;
+        registry.register(Box::new(metrics.session_events.clone()))?;
+        registry.register(Box::new(metrics.tls_handshake_failures.clone()))?;
+        registry.register(Box::new(metrics.auth_failures.clone()))?;
+        registry.register(Box::new(metrics.dial_duration.clone()))?;
+        registry.register(Box::new(metrics.dial_errors.clone()))?;
+        registry.register(Box::new(metrics.preauth_inflight.clone()))?;
+        registry.register(Box::new(metrics.build_info.clone()))?;
+        Ok(metrics)
+    }
+
+    /// Metrics registered nowhere (unit tests of components).
+    pub fn unregistered() -> prometheus::Result<Self> {
+        Self::build(MuxMetrics::unregistered())
+    }
+
+    fn build(mux: MuxMetrics) -> prometheus::Result<Self> {
+        let metrics = Self {
+            mux,
+            sessions: IntGaugeVec::new(
+                Opts::new("tether_sessions", "Live agent sessions, by agent id."),
+                &["client"],
+            )?,
+            agents_connected: IntGauge::new(
+                "tether_agents_connected",
+                "Agent ids with at least one live session.",
+            )?,
+            session_events: IntCounterVec::new(
+                Opts::new(
+                    "tether_session_events_total",
+                    "Session registry events: added, removed, stale_removed (replaced by a \
+                     newer session of the same agent instance).",
+                ),
+                &["event"],
+            )?,
+            tls_handshake_failures: IntCounterVec::new(
+                Opts::new(
+                    "tether_tls_handshake_failures_total",
+                    "Tunnel connections that failed before the HTTP upgrade, by reason.",
+                ),
+                &["reason"],
+            )?,
+            auth_failures: IntCounterVec::new(
+                Opts::new(
+                    "tether_auth_failures_total",
+                    "Agents refused after the TLS handshake, by reason.",
+                ),
+                &["reason"],
+            )?,
+            dial_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tether_dial_duration_seconds",
+                    "Time from OPEN to the agent's answer, successful or not.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ]),
+            )?,
+            dial_errors: IntCounterVec::new(
+                Opts::new("tether_dial_errors_total", "Failed dials, by error code."),
+                &["code"],
+            )?,
+            preauth_inflight: IntGauge::new(
+                "tether_preauth_handshakes_inflight",
+                "Tunnel connections in the TLS handshake or HTTP upgrade.",
+            )?,
+            build_info: IntGaugeVec::new(
+                Opts::new("tether_build_info", "Build information; the value is 1."),
+                &["version"],
+            )?,
+        };
+        for event in SESSION_EVENTS {
+            metrics.session_events.with_label_values(&[event]);
+        }
+        metrics.dial_errors.with_label_values(&[NO_SESSION]);
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(metrics)
+    }
+}

@@ -1,0 +1,351 @@
+//! `Server`: builds TLS, metrics and the registry from a `ServerConfig`, runs the tunnel,
+//! forward and admin listeners on one task tracker, and shuts down in order: stop accepting,
+//! GOAWAY, drain streams up to `drain_timeout`, close sessions, wait for the tasks (bounded).
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tether_common::config_error::ConfigErrors;
+use tether_common::tls::{self, TlsError};
+use tether_proto::GoAwayCode;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::admin::{self, AdminState, Readiness};
+use crate::config::ServerConfig;
+use crate::connect::{self, ConnectState};
+use crate::forward::{self, Forward};
+use crate::log_throttle::LogThrottle;
+use crate::metrics::ServerMetrics;
+use crate::registry::SessionRegistry;
+use crate::tunnel::{self, Tunnel};
+
+/// How long the tasks get to finish once the sessions are closed.
+const TASK_GRACE: Duration = Duration::from_secs(5);
+/// How often the drain checks whether streams are left.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// How often a repeated failure of one kind may be logged at warn.
+const LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// Why the server could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration failed validation.
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] ConfigErrors),
+    /// The TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The metrics could not be registered (for example, registered twice).
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener (`listen`, `admin_listen`, `forwards[0].listen`).
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// `Listeners::forwards` does not match `ServerConfig::forwards`.
+    #[error("{got} forward listeners were given for {expected} configured forwards")]
+    ForwardListeners {
+        /// Configured forwards.
+        expected: usize,
+        /// Listeners given.
+        got: usize,
+    },
+}
+
+/// The bound sockets the server runs on (tests bind `127.0.0.1:0`).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The tunnel listener (mutual TLS).
+    pub tunnel: TcpListener,
+    /// The admin listener (plain HTTP).
+    pub admin: TcpListener,
+    /// `forwards[i]` serves `config.forwards[i]`.
+    pub forwards: Vec<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every address of `config`.
+    pub async fn bind(config: &ServerConfig) -> Result<Listeners, ServerError> {
+        let tunnel = bind("listen", config.listen_addr().map_err(one)?).await?;
+        let admin = bind("admin_listen", config.admin_addr().map_err(one)?).await?;
+        let mut forwards = Vec::with_capacity(config.forwards.len());
+        for (i, f) in config.forwards.iter().enumerate() {
+            let what = format!("forwards[{i}].listen");
+            let addr = f
+                .listen_addr()
+                .map_err(|m| one(tether_common::config_error::FieldError::new(&what, m)))?;
+            forwards.push(bind(&what, addr).await?);
+        }
+        Ok(Listeners {
+            tunnel,
+            admin,
+            forwards,
+        })
+    }
+}
+
+fn one(err: tether_common::config_error::FieldError) -> ServerError {
+    ServerError::Config(ConfigErrors(vec![err]))
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what: what.to_owned(),
+            addr,
+            source,
+        })
+}
+
+/// A configured server, ready to [`run`](Server::run).
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    tls: Arc<rustls::ServerConfig>,
+    metrics: ServerMetrics,
+    prometheus: prometheus::Registry,
+    registry: Arc<SessionRegistry>,
+    server_id: String,
+}
+
+impl Server {
+    /// Validates `config`, loads its TLS files and registers the metrics in `registry`.
+    pub fn new(
+        config: ServerConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Server, ServerError> {
+        config.validate()?;
+        let tls = tls::server_config(&config.tls_files())?;
+        Self::with_tls_config(config, tls, registry)
+    }
+
+    /// [`new`](Self::new) with a ready rustls config (PEM held in memory, `tether demo`); the
+    /// `tls` section of `config` is not read.
+    pub fn with_tls_config(
+        config: ServerConfig,
+        tls: Arc<rustls::ServerConfig>,
+        registry: &prometheus::Registry,
+    ) -> Result<Server, ServerError> {
+        let metrics = ServerMetrics::register(registry)?;
+        let sessions = Arc::new(SessionRegistry::new(metrics.clone()));
+        for client in config
+            .allowed_agents
+            .iter()
+            .chain(config.forwards.iter().map(|f| &f.client))
+        {
+            sessions.declare_client(client);
+        }
+        Ok(Server {
+            config,
+            tls,
+            metrics,
+            prometheus: registry.clone(),
+            registry: sessions,
+            server_id: format!("{:016x}", fastrand::u64(..)),
+        })
+    }
+
+    /// The session registry (for tests and embedding).
+    pub fn registry(&self) -> Arc<SessionRegistry> {
+        self.registry.clone()
+    }
+
+    /// This process's server id (`X-Tether-Server`).
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &ServerMetrics {
+        &self.metrics
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and returns.
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
+        let config = &self.config;
+        if listeners.forwards.len() != config.forwards.len() {
+            return Err(ServerError::ForwardListeners {
+                expected: config.forwards.len(),
+                got: listeners.forwards.len(),
+            });
+        }
+        let mut forwards = Vec::with_capacity(config.forwards.len());
+        for (i, f) in config.forwards.iter().enumerate() {
+            let target = f.target_addr().map_err(|m| {
+                one(tether_common::config_error::FieldError::new(
+                    format!("forwards[{i}].target"),
+                    m,
+                ))
+            })?;
+            forwards.push((f.name.clone(), f.client.clone(), target));
+        }
+        let tracker = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+        let readiness = Arc::new(Readiness::default());
+        let tunnel_addr = display_addr(&listeners.tunnel);
+        let admin_addr = display_addr(&listeners.admin);
+
+        // Tunnel listener.
+        let connect_state = Arc::new(ConnectState {
+            allowed: config
+                .allowed_agents
+                .iter()
+                .cloned()
+                .collect::<HashSet<_>>(),
+            agent_slots: Arc::new(Semaphore::new(config.max_agents)),
+            metrics: self.metrics.clone(),
+            server_id: HeaderValue::from_str(&self.server_id)
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            shutdown: shutdown.clone(),
+            max_frame: config.session.max_frame as usize,
+            log: LogThrottle::new(LOG_WINDOW),
+        });
+        let tunnel = Arc::new(Tunnel {
+            acceptor: TlsAcceptor::from(self.tls.clone()),
+            identity: config.identity,
+            handshake_timeout: config.handshake_timeout.0,
+            pending: Arc::new(Semaphore::new(config.max_pending_handshakes)),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            mux_config: config.to_mux_config(),
+            router: connect::router(connect_state),
+            shutdown: shutdown.clone(),
+            hard_stop: hard_stop.clone(),
+            tracker: tracker.clone(),
+            log: LogThrottle::new(LOG_WINDOW),
+        });
+        tracker.spawn(
+            tunnel::accept_loop(tunnel, listeners.tunnel).instrument(info_span!("tunnel_listener")),
+        );
+
+        // Forwards.
+        for ((name, client, target), listener) in forwards.into_iter().zip(listeners.forwards) {
+            let addr = display_addr(&listener);
+            info!(forward = %name, listen = %addr, agent.id = %client, %target, "forward listening");
+            let forward = Arc::new(Forward::new(
+                name,
+                client,
+                target,
+                config.dial_timeout.0,
+                self.registry.clone(),
+                self.metrics.clone(),
+                shutdown.clone(),
+                hard_stop.clone(),
+                tracker.clone(),
+            ));
+            tracker.spawn(forward::accept_loop(forward, listener));
+        }
+
+        // Admin listener: stays up while draining so /readyz and /metrics can be watched.
+        let admin_router = admin::router(Arc::new(AdminState {
+            registry: self.registry.clone(),
+            prometheus: self.prometheus.clone(),
+            readiness: readiness.clone(),
+            server_id: self.server_id.clone(),
+        }));
+        let admin_serve = axum::serve(listeners.admin, admin_router)
+            .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
+        tracker.spawn(
+            async move {
+                if let Err(err) = admin_serve.await {
+                    warn!(error = %err, "admin listener failed");
+                }
+            }
+            .instrument(info_span!("admin_listener")),
+        );
+
+        readiness.set_ready();
+        info!(
+            listen = %tunnel_addr,
+            admin = %admin_addr,
+            server.id = %self.server_id,
+            "server running"
+        );
+
+        shutdown.cancelled().await;
+        readiness.set_draining();
+        let drain = config.drain_timeout.0;
+        info!(
+            sessions = self.registry.session_count(),
+            drain_timeout = ?drain,
+            "shutting down: GOAWAY to agents, draining streams"
+        );
+        self.registry
+            .goaway_all(GoAwayCode::Shutdown, "server shutting down");
+        let left = drain_streams(&self.registry, drain).await;
+        if left > 0 {
+            warn!(
+                streams = left,
+                "drain timeout passed; resetting the streams left"
+            );
+        }
+        hard_stop.cancel();
+        self.registry.close_all();
+        admin_stop.cancel();
+        tracker.close();
+        if tokio::time::timeout(TASK_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                tasks = tracker.len(),
+                "tasks still running after the shutdown grace period; abandoning them"
+            );
+        }
+        info!("server stopped");
+        Ok(())
+    }
+}
+
+fn display_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string())
+}
+
+/// Waits until no stream is open or `limit` has passed; returns the streams left.
+async fn drain_streams(registry: &SessionRegistry, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = registry.active_streams();
+        if left == 0 || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep_until(deadline.min(Instant::now() + DRAIN_POLL)).await;
+    }
+}
+
+/// Builds a [`Server`] and runs it until `shutdown` (the daemon's library entry point).
+pub async fn run(
+    config: ServerConfig,
+    listeners: Listeners,
+    registry: &prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    Server::new(config, registry)?
+        .run(listeners, shutdown)
+        .await
+}

@@ -1,0 +1,286 @@
+//! The tunnel listener: an accept loop that only accepts, and per connection (in a tracked task)
+//! the TLS handshake, ALPN and identity checks, the HTTP upgrade, and then the agent's session
+//! until it ends.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::IntGauge;
+use tether_common::identity::IdentityMode;
+use tether_common::tls::{alpn_ok, peer_identity};
+use tether_mux::{MuxConfig, Role, Session, SessionEnd};
+use tether_proto::GoAwayCode;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
+
+use crate::accept::accept;
+use crate::connect::{ConnContext, UpgradedAgent};
+use crate::log_throttle::LogThrottle;
+use crate::metrics::ServerMetrics;
+use crate::registry::SessionRegistry;
+use crate::ws_transport::WsTransport;
+
+/// Largest HTTP head buffered while reading the upgrade request.
+const MAX_HTTP_BUF: usize = 64 * 1024;
+
+/// Everything a tunnel connection task needs.
+pub(crate) struct Tunnel {
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) identity: IdentityMode,
+    pub(crate) handshake_timeout: Duration,
+    /// One permit per connection in the TLS/upgrade phase (`max_pending_handshakes`).
+    pub(crate) pending: Arc<Semaphore>,
+    pub(crate) registry: Arc<SessionRegistry>,
+    pub(crate) metrics: ServerMetrics,
+    pub(crate) mux_config: MuxConfig,
+    /// The `/v1/connect` router (see `connect.rs`).
+    pub(crate) router: axum::Router,
+    /// Cancelled when shutdown starts: stop accepting, abandon handshakes, GOAWAY new sessions.
+    pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the drain deadline has passed: close every session.
+    pub(crate) hard_stop: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) log: LogThrottle,
+}
+
+/// Accepts tunnel connections until shutdown; each one runs in its own tracked task.
+pub(crate) async fn accept_loop(tunnel: Arc<Tunnel>, listener: TcpListener) {
+    while let Some((tcp, peer)) = accept(&listener, &tunnel.shutdown, &tunnel.log).await {
+        let Ok(permit) = tunnel.pending.clone().try_acquire_owned() else {
+            tunnel.handshake_failed("too_many_pending");
+            match tunnel.log.check("too_many_pending") {
+                Some(suppressed) => warn!(
+                    peer.addr = %peer,
+                    suppressed,
+                    "too many connections in the handshake phase (max_pending_handshakes); \
+                     dropping new ones"
+                ),
+                None => debug!(peer.addr = %peer, "dropped: too many pending handshakes"),
+            }
+            continue;
+        };
+        let pending = PendingHandshake::new(permit, tunnel.metrics.preauth_inflight.clone());
+        let span = info_span!(
+            "agent_conn",
+            peer.addr = %peer,
+            agent.id = field::Empty,
+            session.id = field::Empty
+        );
+        tunnel
+            .tracker
+            .spawn(serve_connection(tunnel.clone(), tcp, peer, pending).instrument(span));
+    }
+    debug!("tunnel listener stopped accepting");
+}
+
+/// A connection in the TLS/upgrade phase: holds its permit and counts itself in the gauge.
+struct PendingHandshake {
+    _permit: OwnedSemaphorePermit,
+    gauge: IntGauge,
+}
+
+impl PendingHandshake {
+    fn new(permit: OwnedSemaphorePermit, gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self {
+            _permit: permit,
+            gauge,
+        }
+    }
+}
+
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+async fn serve_connection(
+    tunnel: Arc<Tunnel>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pending: PendingHandshake,
+) {
+    let deadline = Instant::now() + tunnel.handshake_timeout;
+    let upgraded = tokio::select! {
+        _ = tunnel.shutdown.cancelled() => None,
+        upgraded = handshake(&tunnel, tcp, peer, deadline) => upgraded,
+    };
+    drop(pending);
+    if let Some((agent_id, upgraded)) = upgraded {
+        run_session(&tunnel, agent_id, peer, upgraded).await;
+    }
+}
+
+/// TLS, ALPN, identity and the HTTP upgrade; `None` if the connection is to be dropped.
+async fn handshake(
+    tunnel: &Tunnel,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Option<(String, UpgradedAgent)> {
+    let _ = tcp.set_nodelay(true);
+    let tls = match timeout_at(deadline, tunnel.acceptor.accept(tcp)).await {
+        Err(_) => {
+            tunnel.handshake_failed("timeout");
+            debug!("TLS handshake timed out");
+            return None;
+        }
+        Ok(Err(err)) => {
+            let reason = classify_tls_error(&err);
+            tunnel.handshake_failed(reason);
+            debug!(reason, error = %err, "TLS handshake failed");
+            return None;
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let conn = tls.get_ref().1;
+    if !alpn_ok(conn.alpn_protocol()) {
+        tunnel.handshake_failed("alpn");
+        debug!("peer did not negotiate ALPN http/1.1; closing");
+        return None;
+    }
+    let agent_id = match peer_identity(conn, tunnel.identity) {
+        Ok(id) => id,
+        Err(err) => {
+            let reason = err.reason();
+            tunnel
+                .metrics
+                .auth_failures
+                .with_label_values(&[reason])
+                .inc();
+            match tunnel.log.check(reason) {
+                Some(suppressed) => warn!(
+                    peer.addr = %peer,
+                    reason,
+                    suppressed,
+                    error = %err,
+                    "agent certificate refused: it carries no usable agent identity"
+                ),
+                None => debug!(reason, error = %err, "agent certificate refused"),
+            }
+            return None;
+        }
+    };
+    Span::current().record("agent.id", field::display(&agent_id));
+
+    let (handoff_tx, handoff_rx) = oneshot::channel();
+    let ctx = ConnContext {
+        agent_id: agent_id.as_str().into(),
+        peer_addr: peer,
+        handoff: Arc::new(Mutex::new(Some(handoff_tx))),
+    };
+    let router = tunnel.router.clone();
+    let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
+        req.extensions_mut().insert(ctx.clone());
+        router.clone().oneshot(req)
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(tunnel.handshake_timeout)
+        .max_buf_size(MAX_HTTP_BUF);
+    let http = builder
+        .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades();
+    match timeout_at(deadline, http).await {
+        Err(_) => {
+            tunnel.handshake_failed("upgrade_timeout");
+            debug!("no WebSocket upgrade within handshake_timeout; closing");
+            return None;
+        }
+        Ok(Err(err)) => {
+            debug!(error = %err, "HTTP connection ended with an error");
+            return None;
+        }
+        Ok(Ok(())) => {}
+    }
+    // On an upgrade, axum's upgrade task sends the socket right after hyper hands it over;
+    // otherwise the sender was dropped with the service.
+    match timeout(tunnel.handshake_timeout, handoff_rx).await {
+        Ok(Ok(upgraded)) => Some((agent_id, upgraded)),
+        _ => {
+            debug!("HTTP connection closed without an upgrade");
+            None
+        }
+    }
+}
+
+/// Runs the agent's session to its end; the registry entry lives exactly as long.
+async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: UpgradedAgent) {
+    let UpgradedAgent {
+        socket,
+        instance,
+        version,
+        slot,
+    } = up;
+    let transport = WsTransport::new(socket, tunnel.mux_config.limits());
+    let (session, incoming, driver) = Session::new(
+        transport,
+        Role::Server,
+        tunnel.mux_config.clone(),
+        tunnel.metrics.mux.clone(),
+    );
+    // The server takes no streams from agents: without a receiver the mux answers every OPEN
+    // with OPEN_ERR(unsupported).
+    drop(incoming);
+    let guard = tunnel
+        .registry
+        .insert(&agent_id, &instance, peer, session.clone());
+    Span::current().record("session.id", guard.session_id());
+    info!(instance = %instance, agent.version = %version, "agent connected");
+    if tunnel.shutdown.is_cancelled() {
+        session.goaway(GoAwayCode::Shutdown, "server shutting down");
+    }
+    let run = driver.run();
+    tokio::pin!(run);
+    let end = tokio::select! {
+        end = &mut run => end,
+        _ = tunnel.hard_stop.cancelled() => {
+            session.close();
+            run.await
+        }
+    };
+    // Free the max_agents slot first: once the session is gone from the registry, a new one
+    // is admitted.
+    drop(slot);
+    drop(guard);
+    match end {
+        SessionEnd::Protocol(_) => warn!(reason = end.label(), error = %end, "agent disconnected"),
+        _ => info!(reason = end.label(), "agent disconnected"),
+    }
+}
+
+impl Tunnel {
+    fn handshake_failed(&self, reason: &'static str) {
+        self.metrics
+            .tls_handshake_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+}
+
+/// A closed-set label for a failed TLS accept, from the rustls error inside the I/O error.
+fn classify_tls_error(err: &io::Error) -> &'static str {
+    match err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(_)) => "bad_certificate",
+        Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
+        Some(rustls::Error::AlertReceived(_)) => "peer_alert",
+        Some(_) => "protocol",
+        None if err.kind() == io::ErrorKind::UnexpectedEof => "eof",
+        None => "io",
+    }
+}

@@ -1,0 +1,95 @@
+//! Command-line flags of the `tether` binary (clap).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// tether: a reverse tunnel over mutually authenticated TLS WebSockets.
+#[derive(Debug, Parser)]
+#[command(name = "tether", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_server=debug`.
+    #[arg(long, global = true, env = "TETHER_LOG", default_value = "info")]
+    pub(crate) log: String,
+    /// Log format.
+    #[arg(long, global = true, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the server daemon: accepts agents, serves forwards and the admin endpoint.
+    Server {
+        /// Path of the server config (YAML).
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the agent daemon: dials the server and opens streams to allowed targets.
+    Agent {
+        /// Path of the agent config (YAML).
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Create a CA and certificates for mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Validate a config file and exit: 0 when valid, 2 with every error listed otherwise.
+    CheckConfig {
+        /// Which daemon the file is for; guessed from its keys when omitted.
+        #[arg(long, value_enum)]
+        kind: Option<ConfigKind>,
+        /// The config file.
+        path: PathBuf,
+    },
+    /// Run a throwaway CA, a server, an agent and a target on loopback, and send traffic.
+    Demo {
+        /// Exit after the traffic check: 0 only if the data came back byte-exact.
+        #[arg(long)]
+        once: bool,
+        /// Bytes to send through the tunnel.
+        #[arg(long, default_value_t = 8 * 1024 * 1024)]
+        bytes: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CertsCommand {
+    /// Create `ca.pem`, `ca-key.pem`, `server.pem` and `server-key.pem` in a directory.
+    Init {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names for the server certificate (repeatable).
+        #[arg(long = "dns", default_values_t = vec!["localhost".to_string()])]
+        dns: Vec<String>,
+        /// IP addresses for the server certificate (repeatable).
+        #[arg(long = "ip", default_values_t = vec![IpAddr::from([127, 0, 0, 1])])]
+        ip: Vec<IpAddr>,
+    },
+    /// Issue an agent certificate (URI SAN `tether://agent/<ID>`) with the CA in a directory.
+    Issue {
+        /// Directory holding `ca.pem` and `ca-key.pem`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The agent id (letters, digits, `.`, `_`, `-`).
+        #[arg(long)]
+        agent: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ConfigKind {
+    Server,
+    Agent,
+}

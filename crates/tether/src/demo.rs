@@ -1,0 +1,239 @@
+//! `tether demo`: a throwaway CA, a server, an agent and an echo target on loopback, a forward
+//! through the tunnel, traffic checked byte for byte, and the URLs to look at.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tether_common::pki::{self, Ca, IssueOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config_load;
+
+const AGENT_ID: &str = "demo-agent";
+
+pub(crate) async fn run(once: bool, bytes: usize, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("tether-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    write_pki(dir.path())?;
+
+    let tracker = TaskTracker::new();
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    tracker.spawn(echo_target(target, shutdown.clone()));
+
+    let tunnel = TcpListener::bind("127.0.0.1:0").await?;
+    let server_admin = TcpListener::bind("127.0.0.1:0").await?;
+    let forward = TcpListener::bind("127.0.0.1:0").await?;
+    let agent_admin = TcpListener::bind("127.0.0.1:0").await?;
+    let tunnel_addr = tunnel.local_addr()?;
+    let server_admin_addr = server_admin.local_addr()?;
+    let forward_addr = forward.local_addr()?;
+    let agent_admin_addr = agent_admin.local_addr()?;
+
+    let server_yaml = format!(
+        "version: 1\n\
+         listen: \"{tunnel_addr}\"\n\
+         admin_listen: \"{server_admin_addr}\"\n\
+         tls: {{ cert: server.pem, key: server-key.pem, client_ca: ca.pem }}\n\
+         forwards:\n  - {{ name: demo, listen: \"{forward_addr}\", client: {AGENT_ID}, target: \"{target_addr}\" }}\n"
+    );
+    let agent_yaml = format!(
+        "version: 1\n\
+         server_url: \"wss://localhost:{port}/v1/connect\"\n\
+         tls: {{ cert: agent-{AGENT_ID}.pem, key: agent-{AGENT_ID}-key.pem, server_ca: ca.pem }}\n\
+         admin_listen: \"{agent_admin_addr}\"\n\
+         reconnect: {{ min_delay: 100ms, max_delay: 2s }}\n\
+         policy:\n  allow:\n    - {{ cidrs: [\"127.0.0.1/32\"], ports: [\"{target_port}\"] }}\n",
+        port = tunnel_addr.port(),
+        target_port = target_addr.port(),
+    );
+    let server_config = config_load::server_from_str(&server_yaml, dir.path(), "demo server config")?;
+    let agent_config = config_load::agent_from_str(&agent_yaml, dir.path(), "demo agent config")?;
+
+    let server_registry = prometheus::Registry::new();
+    let agent_registry = prometheus::Registry::new();
+    let server = tether_server::Server::new(server_config, &server_registry)?;
+    let agent = tether_agent::Agent::new(agent_config, &agent_registry)?;
+    let mut agent_status = agent.status();
+    let server_token = shutdown.child_token();
+    let agent_token = shutdown.child_token();
+    let server_task = tracker.spawn(server.run(
+        tether_server::Listeners {
+            tunnel,
+            admin: server_admin,
+            forwards: vec![forward],
+        },
+        server_token.clone(),
+    ));
+    let agent_task = tracker.spawn(agent.run(
+        tether_agent::AgentListeners {
+            admin: Some(agent_admin),
+        },
+        agent_token.clone(),
+    ));
+    tracker.close();
+
+    println!("tether demo: throwaway CA and certificates in {}", dir.path().display());
+    println!("  server   tunnel wss://{tunnel_addr}/v1/connect, admin http://{server_admin_addr}");
+    println!("  agent    \"{AGENT_ID}\", admin http://{agent_admin_addr}");
+    println!("  target   echo service on {target_addr} (reachable only through the agent's policy)");
+    println!("  forward  {forward_addr} -> agent \"{AGENT_ID}\" -> {target_addr}");
+
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        agent_status.wait_for(|status| status.connected),
+    )
+    .await
+    .context("the agent did not connect within 15 s")?
+    .context("the agent stopped")?;
+    println!("agent connected; sending traffic through the tunnel...");
+
+    let outcome = traffic(forward_addr, bytes).await;
+    match &outcome {
+        Ok(report) => {
+            println!(
+                "  {} bytes echoed byte-exact in {:.1} ms ({:.0} MB/s each way)",
+                bytes,
+                report.bulk.as_secs_f64() * 1000.0,
+                bytes as f64 / report.bulk.as_secs_f64() / 1e6
+            );
+            println!(
+                "  {} new connections with a 64-byte echo each: median {} us, p99 {} us",
+                report.connects.len(),
+                percentile(&report.connects, 50).as_micros(),
+                percentile(&report.connects, 99).as_micros()
+            );
+        }
+        Err(err) => println!("  traffic check FAILED: {err:#}"),
+    }
+    println!("metrics:  http://{server_admin_addr}/metrics (server)  http://{agent_admin_addr}/metrics (agent)");
+
+    if once {
+        shutdown.cancel();
+    } else if outcome.is_ok() {
+        println!("running until Ctrl-C; try: curl -s http://{server_admin_addr}/v1/clients");
+    }
+    if outcome.is_err() {
+        shutdown.cancel();
+    }
+    shutdown.cancelled().await;
+    agent_token.cancel();
+    let agent_result = agent_task.await;
+    server_token.cancel();
+    let server_result = server_task.await;
+    tracker.wait().await;
+    agent_result.context("agent task")??;
+    server_result.context("server task")??;
+    outcome.map(|_| ())
+}
+
+fn write_pki(dir: &Path) -> anyhow::Result<()> {
+    let ca = Ca::generate("tether demo CA")?;
+    let server = ca.issue_server(
+        &["localhost".to_string()],
+        &["127.0.0.1".parse()?],
+        &IssueOptions::default(),
+    )?;
+    let agent = ca.issue_agent(AGENT_ID, &IssueOptions::default())?;
+    pki::write_file_public(&dir.join("ca.pem"), ca.cert_pem())?;
+    pki::write_file_public(&dir.join("server.pem"), &server.cert_pem)?;
+    pki::write_file_private(&dir.join("server-key.pem"), &server.key_pem)?;
+    pki::write_file_public(&dir.join(format!("agent-{AGENT_ID}.pem")), &agent.cert_pem)?;
+    pki::write_file_private(
+        &dir.join(format!("agent-{AGENT_ID}-key.pem")),
+        &agent.key_pem,
+    )?;
+    Ok(())
+}
+
+async fn echo_target(listener: TcpListener, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((mut socket, _)) = accepted else {
+            continue;
+        };
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let (mut read, mut write) = socket.split();
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = async {
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                    let _ = write.shutdown().await;
+                } => {}
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+struct TrafficReport {
+    bulk: Duration,
+    connects: Vec<Duration>,
+}
+
+async fn traffic(forward: SocketAddr, bytes: usize) -> anyhow::Result<TrafficReport> {
+    let mut payload = vec![0u8; bytes];
+    fastrand::Rng::with_seed(7).fill(&mut payload);
+
+    let started = Instant::now();
+    let stream = TcpStream::connect(forward).await?;
+    stream.set_nodelay(true)?;
+    let (mut read, mut write) = stream.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        write.write_all(&sent).await?;
+        write.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let mut echoed = Vec::with_capacity(bytes);
+    tokio::time::timeout(Duration::from_secs(60), read.read_to_end(&mut echoed))
+        .await
+        .context("echo did not finish within 60 s")??;
+    writer.await??;
+    let bulk = started.elapsed();
+    if echoed != payload {
+        bail!(
+            "echo differs: sent {} bytes, got {} bytes back",
+            payload.len(),
+            echoed.len()
+        );
+    }
+
+    let mut connects = Vec::new();
+    for _ in 0..50 {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(forward).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(&[42u8; 64]).await?;
+        let mut back = [0u8; 64];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back))
+            .await
+            .context("small echo timed out")??;
+        if back != [42u8; 64] {
+            bail!("small echo differs");
+        }
+        connects.push(started.elapsed());
+    }
+    Ok(TrafficReport { bulk, connects })
+}
+
+fn percentile(samples: &[Duration], pct: usize) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let index = (sorted.len() * pct / 100).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or_default()
+}
