@@ -104,7 +104,9 @@ impl TestServer {
         let mut forward_listeners = Vec::new();
         let mut forward_yaml = String::new();
         for (i, forward) in forwards.iter().enumerate() {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind forward");
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind forward");
             forward_yaml.push_str(&format!(
                 "  - {{ name: f{i}, listen: \"{}\", client: {}, target: \"{}\" }}\n",
                 listener.local_addr().expect("addr"),
@@ -242,7 +244,8 @@ impl TestAgent {
         let agent = tether_agent::Agent::new(config, &registry).expect("agent starts");
         let status = agent.status();
         let token = CancellationToken::new();
-        let task = tokio::spawn(agent.run(tether_agent::AgentListeners { admin: None }, token.clone()));
+        let task =
+            tokio::spawn(agent.run(tether_agent::AgentListeners { admin: None }, token.clone()));
         Self {
             registry,
             status,
@@ -298,7 +301,10 @@ pub fn metric_sum(registry: &prometheus::Registry, name: &str) -> f64 {
         .filter(|family| family.name() == name)
         .flat_map(|family| {
             let kind = family.get_field_type();
-            family.get_metric().iter().map(move |m| sample_value(kind, m))
+            family
+                .get_metric()
+                .iter()
+                .map(move |m| sample_value(kind, m))
         })
         .sum()
 }
@@ -314,7 +320,10 @@ pub async fn assert_no_connection_before_sentinel(listener: &TcpListener) {
         .await
         .expect("sentinel accepted in time")
         .expect("accept");
-    assert_eq!(peer, sentinel_addr, "the target saw a connection before the sentinel");
+    assert_eq!(
+        peer, sentinel_addr,
+        "the target saw a connection before the sentinel"
+    );
 }
 
 /// Reads from a consumer connection whose tunnel stream failed; returns whether it ended with
@@ -336,5 +345,14 @@ fn sample_value(kind: prometheus::proto::MetricType, m: &prometheus::proto::Metr
     match kind {
         prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
         _ => m.get_gauge().get_value(),
+    }
+}
+
+/// Connects a consumer to `addr` and reports whether the connection ends with an error (a reset
+/// that may already arrive during connect) rather than a clean EOF.
+pub async fn consumer_gets_error(addr: SocketAddr) -> bool {
+    match tokio::net::TcpStream::connect(addr).await {
+        Err(_) => true,
+        Ok(mut stream) => ends_with_error(&mut stream).await,
     }
 }

@@ -22,8 +22,14 @@ async fn rig(pki: &TestPki) -> Rig {
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target_addr = target.local_addr().unwrap();
     let server = TestServer::start(pki, &[ForwardSpec::new("edge-1", target_addr)], "").await;
-    let mut agent =
-        TestAgent::start(pki, &pki.agent("edge-1"), server.tunnel_addr, &allow_only(target_addr), "").await;
+    let mut agent = TestAgent::start(
+        pki,
+        &pki.agent("edge-1"),
+        server.tunnel_addr,
+        &allow_only(target_addr),
+        "",
+    )
+    .await;
     agent.wait_connected().await;
     let forward = server.forward_addrs[0];
     Rig {
@@ -104,7 +110,10 @@ async fn half_close_target_first() {
     };
     let ((), upload) = tokio::join!(target, client);
     let received = done_rx.await.unwrap();
-    assert!(received == upload, "upload after the target's FIN arrives intact");
+    assert!(
+        received == upload,
+        "upload after the target's FIN arrives intact"
+    );
     rig.finish().await;
 }
 
@@ -114,6 +123,9 @@ async fn close_immediately_after_data_delivers_everything() {
     let rig = rig(&pki).await;
     let target = async {
         let (mut socket, _) = rig.target.accept().await.unwrap();
+        // Read the request first: closing with unread input would make the kernel send RST.
+        let mut go = [0u8; 2];
+        socket.read_exact(&mut go).await.unwrap();
         let data: Vec<u8> = (0..(20u32 << 20)).map(|i| (i % 249) as u8).collect();
         socket.write_all(&data).await.unwrap();
         drop(socket);

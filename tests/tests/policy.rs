@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use tether_e2e::tether_testkit::{TestPki, echo_server};
 use tether_e2e::{
-    ForwardSpec, TestAgent, TestServer, assert_no_connection_before_sentinel, ends_with_error,
+    ForwardSpec, TestAgent, TestServer, assert_no_connection_before_sentinel, consumer_gets_error,
     eventually, metric_or_zero,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,18 +44,31 @@ async fn refused_and_denied_targets_fail_the_consumer_only() {
         echo.port(),
         closed.port()
     );
-    let mut agent = TestAgent::start(&pki, &pki.agent("edge-1"), server.tunnel_addr, &policy, "").await;
+    let mut agent =
+        TestAgent::start(&pki, &pki.agent("edge-1"), server.tunnel_addr, &policy, "").await;
     agent.wait_connected().await;
 
-    let mut refused = TcpStream::connect(server.forward_addrs[1]).await.unwrap();
-    assert!(ends_with_error(&mut refused).await, "refused target gives an error, not EOF");
-    let mut denied_consumer = TcpStream::connect(server.forward_addrs[2]).await.unwrap();
-    assert!(ends_with_error(&mut denied_consumer).await, "denied target gives an error, not EOF");
+    assert!(
+        consumer_gets_error(server.forward_addrs[1]).await,
+        "refused target gives an error, not EOF"
+    );
+    assert!(
+        consumer_gets_error(server.forward_addrs[2]).await,
+        "denied target gives an error, not EOF"
+    );
     assert_no_connection_before_sentinel(&denied).await;
 
     eventually("dial errors counted", || {
-        metric_or_zero(&server.registry, "tether_dial_errors_total", &[("code", "refused")]) == 1.0
-            && metric_or_zero(&server.registry, "tether_dial_errors_total", &[("code", "denied")]) == 1.0
+        metric_or_zero(
+            &server.registry,
+            "tether_dial_errors_total",
+            &[("code", "refused")],
+        ) == 1.0
+            && metric_or_zero(
+                &server.registry,
+                "tether_dial_errors_total",
+                &[("code", "denied")],
+            ) == 1.0
     })
     .await;
     // The session survived both refusals.
@@ -94,11 +107,14 @@ async fn loopback_link_local_and_metadata_spellings_are_denied() {
         "  allow:\n    - {{ cidrs: [\"0.0.0.0/0\", \"::/0\"] }}\n    - {{ hosts: [\"localhost\"] }}\n    - {{ cidrs: [\"127.0.0.1/32\"], ports: [\"{}\"] }}\n",
         echo.port()
     );
-    let mut agent = TestAgent::start(&pki, &pki.agent("edge-1"), server.tunnel_addr, &policy, "").await;
+    let mut agent =
+        TestAgent::start(&pki, &pki.agent("edge-1"), server.tunnel_addr, &policy, "").await;
     agent.wait_connected().await;
     for (i, spelling) in spellings.iter().enumerate() {
-        let mut consumer = TcpStream::connect(server.forward_addrs[i + 1]).await.unwrap();
-        assert!(ends_with_error(&mut consumer).await, "{spelling} must be refused with an error");
+        assert!(
+            consumer_gets_error(server.forward_addrs[i + 1]).await,
+            "{spelling} must be refused with an error"
+        );
     }
     assert_no_connection_before_sentinel(&victim).await;
     echo_ok(server.forward_addrs[0]).await;

@@ -20,7 +20,11 @@ async fn assert_refused(pki: &TestPki, cert: tether_e2e::tether_testkit::AgentCe
         metric_sum(&server.registry, counter) >= 2.0
     })
     .await;
-    assert_eq!(server.agents_connected(), 0.0, "no session for a refused agent");
+    assert_eq!(
+        server.agents_connected(),
+        0.0,
+        "no session for a refused agent"
+    );
     assert!(!agent.status.borrow().connected);
     agent.stop().await.unwrap();
     server.stop().await.unwrap();
@@ -59,25 +63,32 @@ async fn client_without_certificate_is_refused() {
     for cert in tether_common::tls::certs_from_pem(pki.ca_pem()).unwrap() {
         roots.add(cert).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(tether_common::tls::crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(tether_common::tls::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(server.tunnel_addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.tunnel_addr)
+        .await
+        .unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     // TLS 1.3 may let the client finish before the server rejects it; the failure then shows on
     // the first exchange.
     let outcome = async {
         let mut tls = connector.connect(name, tcp).await?;
-        tls.write_all(b"GET /v1/connect HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+        tls.write_all(b"GET /v1/connect HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await?;
         let mut buf = [0u8; 64];
         let n = tls.read(&mut buf).await?;
         Ok::<usize, std::io::Error>(n)
     };
-    match tokio::time::timeout(Duration::from_secs(5), outcome).await.unwrap() {
+    match tokio::time::timeout(Duration::from_secs(5), outcome)
+        .await
+        .unwrap()
+    {
         Ok(0) | Err(_) => {}
         Ok(n) => panic!("server answered {n} bytes to a client without a certificate"),
     }
@@ -116,7 +127,8 @@ async fn agent_refuses_a_server_its_pinned_ca_did_not_sign() {
 async fn valid_agent_connects_with_its_certificate_identity() {
     let pki = TestPki::new();
     let server = TestServer::start(&pki, &[], "").await;
-    let mut agent = TestAgent::start(&pki, &pki.agent("edge-7"), server.tunnel_addr, POLICY, "").await;
+    let mut agent =
+        TestAgent::start(&pki, &pki.agent("edge-7"), server.tunnel_addr, POLICY, "").await;
     agent.wait_connected().await;
     server.wait_agents(1).await;
     assert_eq!(

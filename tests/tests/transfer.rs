@@ -28,7 +28,14 @@ async fn byte_exact_sizes_both_directions() {
     let pki = TestPki::new();
     let (target, _echo) = echo_server().await;
     let server = TestServer::start(&pki, &[ForwardSpec::new("edge-1", target)], "").await;
-    let mut agent = TestAgent::start(&pki, &pki.agent("edge-1"), server.tunnel_addr, &allow_only(target), "").await;
+    let mut agent = TestAgent::start(
+        &pki,
+        &pki.agent("edge-1"),
+        server.tunnel_addr,
+        &allow_only(target),
+        "",
+    )
+    .await;
     agent.wait_connected().await;
     let forward = server.forward_addrs[0];
     for size in [0usize, 1, 4095, 65_535, 65_536, 65_537, 1 << 20, 64 << 20] {
@@ -53,7 +60,14 @@ async fn two_hundred_concurrent_streams_in_order() {
     let pki = TestPki::new();
     let (target, _echo) = echo_server().await;
     let server = TestServer::start(&pki, &[ForwardSpec::new("edge-1", target)], "").await;
-    let mut agent = TestAgent::start(&pki, &pki.agent("edge-1"), server.tunnel_addr, &allow_only(target), "").await;
+    let mut agent = TestAgent::start(
+        &pki,
+        &pki.agent("edge-1"),
+        server.tunnel_addr,
+        &allow_only(target),
+        "",
+    )
+    .await;
     agent.wait_connected().await;
     let forward = server.forward_addrs[0];
     let mut tasks = tokio::task::JoinSet::new();

@@ -313,6 +313,8 @@ impl ServerConfig {
             window: s.window,
             max_data: s.max_frame,
             max_streams: s.max_streams,
+            // The peer can never have more OPENs waiting than the stream cap.
+            accept_backlog: s.max_streams,
             ping_interval: s.ping_interval.0,
             idle_timeout: s.idle_timeout.0,
             sync_interval: (!s.sync_interval.0.is_zero()).then_some(s.sync_interval.0),
