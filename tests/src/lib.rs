@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use tether_testkit;
 
+pub mod process;
+
 /// How long any harness wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 

@@ -1,0 +1,109 @@
+//! Running the real `tether` binary as a child process: build it once, start it with a config,
+//! read its JSON log lines to learn the addresses it bound, and kill it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStderr, Command};
+
+/// Path of the `tether` binary of this build profile, built on first use.
+pub fn tether_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "tether", "--bin", "tether"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("run cargo build for the tether binary");
+        assert!(status.success(), "cargo build -p tether failed");
+        // The test executable lives in target/<profile>/deps; the binary one level up.
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile> directory");
+        dir.join("tether")
+    })
+}
+
+/// A `tether server` child process. Killed when dropped.
+pub struct ServerProcess {
+    child: Child,
+    /// The tunnel address it bound.
+    pub tunnel_addr: SocketAddr,
+    /// The forward addresses it bound, in log order.
+    pub forward_addrs: Vec<SocketAddr>,
+    _stderr: tokio::task::JoinHandle<()>,
+}
+
+impl ServerProcess {
+    /// Starts `tether server --config <config>` and waits until it logs "server running".
+    pub async fn start(config: &Path, forwards: usize) -> Self {
+        let mut child = Command::new(tether_binary())
+            .args([
+                "--log-format",
+                "json",
+                "--log",
+                "info",
+                "server",
+                "--config",
+            ])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tether server");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let mut forward_addrs = Vec::new();
+        let tunnel_addr = tokio::time::timeout(crate::WAIT, async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .expect("read server log")
+                    .expect("server exited before it was running");
+                if let Some(addr) = log_field(&line, "forward listening", "listen") {
+                    forward_addrs.push(addr);
+                }
+                if let Some(addr) = log_field(&line, "server running", "listen") {
+                    return addr;
+                }
+            }
+        })
+        .await
+        .expect("server runs in time");
+        assert_eq!(forward_addrs.len(), forwards, "forwards logged");
+        let drain = tokio::spawn(drain_lines(lines));
+        Self {
+            child,
+            tunnel_addr,
+            forward_addrs,
+            _stderr: drain,
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill the server");
+    }
+}
+
+async fn drain_lines(mut lines: tokio::io::Lines<BufReader<ChildStderr>>) {
+    while let Ok(Some(_)) = lines.next_line().await {}
+}
+
+/// If `line` is the JSON log event `message`, the socket address in its field `field`.
+fn log_field(line: &str, message: &str, field: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields")?;
+    if fields.get("message")?.as_str()? != message {
+        return None;
+    }
+    fields.get(field)?.as_str()?.parse().ok()
+}
