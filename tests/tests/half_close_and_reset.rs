@@ -1,6 +1,8 @@
 //! Half-close and reset through the whole path (consumer, server, tunnel, agent, target): FIN
 //! travels after the data and leaves the other direction open; RST arrives as an error, never EOF.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on failure by design
+
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! denied target's listener sees no connection, SSRF spellings of loopback and metadata
 //! addresses are denied, and the session survives every refusal.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on failure by design
+
 use std::net::SocketAddr;
 
 use tether_e2e::tether_testkit::{TestPki, echo_server};

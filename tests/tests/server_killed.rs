@@ -1,6 +1,8 @@
 //! Killing the server process (SIGKILL) mid-transfer: the consumer gets an error, not EOF; the
 //! agent notices, reconnects to the restarted server on the same port, and traffic flows again.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on failure by design
+
 use std::time::Duration;
 
 use tether_e2e::process::ServerProcess;

@@ -2,6 +2,8 @@
 //! certificate from another CA, with an expired one or one without the URI SAN, and creates no
 //! session; the agent refuses a server that its pinned CA did not sign.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on failure by design
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! Byte-exact transfers through a forward, the tunnel and an agent to an echo target: sizes from
 //! 0 B to 64 MiB, and 200 concurrent streams with sequence-numbered chunks.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on failure by design
+
 use std::net::SocketAddr;
 
 use tether_e2e::tether_testkit::{TestPki, echo_server};
