@@ -22,7 +22,11 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(&cli.log, cli.log_format);
+    // The demo prints its own report; keep daemon logs to warnings unless asked otherwise.
+    let demo_default = matches!(cli.command, Command::Demo { .. })
+        && cli.log == "info"
+        && std::env::var_os("TETHER_LOG").is_none();
+    logging::init(if demo_default { "warn" } else { &cli.log }, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -57,7 +61,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 forwards: {
                     let mut forwards = Vec::new();
                     for (i, forward) in config.forwards.iter().enumerate() {
-                        forwards.push(bind(&forward.listen, &format!("forwards[{i}].listen")).await?);
+                        forwards
+                            .push(bind(&forward.listen, &format!("forwards[{i}].listen")).await?);
                     }
                     forwards
                 },
