@@ -2,9 +2,9 @@
 
 pub mod backoff;
 pub mod config_error;
-pub mod identity;
-pub mod pki;
-pub mod tls;
 pub mod duration;
-pub mod session_settings;
+pub mod identity;
 pub mod pipe;
+pub mod pki;
+pub mod session_settings;
+pub mod tls;

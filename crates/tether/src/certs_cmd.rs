@@ -9,7 +9,10 @@ use tether_common::pki;
 pub(crate) fn init(dir: &Path, dns: &[String], ips: &[IpAddr]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let report = pki::init_dir(dir, dns, ips)?;
-    println!("created a CA and a server certificate in {}:", dir.display());
+    println!(
+        "created a CA and a server certificate in {}:",
+        dir.display()
+    );
     for file in &report.files {
         println!("  {}", file.display());
     }
@@ -19,7 +22,10 @@ pub(crate) fn init(dir: &Path, dns: &[String], ips: &[IpAddr]) -> anyhow::Result
         .chain(ips.iter().map(IpAddr::to_string))
         .collect();
     println!("server certificate names: {}", names.join(", "));
-    println!("next: tether certs issue --dir {} --agent <ID>", dir.display());
+    println!(
+        "next: tether certs issue --dir {} --agent <ID>",
+        dir.display()
+    );
     Ok(())
 }
 
