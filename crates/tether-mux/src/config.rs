@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+/// The least `max_data` the decoder is configured with, whatever [`MuxConfig::max_data`] says;
+/// enough for the largest control frame.
+pub const MIN_DECODE_DATA: u32 = 1024;
+
 /// Which end of the session this is; it decides the parity of the stream ids it opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -76,9 +80,14 @@ impl Default for MuxConfig {
 
 impl MuxConfig {
     /// The decoder limits matching this configuration.
+    ///
+    /// The decoder's message limit is derived from `max_data`, so it never goes below
+    /// [`MIN_DECODE_DATA`]: a small `max_data` must not make OPEN, OPEN_ERR or RST frames
+    /// (up to about 540 bytes) undecodable. DATA over `max_data` is still refused, by the
+    /// session.
     pub fn limits(&self) -> tether_proto::Limits {
         tether_proto::Limits {
-            max_data: self.max_data,
+            max_data: self.max_data.max(MIN_DECODE_DATA),
         }
     }
 }

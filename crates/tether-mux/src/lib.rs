@@ -16,7 +16,7 @@ mod state;
 mod stream;
 pub mod transport;
 
-pub use config::{MuxConfig, Role};
+pub use config::{MIN_DECODE_DATA, MuxConfig, Role};
 pub use error::{OpenError, SessionEnd};
 pub use incoming::{Incoming, PendingOpen};
 pub use metrics::{CloseReason, MuxMetrics};

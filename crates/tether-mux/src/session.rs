@@ -16,7 +16,7 @@ use crate::config::{MuxConfig, Role};
 use crate::error::{OpenError, SessionEnd};
 use crate::incoming::{Incoming, PendingOpen};
 use crate::metrics::MuxMetrics;
-use crate::state::{Applied, Phase, Shared, Slot, Wakers, new_shared};
+use crate::state::{Applied, Phase, Shared, Slot, State, Wakers, new_shared};
 use crate::stream::MuxStream;
 use crate::transport::FrameTransport;
 
@@ -353,49 +353,8 @@ async fn read_loop(
             _ = shared.cancel.cancelled() => {
                 return shared.ended().unwrap_or(SessionEnd::Local);
             }
-            item = source.next() => {
-                let frame = match item {
-                    None => return SessionEnd::PeerClosed,
-                    Some(Ok(frame)) => frame,
-                    Some(Err(crate::TransportError::Malformed(err))) => {
-                        last_rx = Instant::now();
-                        let mut wakers = Wakers::default();
-                        let result = shared.lock().apply_malformed(&err, shared, &mut wakers);
-                        wakers.wake_all();
-                        shared.writer_notify.notify_one();
-                        if let Err(end) = result {
-                            return end;
-                        }
-                        continue;
-                    }
-                    Some(Err(err)) => return err.into(),
-                };
-                last_rx = Instant::now();
-                trace!(?frame, "frame received");
-                let mut wakers = Wakers::default();
-                let applied = shared.lock().apply(frame, shared, &mut wakers);
-                wakers.wake_all();
-                shared.writer_notify.notify_one();
-                match applied {
-                    Err(end) => return end,
-                    Ok(Applied::Done) => {}
-                    Ok(Applied::Incoming { stream, target, timeout_ms }) => {
-                        let pending = PendingOpen::new(shared.clone(), stream, target, timeout_ms);
-                        match incoming_tx.try_send(pending) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(pending)) => {
-                                pending.reject(OpenErrorCode::Limit, "accept backlog full");
-                            }
-                            Err(mpsc::error::TrySendError::Closed(pending)) => {
-                                pending.reject(
-                                    OpenErrorCode::Unsupported,
-                                    "this side does not accept streams",
-                                );
-                            }
-                        }
-                    }
-                }
-            }
+            // The timer goes before the transport so that a peer that never pauses cannot
+            // starve keepalive and SYNC.
             _ = check.tick() => {
                 let now = Instant::now();
                 if now.duration_since(last_rx) >= config.idle_timeout {
@@ -422,6 +381,57 @@ async fn read_loop(
                 }
                 if queued {
                     shared.writer_notify.notify_one();
+                }
+            }
+            item = source.next() => {
+                let frame = match item {
+                    None => return SessionEnd::PeerClosed,
+                    Some(Ok(frame)) => frame,
+                    Some(Err(crate::TransportError::Malformed(err))) => {
+                        last_rx = Instant::now();
+                        let mut wakers = Wakers::default();
+                        let result = shared.lock().apply_malformed(&err, shared, &mut wakers);
+                        wakers.wake_all();
+                        shared.writer_notify.notify_one();
+                        if let Err(end) = result {
+                            return end;
+                        }
+                        continue;
+                    }
+                    Some(Err(err)) => return err.into(),
+                };
+                last_rx = Instant::now();
+                trace!(?frame, "frame received");
+                let mut wakers = Wakers::default();
+                let (applied, queued) = {
+                    let mut state = shared.lock();
+                    let before = state.control.len();
+                    let applied = state.apply(frame, shared, &mut wakers);
+                    (applied, state.control.len() != before)
+                };
+                wakers.wake_all();
+                // Most frames (DATA above all) queue nothing: leave the writer asleep then.
+                if queued {
+                    shared.writer_notify.notify_one();
+                }
+                match applied {
+                    Err(end) => return end,
+                    Ok(Applied::Done) => {}
+                    Ok(Applied::Incoming { stream, target, timeout_ms }) => {
+                        let pending = PendingOpen::new(shared.clone(), stream, target, timeout_ms);
+                        match incoming_tx.try_send(pending) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(pending)) => {
+                                pending.reject(OpenErrorCode::Limit, "accept backlog full");
+                            }
+                            Err(mpsc::error::TrySendError::Closed(pending)) => {
+                                pending.reject(
+                                    OpenErrorCode::Unsupported,
+                                    "this side does not accept streams",
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -468,12 +478,16 @@ async fn write_frames(
         match data {
             Some(frame) => {
                 // Anything queued before this frame was produced (an OPEN_OK for its stream)
-                // is in the control queue by now, and goes out first.
-                std::mem::swap(&mut control, &mut shared.lock().control);
+                // is in the control queue by now, and goes out first. One lock for both.
+                let frame = {
+                    let mut state = shared.lock();
+                    std::mem::swap(&mut control, &mut state.control);
+                    take_data_frame(shared, &mut state, frame)
+                };
                 while let Some(frame) = control.pop_front() {
                     sink.feed(frame).await?;
                 }
-                if let Some(frame) = take_data_frame(shared, frame) {
+                if let Some(frame) = frame {
                     sink.feed(frame).await?;
                 }
             }
@@ -491,9 +505,9 @@ async fn write_frames(
 }
 
 /// Accounts for a DATA or FIN leaving the queue; drops it if its stream was reset meanwhile.
-fn take_data_frame(shared: &Shared, frame: Frame) -> Option<Frame> {
+/// A RST it queues goes out after `frame` (the caller swapped the control queue out already).
+fn take_data_frame(shared: &Shared, state: &mut State, frame: Frame) -> Option<Frame> {
     let id = frame.stream();
-    let mut state = shared.lock();
     let slot = state.streams.get_mut(&id)?;
     slot.queued = slot.queued.saturating_sub(1);
     let keep = slot.failure.is_none() || slot.rst_after_drain.is_some();
@@ -506,8 +520,8 @@ fn take_data_frame(shared: &Shared, frame: Frame) -> Option<Frame> {
             code,
             message: String::new(),
         };
+        // The writer itself runs this, and drains the control queue next.
         state.push_control(rst);
-        shared.writer_notify.notify_one();
     }
     state.maybe_remove(id, &shared.metrics);
     keep.then_some(frame)

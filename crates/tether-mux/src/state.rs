@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use tether_proto::{Frame, GoAwayCode, OpenErrorCode, ProtoError, ResetCode, StreamId};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
@@ -118,11 +118,70 @@ impl StreamFailure {
     }
 }
 
+/// Bytes received for a stream and not read yet.
+///
+/// A payload that arrives while nothing is buffered is kept as it came (zero-copy: the common
+/// case of a reader keeping up). Anything arriving behind it is copied into one owned buffer.
+/// Transports hand out payloads that share their receive buffers, so keeping every small
+/// payload would let a peer pin a whole receive buffer per byte of window; this way a stream
+/// holds at most one such payload plus its window's worth of owned bytes.
+#[derive(Default)]
+pub(crate) struct RecvBuf {
+    front: Bytes,
+    rest: BytesMut,
+}
+
+/// An emptied owned buffer larger than this is released rather than kept for reuse.
+const KEEP_RECV_CAPACITY: usize = 64 * 1024;
+
+impl RecvBuf {
+    pub(crate) fn len(&self) -> usize {
+        self.front.len() + self.rest.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.front.is_empty() && self.rest.is_empty()
+    }
+
+    fn push(&mut self, payload: Bytes) {
+        if self.is_empty() {
+            self.front = payload;
+        } else {
+            self.rest.extend_from_slice(&payload);
+        }
+    }
+
+    /// Moves as many bytes as fit into `dst`; returns how many.
+    pub(crate) fn read_into(&mut self, dst: &mut tokio::io::ReadBuf<'_>) -> usize {
+        let mut copied = 0;
+        if !self.front.is_empty() {
+            let n = self.front.len().min(dst.remaining());
+            dst.put_slice(&self.front[..n]);
+            if n == self.front.len() {
+                // Drop the reference to the transport's buffer, not just the bytes.
+                self.front = Bytes::new();
+            } else {
+                self.front.advance(n);
+            }
+            copied += n;
+        }
+        if self.front.is_empty() && !self.rest.is_empty() {
+            let n = self.rest.len().min(dst.remaining());
+            dst.put_slice(&self.rest[..n]);
+            self.rest.advance(n);
+            copied += n;
+            if self.rest.is_empty() && self.rest.capacity() > KEEP_RECV_CAPACITY {
+                self.rest = BytesMut::new();
+            }
+        }
+        copied
+    }
+}
+
 /// One stream's state.
 pub(crate) struct Slot {
     pub(crate) phase: Phase,
-    pub(crate) recv_buf: VecDeque<Bytes>,
-    pub(crate) recv_buffered: usize,
+    pub(crate) recv_buf: RecvBuf,
     /// Bytes the peer may still send before it needs a WINDOW.
     pub(crate) recv_allowance: u64,
     /// Bytes consumed by the reader and not yet granted back.
@@ -145,8 +204,7 @@ impl Slot {
     pub(crate) fn new(phase: Phase, window: u32, send_credit: u64) -> Self {
         Self {
             phase,
-            recv_buf: VecDeque::new(),
-            recv_buffered: 0,
+            recv_buf: RecvBuf::default(),
             recv_allowance: u64::from(window),
             unacked: 0,
             recv_fin: false,
@@ -278,6 +336,11 @@ impl State {
     /// Resets stream `id` locally with `code`, telling the peer.
     fn reset_stream(&mut self, id: StreamId, code: ResetCode, message: &str, wakers: &mut Wakers) {
         if let Some(slot) = self.streams.get_mut(&id) {
+            if slot.failure.is_some() {
+                // Already reset or failed: one RST per stream, so that a peer repeating the
+                // offending frame cannot grow the control queue.
+                return;
+            }
             slot.fail(
                 StreamFailure {
                     kind: io::ErrorKind::ConnectionReset,
@@ -304,6 +367,12 @@ impl State {
         let ids: Vec<StreamId> = self.streams.keys().copied().collect();
         for id in ids {
             if let Some(slot) = self.streams.get_mut(&id) {
+                // Answer a pending open first: `fail` would report it as a stream reset.
+                if let Phase::Opening(reply) = &mut slot.phase
+                    && let Some(reply) = reply.take()
+                {
+                    let _ = reply.send(Err(OpenError::SessionClosed));
+                }
                 slot.fail(
                     StreamFailure {
                         kind: io::ErrorKind::ConnectionAborted,
@@ -312,11 +381,6 @@ impl State {
                     },
                     &mut wakers,
                 );
-                if let Phase::Opening(reply) = &mut slot.phase
-                    && let Some(reply) = reply.take()
-                {
-                    let _ = reply.send(Err(OpenError::SessionClosed));
-                }
                 // The writer is gone: nothing queued will be written.
                 slot.queued = 0;
             }
@@ -353,6 +417,15 @@ impl State {
                 if slot.failure.is_some() {
                     return Ok(Applied::Done);
                 }
+                if len > u64::from(config.max_data) {
+                    // Only reachable with `max_data` below the decoder's floor.
+                    metrics
+                        .protocol_errors
+                        .with_label_values(&["too_large"])
+                        .inc();
+                    self.reset_stream(stream, ResetCode::Protocol, "DATA over max_data", wakers);
+                    return Ok(Applied::Done);
+                }
                 if slot.recv_fin {
                     metrics
                         .protocol_errors
@@ -376,8 +449,7 @@ impl State {
                 }
                 if len > 0 {
                     slot.recv_allowance -= len;
-                    slot.recv_buffered += payload.len();
-                    slot.recv_buf.push_back(payload);
+                    slot.recv_buf.push(payload);
                     wakers.take(&mut slot.read_waker);
                     shared.bytes_rx.fetch_add(len, Ordering::Relaxed);
                     metrics.bytes_rx.inc_by(len);
@@ -465,11 +537,15 @@ impl State {
                 if let Some((code, message)) = refusal {
                     metrics.stream_opened();
                     metrics.stream_closed(CloseReason::Refused);
-                    self.push_control(Frame::OpenErr {
-                        stream,
-                        code,
-                        message: message.into(),
-                    });
+                    // Bounded: a peer flooding OPENs cannot grow the control queue.
+                    self.push_reply(
+                        Frame::OpenErr {
+                            stream,
+                            code,
+                            message: message.into(),
+                        },
+                        config.max_control_queue,
+                    );
                     return Ok(Applied::Done);
                 }
                 self.streams.insert(
@@ -533,7 +609,13 @@ impl State {
                     .streams
                     .iter()
                     .filter(|(id, slot)| {
-                        **id <= high && slot.failure.is_none() && open.binary_search(id).is_err()
+                        // A stream finished both ways is legitimately gone from the peer's list;
+                        // resetting it here would throw away bytes not yet read.
+                        let finished = slot.recv_fin && slot.send_fin;
+                        **id <= high
+                            && slot.failure.is_none()
+                            && !finished
+                            && open.binary_search(id).is_err()
                     })
                     .map(|(id, _)| *id)
                     .collect();
@@ -600,11 +682,14 @@ impl State {
                 self.max_peer_id = id;
                 shared.metrics.stream_opened();
                 shared.metrics.stream_closed(CloseReason::Refused);
-                self.push_control(Frame::OpenErr {
-                    stream: id,
-                    code: OpenErrorCode::Unsupported,
-                    message: err.kind.to_string(),
-                });
+                self.push_reply(
+                    Frame::OpenErr {
+                        stream: id,
+                        code: OpenErrorCode::Unsupported,
+                        message: err.kind.to_string(),
+                    },
+                    shared.config.max_control_queue,
+                );
                 Ok(())
             }
             _ => Err(SessionEnd::Protocol(err.to_string())),

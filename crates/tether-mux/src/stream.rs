@@ -70,6 +70,16 @@ impl MuxStream {
         self.shared.writer_notify.notify_one();
     }
 
+    /// Bytes received for this stream and not yet read (at most the configured window).
+    #[doc(hidden)]
+    pub fn debug_buffered(&self) -> usize {
+        let state = self.shared.lock();
+        state
+            .streams
+            .get(&self.id)
+            .map_or(0, |slot| slot.recv_buf.len())
+    }
+
     fn closed_error(&self) -> io::Error {
         io::Error::new(io::ErrorKind::ConnectionAborted, "tunnel session closed")
     }
@@ -96,30 +106,18 @@ impl AsyncRead for MuxStream {
                 return Poll::Ready(Err(failure.to_io()));
             }
             if slot.recv_buf.is_empty() {
-                if let Some(failure) = &slot.failure {
-                    Poll::Ready(Err(failure.to_io()))
-                } else if slot.recv_fin {
+                if slot.recv_fin {
+                    // Every byte up to the peer's FIN was delivered; losing the session after
+                    // that does not make this direction incomplete.
                     Poll::Ready(Ok(()))
+                } else if let Some(failure) = &slot.failure {
+                    Poll::Ready(Err(failure.to_io()))
                 } else {
                     slot.read_waker = Some(cx.waker().clone());
                     Poll::Pending
                 }
             } else {
-                let mut copied = 0;
-                while buf.remaining() > 0 {
-                    let Some(chunk) = slot.recv_buf.front_mut() else {
-                        break;
-                    };
-                    let n = chunk.len().min(buf.remaining());
-                    buf.put_slice(&chunk[..n]);
-                    if n == chunk.len() {
-                        slot.recv_buf.pop_front();
-                    } else {
-                        let _ = chunk.split_to(n);
-                    }
-                    copied += n;
-                }
-                slot.recv_buffered -= copied;
+                let copied = slot.recv_buf.read_into(buf);
                 slot.unacked += copied as u64;
                 // Grant credit back in batches: a quarter window keeps the sender busy without
                 // a WINDOW frame per read.
