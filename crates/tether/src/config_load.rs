@@ -24,7 +24,11 @@ fn base_dir(path: &Path) -> &Path {
 }
 
 /// Parses and validates a server config; `source` names it in messages.
-pub(crate) fn server_from_str(text: &str, base: &Path, source: &str) -> anyhow::Result<ServerConfig> {
+pub(crate) fn server_from_str(
+    text: &str,
+    base: &Path,
+    source: &str,
+) -> anyhow::Result<ServerConfig> {
     let mut config: ServerConfig =
         parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
     config.resolve_paths(base);

@@ -17,7 +17,11 @@ use crate::config_load;
 
 const AGENT_ID: &str = "demo-agent";
 
-pub(crate) async fn run(once: bool, bytes: usize, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    once: bool,
+    bytes: usize,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("tether-demo-")
         .tempdir()
@@ -55,7 +59,8 @@ pub(crate) async fn run(once: bool, bytes: usize, shutdown: CancellationToken) -
         port = tunnel_addr.port(),
         target_port = target_addr.port(),
     );
-    let server_config = config_load::server_from_str(&server_yaml, dir.path(), "demo server config")?;
+    let server_config =
+        config_load::server_from_str(&server_yaml, dir.path(), "demo server config")?;
     let agent_config = config_load::agent_from_str(&agent_yaml, dir.path(), "demo agent config")?;
 
     let server_registry = prometheus::Registry::new();
@@ -81,10 +86,15 @@ pub(crate) async fn run(once: bool, bytes: usize, shutdown: CancellationToken) -
     ));
     tracker.close();
 
-    println!("tether demo: throwaway CA and certificates in {}", dir.path().display());
+    println!(
+        "tether demo: throwaway CA and certificates in {}",
+        dir.path().display()
+    );
     println!("  server   tunnel wss://{tunnel_addr}/v1/connect, admin http://{server_admin_addr}");
     println!("  agent    \"{AGENT_ID}\", admin http://{agent_admin_addr}");
-    println!("  target   echo service on {target_addr} (reachable only through the agent's policy)");
+    println!(
+        "  target   echo service on {target_addr} (reachable only through the agent's policy)"
+    );
     println!("  forward  {forward_addr} -> agent \"{AGENT_ID}\" -> {target_addr}");
 
     tokio::time::timeout(
@@ -114,7 +124,9 @@ pub(crate) async fn run(once: bool, bytes: usize, shutdown: CancellationToken) -
         }
         Err(err) => println!("  traffic check FAILED: {err:#}"),
     }
-    println!("metrics:  http://{server_admin_addr}/metrics (server)  http://{agent_admin_addr}/metrics (agent)");
+    println!(
+        "metrics:  http://{server_admin_addr}/metrics (server)  http://{agent_admin_addr}/metrics (agent)"
+    );
 
     if once {
         shutdown.cancel();
