@@ -71,10 +71,23 @@ impl fmt::Display for HumanDuration {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse_duration(&text)
-            .map(HumanDuration)
-            .map_err(serde::de::Error::custom)
+        // A visitor (rather than reading a String first) lets the YAML parser attach the key
+        // path, line and column of a bad value to the error.
+        struct Visitor;
+
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HumanDuration;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as 500ms, 10s, 2m or 1h")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+                parse_duration(text).map(HumanDuration).map_err(E::custom)
+            }
+        }
+
+        deserializer.deserialize_str(Visitor)
     }
 }
 

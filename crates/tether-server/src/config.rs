@@ -42,7 +42,6 @@ pub struct ServerConfig {
     pub allowed_agents: Vec<String>,
     /// The TLS handshake and the HTTP upgrade of a new connection must finish within this
     /// (default `10s`).
-    #[serde(deserialize_with = "duration_at_key")]
     pub handshake_timeout: HumanDuration,
     /// Most connections in the TLS/upgrade phase at once; further connections are dropped at
     /// accept (default `1024`).
@@ -50,11 +49,9 @@ pub struct ServerConfig {
     /// Most agent sessions at once; upgrades beyond this get HTTP 503 (default `10000`).
     pub max_agents: usize,
     /// How long an agent may take to connect a target for a dial (default `10s`).
-    #[serde(deserialize_with = "duration_at_key")]
     pub dial_timeout: HumanDuration,
     /// On shutdown, how long streams may take to finish after GOAWAY before the sessions are
     /// closed (default `20s`). Keep it below systemd's `TimeoutStopSec`.
-    #[serde(deserialize_with = "duration_at_key")]
     pub drain_timeout: HumanDuration,
     /// Settings of every tunnel session: windows, frame size, stream cap and keepalive.
     pub session: SessionSettings,
@@ -322,27 +319,6 @@ impl ServerConfig {
             ..MuxConfig::default()
         }
     }
-}
-
-/// Deserializes a [`HumanDuration`] through a visitor, so that a bad value is reported by the
-/// YAML parser with its line, column and key path. (`HumanDuration`'s own impl parses after
-/// the string is read, which loses the position of top-level keys.)
-fn duration_at_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
-    struct Visitor;
-    impl serde::de::Visitor<'_> for Visitor {
-        type Value = HumanDuration;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a duration such as 500ms, 10s, 2m or 1h")
-        }
-
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
-            tether_common::duration::parse_duration(v)
-                .map(HumanDuration)
-                .map_err(E::custom)
-        }
-    }
-    d.deserialize_str(Visitor)
 }
 
 /// Parses `ip:port` (host names are not accepted for listen addresses).

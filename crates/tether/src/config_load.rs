@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use tether_agent::AgentConfig;
 use tether_common::config_error::parse_yaml;
 use tether_server::ServerConfig;
@@ -16,7 +15,9 @@ use crate::cli::ConfigKind;
 pub(crate) struct InvalidConfig(pub(crate) String);
 
 fn read(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))
+    std::fs::read_to_string(path).map_err(|err| {
+        InvalidConfig(format!("cannot read config {}: {err}", path.display())).into()
+    })
 }
 
 fn base_dir(path: &Path) -> &Path {
@@ -61,7 +62,7 @@ pub(crate) fn load_agent(path: &Path) -> anyhow::Result<AgentConfig> {
 pub(crate) fn check(kind: Option<ConfigKind>, path: &Path) -> anyhow::Result<ConfigKind> {
     let kind = match kind {
         Some(kind) => kind,
-        None => guess_kind(&read(path)?).ok_or_else(|| {
+        None => guess_kind(&read(path)?, &path.display().to_string())?.ok_or_else(|| {
             InvalidConfig(format!(
                 "{}: cannot tell whether this is a server or an agent config (no `server_url` or `listen` key); pass --kind",
                 path.display()
@@ -74,14 +75,19 @@ pub(crate) fn check(kind: Option<ConfigKind>, path: &Path) -> anyhow::Result<Con
     }
 }
 
-fn guess_kind(text: &str) -> Option<ConfigKind> {
-    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).ok()?;
-    let map = value.as_mapping()?;
-    if map.contains_key("server_url") {
+/// Guesses the daemon from the top-level keys. A file that is not valid YAML is reported as
+/// such (with its line), not as "cannot tell".
+fn guess_kind(text: &str, source: &str) -> anyhow::Result<Option<ConfigKind>> {
+    let value: serde_yaml_ng::Value =
+        parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
+    let Some(map) = value.as_mapping() else {
+        return Ok(None);
+    };
+    Ok(if map.contains_key("server_url") {
         Some(ConfigKind::Agent)
     } else if map.contains_key("listen") || map.contains_key("forwards") {
         Some(ConfigKind::Server)
     } else {
         None
-    }
+    })
 }

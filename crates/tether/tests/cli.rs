@@ -308,7 +308,6 @@ fn bad_duration_is_named_with_its_key_and_line() {
 /// every `session.*` duration) lose the key and the line: the message is
 /// `agent.yaml:1:1: `5x`: unknown unit ...`.
 #[test]
-#[ignore = "bug in tether-common HumanDuration::deserialize: error lacks key path and line"]
 fn bad_duration_in_agent_and_session_is_named_with_its_key_and_line() {
     let dir = pki_dir();
     let path = write(
@@ -432,7 +431,6 @@ fn duplicate_keys_are_errors() {
 /// Without `--kind`, a duplicate key makes the kind guess fail and the message hides the real
 /// problem (`cannot tell whether this is a server or an agent config`).
 #[test]
-#[ignore = "bug in crates/tether/src/config_load.rs guess_kind: parse errors become a kind-guess error"]
 fn duplicate_key_is_reported_without_kind() {
     let dir = pki_dir();
     let path = write(
