@@ -358,3 +358,27 @@ pub async fn consumer_gets_error(addr: SocketAddr) -> bool {
         Ok(mut stream) => ends_with_error(&mut stream).await,
     }
 }
+
+/// Waits until a 1-byte echo through `forward` works: the server has registered the agent's
+/// session (the agent may report "connected" a moment before the server does).
+pub async fn wait_forward_echo(forward: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect(forward).await?;
+            stream.write_all(b"?").await?;
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(WAIT, attempt).await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "forward {forward} never echoed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

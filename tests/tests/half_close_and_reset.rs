@@ -33,6 +33,7 @@ async fn rig(pki: &TestPki) -> Rig {
     )
     .await;
     agent.wait_connected().await;
+    server.wait_agents(1).await;
     let forward = server.forward_addrs[0];
     Rig {
         server,

@@ -49,6 +49,7 @@ async fn refused_and_denied_targets_fail_the_consumer_only() {
     let mut agent =
         TestAgent::start(&pki, &pki.agent("edge-1"), server.tunnel_addr, &policy, "").await;
     agent.wait_connected().await;
+    server.wait_agents(1).await;
 
     assert!(
         consumer_gets_error(server.forward_addrs[1]).await,
@@ -112,6 +113,7 @@ async fn loopback_link_local_and_metadata_spellings_are_denied() {
     let mut agent =
         TestAgent::start(&pki, &pki.agent("edge-1"), server.tunnel_addr, &policy, "").await;
     agent.wait_connected().await;
+    server.wait_agents(1).await;
     for (i, spelling) in spellings.iter().enumerate() {
         assert!(
             consumer_gets_error(server.forward_addrs[i + 1]).await,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tether_e2e::process::ServerProcess;
 use tether_e2e::tether_testkit::{TestPki, echo_server};
-use tether_e2e::{TestAgent, WAIT, allow_only};
+use tether_e2e::{TestAgent, WAIT, allow_only, wait_forward_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -40,6 +40,7 @@ async fn kill9_server_mid_transfer_then_reconnect() {
     )
     .await;
     agent.wait_connected().await;
+    wait_forward_echo(server.forward_addrs[0]).await;
 
     // A long transfer: the consumer keeps writing while it reads the echo.
     let consumer = TcpStream::connect(server.forward_addrs[0]).await.unwrap();

@@ -39,6 +39,7 @@ async fn byte_exact_sizes_both_directions() {
     )
     .await;
     agent.wait_connected().await;
+    server.wait_agents(1).await;
     let forward = server.forward_addrs[0];
     for size in [0usize, 1, 4095, 65_535, 65_536, 65_537, 1 << 20, 64 << 20] {
         let mut payload = vec![0u8; size];
@@ -71,6 +72,7 @@ async fn two_hundred_concurrent_streams_in_order() {
     )
     .await;
     agent.wait_connected().await;
+    server.wait_agents(1).await;
     let forward = server.forward_addrs[0];
     let mut tasks = tokio::task::JoinSet::new();
     for stream_no in 0..200u32 {
