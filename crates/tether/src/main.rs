@@ -17,6 +17,11 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{CertsCommand, Cli, Command};
 use crate::config_load::InvalidConfig;
 
+/// jemalloc: long-running daemons with many short-lived 64 KiB frame buffers fragment glibc's
+/// heap and page-fault on its mmap threshold; jemalloc reuses them and returns memory.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for invalid configuration (EX_CONFIG would be 78; 2 is what `check-config` promises).
 const EXIT_CONFIG: u8 = 2;
 
