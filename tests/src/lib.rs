@@ -311,22 +311,7 @@ pub fn metric_sum(registry: &prometheus::Registry, name: &str) -> f64 {
         .sum()
 }
 
-/// Proves a listener accepted nothing so far: connects a sentinel and checks that the first
-/// connection the listener accepts is that sentinel (no timing involved).
-pub async fn assert_no_connection_before_sentinel(listener: &TcpListener) {
-    let sentinel = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
-        .await
-        .expect("sentinel connects");
-    let sentinel_addr = sentinel.local_addr().expect("sentinel addr");
-    let (_, peer) = tokio::time::timeout(WAIT, listener.accept())
-        .await
-        .expect("sentinel accepted in time")
-        .expect("accept");
-    assert_eq!(
-        peer, sentinel_addr,
-        "the target saw a connection before the sentinel"
-    );
-}
+pub use tether_testkit::assert_no_prior_connection;
 
 /// Reads from a consumer connection whose tunnel stream failed; returns whether it ended with
 /// an error (reset) rather than a clean EOF.
@@ -381,4 +366,21 @@ pub async fn wait_forward_echo(forward: SocketAddr) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A server with one forward to `target` through agent `edge-1`, and that agent connected with a
+/// policy allowing exactly `target`; returns once the server has registered the session.
+pub async fn connected_pair(pki: &TestPki, target: SocketAddr) -> (TestServer, TestAgent) {
+    let server = TestServer::start(pki, &[ForwardSpec::new("edge-1", target)], "").await;
+    let mut agent = TestAgent::start(
+        pki,
+        &pki.agent("edge-1"),
+        server.tunnel_addr,
+        &allow_only(target),
+        "",
+    )
+    .await;
+    agent.wait_connected().await;
+    server.wait_agents(1).await;
+    (server, agent)
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tether_e2e::tether_testkit::TestPki;
-use tether_e2e::{ForwardSpec, TestAgent, TestServer, allow_only, eventually, metric_or_zero};
+use tether_e2e::{TestAgent, TestServer, connected_pair, eventually, metric_or_zero};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -23,17 +23,7 @@ struct Rig {
 async fn rig(pki: &TestPki) -> Rig {
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target_addr = target.local_addr().unwrap();
-    let server = TestServer::start(pki, &[ForwardSpec::new("edge-1", target_addr)], "").await;
-    let mut agent = TestAgent::start(
-        pki,
-        &pki.agent("edge-1"),
-        server.tunnel_addr,
-        &allow_only(target_addr),
-        "",
-    )
-    .await;
-    agent.wait_connected().await;
-    server.wait_agents(1).await;
+    let (server, agent) = connected_pair(pki, target_addr).await;
     let forward = server.forward_addrs[0];
     Rig {
         server,

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use tether_e2e::tether_testkit::{TestPki, echo_server};
 use tether_e2e::{
-    ForwardSpec, TestAgent, TestServer, assert_no_connection_before_sentinel, consumer_gets_error,
+    ForwardSpec, TestAgent, TestServer, assert_no_prior_connection, consumer_gets_error,
     eventually, metric_or_zero,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,7 +59,7 @@ async fn refused_and_denied_targets_fail_the_consumer_only() {
         consumer_gets_error(server.forward_addrs[2]).await,
         "denied target gives an error, not EOF"
     );
-    assert_no_connection_before_sentinel(&denied).await;
+    assert_no_prior_connection(&denied).await;
 
     eventually("dial errors counted", || {
         metric_or_zero(
@@ -120,7 +120,7 @@ async fn loopback_link_local_and_metadata_spellings_are_denied() {
             "{spelling} must be refused with an error"
         );
     }
-    assert_no_connection_before_sentinel(&victim).await;
+    assert_no_prior_connection(&victim).await;
     echo_ok(server.forward_addrs[0]).await;
     assert_eq!(server.agents_connected(), 1.0);
     agent.stop().await.unwrap();

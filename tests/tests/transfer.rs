@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use tether_e2e::tether_testkit::{TestPki, echo_server};
-use tether_e2e::{ForwardSpec, TestAgent, TestServer, allow_only, eventually, metric_or_zero};
+use tether_e2e::{connected_pair, eventually, metric_or_zero};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -29,17 +29,7 @@ async fn echo_through(forward: SocketAddr, payload: Vec<u8>) -> Vec<u8> {
 async fn byte_exact_sizes_both_directions() {
     let pki = TestPki::new();
     let (target, _echo) = echo_server().await;
-    let server = TestServer::start(&pki, &[ForwardSpec::new("edge-1", target)], "").await;
-    let mut agent = TestAgent::start(
-        &pki,
-        &pki.agent("edge-1"),
-        server.tunnel_addr,
-        &allow_only(target),
-        "",
-    )
-    .await;
-    agent.wait_connected().await;
-    server.wait_agents(1).await;
+    let (server, agent) = connected_pair(&pki, target).await;
     let forward = server.forward_addrs[0];
     for size in [0usize, 1, 4095, 65_535, 65_536, 65_537, 1 << 20, 64 << 20] {
         let mut payload = vec![0u8; size];
@@ -62,17 +52,7 @@ async fn byte_exact_sizes_both_directions() {
 async fn two_hundred_concurrent_streams_in_order() {
     let pki = TestPki::new();
     let (target, _echo) = echo_server().await;
-    let server = TestServer::start(&pki, &[ForwardSpec::new("edge-1", target)], "").await;
-    let mut agent = TestAgent::start(
-        &pki,
-        &pki.agent("edge-1"),
-        server.tunnel_addr,
-        &allow_only(target),
-        "",
-    )
-    .await;
-    agent.wait_connected().await;
-    server.wait_agents(1).await;
+    let (server, agent) = connected_pair(&pki, target).await;
     let forward = server.forward_addrs[0];
     let mut tasks = tokio::task::JoinSet::new();
     for stream_no in 0..200u32 {

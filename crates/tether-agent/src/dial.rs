@@ -286,19 +286,7 @@ mod tests {
         (l, port)
     }
 
-    /// Proves that no connection reached `listener` before now: a sentinel connection made now
-    /// must be the first one in the accept queue.
-    async fn assert_no_prior_connection(listener: &TcpListener) {
-        let sentinel = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (_accepted, peer) = listener.accept().await.unwrap();
-        assert_eq!(
-            peer,
-            sentinel.local_addr().unwrap(),
-            "a denied dial reached the listener"
-        );
-    }
+    use tether_testkit::assert_no_prior_connection;
 
     #[tokio::test]
     async fn allowed_dial_connects_with_nodelay() {

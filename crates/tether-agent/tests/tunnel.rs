@@ -9,9 +9,10 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::Ordering;
 
-use support::{TestAgent, TestServer, WAIT, assert_no_prior_connection, http_get, metric};
+use support::{TestAgent, TestServer, WAIT, http_get, metric};
 use tether_mux::OpenError;
 use tether_proto::{GoAwayCode, Host, OpenErrorCode, TargetAddr};
+use tether_testkit::assert_no_prior_connection;
 use tether_testkit::{TestPki, echo_server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

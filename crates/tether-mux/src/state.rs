@@ -311,6 +311,18 @@ impl State {
         true
     }
 
+    /// Answers a frame for a stream this side does not know with RST `unknown_stream`.
+    fn reply_unknown_stream(&mut self, stream: StreamId, max: usize) {
+        self.push_reply(
+            Frame::Rst {
+                stream,
+                code: ResetCode::UnknownStream,
+                message: String::new(),
+            },
+            max,
+        );
+    }
+
     pub(crate) fn send_ping(&mut self, reply: Option<oneshot::Sender<Duration>>) {
         let nonce = self.next_nonce;
         self.next_nonce = self.next_nonce.wrapping_add(1);
@@ -404,14 +416,7 @@ impl State {
                 let len = payload.len() as u64;
                 let Some(slot) = self.streams.get_mut(&stream) else {
                     // Usually a race with a reset we sent; answer so a confused peer learns.
-                    self.push_reply(
-                        Frame::Rst {
-                            stream,
-                            code: ResetCode::UnknownStream,
-                            message: String::new(),
-                        },
-                        config.max_control_queue,
-                    );
+                    self.reply_unknown_stream(stream, config.max_control_queue);
                     return Ok(Applied::Done);
                 };
                 if slot.failure.is_some() {
@@ -488,16 +493,7 @@ impl State {
                     }
                 }
                 Some(_) => {}
-                None => {
-                    self.push_reply(
-                        Frame::Rst {
-                            stream,
-                            code: ResetCode::UnknownStream,
-                            message: String::new(),
-                        },
-                        config.max_control_queue,
-                    );
-                }
+                None => self.reply_unknown_stream(stream, config.max_control_queue),
             },
             Frame::Rst {
                 stream,

@@ -2,6 +2,8 @@
 
 pub mod echo;
 pub mod pki;
+pub mod sentinel;
 
 pub use echo::{EchoHandle, echo_server};
 pub use pki::{AgentCert, TestPki};
+pub use sentinel::assert_no_prior_connection;

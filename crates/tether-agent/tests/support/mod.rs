@@ -296,17 +296,3 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
-
-/// Proves that no connection reached `listener` before now: a sentinel connection made now
-/// must be the first one in its accept queue.
-pub async fn assert_no_prior_connection(listener: &TcpListener) {
-    let sentinel = TcpStream::connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (_accepted, peer) = listener.accept().await.unwrap();
-    assert_eq!(
-        peer,
-        sentinel.local_addr().unwrap(),
-        "a denied dial reached the listener"
-    );
-}
