@@ -58,6 +58,8 @@ pub struct ServerConfig {
     /// Static port forwards: each listens locally and tunnels every connection to `target`
     /// through the newest session of agent `client`.
     pub forwards: Vec<ForwardConfig>,
+    /// Health probes of agent sessions (the `health:` section).
+    pub health: HealthConfig,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +78,60 @@ impl Default for ServerConfig {
             drain_timeout: HumanDuration::secs(20),
             session: SessionSettings::default(),
             forwards: Vec::new(),
+            health: HealthConfig::default(),
+        }
+    }
+}
+
+/// The `health:` section: every session is pinged every `interval`; a session that misses
+/// `unhealthy_after` pongs in a row is unhealthy until it answers again. Dials prefer the
+/// newest healthy session of a client and fall back to the newest open one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between the end of one probe of a session and the start of the next (default `10s`).
+    pub interval: HumanDuration,
+    /// How long a probe waits for its pong before it counts as missed (default `5s`).
+    pub timeout: HumanDuration,
+    /// Missed pongs in a row that make a session unhealthy (default `3`).
+    pub unhealthy_after: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: HumanDuration::secs(10),
+            timeout: HumanDuration::secs(5),
+            unhealthy_after: 3,
+        }
+    }
+}
+
+/// Longest `health.interval` / `health.timeout` accepted.
+const MAX_HEALTH_DURATION: Duration = Duration::from_secs(3600);
+/// Largest `health.unhealthy_after` accepted.
+const MAX_UNHEALTHY_AFTER: u32 = 1000;
+
+impl HealthConfig {
+    fn validate(&self, errors: &mut ConfigErrors) {
+        for (path, value) in [
+            ("health.interval", self.interval),
+            ("health.timeout", self.timeout),
+        ] {
+            if value.0.is_zero() {
+                errors.push(path, format!("{value} must be above zero"));
+            } else if value.0 > MAX_HEALTH_DURATION {
+                errors.push(path, format!("{value} must be at most 1h"));
+            }
+        }
+        if !(1..=MAX_UNHEALTHY_AFTER).contains(&self.unhealthy_after) {
+            errors.push(
+                "health.unhealthy_after",
+                format!(
+                    "{} is outside 1..={MAX_UNHEALTHY_AFTER} missed pongs",
+                    self.unhealthy_after
+                ),
+            );
         }
     }
 }
@@ -215,6 +271,7 @@ impl ServerConfig {
         }
         self.session.validate("session", &mut errors);
         self.validate_forwards(&mut errors);
+        self.health.validate(&mut errors);
         errors.into_result(())
     }
 

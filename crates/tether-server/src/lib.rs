@@ -4,13 +4,15 @@
 //! (`forward.rs`), which picks the agent's newest session from the [`SessionRegistry`]
 //! (`registry.rs`) and opens a mux stream over the WebSocket that `tunnel.rs` accepted and
 //! `connect.rs` upgraded (`ws_transport.rs` adapts it to frames). `server.rs` starts and stops
-//! it all; `admin.rs` serves health, metrics and the client listing.
+//! it all; `health.rs` pings every session (dials prefer healthy ones); `admin.rs` serves
+//! health, metrics and the client listing.
 
 mod accept;
 pub mod admin;
 pub mod config;
 mod connect;
 mod forward;
+pub mod health;
 mod log_throttle;
 pub mod metrics;
 pub mod registry;
@@ -19,7 +21,11 @@ mod tunnel;
 mod ws_transport;
 
 pub use admin::ClientsResponse;
-pub use config::{ForwardConfig, ServerConfig, TlsConfig};
+pub use config::{ForwardConfig, HealthConfig, ServerConfig, TlsConfig};
+pub use health::HealthChecker;
 pub use metrics::ServerMetrics;
-pub use registry::{NoSession, SessionEntry, SessionGuard, SessionRegistry};
+pub use registry::{
+    NoSession, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
+    Subscriber,
+};
 pub use server::{Listeners, Server, ServerError, run};

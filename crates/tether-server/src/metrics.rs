@@ -1,11 +1,17 @@
 //! `ServerMetrics`: every Prometheus series of the server, registered into the registry that the
 //! caller owns (no globals).
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use tether_mux::MuxMetrics;
 
 /// Labels of `tether_session_events_total{event}`.
 pub const SESSION_EVENTS: [&str; 3] = ["added", "removed", "stale_removed"];
+
+/// Labels of `tether_health_probes_total{result}`: answered, not answered within the timeout,
+/// and the session ended while probing.
+pub const PROBE_RESULTS: [&str; 3] = ["ok", "timeout", "closed"];
 
 /// The `code` label of `tether_dial_errors_total` when the client has no live session.
 pub const NO_SESSION: &str = "no_session";
@@ -34,6 +40,16 @@ pub struct ServerMetrics {
     pub preauth_inflight: IntGauge,
     /// `tether_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `tether_session_rtt_seconds{client}`: the last health-probe round-trip time of the
+    /// client's newest probed session; absent while the client has no probed session.
+    pub session_rtt: GaugeVec,
+    /// `tether_health_probes_total{result}`: health probes by outcome (`ok`, `timeout`,
+    /// `closed`).
+    pub health_probes: IntCounterVec,
+    /// `tether_health_sessions_tracked`: sessions the health checker is probing.
+    pub health_tracked: IntGauge,
+    /// `tether_health_unhealthy_sessions`: tracked sessions currently marked unhealthy.
+    pub health_unhealthy: IntGauge,
 }
 
 impl ServerMetrics {
@@ -49,6 +65,10 @@ impl ServerMetrics {
         registry.register(Box::new(metrics.dial_errors.clone()))?;
         registry.register(Box::new(metrics.preauth_inflight.clone()))?;
         registry.register(Box::new(metrics.build_info.clone()))?;
+        registry.register(Box::new(metrics.session_rtt.clone()))?;
+        registry.register(Box::new(metrics.health_probes.clone()))?;
+        registry.register(Box::new(metrics.health_tracked.clone()))?;
+        registry.register(Box::new(metrics.health_unhealthy.clone()))?;
         Ok(metrics)
     }
 
@@ -112,7 +132,32 @@ impl ServerMetrics {
                 Opts::new("tether_build_info", "Build information; the value is 1."),
                 &["version"],
             )?,
+            session_rtt: GaugeVec::new(
+                Opts::new(
+                    "tether_session_rtt_seconds",
+                    "Last health-probe round-trip time of the client's newest probed session.",
+                ),
+                &["client"],
+            )?,
+            health_probes: IntCounterVec::new(
+                Opts::new(
+                    "tether_health_probes_total",
+                    "Health probes (PING) of agent sessions, by result: ok, timeout, closed.",
+                ),
+                &["result"],
+            )?,
+            health_tracked: IntGauge::new(
+                "tether_health_sessions_tracked",
+                "Sessions the health checker is probing.",
+            )?,
+            health_unhealthy: IntGauge::new(
+                "tether_health_unhealthy_sessions",
+                "Probed sessions currently marked unhealthy (missed too many pongs in a row).",
+            )?,
         };
+        for result in PROBE_RESULTS {
+            metrics.health_probes.with_label_values(&[result]);
+        }
         for event in SESSION_EVENTS {
             metrics.session_events.with_label_values(&[event]);
         }

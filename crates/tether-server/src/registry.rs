@@ -1,20 +1,26 @@
-//! The session registry: agent id -> live sessions. Registration returns a guard whose drop
-//! deregisters; a reconnect of the same agent instance replaces (and closes) the stale session.
+//! The session registry: agent id -> live sessions, with event subscriptions. Registration
+//! returns a guard whose drop deregisters; a reconnect of the same agent instance replaces (and
+//! closes) the stale session.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tether_mux::Session;
 use tether_proto::GoAwayCode;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics::ServerMetrics;
 
 /// Longest agent instance id kept from `X-Tether-Instance`.
 pub const MAX_INSTANCE_LEN: usize = 64;
+
+/// Events a subscriber may have queued before it is declared lagging (see [`Subscriber`]).
+pub const DEFAULT_SUBSCRIBER_CAPACITY: usize = 1024;
 
 /// No live session for a client: an ordinary state, reported to the consumer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,42 +33,92 @@ pub struct NoSession {
 /// One registered session.
 #[derive(Debug, Clone)]
 pub struct SessionEntry {
+    /// The agent id.
+    pub client: String,
     /// The session handle.
     pub session: Session,
     /// Unique per server process, increasing.
     pub session_id: u64,
     /// The agent process instance (`X-Tether-Instance`, sanitized); may be empty.
     pub instance: String,
-    /// When the session was registered.
+    /// When the session was registered (monotonic).
     pub connected_at: Instant,
+    /// When the session was registered (wall clock, for listings).
+    pub connected_wall: SystemTime,
     /// The agent's address as seen by the server.
     pub peer_addr: SocketAddr,
+    /// What the health checker last found; shared by every clone of the entry.
+    pub health: Arc<SessionHealth>,
 }
 
-/// A change of the registry. Counted in `tether_session_events_total{event}`; a later
-/// subscription API will hand these to listeners (the health checker).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Health of one session as the health checker sees it. A session nobody has probed yet is
+/// healthy.
+#[derive(Debug)]
+pub struct SessionHealth {
+    unhealthy: AtomicBool,
+    /// Last probe round-trip time in microseconds; `u64::MAX` while none was measured.
+    rtt_micros: AtomicU64,
+}
+
+impl Default for SessionHealth {
+    fn default() -> Self {
+        Self {
+            unhealthy: AtomicBool::new(false),
+            rtt_micros: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl SessionHealth {
+    /// Whether the session answers its health probes (true until probes say otherwise).
+    pub fn is_healthy(&self) -> bool {
+        !self.unhealthy.load(Ordering::Acquire)
+    }
+
+    /// Sets the health; returns the previous value.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        !self.unhealthy.swap(!healthy, Ordering::AcqRel)
+    }
+
+    /// The round-trip time of the last answered probe.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.rtt_micros.load(Ordering::Acquire) {
+            u64::MAX => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
+    }
+
+    /// Records the round-trip time of an answered probe.
+    pub fn record_rtt(&self, rtt: Duration) {
+        let micros = u64::try_from(rtt.as_micros())
+            .unwrap_or(u64::MAX - 1)
+            .min(u64::MAX - 1);
+        self.rtt_micros.store(micros, Ordering::Release);
+    }
+}
+
+/// A change of the registry, as delivered to subscribers. Counted in
+/// `tether_session_events_total{event}` (`added`, `removed`, `stale_removed`).
+#[derive(Debug, Clone)]
 pub enum SessionEvent {
     /// A session was registered.
-    Added {
-        /// Agent id.
-        client: String,
-        /// Session id.
-        session_id: u64,
-    },
+    SessionAdded(SessionEntry),
     /// A session ended and was deregistered.
-    Removed {
+    SessionRemoved {
         /// Agent id.
         client: String,
         /// Session id.
         session_id: u64,
     },
-    /// A newer session of the same agent instance replaced this one, which was closed.
-    StaleRemoved {
+    /// A newer session of the same agent instance replaced this one, which was deregistered
+    /// and closed.
+    StaleSessionRemoved {
         /// Agent id.
         client: String,
         /// Session id of the replaced session.
         session_id: u64,
+        /// Session id of the session that replaced it.
+        replaced_by: u64,
     },
 }
 
@@ -70,11 +126,45 @@ impl SessionEvent {
     /// The `event` label.
     pub fn label(&self) -> &'static str {
         match self {
-            SessionEvent::Added { .. } => "added",
-            SessionEvent::Removed { .. } => "removed",
-            SessionEvent::StaleRemoved { .. } => "stale_removed",
+            SessionEvent::SessionAdded(_) => "added",
+            SessionEvent::SessionRemoved { .. } => "removed",
+            SessionEvent::StaleSessionRemoved { .. } => "stale_removed",
         }
     }
+
+    /// The agent id the event is about.
+    pub fn client(&self) -> &str {
+        match self {
+            SessionEvent::SessionAdded(entry) => &entry.client,
+            SessionEvent::SessionRemoved { client, .. }
+            | SessionEvent::StaleSessionRemoved { client, .. } => client,
+        }
+    }
+
+    /// The session the event is about.
+    pub fn session_id(&self) -> u64 {
+        match self {
+            SessionEvent::SessionAdded(entry) => entry.session_id,
+            SessionEvent::SessionRemoved { session_id, .. }
+            | SessionEvent::StaleSessionRemoved { session_id, .. } => *session_id,
+        }
+    }
+}
+
+/// What [`Subscriber::recv`] hands out.
+#[derive(Debug, Clone)]
+pub enum RegistryNotice {
+    /// The next change, in registry order.
+    Event(SessionEvent),
+    /// The subscriber fell behind: its queue overflowed and the queued events were dropped.
+    /// `snapshot` is every registered session at one instant; the events that follow are
+    /// exactly the changes after that instant. Replace all state with the snapshot.
+    Lagged {
+        /// Events dropped since the previous notice.
+        missed: u64,
+        /// Every registered session, oldest first per client, clients sorted.
+        snapshot: Vec<SessionEntry>,
+    },
 }
 
 /// A client and its sessions, for listings (`GET /v1/clients`).
@@ -95,23 +185,43 @@ pub struct SessionSnapshot {
     pub instance: String,
     /// Agent address as seen by the server.
     pub peer_addr: String,
+    /// When the session was registered, RFC 3339 UTC (`2026-01-02T03:04:05Z`).
+    pub connected_since: String,
     /// Seconds since the session was registered.
     pub connected_seconds: f64,
+    /// Last measured round-trip time, seconds (health probe, else the keepalive ping).
+    pub rtt_seconds: Option<f64>,
+    /// Whether the session answers health probes (dials prefer healthy sessions).
+    pub healthy: bool,
     /// Streams open on the session.
     pub streams: usize,
     /// Payload bytes received from the agent.
     pub bytes_rx: u64,
     /// Payload bytes sent to the agent.
     pub bytes_tx: u64,
-    /// Last measured round-trip time, seconds.
-    pub rtt_seconds: Option<f64>,
+}
+
+/// What the registry lock protects: the sessions and the subscribers that must see every
+/// change to them in the same order.
+#[derive(Debug, Default)]
+struct Inner {
+    clients: BTreeMap<String, Vec<SessionEntry>>,
+    subscribers: Vec<Arc<SubscriberQueue>>,
+}
+
+impl Inner {
+    fn all_sessions(&self) -> Vec<SessionEntry> {
+        self.clients.values().flatten().cloned().collect()
+    }
 }
 
 /// Agent id -> live sessions. Synchronous: the lock is never held across an `.await`, nor
-/// while closing a session.
+/// while closing a session. Publishing to subscribers happens under the lock (so that events
+/// and snapshots are consistent) and never waits: a full subscriber queue is dropped and the
+/// subscriber is marked lagging instead.
 #[derive(Debug)]
 pub struct SessionRegistry {
-    clients: Mutex<BTreeMap<String, Vec<SessionEntry>>>,
+    inner: Mutex<Inner>,
     next_id: AtomicU64,
     metrics: ServerMetrics,
 }
@@ -120,23 +230,23 @@ impl SessionRegistry {
     /// An empty registry reporting into `metrics`.
     pub fn new(metrics: ServerMetrics) -> Self {
         Self {
-            clients: Mutex::new(BTreeMap::new()),
+            inner: Mutex::new(Inner::default()),
             next_id: AtomicU64::new(1),
             metrics,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Vec<SessionEntry>>> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // The map stays consistent at every step, so a panic elsewhere does not poison it.
-        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes `client` appear in listings and metrics even before it connects (configured
     /// forwards name their clients).
     pub fn declare_client(&self, client: &str) {
-        let mut clients = self.lock();
-        if !clients.contains_key(client) {
-            clients.insert(client.to_owned(), Vec::new());
+        let mut inner = self.lock();
+        if !inner.clients.contains_key(client) {
+            inner.clients.insert(client.to_owned(), Vec::new());
             self.metrics.sessions.with_label_values(&[client]).set(0);
         }
     }
@@ -153,15 +263,18 @@ impl SessionRegistry {
     ) -> SessionGuard {
         let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = SessionEntry {
+            client: client.to_owned(),
             session,
             session_id,
             instance: instance.to_owned(),
             connected_at: Instant::now(),
+            connected_wall: SystemTime::now(),
             peer_addr,
+            health: Arc::new(SessionHealth::default()),
         };
         let stale: Vec<SessionEntry> = {
-            let mut clients = self.lock();
-            let sessions = clients.entry(client.to_owned()).or_default();
+            let mut inner = self.lock();
+            let sessions = inner.clients.entry(client.to_owned()).or_default();
             let stale = if instance.is_empty() {
                 Vec::new()
             } else {
@@ -171,14 +284,21 @@ impl SessionRegistry {
                 *sessions = keep;
                 stale
             };
-            sessions.push(entry);
-            self.update_gauges(&clients, client);
+            sessions.push(entry.clone());
+            self.update_gauges(&inner, client);
+            self.publish(&inner, SessionEvent::SessionAdded(entry));
+            for old in &stale {
+                self.publish(
+                    &inner,
+                    SessionEvent::StaleSessionRemoved {
+                        client: client.to_owned(),
+                        session_id: old.session_id,
+                        replaced_by: session_id,
+                    },
+                );
+            }
             stale
         };
-        self.publish(SessionEvent::Added {
-            client: client.to_owned(),
-            session_id,
-        });
         for old in stale {
             tracing::info!(
                 agent.id = %client,
@@ -190,10 +310,6 @@ impl SessionRegistry {
             old.session
                 .goaway(GoAwayCode::Replaced, "replaced by a newer session");
             old.session.close();
-            self.publish(SessionEvent::StaleRemoved {
-                client: client.to_owned(),
-                session_id: old.session_id,
-            });
         }
         SessionGuard {
             registry: self.clone(),
@@ -203,61 +319,105 @@ impl SessionRegistry {
     }
 
     fn remove(&self, client: &str, session_id: u64) {
-        let removed = {
-            let mut clients = self.lock();
-            let Some(sessions) = clients.get_mut(client) else {
-                return;
-            };
-            let before = sessions.len();
-            sessions.retain(|e| e.session_id != session_id);
-            let removed = sessions.len() != before;
-            if removed {
-                self.update_gauges(&clients, client);
-            }
-            removed
+        let mut inner = self.lock();
+        let Some(sessions) = inner.clients.get_mut(client) else {
+            return;
         };
-        if removed {
-            self.publish(SessionEvent::Removed {
-                client: client.to_owned(),
-                session_id,
-            });
+        let before = sessions.len();
+        sessions.retain(|e| e.session_id != session_id);
+        if sessions.len() != before {
+            self.update_gauges(&inner, client);
+            self.publish(
+                &inner,
+                SessionEvent::SessionRemoved {
+                    client: client.to_owned(),
+                    session_id,
+                },
+            );
         }
     }
 
-    fn update_gauges(&self, clients: &BTreeMap<String, Vec<SessionEntry>>, client: &str) {
-        let count = clients.get(client).map_or(0, Vec::len);
+    fn update_gauges(&self, inner: &Inner, client: &str) {
+        let count = inner.clients.get(client).map_or(0, Vec::len);
         self.metrics
             .sessions
             .with_label_values(&[client])
             .set(i64::try_from(count).unwrap_or(i64::MAX));
-        let connected = clients.values().filter(|s| !s.is_empty()).count();
+        let connected = inner.clients.values().filter(|s| !s.is_empty()).count();
         self.metrics
             .agents_connected
             .set(i64::try_from(connected).unwrap_or(i64::MAX));
     }
 
-    fn publish(&self, event: SessionEvent) {
+    /// Counts `event` and queues it for every subscriber. Called with the lock held; never
+    /// waits.
+    fn publish(&self, inner: &Inner, event: SessionEvent) {
         self.metrics
             .session_events
             .with_label_values(&[event.label()])
             .inc();
+        for subscriber in &inner.subscribers {
+            subscriber.push(&event);
+        }
     }
 
-    /// The newest session of `client` that is open and not draining.
+    /// Subscribes to changes with a queue of [`DEFAULT_SUBSCRIBER_CAPACITY`] events. Returns
+    /// the sessions registered at this instant and the subscriber that receives every change
+    /// after it.
+    pub fn subscribe(self: &Arc<Self>) -> (Vec<SessionEntry>, Subscriber) {
+        self.subscribe_with_capacity(DEFAULT_SUBSCRIBER_CAPACITY)
+    }
+
+    /// [`subscribe`](Self::subscribe) with a queue of `capacity` events (at least 1).
+    pub fn subscribe_with_capacity(
+        self: &Arc<Self>,
+        capacity: usize,
+    ) -> (Vec<SessionEntry>, Subscriber) {
+        let queue = Arc::new(SubscriberQueue {
+            capacity: capacity.max(1),
+            state: Mutex::new(QueueState::default()),
+            notify: Notify::new(),
+        });
+        let mut inner = self.lock();
+        inner.subscribers.push(queue.clone());
+        let snapshot = inner.all_sessions();
+        drop(inner);
+        (
+            snapshot,
+            Subscriber {
+                registry: self.clone(),
+                queue,
+            },
+        )
+    }
+
+    /// How many subscribers are registered.
+    pub fn subscriber_count(&self) -> usize {
+        self.lock().subscribers.len()
+    }
+
+    /// The newest healthy session of `client` that is open and not draining; when none is
+    /// healthy, the newest open one (an unhealthy session may still work, failing the dial
+    /// outright would not).
     pub fn pick(&self, client: &str) -> Result<Session, NoSession> {
         self.pick_entry(client).map(|e| e.session)
     }
 
     /// [`pick`](Self::pick), with the registration details.
     pub fn pick_entry(&self, client: &str) -> Result<SessionEntry, NoSession> {
-        let clients = self.lock();
-        clients
+        let inner = self.lock();
+        let usable =
+            |e: &&SessionEntry| !e.session.is_closed() && e.session.peer_goaway().is_none();
+        inner
+            .clients
             .get(client)
             .and_then(|sessions| {
                 sessions
                     .iter()
                     .rev()
-                    .find(|e| !e.session.is_closed() && e.session.peer_goaway().is_none())
+                    .filter(usable)
+                    .find(|e| e.health.is_healthy())
+                    .or_else(|| sessions.iter().rev().find(usable))
             })
             .cloned()
             .ok_or_else(|| NoSession {
@@ -267,17 +427,17 @@ impl SessionRegistry {
 
     /// Registered sessions of `client`, oldest first.
     pub fn sessions(&self, client: &str) -> Vec<SessionEntry> {
-        self.lock().get(client).cloned().unwrap_or_default()
+        self.lock().clients.get(client).cloned().unwrap_or_default()
     }
 
     /// Every registered session.
     pub fn all_sessions(&self) -> Vec<SessionEntry> {
-        self.lock().values().flatten().cloned().collect()
+        self.lock().all_sessions()
     }
 
     /// How many sessions are registered.
     pub fn session_count(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+        self.lock().clients.values().map(Vec::len).sum()
     }
 
     /// Known clients and their sessions, sorted by agent id.
@@ -285,6 +445,7 @@ impl SessionRegistry {
         // Copy the handles out first: session stats take the session's own lock.
         let clients: Vec<(String, Vec<SessionEntry>)> = self
             .lock()
+            .clients
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -326,11 +487,134 @@ fn snapshot_session(entry: &SessionEntry) -> SessionSnapshot {
         session_id: entry.session_id,
         instance: entry.instance.clone(),
         peer_addr: entry.peer_addr.to_string(),
+        connected_since: rfc3339(entry.connected_wall),
         connected_seconds: entry.connected_at.elapsed().as_secs_f64(),
+        rtt_seconds: entry.health.rtt().or(stats.rtt).map(|d| d.as_secs_f64()),
+        healthy: entry.health.is_healthy(),
         streams: stats.streams,
         bytes_rx: stats.bytes_rx,
         bytes_tx: stats.bytes_tx,
-        rtt_seconds: stats.rtt.map(|d| d.as_secs_f64()),
+    }
+}
+
+/// `time` as RFC 3339 UTC with whole seconds; times before 1970 print as the epoch.
+pub fn rfc3339(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Gregorian date of `days` since 1970-01-01 (Howard Hinnant's days-to-civil algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// One subscriber's queue, shared between the registry (pushes) and the [`Subscriber`].
+#[derive(Debug)]
+struct SubscriberQueue {
+    capacity: usize,
+    state: Mutex<QueueState>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    events: VecDeque<SessionEvent>,
+    /// The queue overflowed: the next notice is a snapshot.
+    lagged: bool,
+    /// Events dropped since the last notice.
+    missed: u64,
+}
+
+impl SubscriberQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `event`, or on overflow drops the queue and marks the subscriber lagging.
+    fn push(&self, event: &SessionEvent) {
+        let mut state = self.lock();
+        if state.lagged {
+            state.missed += 1;
+        } else if state.events.len() >= self.capacity {
+            state.missed += state.events.len() as u64 + 1;
+            state.events.clear();
+            state.lagged = true;
+        } else {
+            state.events.push_back(event.clone());
+        }
+        drop(state);
+        self.notify.notify_one();
+    }
+}
+
+/// Receives the registry's changes in order. Its queue is bounded: a subscriber that falls
+/// behind gets [`RegistryNotice::Lagged`] with a fresh snapshot instead of the events it
+/// missed, so it never silently misses a removal. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscriber {
+    registry: Arc<SessionRegistry>,
+    queue: Arc<SubscriberQueue>,
+}
+
+impl Subscriber {
+    /// Waits for the next notice.
+    pub async fn recv(&mut self) -> RegistryNotice {
+        loop {
+            if let Some(notice) = self.try_recv() {
+                return notice;
+            }
+            self.queue.notify.notified().await;
+        }
+    }
+
+    /// The next notice, if one is ready.
+    pub fn try_recv(&mut self) -> Option<RegistryNotice> {
+        {
+            let mut state = self.queue.lock();
+            if !state.lagged {
+                return state.events.pop_front().map(RegistryNotice::Event);
+            }
+        }
+        // Lagging: take the snapshot under the registry lock, which also stops publishing, so
+        // that the snapshot and the events after it fit together exactly.
+        let inner = self.registry.lock();
+        let snapshot = inner.all_sessions();
+        let mut state = self.queue.lock();
+        let missed = state.missed + state.events.len() as u64;
+        state.events.clear();
+        state.lagged = false;
+        state.missed = 0;
+        drop(state);
+        drop(inner);
+        Some(RegistryNotice::Lagged { missed, snapshot })
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.registry
+            .lock()
+            .subscribers
+            .retain(|q| !Arc::ptr_eq(q, &self.queue));
     }
 }
 
@@ -381,5 +665,14 @@ mod tests {
     fn no_session_message() {
         let err = NoSession { client: "x".into() };
         assert_eq!(err.to_string(), "no agent connected for client \"x\"");
+    }
+
+    #[test]
+    fn rfc3339_utc() {
+        let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        assert_eq!(rfc3339(at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(at(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(at(1_767_323_045)), "2026-01-02T03:04:05Z");
+        assert_eq!(rfc3339(at(4_107_542_399)), "2100-02-28T23:59:59Z");
     }
 }

@@ -24,6 +24,7 @@ use crate::admin::{self, AdminState, Readiness};
 use crate::config::ServerConfig;
 use crate::connect::{self, ConnectState};
 use crate::forward::{self, Forward};
+use crate::health::HealthChecker;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
@@ -258,6 +259,15 @@ impl Server {
             ));
             tracker.spawn(forward::accept_loop(forward, listener));
         }
+
+        // Health checker: pings every session until shutdown starts.
+        let health =
+            HealthChecker::new(self.registry.clone(), self.metrics.clone(), &config.health);
+        tracker.spawn(
+            health
+                .run(shutdown.clone())
+                .instrument(info_span!("health_checker")),
+        );
 
         // Admin listener: stays up while draining so /readyz and /metrics can be watched.
         let admin_router = admin::router(Arc::new(AdminState {
