@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntCounterVec;
 use tether_mux::Session;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -164,6 +165,7 @@ impl State<'_> {
             first,
             checker.interval,
             checker.timeout,
+            checker.metrics.health_probes.clone(),
             self.results.clone(),
         ));
         self.clients
@@ -207,10 +209,6 @@ impl State<'_> {
             return;
         };
         let metrics = &self.checker.metrics;
-        metrics
-            .health_probes
-            .with_label_values(&[outcome.label()])
-            .inc();
         let entry = &tracked.entry;
         match outcome {
             ProbeOutcome::Pong(rtt) => {
@@ -290,18 +288,21 @@ impl State<'_> {
 }
 
 /// Pings `session` after `first`, then every `interval` after the previous probe ended, and
-/// reports each outcome; stops when the session has ended or the checker is gone.
+/// counts and reports each outcome; stops when the session has ended or the checker is gone.
+/// Counting here (not in the checker loop) makes a probe of a forgotten session visible.
 async fn probe_loop(
     session: Session,
     id: u64,
     first: Duration,
     interval: Duration,
     timeout: Duration,
+    counter: IntCounterVec,
     results: mpsc::Sender<(u64, ProbeOutcome)>,
 ) {
     tokio::time::sleep(first).await;
     loop {
         let outcome = probe(&session, timeout).await;
+        counter.with_label_values(&[outcome.label()]).inc();
         if results.send((id, outcome)).await.is_err() || outcome == ProbeOutcome::Closed {
             return;
         }
