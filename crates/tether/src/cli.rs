@@ -52,6 +52,18 @@ pub(crate) enum Command {
         /// The config file.
         path: PathBuf,
     },
+    /// Show the clients and sessions of a running server (its `GET /v1/clients`).
+    Status {
+        /// The server's admin listener (`admin_listen`), as `http://host:port`.
+        #[arg(long, env = "TETHER_ADMIN", default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Give up when the server has not answered within this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
     /// Run a throwaway CA, a server, an agent and a target on loopback, and send traffic.
     Demo {
         /// Exit after the traffic check: 0 only if the data came back byte-exact.

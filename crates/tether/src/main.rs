@@ -6,6 +6,7 @@ mod config_load;
 mod demo;
 mod logging;
 mod signals;
+mod status_cmd;
 
 use std::process::ExitCode;
 
@@ -102,6 +103,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{}: valid {kind:?} config", path.display());
             Ok(())
         }
+        Command::Status {
+            admin,
+            json,
+            timeout_secs,
+        } => status_cmd::run(&admin, json, std::time::Duration::from_secs(timeout_secs)).await,
         Command::Demo { once, bytes } => {
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
