@@ -84,6 +84,8 @@ pub struct TestServer {
     pub forward_addrs: Vec<SocketAddr>,
     /// The server's metrics.
     pub registry: prometheus::Registry,
+    /// The server's session registry (subscribe to it, or compare it with the listing).
+    pub sessions: std::sync::Arc<tether_server::SessionRegistry>,
     token: CancellationToken,
     task: JoinHandle<Result<(), tether_server::ServerError>>,
 }
@@ -143,6 +145,7 @@ impl TestServer {
         let config = server_config(&yaml, pki).expect("valid server config");
         let registry = prometheus::Registry::new();
         let server = tether_server::Server::new(config, &registry).expect("server starts");
+        let sessions = server.registry();
         let token = CancellationToken::new();
         let task = tokio::spawn(server.run(
             tether_server::Listeners {
@@ -157,9 +160,17 @@ impl TestServer {
             admin_addr,
             forward_addrs,
             registry,
+            sessions,
             token,
             task,
         }
+    }
+
+    /// `GET /v1/clients` from the admin listener.
+    pub async fn clients(&self) -> tether_server::ClientsResponse {
+        let (status, body) = http_get(self.admin_addr, "/v1/clients").await;
+        assert_eq!(status, 200, "GET /v1/clients: {body}");
+        serde_json::from_str(&body).expect("a client listing")
     }
 
     /// `tether_agents_connected`.
@@ -262,6 +273,12 @@ impl TestAgent {
             .await
             .expect("agent connects in time")
             .expect("agent is running");
+    }
+
+    /// Ends the agent abruptly (its task is aborted: no GOAWAY, sockets just close).
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 
     /// Stops gracefully and returns the run result.
@@ -383,4 +400,29 @@ pub async fn connected_pair(pki: &TestPki, target: SocketAddr) -> (TestServer, T
     agent.wait_connected().await;
     server.wait_agents(1).await;
     (server, agent)
+}
+
+/// A plain HTTP/1.0 `GET path` to `addr`; the status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("admin answers in time")
+        .expect("admin request");
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
 }
