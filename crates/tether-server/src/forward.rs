@@ -164,3 +164,74 @@ fn reset(tcp: TcpStream) {
     let _ = tcp.set_zero_linger();
     drop(tcp);
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::registry::NoSession;
+
+    /// Collects formatted log lines.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_missing_session_is_logged_once_per_episode() {
+        let metrics = ServerMetrics::unregistered().unwrap();
+        let forward = Forward::new(
+            "db".into(),
+            "edge-1".into(),
+            "db.internal:5432".parse().unwrap(),
+            Duration::from_secs(1),
+            Arc::new(SessionRegistry::new(metrics.clone())),
+            metrics.clone(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let err = NoSession {
+            client: "edge-1".into(),
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..50 {
+                forward.dial_failed(NO_SESSION, &err);
+            }
+            forward.dial_succeeded();
+            for _ in 0..50 {
+                forward.dial_failed(NO_SESSION, &err);
+            }
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warnings.len(), 2, "{text}");
+        assert!(
+            warnings[0].contains("no agent connected for client \"edge-1\""),
+            "{text}"
+        );
+        assert_eq!(
+            metrics.dial_errors.with_label_values(&[NO_SESSION]).get(),
+            100
+        );
+    }
+}
