@@ -1,10 +1,13 @@
 //! shared plumbing: TLS and identity, PKI, config loading, shutdown, backoff, telemetry.
 
 pub mod backoff;
+pub mod cert_expiry;
 pub mod config_error;
 pub mod duration;
 pub mod identity;
+pub mod listen;
 pub mod pipe;
 pub mod pki;
+pub mod runtime_metrics;
 pub mod session_settings;
 pub mod tls;
