@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tether_common::cert_expiry::CertRole;
 use tether_common::config_error::ConfigErrors;
 use tether_common::tls::{self, TlsError};
 use tokio::net::TcpListener;
@@ -98,10 +99,20 @@ impl Agent {
                     .collect(),
             )
         })?;
-        let tls = tls::client_config(&config.tls_files())?;
+        let files = config.tls_files();
+        let tls = tls::client_config(&files)?;
         let instance_id = connector::new_instance_id();
         let connector = Connector::new(&config, tls, &instance_id)?;
         let metrics = AgentMetrics::register(registry)?;
+        for (role, path) in [
+            (CertRole::Agent, &files.cert),
+            (CertRole::ServerCa, &files.server_ca),
+        ] {
+            // The files just loaded; a certificate x509-parser cannot read only costs the series.
+            if let Err(err) = metrics.cert_expiry.record_file(role, path) {
+                warn!(cert = role.label(), error = %err, "cannot read the certificate expiry");
+            }
+        }
         let (status, _) = watch::channel(AgentStatus {
             instance_id: instance_id.clone(),
             ..AgentStatus::default()

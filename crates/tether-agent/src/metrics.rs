@@ -1,7 +1,9 @@
 //! `AgentMetrics`: the agent's Prometheus series (connection state, reconnects, connect
-//! failures, dials by outcome, policy denials, build info) plus the multiplexer's stream metrics.
+//! failures, dials by outcome, policy denials, certificate expiry, build info) plus the
+//! multiplexer's stream metrics.
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tether_common::cert_expiry::CertExpiry;
 use tether_mux::MuxMetrics;
 
 use crate::connector::ConnectError;
@@ -67,6 +69,8 @@ pub struct AgentMetrics {
     pub policy_denials: IntCounter,
     /// `tether_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `tether_tls_cert_expiry_timestamp_seconds{cert}`: `agent` and `server_ca`.
+    pub cert_expiry: CertExpiry,
 }
 
 impl AgentMetrics {
@@ -79,6 +83,7 @@ impl AgentMetrics {
         registry.register(Box::new(metrics.dials.clone()))?;
         registry.register(Box::new(metrics.policy_denials.clone()))?;
         registry.register(Box::new(metrics.build_info.clone()))?;
+        registry.register(Box::new(metrics.cert_expiry.gauge.clone()))?;
         Ok(metrics)
     }
 
@@ -131,6 +136,7 @@ impl AgentMetrics {
             dials,
             policy_denials,
             build_info,
+            cert_expiry: CertExpiry::unregistered()?,
         })
     }
 

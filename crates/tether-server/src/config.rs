@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub forwards: Vec<ForwardConfig>,
     /// Health probes of agent sessions (the `health:` section).
     pub health: HealthConfig,
+    /// What `/metrics` exports beyond the `tether_*` series.
+    pub metrics: MetricsConfig,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +81,7 @@ impl Default for ServerConfig {
             session: SessionSettings::default(),
             forwards: Vec::new(),
             health: HealthConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -159,6 +162,15 @@ impl Default for TlsConfig {
             crls: Vec::new(),
         }
     }
+}
+
+/// The `metrics:` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Also export remotedialer's `session_server_total_*` counters (without the `addr`
+    /// label), for Rancher dashboards (default `false`).
+    pub remotedialer_compat: bool,
 }
 
 /// One entry of `forwards:`.

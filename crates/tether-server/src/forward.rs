@@ -115,6 +115,12 @@ async fn serve_consumer(forward: Arc<Forward>, mut tcp: TcpStream) {
             return;
         }
     };
+    // Counted from the attempt, like remotedialer; the guard counts the removal on every exit.
+    let _compat = forward
+        .metrics
+        .remotedialer
+        .as_ref()
+        .map(|compat| compat.connection(&forward.client));
     let started = Instant::now();
     let opened = session
         .open_with_timeout(forward.target.clone(), forward.dial_timeout)

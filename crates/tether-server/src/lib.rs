@@ -16,12 +16,13 @@ pub mod health;
 mod log_throttle;
 pub mod metrics;
 pub mod registry;
+pub mod remotedialer_metrics;
 mod server;
 mod tunnel;
 mod ws_transport;
 
 pub use admin::ClientsResponse;
-pub use config::{ForwardConfig, HealthConfig, ServerConfig, TlsConfig};
+pub use config::{ForwardConfig, HealthConfig, MetricsConfig, ServerConfig, TlsConfig};
 pub use health::HealthChecker;
 pub use metrics::ServerMetrics;
 pub use registry::{

@@ -4,7 +4,10 @@
 use prometheus::{
     GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use tether_common::cert_expiry::CertExpiry;
 use tether_mux::MuxMetrics;
+
+use crate::remotedialer_metrics::RemotedialerMetrics;
 
 /// Labels of `tether_session_events_total{event}`.
 pub const SESSION_EVENTS: [&str; 3] = ["added", "removed", "stale_removed"];
@@ -50,6 +53,10 @@ pub struct ServerMetrics {
     pub health_tracked: IntGauge,
     /// `tether_health_unhealthy_sessions`: tracked sessions currently marked unhealthy.
     pub health_unhealthy: IntGauge,
+    /// `tether_tls_cert_expiry_timestamp_seconds{cert}`: `server` and `client_ca`.
+    pub cert_expiry: CertExpiry,
+    /// `session_server_total_*`, when `metrics.remotedialer_compat` is on.
+    pub remotedialer: Option<RemotedialerMetrics>,
 }
 
 impl ServerMetrics {
@@ -69,7 +76,14 @@ impl ServerMetrics {
         registry.register(Box::new(metrics.health_probes.clone()))?;
         registry.register(Box::new(metrics.health_tracked.clone()))?;
         registry.register(Box::new(metrics.health_unhealthy.clone()))?;
+        registry.register(Box::new(metrics.cert_expiry.gauge.clone()))?;
         Ok(metrics)
+    }
+
+    /// Also exports the remotedialer-compatible counters, registered in `registry`.
+    pub fn with_remotedialer_compat(mut self, registry: &Registry) -> prometheus::Result<Self> {
+        self.remotedialer = Some(RemotedialerMetrics::register(registry)?);
+        Ok(self)
     }
 
     /// Metrics registered nowhere (unit tests of components).
@@ -154,6 +168,8 @@ impl ServerMetrics {
                 "tether_health_unhealthy_sessions",
                 "Probed sessions currently marked unhealthy (missed too many pongs in a row).",
             )?,
+            cert_expiry: CertExpiry::unregistered()?,
+            remotedialer: None,
         };
         for result in PROBE_RESULTS {
             metrics.health_probes.with_label_values(&[result]);

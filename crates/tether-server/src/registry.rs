@@ -356,6 +356,14 @@ impl SessionRegistry {
             .session_events
             .with_label_values(&[event.label()])
             .inc();
+        if let Some(compat) = &self.metrics.remotedialer {
+            match &event {
+                SessionEvent::SessionAdded(_) => compat.session_added(event.client()),
+                SessionEvent::SessionRemoved { .. } | SessionEvent::StaleSessionRemoved { .. } => {
+                    compat.session_removed(event.client())
+                }
+            }
+        }
         for subscriber in &inner.subscribers {
             subscriber.push(&event);
         }

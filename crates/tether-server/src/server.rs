@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
+use tether_common::cert_expiry::CertRole;
 use tether_common::config_error::ConfigErrors;
 use tether_common::tls::{self, TlsError};
 use tether_proto::GoAwayCode;
@@ -107,13 +108,11 @@ fn one(err: tether_common::config_error::FieldError) -> ServerError {
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            what: what.to_owned(),
-            addr,
-            source,
-        })
+    tether_common::listen::bind(addr).map_err(|source| ServerError::Bind {
+        what: what.to_owned(),
+        addr,
+        source,
+    })
 }
 
 /// A configured server, ready to [`run`](Server::run).
@@ -134,8 +133,19 @@ impl Server {
         registry: &prometheus::Registry,
     ) -> Result<Server, ServerError> {
         config.validate()?;
-        let tls = tls::server_config(&config.tls_files())?;
-        Self::with_tls_config(config, tls, registry)
+        let files = config.tls_files();
+        let tls = tls::server_config(&files)?;
+        let server = Self::with_tls_config(config, tls, registry)?;
+        for (role, path) in [
+            (CertRole::Server, &files.cert),
+            (CertRole::ClientCa, &files.client_ca),
+        ] {
+            // The files just loaded; a certificate x509-parser cannot read only costs the series.
+            if let Err(err) = server.metrics.cert_expiry.record_file(role, path) {
+                warn!(cert = role.label(), error = %err, "cannot read the certificate expiry");
+            }
+        }
+        Ok(server)
     }
 
     /// [`new`](Self::new) with a ready rustls config (PEM held in memory, `tether demo`); the
@@ -145,7 +155,10 @@ impl Server {
         tls: Arc<rustls::ServerConfig>,
         registry: &prometheus::Registry,
     ) -> Result<Server, ServerError> {
-        let metrics = ServerMetrics::register(registry)?;
+        let mut metrics = ServerMetrics::register(registry)?;
+        if config.metrics.remotedialer_compat {
+            metrics = metrics.with_remotedialer_compat(registry)?;
+        }
         let sessions = Arc::new(SessionRegistry::new(metrics.clone()));
         for client in config
             .allowed_agents

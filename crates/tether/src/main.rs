@@ -60,7 +60,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Server { config } => {
             let config = config_load::load_server(&config)?;
-            let registry = prometheus::Registry::new();
+            let registry = process_registry()?;
             let listeners = tether_server::Listeners {
                 tunnel: bind(&config.listen, "listen").await?,
                 admin: bind(&config.admin_listen, "admin_listen").await?,
@@ -81,7 +81,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Agent { config } => {
             let config = config_load::load_agent(&config)?;
-            let registry = prometheus::Registry::new();
+            let registry = process_registry()?;
             let admin = match config.admin_listen.as_str() {
                 "" => None,
                 addr => Some(bind(addr, "admin_listen").await?),
@@ -116,10 +116,21 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// The daemon's one registry, with the heap, runtime and `process_*` collectors in it.
+fn process_registry() -> anyhow::Result<prometheus::Registry> {
+    let registry = prometheus::Registry::new();
+    tether_common::runtime_metrics::register(&registry, tokio::runtime::Handle::current())
+        .context("registering the runtime metrics")?;
+    Ok(registry)
+}
+
+/// Binds with the large accept backlog of `tether_common::listen` (validated configs hold
+/// `ip:port` listener addresses).
 async fn bind(addr: &str, key: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {key} = {addr}"))
+    let parsed: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("{key} = {addr}: not an ip:port address"))?;
+    tether_common::listen::bind(parsed).with_context(|| format!("binding {key} = {addr}"))
 }
 
 /// Aborts a background task when the owner goes away.
