@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use tether_testkit;
 
+pub mod at_rest;
+pub mod exposition;
+pub mod http;
 pub mod process;
 
 /// How long any harness wait may take before the test fails.
@@ -93,7 +96,7 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with these forwards; `extra_yaml` is appended to the config.
     pub async fn start(pki: &TestPki, forwards: &[ForwardSpec], extra_yaml: &str) -> Self {
-        let tunnel = TcpListener::bind("127.0.0.1:0").await.expect("bind tunnel");
+        let tunnel = bind_loopback().expect("bind tunnel");
         Self::start_on(pki, tunnel, forwards, extra_yaml).await
     }
 
@@ -104,13 +107,11 @@ impl TestServer {
         forwards: &[ForwardSpec],
         extra_yaml: &str,
     ) -> Self {
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin = bind_loopback().expect("bind admin");
         let mut forward_listeners = Vec::new();
         let mut forward_yaml = String::new();
         for (i, forward) in forwards.iter().enumerate() {
-            let listener = TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind forward");
+            let listener = bind_loopback().expect("bind forward");
             forward_yaml.push_str(&format!(
                 "  - {{ name: f{i}, listen: \"{}\", client: {}, target: \"{}\" }}\n",
                 listener.local_addr().expect("addr"),
@@ -196,6 +197,12 @@ impl TestServer {
     }
 }
 
+/// A listener on `127.0.0.1:0` with the daemons' accept backlog (`tether_common::listen`), so
+/// that bursts of test connections behave as against the binary.
+pub fn bind_loopback() -> std::io::Result<TcpListener> {
+    tether_common::listen::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
 /// Parses a server config from YAML as the binary does.
 pub fn server_config(yaml: &str, pki: &TestPki) -> anyhow::Result<tether_server::ServerConfig> {
     let mut config: tether_server::ServerConfig =
@@ -239,26 +246,39 @@ impl TestAgent {
         policy_yaml: &str,
         extra_yaml: &str,
     ) -> Self {
-        let yaml = format!(
-            "version: 1\n\
-             server_url: \"wss://{server}/v1/connect\"\n\
-             tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
-             admin_listen: \"\"\n\
-             connect_timeout: 2s\n\
-             dial_timeout: 2s\n\
-             reconnect: {{ min_delay: 50ms, max_delay: 500ms }}\n\
-             policy:\n{policy_yaml}\n{extra_yaml}",
-            cert.cert_path.display(),
-            cert.key_path.display(),
-            server_ca.display(),
+        let yaml = agent_yaml(server, cert, server_ca, "", policy_yaml, extra_yaml);
+        Self::spawn(&yaml, pki, None)
+    }
+
+    /// Like [`TestAgent::start`], with an admin listener (`/metrics`) on `127.0.0.1:0`; returns
+    /// its address too.
+    pub async fn start_with_admin(
+        pki: &TestPki,
+        cert: &AgentCert,
+        server: SocketAddr,
+        policy_yaml: &str,
+        extra_yaml: &str,
+    ) -> (Self, SocketAddr) {
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin_addr = admin.local_addr().expect("addr");
+        let yaml = agent_yaml(
+            server,
+            cert,
+            pki.ca_path(),
+            &admin_addr.to_string(),
+            policy_yaml,
+            extra_yaml,
         );
-        let config = agent_config(&yaml, pki).expect("valid agent config");
+        (Self::spawn(&yaml, pki, Some(admin)), admin_addr)
+    }
+
+    fn spawn(yaml: &str, pki: &TestPki, admin: Option<TcpListener>) -> Self {
+        let config = agent_config(yaml, pki).expect("valid agent config");
         let registry = prometheus::Registry::new();
         let agent = tether_agent::Agent::new(config, &registry).expect("agent starts");
         let status = agent.status();
         let token = CancellationToken::new();
-        let task =
-            tokio::spawn(agent.run(tether_agent::AgentListeners { admin: None }, token.clone()));
+        let task = tokio::spawn(agent.run(tether_agent::AgentListeners { admin }, token.clone()));
         Self {
             registry,
             status,
@@ -275,9 +295,11 @@ impl TestAgent {
             .expect("agent is running");
     }
 
-    /// Ends the agent abruptly (its task is aborted: no GOAWAY, sockets just close).
+    /// Ends the agent abruptly: its run future is dropped mid-flight, without GOAWAY or
+    /// graceful close (what is left must still be cleaned up by ownership).
     pub async fn kill(self) {
         self.task.abort();
+        // Cancelled is the expected outcome.
         let _ = self.task.await;
     }
 
@@ -289,6 +311,30 @@ impl TestAgent {
             .expect("agent stops in time")
             .expect("agent task did not panic")
     }
+}
+
+/// The YAML of a test agent: short timings, `admin_listen` as given (`""` for none).
+fn agent_yaml(
+    server: SocketAddr,
+    cert: &AgentCert,
+    server_ca: &std::path::Path,
+    admin_listen: &str,
+    policy_yaml: &str,
+    extra_yaml: &str,
+) -> String {
+    format!(
+        "version: 1\n\
+         server_url: \"wss://{server}/v1/connect\"\n\
+         tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
+         admin_listen: \"{admin_listen}\"\n\
+         connect_timeout: 2s\n\
+         dial_timeout: 2s\n\
+         reconnect: {{ min_delay: 50ms, max_delay: 500ms }}\n\
+         policy:\n{policy_yaml}\n{extra_yaml}",
+        cert.cert_path.display(),
+        cert.key_path.display(),
+        server_ca.display(),
+    )
 }
 
 /// Parses an agent config from YAML as the binary does.

@@ -34,6 +34,8 @@ pub struct ServerProcess {
     child: Child,
     /// The tunnel address it bound.
     pub tunnel_addr: SocketAddr,
+    /// The admin address it bound (`/metrics`).
+    pub admin_addr: SocketAddr,
     /// The forward addresses it bound, in log order.
     pub forward_addrs: Vec<SocketAddr>,
     _stderr: tokio::task::JoinHandle<()>,
@@ -61,7 +63,7 @@ impl ServerProcess {
         let stderr = child.stderr.take().expect("piped stderr");
         let mut lines = BufReader::new(stderr).lines();
         let mut forward_addrs = Vec::new();
-        let tunnel_addr = tokio::time::timeout(crate::WAIT, async {
+        let (tunnel_addr, admin_addr) = tokio::time::timeout(crate::WAIT, async {
             loop {
                 let line = lines
                     .next_line()
@@ -72,7 +74,9 @@ impl ServerProcess {
                     forward_addrs.push(addr);
                 }
                 if let Some(addr) = log_field(&line, "server running", "listen") {
-                    return addr;
+                    let admin = log_field(&line, "server running", "admin")
+                        .expect("\"server running\" names the admin address");
+                    return (addr, admin);
                 }
             }
         })
@@ -83,6 +87,7 @@ impl ServerProcess {
         Self {
             child,
             tunnel_addr,
+            admin_addr,
             forward_addrs,
             _stderr: drain,
         }
