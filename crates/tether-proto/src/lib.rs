@@ -10,6 +10,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod prefixed;
+pub mod remotedialer;
 pub mod target;
 pub mod varint;
 
