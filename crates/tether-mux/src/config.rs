@@ -58,6 +58,10 @@ pub struct MuxConfig {
     pub dial_timeout: Duration,
     /// Extra time an opener waits for OPEN_OK beyond the dial timeout (default 5 s).
     pub open_grace: Duration,
+    /// Read bytes returned to the peer as WINDOW once this many accumulate; `None` means a
+    /// quarter window (the default). The remotedialer mapping sets it low, because it derives
+    /// Pause/Resume from the unreturned bytes.
+    pub window_update: Option<u32>,
 }
 
 impl Default for MuxConfig {
@@ -74,6 +78,7 @@ impl Default for MuxConfig {
             sync_interval: Some(Duration::from_secs(60)),
             dial_timeout: Duration::from_secs(10),
             open_grace: Duration::from_secs(5),
+            window_update: None,
         }
     }
 }

@@ -121,8 +121,13 @@ impl AsyncRead for MuxStream {
                 slot.unacked += copied as u64;
                 // Grant credit back in batches: a quarter window keeps the sender busy without
                 // a WINDOW frame per read.
-                let grant =
-                    slot.failure.is_none() && !slot.recv_fin && slot.unacked >= (window / 4).max(1);
+                let every = this
+                    .shared
+                    .config
+                    .window_update
+                    .map_or(window / 4, u64::from)
+                    .max(1);
+                let grant = slot.failure.is_none() && !slot.recv_fin && slot.unacked >= every;
                 if grant {
                     let increment = slot.unacked.min(u64::from(u32::MAX));
                     slot.unacked -= increment;
