@@ -272,6 +272,23 @@ impl TestAgent {
         (Self::spawn(&yaml, pki, Some(admin)), admin_addr)
     }
 
+    /// Like [`TestAgent::start`], with `protocol: remotedialer` to the server's `/connect`
+    /// path; `extra_yaml` may add `headers:`.
+    pub async fn start_remotedialer(
+        pki: &TestPki,
+        cert: &AgentCert,
+        server: SocketAddr,
+        policy_yaml: &str,
+        extra_yaml: &str,
+    ) -> Self {
+        let yaml = agent_yaml(server, cert, pki.ca_path(), "", policy_yaml, extra_yaml).replacen(
+            "/v1/connect\"",
+            "/connect\"",
+            1,
+        );
+        Self::spawn(&format!("{yaml}\nprotocol: remotedialer\n"), pki, None)
+    }
+
     fn spawn(yaml: &str, pki: &TestPki, admin: Option<TcpListener>) -> Self {
         let config = agent_config(yaml, pki).expect("valid agent config");
         let registry = prometheus::Registry::new();

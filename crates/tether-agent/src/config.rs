@@ -66,6 +66,25 @@ pub struct AgentConfig {
     /// Which targets the server may ask this agent to dial. Deny by default: no rule, no dial.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Wire protocol: `tether` (the native `tether.v1`, default) or `remotedialer` (a Go
+    /// rancher/remotedialer server, or a tether server's remotedialer path).
+    #[serde(default)]
+    pub protocol: AgentProtocol,
+    /// Extra request headers of the WebSocket upgrade, e.g. `X-Tunnel-ID` or
+    /// `X-API-Tunnel-Token` for a remotedialer server. Names and values must be valid HTTP.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// The wire protocol the agent speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentProtocol {
+    /// `tether.v1`.
+    #[default]
+    Tether,
+    /// rancher/remotedialer.
+    Remotedialer,
 }
 
 /// `tls:` of agent.yaml. Relative paths are relative to the config file's directory.
@@ -267,6 +286,7 @@ impl AgentConfig {
         }
         self.validate_tls(&mut errors);
         validate_labels(&self.labels, &mut errors);
+        validate_headers(&self.headers, &mut errors);
         if !self.admin_listen.is_empty() && self.admin_listen.parse::<SocketAddr>().is_err() {
             errors.push(
                 "admin_listen",
@@ -361,6 +381,24 @@ fn check_timeout(key: &str, value: HumanDuration, errors: &mut ConfigErrors) {
 
 fn label_char_ok(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')
+}
+
+fn validate_headers(headers: &BTreeMap<String, String>, errors: &mut ConfigErrors) {
+    for (name, value) in headers {
+        let key = format!("headers.{name}");
+        match http::HeaderName::from_bytes(name.as_bytes()) {
+            Err(_) => errors.push(key, format!("`{name}` is not a valid HTTP header name")),
+            Ok(parsed) if parsed == http::header::SEC_WEBSOCKET_PROTOCOL => errors.push(
+                key,
+                "the subprotocol follows from `protocol`; it cannot be set here".to_owned(),
+            ),
+            Ok(_) => {
+                if http::HeaderValue::from_str(value).is_err() {
+                    errors.push(key, "not a valid HTTP header value".to_owned());
+                }
+            }
+        }
+    }
 }
 
 fn validate_labels(labels: &BTreeMap<String, String>, errors: &mut ConfigErrors) {

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Error as WsError};
 
-use crate::config::{AgentConfig, ServerUrl};
+use crate::config::{AgentConfig, AgentProtocol, ServerUrl};
 use crate::ws_transport::WsTransport;
 
 /// The WebSocket subprotocol of the native protocol.
@@ -108,6 +108,9 @@ pub struct Connection {
     pub server_id: Option<String>,
     /// The server's address.
     pub peer: SocketAddr,
+    /// The protocol spoken on `transport`'s WebSocket. For `Remotedialer`, take the socket
+    /// back with `WsTransport::into_inner`.
+    pub protocol: AgentProtocol,
 }
 
 /// Everything needed to dial the server, prepared once.
@@ -121,6 +124,7 @@ pub struct Connector {
     headers: Vec<(HeaderName, HeaderValue)>,
     ws_config: WebSocketConfig,
     limits: Limits,
+    protocol: AgentProtocol,
 }
 
 impl std::fmt::Debug for Connector {
@@ -152,10 +156,22 @@ impl Connector {
                 errors.push("server_name", message);
             })
             .ok();
-        let mut headers = vec![(
-            SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(SUBPROTOCOL),
-        )];
+        let mut headers = Vec::new();
+        if config.protocol == AgentProtocol::Tether {
+            headers.push((
+                SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(SUBPROTOCOL),
+            ));
+        }
+        for (name, value) in &config.headers {
+            match (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                (Ok(name), Ok(value)) => headers.push((name, value)),
+                _ => errors.push(format!("headers.{name}"), "not a valid HTTP header"),
+            }
+        }
         for (name, value, key) in [
             (INSTANCE_HEADER, instance_id.to_owned(), "instance id"),
             (
@@ -177,7 +193,11 @@ impl Connector {
             return Err(errors);
         };
         let limits = config.to_mux_config().limits();
-        let max_message = config.session.max_frame as usize + WS_MESSAGE_SLACK;
+        let max_message = match config.protocol {
+            AgentProtocol::Tether => config.session.max_frame as usize + WS_MESSAGE_SLACK,
+            // Go writes whatever its caller wrote as one message (32 KiB from io.Copy).
+            AgentProtocol::Remotedialer => tether_proto::remotedialer::DEFAULT_MAX_DATA + 64,
+        };
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message))
@@ -192,6 +212,7 @@ impl Connector {
             headers,
             ws_config,
             limits,
+            protocol: config.protocol,
         })
     }
 
@@ -237,7 +258,7 @@ impl Connector {
             .headers()
             .get(SEC_WEBSOCKET_PROTOCOL)
             .and_then(|v| v.to_str().ok());
-        if selected != Some(SUBPROTOCOL) {
+        if self.protocol == AgentProtocol::Tether && selected != Some(SUBPROTOCOL) {
             return Err(ConnectError::Protocol(format!(
                 "the server selected subprotocol {selected:?}, not {SUBPROTOCOL}"
             )));
@@ -252,6 +273,7 @@ impl Connector {
             transport: WsTransport::new(socket, self.limits),
             server_id,
             peer,
+            protocol: self.protocol,
         })
     }
 

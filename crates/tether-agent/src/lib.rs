@@ -12,6 +12,7 @@ pub mod dial;
 pub mod handler;
 pub mod metrics;
 pub mod policy;
+pub mod remotedialer_ws;
 pub mod status;
 mod supervisor;
 pub mod ws_transport;
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
-pub use config::{AgentConfig, AgentTlsConfig, ReconnectConfig};
+pub use config::{AgentConfig, AgentProtocol, AgentTlsConfig, ReconnectConfig};
 pub use connector::{ConnectError, Connector};
 pub use handler::SharedPolicy;
 pub use metrics::{AgentMetrics, DialOutcome};

@@ -12,10 +12,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::config::AgentProtocol;
 use crate::config::ReconnectConfig;
 use crate::connector::{Connection, Connector};
 use crate::handler::Handler;
+use crate::remotedialer_ws::RdWsClient;
 use crate::status::AgentStatus;
+use tether_mux::remotedialer::{self, RdTransport};
+use tether_proto::remotedialer::RdLimits;
 
 /// How long a closing session may take to flush its GOAWAY and close the WebSocket.
 const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -233,12 +237,29 @@ impl Supervisor {
             peer.addr = %connection.peer,
             server.id = connection.server_id.as_deref().unwrap_or(""),
         );
-        let (session, incoming, driver) = Session::new(
-            connection.transport,
-            Role::Agent,
-            self.mux_config.clone(),
-            self.handler.metrics.mux.clone(),
-        );
+        let (session, incoming, driver) = match connection.protocol {
+            AgentProtocol::Tether => Session::new(
+                connection.transport,
+                Role::Agent,
+                self.mux_config.clone(),
+                self.handler.metrics.mux.clone(),
+            ),
+            AgentProtocol::Remotedialer => {
+                let config = remotedialer::mux_config(Role::Agent, &self.mux_config);
+                let transport = RdTransport::new(
+                    RdWsClient::new(connection.transport.into_inner()),
+                    Role::Agent,
+                    remotedialer::settings_for(&config),
+                    RdLimits::default(),
+                );
+                Session::new(
+                    transport,
+                    Role::Agent,
+                    config,
+                    self.handler.metrics.mux.clone(),
+                )
+            }
+        };
         // Cancelled when this function returns, however it returns: the session's dials and
         // streams end with it.
         let streams = shutdown.child_token();

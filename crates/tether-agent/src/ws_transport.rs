@@ -35,6 +35,11 @@ impl<S> WsTransport<S> {
     pub fn get_ref(&self) -> &WebSocketStream<S> {
         &self.socket
     }
+
+    /// Gives the WebSocket back (for `protocol: remotedialer`, which frames it differently).
+    pub fn into_inner(self) -> WebSocketStream<S> {
+        self.socket
+    }
 }
 
 fn transport_error(err: WsError) -> TransportError {

@@ -274,6 +274,42 @@ async fn a_peer_eof_without_local_close_is_reset_after_the_linger() {
     wait_until("stream gone", || server.session.stats().streams == 0).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_local_half_close_the_peer_never_answers_ends_after_the_linger() {
+    let (a, b) = mem_pair();
+    let quiet = MuxConfig {
+        idle_timeout: Duration::from_secs(3600),
+        ..MuxConfig::default()
+    };
+    let server = side(a, Role::Server, &quiet, |s| {
+        s.close_linger = Duration::from_secs(30);
+    });
+    let mut go = Raw { ws: b, id: 0 };
+    let mut stream = server.session.open(target(7007)).await.unwrap();
+    assert!(matches!(
+        go.recv().await,
+        RdMessage::Connect { conn: 2, .. }
+    ));
+    stream.write_all(b"request").await.unwrap();
+    stream.shutdown().await.unwrap();
+    assert_eq!(go.recv().await, data(2, b"request"));
+    // Data keeps the connection alive past the linger...
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        go.send(data(2, b"x")).await;
+    }
+    let mut buf = [0u8; 3];
+    stream.read_exact(&mut buf).await.unwrap();
+    assert!(!server.session.is_closed());
+    // ...silence does not: the peer gets EOF, the local reader an error.
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    assert_eq!(go.recv().await, eof(2));
+    let err = stream.read(&mut buf).await.unwrap_err();
+    assert!(err.to_string().contains("half-close"), "{err}");
+    drop(stream);
+    wait_until("stream gone", || server.session.stats().streams == 0).await;
+}
+
 #[tokio::test]
 async fn server_dials_optimistically_and_closes_with_eof() {
     let (a, b) = mem_pair();

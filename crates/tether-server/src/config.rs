@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub health: HealthConfig,
     /// What `/metrics` exports beyond the `tether_*` series.
     pub metrics: MetricsConfig,
+    /// Go rancher/remotedialer clients on the tunnel listener (the `remotedialer:` section).
+    pub remotedialer: RemotedialerConfig,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +84,7 @@ impl Default for ServerConfig {
             forwards: Vec::new(),
             health: HealthConfig::default(),
             metrics: MetricsConfig::default(),
+            remotedialer: RemotedialerConfig::default(),
         }
     }
 }
@@ -173,6 +176,97 @@ pub struct MetricsConfig {
     pub remotedialer_compat: bool,
 }
 
+/// The `remotedialer:` section: a WebSocket upgrade on `path` without the `tether.v1`
+/// subprotocol is a rancher/remotedialer client. Its identity is the client certificate's, as
+/// for native agents; the headers below can only narrow who gets in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemotedialerConfig {
+    /// Accept remotedialer clients (default `true`).
+    pub enabled: bool,
+    /// The upgrade path (default `/connect`); must start with `/` and differ from
+    /// `/v1/connect`.
+    pub path: String,
+    /// A request header that, when present, must equal the certificate's agent id (default
+    /// `X-Tunnel-ID`, the key of remotedialer's example server); empty disables the check.
+    pub tunnel_id_header: String,
+    /// Also require this header to be present (default `false`).
+    pub require_tunnel_id: bool,
+    /// A file holding a shared token (surrounding whitespace ignored); when set, every
+    /// remotedialer request must carry it in `token_header` (default: none).
+    pub token_file: Option<PathBuf>,
+    /// The header carrying the token (default `X-API-Tunnel-Token`).
+    pub token_header: String,
+    /// How long a connection may stay half-closed (one side finished, the other not) before
+    /// it is ended; remotedialer cannot carry a half-close (default `30s`).
+    pub close_linger: HumanDuration,
+}
+
+impl Default for RemotedialerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/connect".into(),
+            tunnel_id_header: "X-Tunnel-ID".into(),
+            require_tunnel_id: false,
+            token_file: None,
+            token_header: "X-API-Tunnel-Token".into(),
+            close_linger: HumanDuration::secs(30),
+        }
+    }
+}
+
+impl RemotedialerConfig {
+    fn validate(&self, errors: &mut ConfigErrors) {
+        if !self.enabled {
+            return;
+        }
+        if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
+            errors.push(
+                "remotedialer.path",
+                format!("`{}` must be a path starting with `/`", self.path),
+            );
+        } else if self.path == "/v1/connect" {
+            errors.push(
+                "remotedialer.path",
+                "`/v1/connect` is the native agents' path; choose another".to_owned(),
+            );
+        }
+        for (key, value, may_be_empty) in [
+            (
+                "remotedialer.tunnel_id_header",
+                &self.tunnel_id_header,
+                true,
+            ),
+            ("remotedialer.token_header", &self.token_header, false),
+        ] {
+            if value.is_empty() && may_be_empty {
+                continue;
+            }
+            if http::HeaderName::from_bytes(value.as_bytes()).is_err() {
+                errors.push(key, format!("`{value}` is not a valid HTTP header name"));
+            }
+        }
+        if self.close_linger.0.is_zero() || self.close_linger.0 > Duration::from_secs(86_400) {
+            errors.push(
+                "remotedialer.close_linger",
+                format!("{} must be above zero and at most 24h", self.close_linger),
+            );
+        }
+        if self.require_tunnel_id && self.tunnel_id_header.is_empty() {
+            errors.push(
+                "remotedialer.require_tunnel_id",
+                "needs remotedialer.tunnel_id_header".to_owned(),
+            );
+        }
+        if let Some(file) = &self.token_file
+            && let Err(message) = check_readable(file)
+        {
+            errors.push("remotedialer.token_file", message);
+        }
+    }
+}
+
 /// One entry of `forwards:`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -242,6 +336,9 @@ impl ServerConfig {
         resolve(&mut self.tls.key);
         resolve(&mut self.tls.client_ca);
         self.tls.crls.iter_mut().for_each(resolve);
+        if let Some(token) = &mut self.remotedialer.token_file {
+            resolve(token);
+        }
     }
 
     /// Checks everything that parsing cannot; collects every problem with its key path.
@@ -284,6 +381,7 @@ impl ServerConfig {
         self.session.validate("session", &mut errors);
         self.validate_forwards(&mut errors);
         self.health.validate(&mut errors);
+        self.remotedialer.validate(&mut errors);
         errors.into_result(())
     }
 

@@ -51,6 +51,8 @@ pub(crate) struct ConnectState {
     /// Largest DATA payload (`session.max_frame`).
     pub(crate) max_frame: usize,
     pub(crate) log: LogThrottle,
+    /// The remotedialer route's path and checks; `None` when `remotedialer.enabled` is off.
+    pub(crate) remotedialer: Option<(String, crate::remotedialer_connect::RdAuth)>,
 }
 
 /// Per-connection facts the connection task puts into every request's extensions.
@@ -73,12 +75,17 @@ pub(crate) struct UpgradedAgent {
     pub(crate) version: String,
     /// The `max_agents` permit, held for the life of the session.
     pub(crate) slot: OwnedSemaphorePermit,
+    /// Which protocol the upgrade speaks.
+    pub(crate) protocol: crate::registry::Protocol,
 }
 
 /// The tunnel listener's router: `GET /v1/connect`, 404 for everything else.
 pub(crate) fn router(state: Arc<ConnectState>) -> Router {
-    Router::new()
-        .route(CONNECT_PATH, get(connect))
+    let mut router = Router::new().route(CONNECT_PATH, get(connect));
+    if let Some((path, _)) = &state.remotedialer {
+        router = router.route(path, get(crate::remotedialer_connect::connect));
+    }
+    router
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
         .with_state(state)
 }
@@ -182,6 +189,7 @@ async fn connect(
                 instance,
                 version,
                 slot,
+                protocol: crate::registry::Protocol::Tether,
             });
         });
     response

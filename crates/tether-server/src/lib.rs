@@ -16,17 +16,21 @@ pub mod health;
 mod log_throttle;
 pub mod metrics;
 pub mod registry;
+mod remotedialer_connect;
 pub mod remotedialer_metrics;
+mod remotedialer_ws;
 mod server;
 mod tunnel;
 mod ws_transport;
 
 pub use admin::ClientsResponse;
-pub use config::{ForwardConfig, HealthConfig, MetricsConfig, ServerConfig, TlsConfig};
+pub use config::{
+    ForwardConfig, HealthConfig, MetricsConfig, RemotedialerConfig, ServerConfig, TlsConfig,
+};
 pub use health::HealthChecker;
 pub use metrics::ServerMetrics;
 pub use registry::{
-    NoSession, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
+    NoSession, Protocol, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
     Subscriber,
 };
 pub use server::{Listeners, Server, ServerError, run};

@@ -57,6 +57,9 @@ pub struct ServerMetrics {
     pub cert_expiry: CertExpiry,
     /// `session_server_total_*`, when `metrics.remotedialer_compat` is on.
     pub remotedialer: Option<RemotedialerMetrics>,
+    /// `tether_protocol_sessions{protocol}`: live agent sessions by wire protocol
+    /// (`tether.v1`, `remotedialer`).
+    pub protocol_sessions: IntGaugeVec,
 }
 
 impl ServerMetrics {
@@ -77,6 +80,7 @@ impl ServerMetrics {
         registry.register(Box::new(metrics.health_tracked.clone()))?;
         registry.register(Box::new(metrics.health_unhealthy.clone()))?;
         registry.register(Box::new(metrics.cert_expiry.gauge.clone()))?;
+        registry.register(Box::new(metrics.protocol_sessions.clone()))?;
         Ok(metrics)
     }
 
@@ -170,7 +174,19 @@ impl ServerMetrics {
             )?,
             cert_expiry: CertExpiry::unregistered()?,
             remotedialer: None,
+            protocol_sessions: IntGaugeVec::new(
+                Opts::new(
+                    "tether_protocol_sessions",
+                    "Live agent sessions, by wire protocol: tether.v1 or remotedialer.",
+                ),
+                &["protocol"],
+            )?,
         };
+        for protocol in crate::registry::Protocol::ALL {
+            metrics
+                .protocol_sessions
+                .with_label_values(&[protocol.label()]);
+        }
         for result in PROBE_RESULTS {
             metrics.health_probes.with_label_values(&[result]);
         }

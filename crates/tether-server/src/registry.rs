@@ -30,6 +30,29 @@ pub struct NoSession {
     pub client: String,
 }
 
+/// The wire protocol of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// The native protocol.
+    #[default]
+    Tether,
+    /// A rancher/remotedialer client.
+    Remotedialer,
+}
+
+impl Protocol {
+    /// Every protocol, for metric labels.
+    pub const ALL: [Protocol; 2] = [Protocol::Tether, Protocol::Remotedialer];
+
+    /// The name used in listings and metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Tether => "tether.v1",
+            Protocol::Remotedialer => "remotedialer",
+        }
+    }
+}
+
 /// One registered session.
 #[derive(Debug, Clone)]
 pub struct SessionEntry {
@@ -49,6 +72,8 @@ pub struct SessionEntry {
     pub peer_addr: SocketAddr,
     /// What the health checker last found; shared by every clone of the entry.
     pub health: Arc<SessionHealth>,
+    /// The session's wire protocol.
+    pub protocol: Protocol,
 }
 
 /// Health of one session as the health checker sees it. A session nobody has probed yet is
@@ -199,6 +224,9 @@ pub struct SessionSnapshot {
     pub bytes_rx: u64,
     /// Payload bytes sent to the agent.
     pub bytes_tx: u64,
+    /// Wire protocol: `tether.v1` or `remotedialer` (absent in listings of older servers).
+    #[serde(default)]
+    pub protocol: String,
 }
 
 /// What the registry lock protects: the sessions and the subscribers that must see every
@@ -261,6 +289,18 @@ impl SessionRegistry {
         peer_addr: SocketAddr,
         session: Session,
     ) -> SessionGuard {
+        self.insert_with_protocol(client, instance, peer_addr, session, Protocol::Tether)
+    }
+
+    /// [`insert`](Self::insert) for a session of the given wire `protocol`.
+    pub fn insert_with_protocol(
+        self: &Arc<Self>,
+        client: &str,
+        instance: &str,
+        peer_addr: SocketAddr,
+        session: Session,
+        protocol: Protocol,
+    ) -> SessionGuard {
         let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = SessionEntry {
             client: client.to_owned(),
@@ -271,6 +311,7 @@ impl SessionRegistry {
             connected_wall: SystemTime::now(),
             peer_addr,
             health: Arc::new(SessionHealth::default()),
+            protocol,
         };
         let stale: Vec<SessionEntry> = {
             let mut inner = self.lock();
@@ -502,6 +543,7 @@ fn snapshot_session(entry: &SessionEntry) -> SessionSnapshot {
         streams: stats.streams,
         bytes_rx: stats.bytes_rx,
         bytes_tx: stats.bytes_tx,
+        protocol: entry.protocol.label().to_owned(),
     }
 }
 

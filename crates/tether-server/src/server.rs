@@ -215,6 +215,8 @@ impl Server {
             })?;
             forwards.push((f.name.clone(), f.client.clone(), target));
         }
+        let remotedialer =
+            crate::remotedialer_connect::auth_from_config(&config.remotedialer).map_err(one)?;
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
         let admin_stop = CancellationToken::new();
@@ -236,6 +238,7 @@ impl Server {
             shutdown: shutdown.clone(),
             max_frame: config.session.max_frame as usize,
             log: LogThrottle::new(LOG_WINDOW),
+            remotedialer,
         });
         let tunnel = Arc::new(Tunnel {
             acceptor: TlsAcceptor::from(self.tls.clone()),
@@ -245,6 +248,7 @@ impl Server {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             mux_config: config.to_mux_config(),
+            rd_close_linger: config.remotedialer.close_linger.0,
             router: connect::router(connect_state),
             shutdown: shutdown.clone(),
             hard_stop: hard_stop.clone(),

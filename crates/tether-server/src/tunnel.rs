@@ -12,8 +12,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use tether_common::identity::IdentityMode;
 use tether_common::tls::{alpn_ok, peer_identity};
+use tether_mux::remotedialer::{self, RdSettings, RdTransport};
 use tether_mux::{MuxConfig, Role, Session, SessionEnd};
 use tether_proto::GoAwayCode;
+use tether_proto::remotedialer::RdLimits;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::{Instant, timeout, timeout_at};
@@ -27,7 +29,9 @@ use crate::accept::accept;
 use crate::connect::{ConnContext, UpgradedAgent};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
+use crate::registry::Protocol;
 use crate::registry::SessionRegistry;
+use crate::remotedialer_ws::RdWsTransport;
 use crate::ws_transport::WsTransport;
 
 /// Largest HTTP head buffered while reading the upgrade request.
@@ -43,6 +47,8 @@ pub(crate) struct Tunnel {
     pub(crate) registry: Arc<SessionRegistry>,
     pub(crate) metrics: ServerMetrics,
     pub(crate) mux_config: MuxConfig,
+    /// `remotedialer.close_linger`.
+    pub(crate) rd_close_linger: Duration,
     /// The `/v1/connect` router (see `connect.rs`).
     pub(crate) router: axum::Router,
     /// Cancelled when shutdown starts: stop accepting, abandon handshakes, GOAWAY new sessions.
@@ -223,22 +229,49 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
         instance,
         version,
         slot,
+        protocol,
     } = up;
-    let transport = WsTransport::new(socket, tunnel.mux_config.limits());
-    let (session, incoming, driver) = Session::new(
-        transport,
-        Role::Server,
-        tunnel.mux_config.clone(),
-        tunnel.metrics.mux.clone(),
-    );
+    let (session, incoming, driver) = match protocol {
+        Protocol::Tether => Session::new(
+            WsTransport::new(socket, tunnel.mux_config.limits()),
+            Role::Server,
+            tunnel.mux_config.clone(),
+            tunnel.metrics.mux.clone(),
+        ),
+        Protocol::Remotedialer => {
+            let config = remotedialer::mux_config(Role::Server, &tunnel.mux_config);
+            let transport = RdTransport::new(
+                RdWsTransport::new(socket),
+                Role::Server,
+                RdSettings {
+                    close_linger: tunnel.rd_close_linger,
+                    ..remotedialer::settings_for(&config)
+                },
+                RdLimits::default(),
+            );
+            Session::new(transport, Role::Server, config, tunnel.metrics.mux.clone())
+        }
+    };
+    let protocol_gauge = tunnel
+        .metrics
+        .protocol_sessions
+        .with_label_values(&[protocol.label()]);
+    protocol_gauge.inc();
+    let _protocol_count = GaugeDec(protocol_gauge);
     // The server takes no streams from agents: without a receiver the mux answers every OPEN
     // with OPEN_ERR(unsupported).
     drop(incoming);
-    let guard = tunnel
-        .registry
-        .insert(&agent_id, &instance, peer, session.clone());
+    let guard =
+        tunnel
+            .registry
+            .insert_with_protocol(&agent_id, &instance, peer, session.clone(), protocol);
     Span::current().record("session.id", guard.session_id());
-    info!(instance = %instance, agent.version = %version, "agent connected");
+    info!(
+        instance = %instance,
+        agent.version = %version,
+        protocol = protocol.label(),
+        "agent connected"
+    );
     if tunnel.shutdown.is_cancelled() {
         session.goaway(GoAwayCode::Shutdown, "server shutting down");
     }
@@ -258,6 +291,15 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
     match end {
         SessionEnd::Protocol(_) => warn!(reason = end.label(), error = %end, "agent disconnected"),
         _ => info!(reason = end.label(), "agent disconnected"),
+    }
+}
+
+/// Decrements a gauge when dropped, on every exit path.
+struct GaugeDec(IntGauge);
+
+impl Drop for GaugeDec {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -380,6 +380,7 @@ mod tests {
                         streams: 3,
                         bytes_rx: 1536,
                         bytes_tx: 10,
+                        protocol: "tether.v1".into(),
                     }],
                 },
                 ClientSnapshot {

@@ -32,9 +32,15 @@ pub use translate::{RdCounters, RdSettings, Translator};
 use crate::config::{MuxConfig, Role};
 use crate::transport::TransportError;
 
-/// Most messages waiting for the writer task; the multiplexer's writer and the reader both
-/// wait when it is full.
+/// Most messages waiting for the writer task before the multiplexer's writer waits.
 const OUTBOX_CAP: usize = 64;
+/// Most messages waiting before the reader stops reading. Far above [`OUTBOX_CAP`]: the excess
+/// can only be the reader's own replies (Pause, Resume, Errors), and a reader that waited for
+/// Data to drain could deadlock with a peer doing the same.
+const OUTBOX_READER_CAP: usize = 1024;
+/// Most bytes waiting for the writer task. Credit goes back to the local writer when a Data
+/// message enters the outbox, so this also bounds what can follow a peer's Pause.
+const OUTBOX_BYTES: usize = 256 * 1024;
 /// Most frames waiting for the multiplexer's reader before its writer waits.
 const TO_MUX_CAP: usize = 256;
 /// A frame type no tether.v1 peer sends: handed to the multiplexer when a WebSocket ping
@@ -74,8 +80,9 @@ impl<T> MessageTransport for T where
 
 /// The multiplexer settings for a remotedialer session, from the daemon's usual ones.
 ///
-/// - The receive window becomes the hard limit of unread bytes per connection (8 MiB or more):
-///   Pause is only advisory for a Go peer, which keeps sending what is in flight.
+/// - The receive window becomes the hard limit of unread bytes per connection (16 MiB or
+///   more): Pause is only advisory for a Go peer, which keeps sending what is in flight (its
+///   socket buffers and ours), so a peer that goes beyond is reset (`flow_control`).
 /// - Read bytes are returned every 64 KiB, so that the mapping knows the unread bytes closely
 ///   enough for Pause (above 2 MiB) and Resume (below 256 KiB).
 /// - As a client: WebSocket pings every 5 s (a Go server drops a client after 60 s without
@@ -83,7 +90,7 @@ impl<T> MessageTransport for T where
 ///   reap on receipt).
 pub fn mux_config(role: Role, base: &MuxConfig) -> MuxConfig {
     let mut config = base.clone();
-    config.window = config.window.max(8 * 1024 * 1024);
+    config.window = config.window.max(16 * 1024 * 1024);
     config.window_update = Some(64 * 1024);
     match role {
         Role::Agent => {
@@ -108,12 +115,20 @@ pub fn settings_for(config: &MuxConfig) -> RdSettings {
 #[derive(Default)]
 struct OutboxState {
     queue: VecDeque<WsMessage>,
+    /// Bytes of the messages in `queue`.
+    bytes: usize,
     closing: bool,
     failed: Option<String>,
     /// The multiplexer's writer, waiting for room.
     sink_waker: Option<Waker>,
     /// The reader, waiting for room before it reads more.
     read_waker: Option<Waker>,
+}
+
+impl OutboxState {
+    fn is_full(&self) -> bool {
+        self.queue.len() >= OUTBOX_CAP || self.bytes >= OUTBOX_BYTES
+    }
 }
 
 #[derive(Default)]
@@ -194,6 +209,7 @@ impl<M: MessageTransport> RdTransport<M> {
                 let mut buf = BytesMut::new();
                 encode(self.next_msg_id, &message, &mut buf);
                 self.next_msg_id = self.next_msg_id.wrapping_add(1);
+                out.bytes += buf.len();
                 out.queue.push_back(WsMessage::Binary(buf.freeze()));
             }
         }
@@ -240,8 +256,8 @@ impl<M: MessageTransport> Stream for RdTransport<M> {
                 if let Some(failed) = &out.failed {
                     return Poll::Ready(Some(Err(TransportError::Other(failed.clone()))));
                 }
-                if out.queue.len() >= OUTBOX_CAP {
-                    // Reading more could queue more replies: wait for the writer.
+                if out.queue.len() >= OUTBOX_READER_CAP {
+                    // The peer does not read our replies: wait for the writer.
                     out.read_waker = Some(cx.waker().clone());
                     return Poll::Pending;
                 }
@@ -254,6 +270,7 @@ impl<M: MessageTransport> Stream for RdTransport<M> {
                 Some(Err(err)) => return Poll::Ready(Some(Err(err))),
                 Some(Ok(message)) => message,
             };
+            this.translator.maybe_tick(Instant::now());
             match message {
                 WsMessage::Binary(bytes) => match decode(&bytes, &this.limits) {
                     Ok(decoded) => {
@@ -300,7 +317,7 @@ impl<M: MessageTransport> Sink<Frame> for RdTransport<M> {
         if let Some(failed) = &out.failed {
             return Poll::Ready(Err(TransportError::Other(failed.clone())));
         }
-        if out.queue.len() >= OUTBOX_CAP {
+        if out.is_full() {
             out.sink_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
@@ -355,6 +372,7 @@ async fn write_loop<M: MessageTransport>(mut sink: SplitSink<M, WsMessage>, outb
         let (batch, closing) = {
             let mut out = outbox.lock();
             let batch: Vec<WsMessage> = out.queue.drain(..).collect();
+            out.bytes = 0;
             (batch, out.closing)
         };
         if !batch.is_empty() {

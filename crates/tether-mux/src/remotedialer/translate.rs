@@ -36,7 +36,9 @@ pub struct RdSettings {
     /// Dial timeout passed to the multiplexer for the peer's Connects (Go: 15 s legacy value).
     pub dial_timeout: Duration,
     /// After the peer's `EOF`, how long the local side may take to finish before the stream is
-    /// reset (the peer has forgotten the connection; nothing else would end it).
+    /// reset (the peer has forgotten the connection; nothing else would end it). Likewise, on
+    /// the server, after the local side's FIN, how long the peer may take to close before the
+    /// connection is ended with `EOF` (no half-close exists to tell the peer).
     pub close_linger: Duration,
 }
 
@@ -62,6 +64,10 @@ struct Conn {
     created: Instant,
     /// Local -> peer: the multiplexer sent FIN.
     local_fin: bool,
+    /// When the multiplexer sent FIN.
+    local_fin_at: Option<Instant>,
+    /// When the peer last sent Data (or was resumed).
+    last_rx: Instant,
     /// Local -> peer: the peer asked us to pause.
     peer_paused_us: bool,
     /// Local -> peer: credit withheld from the local writer while paused.
@@ -108,6 +114,8 @@ pub struct Translator {
     last_conn: u64,
     /// Client: the next multiplexer stream id for a peer Connect (the peer is the "server").
     next_peer_stream: StreamId,
+    /// When [`tick`](Self::tick) last ran.
+    last_tick: Option<Instant>,
     /// Frames for the multiplexer, in order.
     pub to_mux: VecDeque<Frame>,
     /// Messages for the wire, in order.
@@ -126,6 +134,7 @@ impl Translator {
             by_stream: HashMap::new(),
             last_conn: 1,
             next_peer_stream: 1,
+            last_tick: None,
             to_mux: VecDeque::new(),
             to_wire: VecDeque::new(),
             counters: Arc::default(),
@@ -158,7 +167,7 @@ impl Translator {
     /// Applies one message from the peer.
     pub fn from_wire(&mut self, message: RdMessage, now: Instant) {
         match message {
-            RdMessage::Data { conn, payload } => self.wire_data(conn, payload),
+            RdMessage::Data { conn, payload } => self.wire_data(conn, payload, now),
             RdMessage::Connect {
                 conn,
                 proto,
@@ -220,7 +229,7 @@ impl Translator {
         }
     }
 
-    fn wire_data(&mut self, conn: u64, payload: Bytes) {
+    fn wire_data(&mut self, conn: u64, payload: Bytes, now: Instant) {
         let max = self.settings.max_data.max(1) as usize;
         let pause_above = self.settings.pause_above;
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -230,6 +239,7 @@ impl Translator {
         if c.remote_done {
             return;
         }
+        c.last_rx = now;
         c.unread += payload.len() as u64;
         let mut rest = payload;
         while !rest.is_empty() {
@@ -351,6 +361,8 @@ impl Translator {
                 stream,
                 created: now,
                 local_fin: false,
+                local_fin_at: None,
+                last_rx: now,
                 peer_paused_us: false,
                 owed: 0,
                 remote_done: false,
@@ -373,9 +385,20 @@ impl Translator {
         }
     }
 
+    /// Runs [`tick`](Self::tick) if it has not run for a second (called on every message).
+    pub fn maybe_tick(&mut self, now: Instant) {
+        if self
+            .last_tick
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            self.tick(now);
+        }
+    }
+
     /// Housekeeping, run on every keepalive tick: connections the peer closed whose local side
     /// did not finish within `close_linger` are reset.
     pub fn tick(&mut self, now: Instant) {
+        self.last_tick = Some(now);
         let linger = self.settings.close_linger;
         let expired: Vec<u64> = self
             .conns
@@ -394,6 +417,31 @@ impl Translator {
                     message: "peer closed the connection (remotedialer has no half-close)".into(),
                 });
             }
+            self.remove(conn);
+        }
+        let unanswered: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                // Idle since our FIN, and nothing waiting for a slow local reader.
+                !c.remote_done
+                    && !c.we_paused_peer
+                    && c.local_fin_at
+                        .is_some_and(|at| now.duration_since(at.max(c.last_rx)) >= linger)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in unanswered {
+            if let Some(c) = self.conns.get(&conn) {
+                self.to_mux.push_back(Frame::Rst {
+                    stream: c.stream,
+                    code: ResetCode::Cancelled,
+                    message: "the peer did not close after our half-close (remotedialer has \
+                              no half-close)"
+                        .into(),
+                });
+            }
+            self.to_wire.push_back(RdMessage::error(conn, EOF_MESSAGE));
             self.remove(conn);
         }
     }
@@ -423,7 +471,7 @@ impl Translator {
                 }
             }
             Frame::Data { stream, payload } => self.mux_data(stream, payload),
-            Frame::Window { stream, increment } => self.mux_window(stream, increment),
+            Frame::Window { stream, increment } => self.mux_window(stream, increment, now),
             Frame::Fin { stream } => {
                 let Some(conn) = self.by_stream.get(&stream).copied() else {
                     return;
@@ -432,6 +480,7 @@ impl Translator {
                     return;
                 };
                 c.local_fin = true;
+                c.local_fin_at = Some(now);
                 if c.remote_done {
                     self.to_wire.push_back(RdMessage::error(conn, EOF_MESSAGE));
                     self.remove(conn);
@@ -545,7 +594,7 @@ impl Translator {
         }
     }
 
-    fn mux_window(&mut self, stream: StreamId, increment: u32) {
+    fn mux_window(&mut self, stream: StreamId, increment: u32, now: Instant) {
         let resume_below = self.settings.resume_below;
         let Some(conn) = self.by_stream.get(&stream).copied() else {
             return;
@@ -556,6 +605,8 @@ impl Translator {
         c.unread = c.unread.saturating_sub(u64::from(increment));
         if c.we_paused_peer && c.unread < resume_below {
             c.we_paused_peer = false;
+            // The peer's silence while paused was ours: the linger starts over.
+            c.last_rx = now;
             bump(&self.counters.resumes_sent);
             self.to_wire.push_back(RdMessage::Resume { conn });
         }

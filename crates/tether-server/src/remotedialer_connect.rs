@@ -1,0 +1,256 @@
+//! The remotedialer route of the tunnel listener: an upgrade on `remotedialer.path` without the
+//! `tether.v1` subprotocol, from a client whose certificate was verified like a native agent's,
+//! optionally narrowed by a tunnel-id header that must match the identity and a shared token
+//! (compared in constant time).
+
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderName, StatusCode, header};
+use tracing::{debug, warn};
+
+use tether_common::config_error::FieldError;
+
+use crate::config::RemotedialerConfig;
+use crate::connect::{ConnContext, ConnectState, INSTANCE_HEADER, SUBPROTOCOL, UpgradedAgent};
+use crate::registry::{Protocol, sanitize_instance};
+
+/// Largest remotedialer message accepted: a Data payload of 1 MiB (Go writes 32 KiB) and its
+/// header.
+pub(crate) const MAX_RD_MESSAGE: usize = tether_proto::remotedialer::DEFAULT_MAX_DATA + 64;
+/// Bytes tungstenite buffers before writing to the socket.
+const WS_WRITE_BUFFER: usize = 64 * 1024;
+
+/// How remotedialer requests are authenticated beyond the client certificate.
+#[derive(Debug)]
+pub(crate) struct RdAuth {
+    /// Header that, when present, must equal the certificate identity.
+    pub(crate) tunnel_id_header: Option<HeaderName>,
+    pub(crate) require_tunnel_id: bool,
+    /// Header and expected value of the shared token.
+    pub(crate) token: Option<(HeaderName, Vec<u8>)>,
+}
+
+/// The route's path and checks from the `remotedialer:` section (reads the token file);
+/// `None` when the section is disabled.
+pub(crate) fn auth_from_config(
+    config: &RemotedialerConfig,
+) -> Result<Option<(String, RdAuth)>, FieldError> {
+    if !config.enabled {
+        return Ok(None);
+    }
+    let header = |key: &str, value: &str| {
+        HeaderName::from_bytes(value.as_bytes())
+            .map_err(|_| FieldError::new(key, format!("`{value}` is not a valid HTTP header name")))
+    };
+    let tunnel_id_header = if config.tunnel_id_header.is_empty() {
+        None
+    } else {
+        Some(header(
+            "remotedialer.tunnel_id_header",
+            &config.tunnel_id_header,
+        )?)
+    };
+    let token = match &config.token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                FieldError::new(
+                    "remotedialer.token_file",
+                    format!("cannot read {}: {err}", path.display()),
+                )
+            })?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(FieldError::new(
+                    "remotedialer.token_file",
+                    format!("{} holds no token", path.display()),
+                ));
+            }
+            Some((
+                header("remotedialer.token_header", &config.token_header)?,
+                token.as_bytes().to_vec(),
+            ))
+        }
+    };
+    Ok(Some((
+        config.path.clone(),
+        RdAuth {
+            tunnel_id_header,
+            require_tunnel_id: config.require_tunnel_id,
+            token,
+        },
+    )))
+}
+
+/// Equal lengths and bytes, in time that depends on the lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+fn refuse(
+    state: &ConnectState,
+    ctx: &ConnContext,
+    status: StatusCode,
+    reason: &'static str,
+    body: &str,
+) -> Response {
+    state
+        .metrics
+        .auth_failures
+        .with_label_values(&[reason])
+        .inc();
+    match state.log.check(reason) {
+        Some(suppressed) => warn!(
+            peer.addr = %ctx.peer_addr,
+            reason,
+            suppressed,
+            "remotedialer client refused"
+        ),
+        None => debug!(reason, "remotedialer client refused"),
+    }
+    (status, format!("{body}\n")).into_response()
+}
+
+pub(crate) async fn connect(
+    State(state): State<Arc<ConnectState>>,
+    Extension(ctx): Extension<ConnContext>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Some((_, auth)) = state.remotedialer.as_ref() else {
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    };
+    if headers.contains_key(header::ORIGIN) {
+        return (
+            StatusCode::FORBIDDEN,
+            "requests from browsers (with an Origin header) are not accepted\n",
+        )
+            .into_response();
+    }
+    if let Some((name, expected)) = &auth.token {
+        let given = headers.get(name).map(|v| v.as_bytes()).unwrap_or_default();
+        if !constant_time_eq(given.trim_ascii(), expected) {
+            // Go's answer to a failed Authorizer.
+            return refuse(
+                &state,
+                &ctx,
+                StatusCode::UNAUTHORIZED,
+                "bad_token",
+                "failed authentication",
+            );
+        }
+    }
+    if let Some(name) = &auth.tunnel_id_header {
+        match headers.get(name) {
+            Some(value) if value.as_bytes() != ctx.agent_id.as_bytes() => {
+                return refuse(
+                    &state,
+                    &ctx,
+                    StatusCode::FORBIDDEN,
+                    "tunnel_id_mismatch",
+                    &format!(
+                        "{name} does not match the client certificate's identity \"{}\"",
+                        ctx.agent_id
+                    ),
+                );
+            }
+            None if auth.require_tunnel_id => {
+                return refuse(
+                    &state,
+                    &ctx,
+                    StatusCode::UNAUTHORIZED,
+                    "missing_tunnel_id",
+                    &format!("missing {name} header"),
+                );
+            }
+            _ => {}
+        }
+    }
+    if !state.allowed.is_empty() && !state.allowed.contains(&*ctx.agent_id) {
+        return refuse(
+            &state,
+            &ctx,
+            StatusCode::FORBIDDEN,
+            "not_allowed",
+            &format!("agent \"{}\" is not allowed to connect", ctx.agent_id),
+        );
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            debug!(%rejection, "remotedialer request without a WebSocket upgrade");
+            return (
+                StatusCode::BAD_REQUEST,
+                "Error during upgrade: a WebSocket upgrade is required\n",
+            )
+                .into_response();
+        }
+    };
+    let asks_native = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
+    if asks_native {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("{SUBPROTOCOL} agents connect on /v1/connect\n"),
+        )
+            .into_response();
+    }
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n").into_response();
+    }
+    let Ok(slot) = state.agent_slots.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server is at its agent limit (max_agents)\n",
+        )
+            .into_response();
+    };
+    let handoff = ctx.handoff.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(handoff) = handoff else {
+        return (StatusCode::BAD_REQUEST, "one upgrade per connection\n").into_response();
+    };
+    // A tether agent in remotedialer mode still names its process, so that a reconnect
+    // replaces its stale session; Go clients send nothing and coexist, as in Go.
+    let instance = headers
+        .get(&INSTANCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(sanitize_instance)
+        .unwrap_or_default();
+    ws.max_message_size(MAX_RD_MESSAGE)
+        .max_frame_size(MAX_RD_MESSAGE)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(WS_WRITE_BUFFER + 4 * MAX_RD_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let _ = handoff.send(UpgradedAgent {
+                socket,
+                instance,
+                version: String::new(),
+                slot,
+                protocol: Protocol::Remotedialer,
+            });
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

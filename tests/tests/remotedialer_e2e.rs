@@ -1,0 +1,369 @@
+//! A tether server and a tether agent speaking rancher/remotedialer to each other (the agent's
+//! `protocol: remotedialer`, the server's `/connect` path): byte-exact transfers, concurrency,
+//! refused and denied targets, slow readers, the half-close linger, token and tunnel-id
+//! checks, the listing and metrics, and reconnects.
+
+#![allow(clippy::unwrap_used)] // test helpers panic on failure by design
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tether_e2e::tether_testkit::{TestPki, echo_server};
+use tether_e2e::{
+    ForwardSpec, TestAgent, TestServer, allow_only, consumer_gets_error, eventually, metric_or_zero,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Server settings of these tests: a short half-close linger.
+const SERVER_YAML: &str = "remotedialer: { close_linger: 1s }\n";
+
+/// A target that reads a length (u64) and that many bytes, sends them back after an optional
+/// pause, and closes: a request/response exchange, which remotedialer can carry (it cannot
+/// carry a half-close, so an echo-until-EOF target would never see the end).
+struct Responder {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn responder(pause: Duration) -> Responder {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            conns.spawn(async move {
+                let Ok(len) = sock.read_u64().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; len as usize];
+                if sock.read_exact(&mut buf).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                let _ = sock.write_all(&buf).await;
+                let _ = sock.shutdown().await;
+            });
+            while conns.try_join_next().is_some() {}
+        }
+    });
+    Responder { addr, task }
+}
+
+/// Sends `payload` (length-prefixed) through `forward`; returns what came back before EOF,
+/// reading only after `read_delay`.
+async fn exchange(forward: SocketAddr, payload: Vec<u8>, read_delay: Duration) -> Vec<u8> {
+    let stream = TcpStream::connect(forward).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let len = payload.len() as u64;
+    let writer = tokio::spawn(async move {
+        write.write_u64(len).await.unwrap();
+        write.write_all(&payload).await.unwrap();
+        // A half-close: carried as "wait for the target to close".
+        write.shutdown().await.unwrap();
+    });
+    tokio::time::sleep(read_delay).await;
+    let mut back = Vec::new();
+    if let Err(e) = read.read_to_end(&mut back).await {
+        panic!("read failed after {} bytes: {e}", back.len());
+    }
+    writer.await.unwrap();
+    back
+}
+
+fn payload(size: usize, seed: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; size];
+    fastrand::Rng::with_seed(seed).fill(&mut bytes);
+    bytes
+}
+
+async fn rd_pair(pki: &TestPki, targets: &[SocketAddr], policy: &str) -> (TestServer, TestAgent) {
+    let forwards: Vec<ForwardSpec> = targets
+        .iter()
+        .map(|t| ForwardSpec::new("edge-1", t))
+        .collect();
+    let server = TestServer::start(pki, &forwards, SERVER_YAML).await;
+    let mut agent =
+        TestAgent::start_remotedialer(pki, &pki.agent("edge-1"), server.tunnel_addr, policy, "")
+            .await;
+    agent.wait_connected().await;
+    server.wait_agents(1).await;
+    (server, agent)
+}
+
+async fn streams_settle(server: &TestServer, agent: &TestAgent) {
+    eventually("no stream left on either side", || {
+        metric_or_zero(&server.registry, "tether_streams_active", &[]) == 0.0
+            && metric_or_zero(&agent.registry, "tether_streams_active", &[]) == 0.0
+    })
+    .await;
+    let opened = metric_or_zero(&server.registry, "tether_streams_opened_total", &[]);
+    let closed = tether_e2e::metric_sum(&server.registry, "tether_streams_closed_total");
+    assert_eq!(opened, closed, "server: every stream opened was closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_exact_transfers_listing_and_metrics() {
+    let pki = TestPki::new();
+    let target = responder(Duration::ZERO).await;
+    let (server, agent) = rd_pair(&pki, &[target.addr], &allow_only(target.addr)).await;
+    let forward = server.forward_addrs[0];
+    for size in [0usize, 1, 65_537, 1 << 20, 16 << 20] {
+        let sent = payload(size, size as u64);
+        let back = exchange(forward, sent.clone(), Duration::ZERO).await;
+        assert_eq!(back.len(), size, "length for size {size}");
+        assert!(back == sent, "content for size {size}");
+    }
+    let listing = server.clients().await;
+    let client = listing
+        .clients
+        .iter()
+        .find(|c| c.client == "edge-1")
+        .unwrap();
+    assert_eq!(client.sessions.len(), 1);
+    assert_eq!(client.sessions[0].protocol, "remotedialer");
+    assert_eq!(
+        metric_or_zero(
+            &server.registry,
+            "tether_protocol_sessions",
+            &[("protocol", "remotedialer")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_or_zero(
+            &server.registry,
+            "tether_protocol_sessions",
+            &[("protocol", "tether.v1")]
+        ),
+        0.0
+    );
+    streams_settle(&server, &agent).await;
+    agent.stop().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hundred_concurrent_exchanges() {
+    let pki = TestPki::new();
+    let target = responder(Duration::ZERO).await;
+    let (server, agent) = rd_pair(&pki, &[target.addr], &allow_only(target.addr)).await;
+    let forward = server.forward_addrs[0];
+    let mut tasks = JoinSet::new();
+    for n in 0..100u64 {
+        tasks.spawn(async move {
+            let sent = payload(64 * 1024 + n as usize * 97, n);
+            let back = exchange(forward, sent.clone(), Duration::ZERO).await;
+            assert!(back == sent, "exchange {n}");
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    streams_settle(&server, &agent).await;
+    assert_eq!(
+        metric_or_zero(&server.registry, "tether_streams_opened_total", &[]),
+        100.0
+    );
+    agent.stop().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_and_refused_targets_fail_only_their_connection() {
+    let pki = TestPki::new();
+    let allowed = responder(Duration::ZERO).await;
+    let denied = responder(Duration::ZERO).await;
+    // A port that refuses: bound, then closed.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let policy = format!(
+        "  allow:\n    - {{ cidrs: [\"127.0.0.1/32\"], ports: [\"{}\", \"{}\"] }}\n",
+        allowed.addr.port(),
+        closed.port()
+    );
+    let (server, agent) = rd_pair(&pki, &[allowed.addr, denied.addr, closed], &policy).await;
+    let [ok, deny, refuse] = [
+        server.forward_addrs[0],
+        server.forward_addrs[1],
+        server.forward_addrs[2],
+    ];
+    // No dial acknowledgement: the consumer sees the failure as a reset, never a clean EOF.
+    assert!(consumer_gets_error(deny).await, "denied target");
+    assert!(consumer_gets_error(refuse).await, "refused target");
+    // The session survived both: a Go agent would have dropped it for the denial.
+    assert_eq!(server.agents_connected(), 1.0);
+    let back = exchange(ok, b"still here".to_vec(), Duration::ZERO).await;
+    assert_eq!(back, b"still here");
+    eventually("the agent counted the denial", || {
+        tether_e2e::metric_sum(&agent.registry, "tether_agent_policy_denials_total") >= 1.0
+    })
+    .await;
+    streams_settle(&server, &agent).await;
+    agent.stop().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_gets_every_byte() {
+    // 12 MiB back to a consumer that starts reading 2 s late: the agent's side buffers past
+    // 2 MiB, pauses the server... and Resume must wake the writer (Go's stalls here).
+    let pki = TestPki::new();
+    let target = responder(Duration::ZERO).await;
+    let (server, agent) = rd_pair(&pki, &[target.addr], &allow_only(target.addr)).await;
+    let sent = payload(12 << 20, 7);
+    let back = exchange(
+        server.forward_addrs[0],
+        sent.clone(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(back.len(), sent.len());
+    assert!(back == sent);
+    streams_settle(&server, &agent).await;
+    agent.stop().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closed_connection_is_ended_after_the_linger() {
+    // An echo target never closes by itself; the consumer leaves after its answer.
+    let pki = TestPki::new();
+    let (target, _echo) = echo_server().await;
+    let (server, agent) = rd_pair(&pki, &[target], &allow_only(target)).await;
+    let mut stream = TcpStream::connect(server.forward_addrs[0]).await.unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    stream.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    drop(stream);
+    // Within close_linger (1 s) plus a keepalive interval, both sides let go.
+    streams_settle(&server, &agent).await;
+    agent.stop().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_tunnel_id_are_checked() {
+    let pki = TestPki::new();
+    let token_path = pki.dir().join("rd-token");
+    std::fs::write(&token_path, "s3cret-token\n").unwrap();
+    let yaml = format!(
+        "remotedialer: {{ token_file: \"{}\", require_tunnel_id: true }}\n",
+        token_path.display()
+    );
+    let server = TestServer::start(&pki, &[], &yaml).await;
+    let cert = pki.agent("edge-1");
+    let policy = "  allow: []\n";
+    // Wrong token: 401, counted, never connected.
+    let wrong = TestAgent::start_remotedialer(
+        &pki,
+        &cert,
+        server.tunnel_addr,
+        policy,
+        "headers: { X-API-Tunnel-Token: nope, X-Tunnel-ID: edge-1 }\n",
+    )
+    .await;
+    eventually("bad token counted", || {
+        metric_or_zero(
+            &server.registry,
+            "tether_auth_failures_total",
+            &[("reason", "bad_token")],
+        ) >= 1.0
+    })
+    .await;
+    assert!(!wrong.status.borrow().connected);
+    wrong.stop().await.unwrap();
+    // Right token but a tunnel id that is not the certificate's: 403.
+    let liar = TestAgent::start_remotedialer(
+        &pki,
+        &cert,
+        server.tunnel_addr,
+        policy,
+        "headers: { X-API-Tunnel-Token: s3cret-token, X-Tunnel-ID: edge-2 }\n",
+    )
+    .await;
+    eventually("tunnel id mismatch counted", || {
+        metric_or_zero(
+            &server.registry,
+            "tether_auth_failures_total",
+            &[("reason", "tunnel_id_mismatch")],
+        ) >= 1.0
+    })
+    .await;
+    liar.stop().await.unwrap();
+    assert_eq!(server.agents_connected(), 0.0);
+    // Both right: connected.
+    let mut good = TestAgent::start_remotedialer(
+        &pki,
+        &cert,
+        server.tunnel_addr,
+        policy,
+        "headers: { X-API-Tunnel-Token: s3cret-token, X-Tunnel-ID: edge-1 }\n",
+    )
+    .await;
+    good.wait_connected().await;
+    server.wait_agents(1).await;
+    good.stop().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_after_the_server_restarts() {
+    let pki = TestPki::new();
+    let target = responder(Duration::ZERO).await;
+    let (server, agent) = rd_pair(&pki, &[target.addr], &allow_only(target.addr)).await;
+    let tunnel = server.tunnel_addr;
+    assert_eq!(
+        exchange(server.forward_addrs[0], b"one".to_vec(), Duration::ZERO).await,
+        b"one"
+    );
+    server.stop().await.unwrap();
+    // The same address again (the agent's server_url does not change).
+    let listener = tether_common_bind(tunnel).await;
+    let server = TestServer::start_on(
+        &pki,
+        listener,
+        &[ForwardSpec::new("edge-1", target.addr)],
+        SERVER_YAML,
+    )
+    .await;
+    server.wait_agents(1).await;
+    assert_eq!(
+        exchange(server.forward_addrs[0], b"two".to_vec(), Duration::ZERO).await,
+        b"two"
+    );
+    streams_settle(&server, &agent).await;
+    agent.stop().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+/// Binds `addr` again, retrying while the old listener's socket is still going away.
+async fn tether_common_bind(addr: SocketAddr) -> TcpListener {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tether_common::listen::bind(addr) {
+            Ok(listener) => return listener,
+            Err(err) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "cannot bind {addr} again: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
