@@ -250,7 +250,13 @@ impl<M: MessageTransport> Stream for RdTransport<M> {
             if this.ended {
                 return Poll::Ready(None);
             }
-            this.reader = Some(cx.waker().clone());
+            if !this
+                .reader
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                this.reader = Some(cx.waker().clone());
+            }
             {
                 let mut out = this.outbox.lock();
                 if let Some(failed) = &out.failed {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tether_proto::remotedialer::{EOF_MESSAGE, MAX_CONNECT_LEN, RdMessage};
+use tether_proto::remotedialer::{EOF_MESSAGE, MAX_CONNECT_LEN, RdMessage, msg_type};
 use tether_proto::{Frame, OpenErrorCode, ProtoError, ResetCode, StreamId, TargetAddr};
 use tokio::time::Instant;
 use tracing::debug;
@@ -210,7 +210,7 @@ impl Translator {
             debug!(error = %err, "undecodable remotedialer message ignored");
             return;
         };
-        let is_connect = err.frame_type == Some(2);
+        let is_connect = err.frame_type.map(i64::from) == Some(msg_type::CONNECT);
         if let Some(c) = self.conns.get(&conn) {
             let stream = c.stream;
             self.to_mux.push_back(Frame::Rst {
@@ -610,5 +610,135 @@ impl Translator {
             bump(&self.counters.resumes_sent);
             self.to_wire.push_back(RdMessage::Resume { conn });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window_total(frames: &VecDeque<Frame>) -> u64 {
+        frames
+            .iter()
+            .map(|f| match f {
+                Frame::Window { increment, .. } => u64::from(*increment),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Go's flaw 1: one flag for both directions. Here each direction keeps its own state.
+    #[test]
+    fn pause_states_of_the_two_directions_are_independent() {
+        let now = Instant::now();
+        let mut t = Translator::new(Role::Agent, RdSettings::default());
+        t.from_wire(
+            RdMessage::Connect {
+                conn: 2,
+                proto: "tcp".into(),
+                address: "127.0.0.1:1".into(),
+            },
+            now,
+        );
+        let Some(Frame::Open { stream, .. }) = t.to_mux.pop_front() else {
+            panic!("expected OPEN");
+        };
+        // Our receive side fills up: we pause the peer...
+        for _ in 0..70 {
+            t.from_wire(
+                RdMessage::Data {
+                    conn: 2,
+                    payload: Bytes::from(vec![0u8; 32 * 1024]),
+                },
+                now,
+            );
+        }
+        assert_eq!(t.to_wire.pop_front(), Some(RdMessage::Pause { conn: 2 }));
+        t.to_mux.clear();
+        // ...and our own sending is not held back by it.
+        t.from_mux(
+            Frame::Data {
+                stream,
+                payload: Bytes::from_static(b"abc"),
+            },
+            now,
+        );
+        assert!(matches!(
+            t.to_wire.pop_front(),
+            Some(RdMessage::Data { .. })
+        ));
+        assert_eq!(window_total(&t.to_mux), 3);
+        t.to_mux.clear();
+        // The peer pauses us: credit is withheld, not our Resume logic.
+        t.from_wire(RdMessage::Pause { conn: 2 }, now);
+        t.from_mux(
+            Frame::Data {
+                stream,
+                payload: Bytes::from_static(b"defg"),
+            },
+            now,
+        );
+        t.to_wire.clear();
+        assert_eq!(window_total(&t.to_mux), 0);
+        // Our reader drains: Resume goes out although the peer still pauses us.
+        t.from_mux(
+            Frame::Window {
+                stream,
+                increment: 70 * 32 * 1024,
+            },
+            now,
+        );
+        assert_eq!(t.to_wire.pop_front(), Some(RdMessage::Resume { conn: 2 }));
+        assert_eq!(window_total(&t.to_mux), 0);
+        // The peer resumes us: the withheld credit comes back at once.
+        t.from_wire(RdMessage::Resume { conn: 2 }, now);
+        assert_eq!(window_total(&t.to_mux), 4);
+        assert_eq!(t.counters.pauses_sent.load(Ordering::Relaxed), 1);
+        assert_eq!(t.counters.resumes_sent.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn server_connect_ids_start_at_two_and_every_target_fits_go_limit() {
+        let now = Instant::now();
+        let mut t = Translator::new(Role::Server, RdSettings::default());
+        let target: TargetAddr = "127.0.0.1:7007".parse().unwrap_or_else(|_| unreachable!());
+        t.from_mux(
+            Frame::Open {
+                stream: 1,
+                window: 1,
+                timeout_ms: 1,
+                target: target.clone(),
+            },
+            now,
+        );
+        assert_eq!(
+            t.to_wire.pop_front(),
+            Some(RdMessage::Connect {
+                conn: 2,
+                proto: "tcp".into(),
+                address: "127.0.0.1:7007".into(),
+            })
+        );
+        assert!(matches!(
+            t.to_mux.pop_front(),
+            Some(Frame::OpenOk { stream: 1, .. })
+        ));
+        // The longest target tether accepts (a 255-byte host) still fits Go's 266 bytes.
+        let long: TargetAddr = format!("{}:65535", "a".repeat(255))
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        t.from_mux(
+            Frame::Open {
+                stream: 3,
+                window: 1,
+                timeout_ms: 1,
+                target: long,
+            },
+            now,
+        );
+        assert!(matches!(
+            t.to_wire.pop_front(),
+            Some(RdMessage::Connect { conn: 3, .. })
+        ));
     }
 }
