@@ -367,3 +367,140 @@ async fn tether_common_bind(addr: SocketAddr) -> TcpListener {
         }
     }
 }
+
+/// The server against a scripted Go-like client over the real TLS WebSocket: the exact bytes of
+/// its Connect, Data both ways, Go's 2-3 Errors per close, a ping answered, and nothing sent
+/// back that would end a Go session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_against_a_go_like_client() {
+    use futures::{SinkExt, StreamExt};
+    use tether_mux::remotedialer::WsMessage;
+    use tether_proto::remotedialer::{RdLimits, RdMessage, decode, encode_to_bytes};
+
+    let pki = TestPki::new();
+    let target: SocketAddr = "127.0.0.1:7007".parse().unwrap();
+    let server = TestServer::start(&pki, &[ForwardSpec::new("edge-1", target)], SERVER_YAML).await;
+    let cert = pki.agent("edge-1");
+    let yaml = format!(
+        "version: 1\n\
+         server_url: \"wss://{}/connect\"\n\
+         tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
+         protocol: remotedialer\n\
+         headers: {{ X-Tunnel-ID: edge-1 }}\n",
+        server.tunnel_addr,
+        cert.cert_path.display(),
+        cert.key_path.display(),
+        pki.ca_path().display(),
+    );
+    let config = tether_e2e::agent_config(&yaml, &pki).unwrap();
+    let connector = tether_agent::Connector::new(&config, pki.client_config(&cert), "").unwrap();
+    let connection = connector.connect().await.unwrap();
+    let mut go = tether_agent::remotedialer_ws::RdWsClient::new(connection.transport.into_inner());
+    server.wait_agents(1).await;
+
+    // Only binary messages that decode; pongs are skipped.
+    async fn next_message(
+        go: &mut (impl futures::Stream<Item = Result<WsMessage, tether_mux::TransportError>> + Unpin),
+    ) -> (Vec<u8>, RdMessage) {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), go.next())
+                .await
+                .expect("a message in time")
+                .expect("session open")
+                .expect("no transport error");
+            if let WsMessage::Binary(bytes) = message {
+                let decoded = decode(&bytes, &RdLimits::default()).expect("decodes");
+                return (bytes.to_vec(), decoded.message);
+            }
+        }
+    }
+
+    let mut consumer = TcpStream::connect(server.forward_addrs[0]).await.unwrap();
+    consumer.write_all(b"hello").await.unwrap();
+    let (raw, connect) = next_message(&mut go).await;
+    assert_eq!(
+        connect,
+        RdMessage::Connect {
+            conn: 2,
+            proto: "tcp".into(),
+            address: "127.0.0.1:7007".into(),
+        }
+    );
+    // Header after the counter: connID 2, type 2, deadline 15000, then the body.
+    let mut tail = vec![0x04, 0x04, 0xb0, 0xea, 0x01];
+    tail.extend_from_slice(b"tcp/127.0.0.1:7007");
+    assert!(raw.ends_with(&tail), "{raw:02x?}");
+    assert_eq!(
+        next_message(&mut go).await.1,
+        RdMessage::Data {
+            conn: 2,
+            payload: b"hello".to_vec().into(),
+        }
+    );
+    let send = |id: i64, m: RdMessage| WsMessage::Binary(encode_to_bytes(id, &m));
+    go.send(send(
+        42,
+        RdMessage::Data {
+            conn: 2,
+            payload: b"pong-from-rawcli".to_vec().into(),
+        },
+    ))
+    .await
+    .unwrap();
+    let mut buf = [0u8; 16];
+    consumer.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong-from-rawcli");
+    // Go's close: EOF, its echo, then the pipe's own socket error.
+    for (id, text) in [
+        (43, "EOF"),
+        (44, "EOF"),
+        (
+            45,
+            "read tcp 127.0.0.1:7007: use of closed network connection",
+        ),
+    ] {
+        go.send(send(
+            id,
+            RdMessage::Error {
+                conn: 2,
+                message: text.into(),
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    // The consumer sees a clean EOF; its own close completes the connection with one EOF.
+    assert_eq!(consumer.read(&mut buf).await.unwrap(), 0);
+    drop(consumer);
+    assert_eq!(
+        next_message(&mut go).await.1,
+        RdMessage::Error {
+            conn: 2,
+            message: "EOF".into(),
+        }
+    );
+    // A ping is answered.
+    go.send(WsMessage::Ping(b"go".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match go.next().await {
+                Some(Ok(WsMessage::Pong(payload))) => return payload,
+                Some(Ok(_)) => {}
+                other => panic!("session ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&pong[..], b"go");
+    eventually("server stream closed", || {
+        metric_or_zero(&server.registry, "tether_streams_active", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(server.agents_connected(), 1.0);
+    drop(go);
+    server.wait_agents(0).await;
+    server.stop().await.unwrap();
+}

@@ -310,10 +310,13 @@ impl Translator {
             return;
         };
         let stream = c.stream;
+        if c.remote_done {
+            // The peer forgot the connection at its EOF: what follows is Go's echo and its
+            // pipe's socket error, strays by now.
+            self.stray("Error after EOF", conn);
+            return;
+        }
         if message == EOF_MESSAGE {
-            if c.remote_done {
-                return;
-            }
             c.remote_done = true;
             c.remote_done_at = Some(now);
             self.to_mux.push_back(Frame::Fin { stream });
