@@ -368,18 +368,12 @@ async fn tether_common_bind(addr: SocketAddr) -> TcpListener {
     }
 }
 
-/// The server against a scripted Go-like client over the real TLS WebSocket: the exact bytes of
-/// its Connect, Data both ways, Go's 2-3 Errors per close, a ping answered, and nothing sent
-/// back that would end a Go session.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_against_a_go_like_client() {
-    use futures::{SinkExt, StreamExt};
-    use tether_mux::remotedialer::WsMessage;
-    use tether_proto::remotedialer::{RdLimits, RdMessage, decode, encode_to_bytes};
-
-    let pki = TestPki::new();
-    let target: SocketAddr = "127.0.0.1:7007".parse().unwrap();
-    let server = TestServer::start(&pki, &[ForwardSpec::new("edge-1", target)], SERVER_YAML).await;
+/// A Go-like remotedialer client of `server` with agent `edge-1`'s certificate, speaking raw
+/// messages over the real TLS WebSocket.
+async fn go_like_client(
+    pki: &TestPki,
+    server: &TestServer,
+) -> tether_agent::remotedialer_ws::RdWsClient<tokio_rustls::client::TlsStream<TcpStream>> {
     let cert = pki.agent("edge-1");
     let yaml = format!(
         "version: 1\n\
@@ -392,10 +386,97 @@ async fn server_against_a_go_like_client() {
         cert.key_path.display(),
         pki.ca_path().display(),
     );
-    let config = tether_e2e::agent_config(&yaml, &pki).unwrap();
+    let config = tether_e2e::agent_config(&yaml, pki).unwrap();
     let connector = tether_agent::Connector::new(&config, pki.client_config(&cert), "").unwrap();
     let connection = connector.connect().await.unwrap();
-    let mut go = tether_agent::remotedialer_ws::RdWsClient::new(connection.transport.into_inner());
+    tether_agent::remotedialer_ws::RdWsClient::new(connection.transport.into_inner())
+}
+
+/// A client's SyncConnections closes the server's connections it does not list, once they are
+/// older than `remotedialer.sync_grace`; listed ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_connections_reaps_unlisted_connections() {
+    use futures::{SinkExt, StreamExt};
+    use tether_mux::remotedialer::WsMessage;
+    use tether_proto::remotedialer::{RdLimits, RdMessage, decode, encode_to_bytes};
+
+    let pki = TestPki::new();
+    let target: SocketAddr = "127.0.0.1:7007".parse().unwrap();
+    let server = TestServer::start(
+        &pki,
+        &[ForwardSpec::new("edge-1", target)],
+        "remotedialer: { sync_grace: 300ms }\n",
+    )
+    .await;
+    let mut go = go_like_client(&pki, &server).await;
+    server.wait_agents(1).await;
+    let mut conns = Vec::new();
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let consumer = TcpStream::connect(server.forward_addrs[0]).await.unwrap();
+        consumers.push(consumer);
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), go.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let WsMessage::Binary(bytes) = message
+                && let RdMessage::Connect { conn, .. } =
+                    decode(&bytes, &RdLimits::default()).unwrap().message
+            {
+                conns.push(conn);
+                break;
+            }
+        }
+    }
+    assert_eq!(conns, vec![2, 3]);
+    // A list taken right now would protect nothing young: wait past the grace.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sync = RdMessage::SyncConnections { conns: vec![3] };
+    go.send(WsMessage::Binary(encode_to_bytes(1, &sync)))
+        .await
+        .unwrap();
+    let mut reaped = consumers.remove(0);
+    assert!(
+        tether_e2e::ends_with_error(&mut reaped).await,
+        "conn 2 is reaped"
+    );
+    eventually("one stream left", || {
+        metric_or_zero(&server.registry, "tether_streams_active", &[]) == 1.0
+    })
+    .await;
+    // The listed one still carries data.
+    go.send(WsMessage::Binary(encode_to_bytes(
+        2,
+        &RdMessage::Data {
+            conn: 3,
+            payload: b"alive".to_vec().into(),
+        },
+    )))
+    .await
+    .unwrap();
+    let mut buf = [0u8; 5];
+    consumers[0].read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"alive");
+    assert_eq!(server.agents_connected(), 1.0);
+    drop(go);
+    server.stop().await.unwrap();
+}
+
+/// The server against a scripted Go-like client over the real TLS WebSocket: the exact bytes of
+/// its Connect, Data both ways, Go's 2-3 Errors per close, a ping answered, and nothing sent
+/// back that would end a Go session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_against_a_go_like_client() {
+    use futures::{SinkExt, StreamExt};
+    use tether_mux::remotedialer::WsMessage;
+    use tether_proto::remotedialer::{RdLimits, RdMessage, decode, encode_to_bytes};
+
+    let pki = TestPki::new();
+    let target: SocketAddr = "127.0.0.1:7007".parse().unwrap();
+    let server = TestServer::start(&pki, &[ForwardSpec::new("edge-1", target)], SERVER_YAML).await;
+    let mut go = go_like_client(&pki, &server).await;
     server.wait_agents(1).await;
 
     // Only binary messages that decode; pongs are skipped.

@@ -200,6 +200,9 @@ pub struct RemotedialerConfig {
     /// How long a connection may stay half-closed (one side finished, the other not) before
     /// it is ended; remotedialer cannot carry a half-close (default `30s`).
     pub close_linger: HumanDuration,
+    /// Connections younger than this are never reaped by a client's SyncConnections (its list
+    /// may predate their Connect) (default `10s`).
+    pub sync_grace: HumanDuration,
 }
 
 impl Default for RemotedialerConfig {
@@ -212,6 +215,7 @@ impl Default for RemotedialerConfig {
             token_file: None,
             token_header: "X-API-Tunnel-Token".into(),
             close_linger: HumanDuration::secs(30),
+            sync_grace: HumanDuration::secs(10),
         }
     }
 }
@@ -251,6 +255,12 @@ impl RemotedialerConfig {
             errors.push(
                 "remotedialer.close_linger",
                 format!("{} must be above zero and at most 24h", self.close_linger),
+            );
+        }
+        if self.sync_grace.0 > Duration::from_secs(3600) {
+            errors.push(
+                "remotedialer.sync_grace",
+                format!("{} must be at most 1h", self.sync_grace),
             );
         }
         if self.require_tunnel_id && self.tunnel_id_header.is_empty() {

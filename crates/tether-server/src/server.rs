@@ -249,6 +249,7 @@ impl Server {
             metrics: self.metrics.clone(),
             mux_config: config.to_mux_config(),
             rd_close_linger: config.remotedialer.close_linger.0,
+            rd_sync_grace: config.remotedialer.sync_grace.0,
             router: connect::router(connect_state),
             shutdown: shutdown.clone(),
             hard_stop: hard_stop.clone(),

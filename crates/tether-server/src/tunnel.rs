@@ -49,6 +49,8 @@ pub(crate) struct Tunnel {
     pub(crate) mux_config: MuxConfig,
     /// `remotedialer.close_linger`.
     pub(crate) rd_close_linger: Duration,
+    /// `remotedialer.sync_grace`.
+    pub(crate) rd_sync_grace: Duration,
     /// The `/v1/connect` router (see `connect.rs`).
     pub(crate) router: axum::Router,
     /// Cancelled when shutdown starts: stop accepting, abandon handshakes, GOAWAY new sessions.
@@ -245,6 +247,7 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
                 Role::Server,
                 RdSettings {
                     close_linger: tunnel.rd_close_linger,
+                    sync_grace: tunnel.rd_sync_grace,
                     ..remotedialer::settings_for(&config)
                 },
                 RdLimits::default(),
