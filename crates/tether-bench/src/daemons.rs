@@ -13,6 +13,10 @@ use tokio::time::Instant;
 use crate::Common;
 use crate::http_get;
 
+/// Streams per session in the benchmark configs: the idle test holds 5,000 connections through
+/// one agent, beyond the default cap of 1,024.
+const BENCH_MAX_STREAMS: usize = 16_384;
+
 /// How long a daemon may take to start or an agent to connect.
 const START_WAIT: Duration = Duration::from_secs(60);
 
@@ -109,6 +113,7 @@ impl ServerProcess {
              listen: \"{listen}\"\n\
              admin_listen: \"127.0.0.1:0\"\n\
              tls: {{ cert: server.pem, key: server-key.pem, client_ca: ca.pem }}\n\
+             session: {{ max_streams: {BENCH_MAX_STREAMS} }}\n\
              {extra}\n"
         );
         if !targets.is_empty() {
@@ -206,6 +211,7 @@ impl AgentProcess {
              server_url: \"wss://{server}/v1/connect\"\n\
              tls: {{ cert: agent-{id}.pem, key: agent-{id}-key.pem, server_ca: ca.pem }}\n\
              admin_listen: \"\"\n\
+             session: {{ max_streams: {BENCH_MAX_STREAMS} }}\n\
              policy:\n  allow:\n    - {{ cidrs: [\"127.0.0.1/32\"], ports: [{}] }}\n",
             ports.join(", ")
         );
