@@ -72,6 +72,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     }
                     forwards
                 },
+                frontends: tether_server::FrontendListeners::bind(&config).await?,
             };
             let server = tether_server::Server::new(config, &registry)?;
             let shutdown = CancellationToken::new();
