@@ -16,6 +16,7 @@ pub mod at_rest;
 pub mod exposition;
 pub mod http;
 pub mod process;
+pub mod proxy;
 
 /// How long any harness wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(15);
