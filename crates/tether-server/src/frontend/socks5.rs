@@ -17,7 +17,6 @@ use crate::tunnel_dial::{DialError, reset, splice};
 
 const VERSION: u8 = 5;
 const AUTH_VERSION: u8 = 1;
-const METHOD_NONE: u8 = 0x00;
 const METHOD_PASSWORD: u8 = 0x02;
 const METHOD_UNACCEPTABLE: u8 = 0xff;
 const CMD_CONNECT: u8 = 1;
@@ -98,7 +97,7 @@ pub(crate) fn dial_reply(err: &DialError) -> Reply {
 /// What a finished handshake asks for.
 #[derive(Debug)]
 struct Request {
-    credentials: Option<Credentials>,
+    credentials: Credentials,
     target: TargetAddr,
 }
 
@@ -129,8 +128,6 @@ async fn handshake(
     consumers: &ConsumerTable,
     peer: IpAddr,
 ) -> Result<Request, Failure> {
-    // Offering "no authentication" only helps where anonymous use can be allowed at all.
-    let anonymous_possible = peer.is_loopback();
     let version = read_u8(tcp, "greeting").await?;
     if version != VERSION {
         return Err(Failure::malformed(format!(
@@ -155,11 +152,10 @@ async fn handshake(
             write(tcp, &[AUTH_VERSION, 1]).await?;
             return Err(Failure::malformed("user name or password is not UTF-8"));
         };
-        Some(Credentials { client, token })
-    } else if methods.contains(&METHOD_NONE) && anonymous_possible {
-        write(tcp, &[VERSION, METHOD_NONE]).await?;
-        None
+        Credentials { client, token }
     } else {
+        // Without a user name there is no client id to route by, so "no authentication" is
+        // never chosen; anonymous consumers send their client id with an empty password.
         write(tcp, &[VERSION, METHOD_UNACCEPTABLE]).await?;
         return Err(Failure {
             reason: "missing_credentials",
@@ -167,21 +163,19 @@ async fn handshake(
             answer: None,
         });
     };
-    if let Some(presented) = &credentials {
-        // A wrong token fails the sub-negotiation (RFC 1929); a consumer that may not reach
-        // the client is refused at the request, with "not allowed by ruleset".
-        if let Err(err @ (AuthError::BadCredentials | AuthError::MissingCredentials)) =
-            consumers.authorize(Some(presented), peer)
-        {
-            write(tcp, &[AUTH_VERSION, 1]).await?;
-            return Err(Failure {
-                reason: err.label(),
-                detail: err.to_string(),
-                answer: None,
-            });
-        }
-        write(tcp, &[AUTH_VERSION, 0]).await?;
+    // A wrong token fails the sub-negotiation (RFC 1929); a consumer that may not reach the
+    // client is refused at the request, with "not allowed by ruleset".
+    if let Err(err @ (AuthError::BadCredentials | AuthError::MissingCredentials)) =
+        consumers.authorize(Some(&credentials), peer)
+    {
+        write(tcp, &[AUTH_VERSION, 1]).await?;
+        return Err(Failure {
+            reason: err.label(),
+            detail: err.to_string(),
+            answer: None,
+        });
     }
+    write(tcp, &[AUTH_VERSION, 0]).await?;
     let head = read_exact(tcp, 4, "request").await?;
     if head[0] != VERSION {
         return Err(Failure::malformed(format!(
@@ -269,13 +263,8 @@ pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketA
             return refuse(frontend, tcp, None, "", failure).await;
         }
     };
-    let client = request
-        .credentials
-        .as_ref()
-        .map_or(String::new(), |c| c.client.clone());
-    if !client.is_empty()
-        && let Err(err) = validate_agent_id(&client)
-    {
+    let client = request.credentials.client.clone();
+    if let Err(err) = validate_agent_id(&client) {
         let failure = Failure::reply(
             "malformed",
             format!("bad client id: {err}"),
@@ -285,7 +274,7 @@ pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketA
     }
     let consumer = match settings
         .consumers
-        .authorize(request.credentials.as_ref(), peer.ip())
+        .authorize(Some(&request.credentials), peer.ip())
     {
         Ok(consumer) => consumer,
         Err(err) => {
