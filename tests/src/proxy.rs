@@ -132,6 +132,10 @@ impl HangingTarget {
                 _ => break,
             }
         }
+        assert!(
+            fillers.len() < 8,
+            "connects to a listener with a full accept queue do not hang on this kernel"
+        );
         Self {
             addr,
             _listener: listener,

@@ -405,3 +405,60 @@ fn section(yaml: &str) -> tether_server::FrontendsConfig {
         tether_common::config_error::parse_yaml(yaml, "frontends").unwrap();
     config.frontends
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_tunnels_and_the_connection_cap_holds() {
+    let pki = TestPki::new();
+    let (echo, _echo) = tether_e2e::tether_testkit::echo_server().await;
+    let server = TestServer::start(
+        &pki,
+        &[],
+        &frontends_yaml("[]").replace(
+            "handshake_timeout: 500ms",
+            "handshake_timeout: 5s\n  max_connections: 2",
+        ),
+    )
+    .await;
+    let mut agent = TestAgent::start(
+        &pki,
+        &pki.agent("edge-1"),
+        server.tunnel_addr,
+        &allow_only(echo),
+        "",
+    )
+    .await;
+    agent.wait_connected().await;
+    server.wait_agents(1).await;
+    let proxy = server.http_connect_addr.unwrap();
+
+    // One open tunnel (echoing) and one connection in its handshake fill the cap of 2.
+    let mut tunnel = TcpStream::connect(proxy).await.unwrap();
+    tunnel
+        .write_all(&connect(echo, Some(("edge-1", OPS_TOKEN))))
+        .await
+        .unwrap();
+    let mut head = [0u8; 39];
+    tunnel.read_exact(&mut head).await.unwrap();
+    assert!(
+        head.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tunnel.write_all(b"hi").await.unwrap();
+    let mut back = [0u8; 2];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"hi");
+    let _pending = TcpStream::connect(proxy).await.unwrap();
+    // The third is reset at accept (possibly before connect returns).
+    assert!(tether_e2e::consumer_gets_error(proxy).await);
+    assert_eq!(refusals(&server, "http_connect", "limit"), 1.0);
+
+    // Shutdown: the open tunnel is reset (never a clean EOF) after the drain timeout, and the
+    // server stops in time.
+    tokio::time::timeout(WAIT, server.stop())
+        .await
+        .expect("server stops in time")
+        .unwrap();
+    assert!(tether_e2e::ends_with_error(&mut tunnel).await);
+    agent.stop().await.unwrap();
+}

@@ -263,8 +263,11 @@ pub(crate) async fn accept_loop(frontend: Arc<Frontend>, listener: TcpListener) 
             async move {
                 let _permit = permit;
                 tokio::select! {
+                    // Polled first: once splicing, `serve` ends itself on hard stop with a
+                    // reset of the consumer, which dropping it here would turn into an EOF.
+                    biased;
                     _ = serve(&conn, tcp, peer) => {}
-                    // The splice ends itself on hard stop; this ends handshakes and dials.
+                    // Ends handshakes and dials still running at hard stop.
                     _ = conn.hard_stop.cancelled() => {}
                 }
             }
