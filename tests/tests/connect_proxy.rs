@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tether_e2e::proxy::{
     BodyServer, FLEET_TOKEN, HangingTarget, OPS_TOKEN, ROTATED_SHA256, ROTATED_TOKEN,
-    agent_dials_ok, curl, frontends_yaml, refusals, streams_balance,
+    agent_dials_ok, base64_encode, curl, frontends_yaml, refusals, streams_balance,
 };
 use tether_e2e::tether_testkit::TestPki;
 use tether_e2e::{TestAgent, TestServer, WAIT, allow_only};
@@ -57,27 +57,6 @@ fn connect(target: impl std::fmt::Display, auth: Option<(&str, &str)>) -> Vec<u8
     }
     request.push_str("\r\n");
     request.into_bytes()
-}
-
-fn base64_encode(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// A server with both frontends and agents `edge-1` (and `edge-2`) allowing `policy`.

@@ -48,6 +48,8 @@ struct Failure {
     reason: &'static str,
     detail: String,
     answer: Option<Vec<u8>>,
+    /// The client id, when the handshake got as far as the user name.
+    client: String,
 }
 
 impl Failure {
@@ -56,6 +58,7 @@ impl Failure {
             reason: "malformed",
             detail: detail.into(),
             answer: None,
+            client: String::new(),
         }
     }
 
@@ -64,6 +67,7 @@ impl Failure {
             reason,
             detail: detail.into(),
             answer: Some(reply_bytes(reply)),
+            client: String::new(),
         }
     }
 }
@@ -161,6 +165,7 @@ async fn handshake(
             reason: "missing_credentials",
             detail: "no acceptable authentication method (username/password required)".into(),
             answer: None,
+            client: String::new(),
         });
     };
     // A wrong token fails the sub-negotiation (RFC 1929); a consumer that may not reach the
@@ -173,6 +178,7 @@ async fn handshake(
             reason: err.label(),
             detail: err.to_string(),
             answer: None,
+            client: credentials.client,
         });
     }
     write(tcp, &[AUTH_VERSION, 0]).await?;
@@ -253,7 +259,10 @@ pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketA
     .await;
     let request = match handshake {
         Ok(Ok(request)) => request,
-        Ok(Err(failure)) => return refuse(frontend, tcp, None, "", failure).await,
+        Ok(Err(failure)) => {
+            let client = failure.client.clone();
+            return refuse(frontend, tcp, None, &client, failure).await;
+        }
         Err(_) => {
             let failure = Failure::malformed("the handshake did not finish in time");
             let failure = Failure {
