@@ -144,13 +144,18 @@ impl HangingTarget {
     }
 }
 
-/// Waits until the server's streams have all closed (`opened == sum(closed)`, none active).
+/// Waits until the server's streams have all closed (`opened == sum(closed)`, none active)
+/// and the frontends hold no consumer connection.
 pub async fn streams_balance(server: &TestServer) {
     eventually("server streams opened == closed", || {
         let opened = metric_or_zero(&server.registry, "tether_streams_opened_total", &[]);
         let closed = crate::metric_sum(&server.registry, "tether_streams_closed_total");
         let active = metric_or_zero(&server.registry, "tether_streams_active", &[]);
         opened == closed && active == 0.0
+    })
+    .await;
+    eventually("no consumer connection held by the frontends", || {
+        crate::metric_sum(&server.registry, "tether_frontend_connections_active") == 0.0
     })
     .await;
 }

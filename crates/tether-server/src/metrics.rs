@@ -58,6 +58,9 @@ pub struct ServerMetrics {
     /// `tether_frontend_refusals_total{frontend, reason}`: consumers refused by the proxy
     /// frontends.
     pub frontend_refusals: IntCounterVec,
+    /// `tether_frontend_connections_active{frontend}`: consumer connections a proxy frontend
+    /// holds (handshake, dial or splice).
+    pub frontend_active: IntGaugeVec,
     /// `session_server_total_*`, when `metrics.remotedialer_compat` is on.
     pub remotedialer: Option<RemotedialerMetrics>,
 }
@@ -81,6 +84,7 @@ impl ServerMetrics {
         registry.register(Box::new(metrics.health_unhealthy.clone()))?;
         registry.register(Box::new(metrics.cert_expiry.gauge.clone()))?;
         registry.register(Box::new(metrics.frontend_refusals.clone()))?;
+        registry.register(Box::new(metrics.frontend_active.clone()))?;
         Ok(metrics)
     }
 
@@ -181,6 +185,13 @@ impl ServerMetrics {
                 ),
                 &["frontend", "reason"],
             )?,
+            frontend_active: IntGaugeVec::new(
+                Opts::new(
+                    "tether_frontend_connections_active",
+                    "Consumer connections held by the HTTP CONNECT and SOCKS5 frontends.",
+                ),
+                &["frontend"],
+            )?,
             remotedialer: None,
         };
         for result in PROBE_RESULTS {
@@ -191,6 +202,7 @@ impl ServerMetrics {
         }
         metrics.dial_errors.with_label_values(&[NO_SESSION]);
         for frontend in crate::frontend::FRONTEND_LABELS {
+            metrics.frontend_active.with_label_values(&[frontend]);
             for reason in crate::frontend::REFUSAL_REASONS {
                 metrics
                     .frontend_refusals

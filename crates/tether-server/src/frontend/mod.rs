@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus::IntGauge;
 use tether_common::config_error::ConfigErrors;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -259,9 +260,15 @@ pub(crate) async fn accept_loop(frontend: Arc<Frontend>, listener: TcpListener) 
             stream.id = field::Empty
         );
         let conn = frontend.clone();
+        let active = Active::new(
+            frontend
+                .metrics
+                .frontend_active
+                .with_label_values(&[frontend.kind.label()]),
+        );
         frontend.tracker.spawn(
             async move {
-                let _permit = permit;
+                let _held = (permit, active);
                 tokio::select! {
                     // Polled first: once splicing, `serve` ends itself on hard stop with a
                     // reset of the consumer, which dropping it here would turn into an EOF.
@@ -278,6 +285,22 @@ pub(crate) async fn accept_loop(frontend: Arc<Frontend>, listener: TcpListener) 
         frontend = frontend.kind.label(),
         "frontend stopped accepting"
     );
+}
+
+/// Counts a connection in `tether_frontend_connections_active` until dropped.
+struct Active(IntGauge);
+
+impl Active {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 async fn serve(frontend: &Frontend, tcp: TcpStream, peer: SocketAddr) {
