@@ -92,7 +92,15 @@ async fn curl_fetches_a_large_body_through_the_agent_byte_exact() {
 
     let url = format!("http://{}/big", target.addr);
     let proxy_url = format!("http://edge-1:{OPS_TOKEN}@{proxy}");
+    let started = tokio::time::Instant::now();
     let out = curl(&["--proxytunnel", "--proxy", &proxy_url, &url]).await;
+    let took = started.elapsed();
+    eprintln!(
+        "HTTP CONNECT: {} bytes through curl, the proxy and the tunnel in {:.3}s ({:.0} MiB/s)",
+        out.stdout.len(),
+        took.as_secs_f64(),
+        out.stdout.len() as f64 / 1048576.0 / took.as_secs_f64()
+    );
     assert!(
         out.status.success(),
         "curl: {}",

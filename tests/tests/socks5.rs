@@ -120,6 +120,7 @@ async fn curl_fetches_a_large_body_with_names_resolved_by_the_agent() {
     let proxy = server.socks5_addr.unwrap().to_string();
     let user = format!("edge-1:{OPS_TOKEN}");
 
+    let started = tokio::time::Instant::now();
     let out = curl(&[
         "--socks5-hostname",
         &proxy,
@@ -128,6 +129,13 @@ async fn curl_fetches_a_large_body_with_names_resolved_by_the_agent() {
         &format!("http://{}/big", target.addr),
     ])
     .await;
+    let took = started.elapsed();
+    eprintln!(
+        "SOCKS5: {} bytes through curl, the proxy and the tunnel in {:.3}s ({:.0} MiB/s)",
+        out.stdout.len(),
+        took.as_secs_f64(),
+        out.stdout.len() as f64 / 1048576.0 / took.as_secs_f64()
+    );
     assert!(
         out.status.success(),
         "curl: {}",
