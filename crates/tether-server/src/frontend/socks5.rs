@@ -17,6 +17,8 @@ use crate::tunnel_dial::{DialError, reset, splice};
 
 const VERSION: u8 = 5;
 const AUTH_VERSION: u8 = 1;
+/// RFC 1929 status of a failed authentication (any non-zero value).
+const AUTH_FAILED: u8 = 1;
 const METHOD_PASSWORD: u8 = 0x02;
 const METHOD_UNACCEPTABLE: u8 = 0xff;
 const CMD_CONNECT: u8 = 1;
@@ -41,8 +43,8 @@ pub(crate) enum Reply {
     AddressTypeNotSupported = 8,
 }
 
-/// Why a handshake ended before a dial: the refusal reason, what to log, and the reply to
-/// send (none when the protocol has no place for one, or nothing should be written).
+/// Why a handshake ended before a dial: the refusal reason, what to log, and the answer to
+/// send before a graceful close (none: the connection is reset, as for garbage or a timeout).
 #[derive(Debug)]
 struct Failure {
     reason: &'static str,
@@ -153,18 +155,19 @@ async fn handshake(
         let len = read_u8(tcp, "authentication").await?;
         let password = read_exact(tcp, len.into(), "authentication").await?;
         let (Ok(client), Ok(token)) = (String::from_utf8(user), String::from_utf8(password)) else {
-            write(tcp, &[AUTH_VERSION, 1]).await?;
-            return Err(Failure::malformed("user name or password is not UTF-8"));
+            return Err(Failure {
+                answer: Some(vec![AUTH_VERSION, AUTH_FAILED]),
+                ..Failure::malformed("user name or password is not UTF-8")
+            });
         };
         Credentials { client, token }
     } else {
         // Without a user name there is no client id to route by, so "no authentication" is
         // never chosen; anonymous consumers send their client id with an empty password.
-        write(tcp, &[VERSION, METHOD_UNACCEPTABLE]).await?;
         return Err(Failure {
             reason: "missing_credentials",
             detail: "no acceptable authentication method (username/password required)".into(),
-            answer: None,
+            answer: Some(vec![VERSION, METHOD_UNACCEPTABLE]),
             client: String::new(),
         });
     };
@@ -173,11 +176,10 @@ async fn handshake(
     if let Err(err @ (AuthError::BadCredentials | AuthError::MissingCredentials)) =
         consumers.authorize(Some(&credentials), peer)
     {
-        write(tcp, &[AUTH_VERSION, 1]).await?;
         return Err(Failure {
             reason: err.label(),
             detail: err.to_string(),
-            answer: None,
+            answer: Some(vec![AUTH_VERSION, AUTH_FAILED]),
             client: credentials.client,
         });
     }
@@ -325,6 +327,7 @@ async fn refuse(
     failure: Failure,
 ) {
     frontend.refused(failure.reason, consumer, client, &failure.detail);
+    // A written answer is followed by a FIN, not a reset that could discard it in flight.
     if let Some(answer) = failure.answer {
         let answer = async {
             tcp.write_all(&answer).await?;
