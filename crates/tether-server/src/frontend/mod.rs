@@ -318,3 +318,69 @@ pub(crate) fn record_request(consumer: &str, client: &str, target: &dyn fmt::Dis
     span.record("agent.id", client);
     span.record("target", field::display(target));
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tether_common::duration::HumanDuration;
+
+    use super::*;
+
+    #[test]
+    fn reload_applies_only_what_changed_and_reports_restart_keys() {
+        let initial = FrontendsConfig {
+            http_connect_listen: "127.0.0.1:3128".into(),
+            ..FrontendsConfig::default()
+        };
+        let control = FrontendControl::new(&initial);
+        let before = control.current();
+
+        // Equal: nothing is swapped.
+        let outcome = control.reload(&initial).unwrap();
+        assert_eq!(outcome, FrontendReload::default());
+        assert!(Arc::ptr_eq(&before, &control.current()));
+
+        // Listener keys only: reported, not swapped.
+        let moved = FrontendsConfig {
+            http_connect_listen: "127.0.0.1:3129".into(),
+            max_connections: 5,
+            ..initial.clone()
+        };
+        let outcome = control.reload(&moved).unwrap();
+        assert!(outcome.applied.is_empty());
+        assert_eq!(
+            outcome.needs_restart,
+            ["http_connect_listen", "max_connections"]
+        );
+        assert!(Arc::ptr_eq(&before, &control.current()));
+
+        // Reloadable keys: swapped; the running listener keys are kept, so they are still
+        // reported as pending next time.
+        let faster = FrontendsConfig {
+            handshake_timeout: HumanDuration::secs(3),
+            anonymous_clients: vec!["edge-*".into()],
+            ..moved.clone()
+        };
+        let outcome = control.reload(&faster).unwrap();
+        assert_eq!(outcome.applied, ["anonymous_clients", "handshake_timeout"]);
+        let now = control.current();
+        assert_eq!(now.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(now.config.http_connect_listen, "127.0.0.1:3128");
+        let outcome = control.reload(&faster).unwrap();
+        assert!(outcome.applied.is_empty());
+        assert_eq!(
+            outcome.needs_restart,
+            ["http_connect_listen", "max_connections"]
+        );
+
+        // Invalid: refused with the key path, nothing changes.
+        let invalid = FrontendsConfig {
+            handshake_timeout: HumanDuration::secs(0),
+            ..faster
+        };
+        let err = control.reload(&invalid).unwrap_err().to_string();
+        assert!(err.contains("frontends.handshake_timeout"), "{err}");
+        assert_eq!(control.current().handshake_timeout, Duration::from_secs(3));
+    }
+}
