@@ -340,3 +340,58 @@ async fn refuse(
         reset(tcp);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::registry::NoSession;
+
+    fn open(source: OpenError) -> DialError {
+        DialError::Open {
+            target: TargetAddr {
+                host: Host::Name("db.internal".into()),
+                port: 5432,
+            },
+            source,
+        }
+    }
+
+    fn refused(code: OpenErrorCode) -> DialError {
+        open(OpenError::Refused {
+            code,
+            message: String::new(),
+        })
+    }
+
+    #[test]
+    fn dial_failures_map_to_rfc1928_replies() {
+        let no_session = DialError::NoSession(NoSession {
+            client: "edge-1".into(),
+        });
+        assert_eq!(dial_reply(&no_session), Reply::NetworkUnreachable);
+        for (code, reply) in [
+            (OpenErrorCode::Denied, Reply::NotAllowed),
+            (OpenErrorCode::ResolveFailed, Reply::HostUnreachable),
+            (OpenErrorCode::Refused, Reply::ConnectionRefused),
+            (OpenErrorCode::TimedOut, Reply::TtlExpired),
+            (OpenErrorCode::Unreachable, Reply::NetworkUnreachable),
+            (OpenErrorCode::Unsupported, Reply::AddressTypeNotSupported),
+            (OpenErrorCode::Limit, Reply::GeneralFailure),
+            (OpenErrorCode::Draining, Reply::GeneralFailure),
+        ] {
+            assert_eq!(dial_reply(&refused(code)), reply, "{code:?}");
+        }
+        let timeout = open(OpenError::Timeout(Duration::from_secs(1)));
+        assert_eq!(dial_reply(&timeout), Reply::TtlExpired);
+        assert_eq!(
+            dial_reply(&open(OpenError::SessionClosed)),
+            Reply::GeneralFailure
+        );
+        assert_eq!(
+            reply_bytes(Reply::NotAllowed),
+            [5, 2, 0, 1, 0, 0, 0, 0, 0, 0]
+        );
+    }
+}
