@@ -1,6 +1,7 @@
 //! `Server`: builds TLS, metrics and the registry from a `ServerConfig`, runs the tunnel,
-//! forward and admin listeners on one task tracker, and shuts down in order: stop accepting,
-//! GOAWAY, drain streams up to `drain_timeout`, close sessions, wait for the tasks (bounded).
+//! forward, proxy frontend and admin listeners on one task tracker, and shuts down in order:
+//! stop accepting, GOAWAY, drain streams up to `drain_timeout`, close sessions, wait for the
+//! tasks (bounded).
 
 use std::collections::HashSet;
 use std::io;
