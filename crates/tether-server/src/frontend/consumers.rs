@@ -60,11 +60,20 @@ impl AuthError {
     }
 }
 
-#[derive(Debug)]
 struct Consumer {
     name: String,
     token_sha256: [u8; 32],
     clients: Vec<String>,
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("name", &self.name)
+            .field("token_sha256", &"***")
+            .field("clients", &self.clients)
+            .finish()
+    }
 }
 
 /// The consumers of the frontends, built from `frontends:`; swapped whole on reload.
@@ -282,5 +291,10 @@ mod tests {
         assert!(!text.contains("s3cret"), "{text}");
         let text = format!("{:?}", hash("s3cret"));
         assert!(!text.contains(&hash("s3cret").0), "{text}");
+        let text = format!("{:?}", table(&[]));
+        assert!(
+            text.contains("fleet") && !text.contains("token_sha256: ["),
+            "{text}"
+        );
     }
 }
