@@ -478,7 +478,8 @@ impl Default for FrontendsConfig {
 pub struct ConsumerConfig {
     /// A unique name, used in logs (`[A-Za-z0-9._-]`, at most 64 characters).
     pub name: String,
-    /// SHA-256 of the consumer's token, 64 hex digits (`printf %s "$TOKEN" | sha256sum`).
+    /// SHA-256 of the consumer's token, 64 hex digits (`tether hash-token` reads the token on
+    /// stdin and prints it; `printf %s "$TOKEN" | sha256sum` gives the same).
     pub token_sha256: TokenHash,
     /// Client id patterns this consumer may reach: an id, or `*` for any run of characters
     /// (`edge-*`, `*`).
@@ -497,6 +498,12 @@ impl std::fmt::Debug for TokenHash {
 }
 
 impl TokenHash {
+    /// The hash of `token`, as the config stores it.
+    pub fn of(token: &str) -> TokenHash {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        TokenHash(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// The 32 bytes of the hash, or why the text is not one.
     pub fn bytes(&self) -> Result<[u8; 32], String> {
         let text = self.0.as_bytes();

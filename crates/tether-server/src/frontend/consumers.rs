@@ -183,8 +183,7 @@ mod tests {
     use crate::config::{ConsumerConfig, TokenHash};
 
     fn hash(token: &str) -> TokenHash {
-        let d = digest(&SHA256, token.as_bytes());
-        TokenHash(d.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+        TokenHash::of(token)
     }
 
     fn creds(client: &str, token: &str) -> Credentials {
