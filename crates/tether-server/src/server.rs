@@ -1,6 +1,7 @@
 //! `Server`: builds TLS, metrics and the registry from a `ServerConfig`, runs the tunnel,
-//! forward and admin listeners on one task tracker, and shuts down in order: stop accepting,
-//! GOAWAY, drain streams up to `drain_timeout`, close sessions, wait for the tasks (bounded).
+//! forward, proxy frontend and admin listeners on one task tracker, and shuts down in order:
+//! stop accepting, GOAWAY, drain streams up to `drain_timeout`, close sessions, wait for the
+//! tasks (bounded).
 
 use std::collections::HashSet;
 use std::io;
@@ -25,11 +26,13 @@ use crate::admin::{self, AdminState, Readiness};
 use crate::config::ServerConfig;
 use crate::connect::{self, ConnectState};
 use crate::forward::{self, Forward};
+use crate::frontend::{self, Frontend, FrontendControl, Kind};
 use crate::health::HealthChecker;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 use crate::tunnel::{self, Tunnel};
+use crate::tunnel_dial::TunnelDialer;
 
 /// How long the tasks get to finish once the sessions are closed.
 const TASK_GRACE: Duration = Duration::from_secs(5);
@@ -61,6 +64,14 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    /// A frontend listener was given without its `frontends.*_listen` key, or the reverse.
+    #[error("frontends.{key} and the listener given do not match: {why}")]
+    FrontendListener {
+        /// The config key (`http_connect_listen`, `socks5_listen`).
+        key: &'static str,
+        /// What is missing.
+        why: &'static str,
+    },
     /// `Listeners::forwards` does not match `ServerConfig::forwards`.
     #[error("{got} forward listeners were given for {expected} configured forwards")]
     ForwardListeners {
@@ -80,6 +91,33 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// `forwards[i]` serves `config.forwards[i]`.
     pub forwards: Vec<TcpListener>,
+    /// The consumer proxy listeners, present exactly when configured.
+    pub frontends: FrontendListeners,
+}
+
+/// The listeners of the consumer frontends (`frontends.http_connect_listen`,
+/// `frontends.socks5_listen`); `None` for a frontend that is off.
+#[derive(Debug, Default)]
+pub struct FrontendListeners {
+    /// The HTTP CONNECT proxy listener.
+    pub http_connect: Option<TcpListener>,
+    /// The SOCKS5 proxy listener.
+    pub socks5: Option<TcpListener>,
+}
+
+impl FrontendListeners {
+    /// Binds the frontend addresses of `config` that are set.
+    pub async fn bind(config: &ServerConfig) -> Result<FrontendListeners, ServerError> {
+        let frontends = &config.frontends;
+        let mut out = FrontendListeners::default();
+        if let Some(addr) = frontends.http_connect_addr().map_err(one)? {
+            out.http_connect = Some(bind("frontends.http_connect_listen", addr).await?);
+        }
+        if let Some(addr) = frontends.socks5_addr().map_err(one)? {
+            out.socks5 = Some(bind("frontends.socks5_listen", addr).await?);
+        }
+        Ok(out)
+    }
 }
 
 impl Listeners {
@@ -95,10 +133,12 @@ impl Listeners {
                 .map_err(|m| one(tether_common::config_error::FieldError::new(&what, m)))?;
             forwards.push(bind(&what, addr).await?);
         }
+        let frontends = FrontendListeners::bind(config).await?;
         Ok(Listeners {
             tunnel,
             admin,
             forwards,
+            frontends,
         })
     }
 }
@@ -124,6 +164,7 @@ pub struct Server {
     prometheus: prometheus::Registry,
     registry: Arc<SessionRegistry>,
     server_id: String,
+    frontends: FrontendControl,
 }
 
 impl Server {
@@ -167,7 +208,9 @@ impl Server {
         {
             sessions.declare_client(client);
         }
+        let frontends = FrontendControl::new(&config.frontends);
         Ok(Server {
+            frontends,
             config,
             tls,
             metrics,
@@ -192,6 +235,12 @@ impl Server {
         &self.metrics
     }
 
+    /// The handle that reloads the frontends' consumers and settings in place (take it before
+    /// [`run`](Self::run)).
+    pub fn frontend_control(&self) -> FrontendControl {
+        self.frontends.clone()
+    }
+
     /// Serves until `shutdown` is cancelled, then drains and returns.
     pub async fn run(
         self,
@@ -214,6 +263,28 @@ impl Server {
                 ))
             })?;
             forwards.push((f.name.clone(), f.client.clone(), target));
+        }
+        let frontend_config = &config.frontends;
+        for (key, configured, given) in [
+            (
+                "http_connect_listen",
+                frontend_config.http_connect_addr().map_err(one)?.is_some(),
+                listeners.frontends.http_connect.is_some(),
+            ),
+            (
+                "socks5_listen",
+                frontend_config.socks5_addr().map_err(one)?.is_some(),
+                listeners.frontends.socks5.is_some(),
+            ),
+        ] {
+            if configured != given {
+                let why = if configured {
+                    "configured but no listener was given"
+                } else {
+                    "a listener was given but the key is empty"
+                };
+                return Err(ServerError::FrontendListener { key, why });
+            }
         }
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
@@ -271,6 +342,31 @@ impl Server {
                 tracker.clone(),
             ));
             tracker.spawn(forward::accept_loop(forward, listener));
+        }
+
+        // Consumer frontends: HTTP CONNECT and SOCKS5 proxies.
+        let dialer = TunnelDialer {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            dial_timeout: config.dial_timeout.0,
+        };
+        for (kind, listener) in [
+            (Kind::HttpConnect, listeners.frontends.http_connect),
+            (Kind::Socks5, listeners.frontends.socks5),
+        ] {
+            let Some(listener) = listener else { continue };
+            info!(frontend = kind.label(), listen = %display_addr(&listener), "frontend listening");
+            let frontend = Arc::new(Frontend::new(
+                kind,
+                dialer.clone(),
+                self.frontends.clone(),
+                frontend_config.max_connections,
+                self.metrics.clone(),
+                shutdown.clone(),
+                hard_stop.clone(),
+                tracker.clone(),
+            ));
+            tracker.spawn(frontend::accept_loop(frontend, listener));
         }
 
         // Health checker: pings every session until shutdown starts.

@@ -73,6 +73,9 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 8 * 1024 * 1024)]
         bytes: usize,
     },
+    /// Read a consumer token from stdin (one line) and print its SHA-256 for
+    /// `frontends.consumers[].token_sha256`.
+    HashToken,
 }
 
 #[derive(Debug, Subcommand)]

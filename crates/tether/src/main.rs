@@ -72,6 +72,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     }
                     forwards
                 },
+                frontends: tether_server::FrontendListeners::bind(&config).await?,
             };
             let server = tether_server::Server::new(config, &registry)?;
             let shutdown = CancellationToken::new();
@@ -112,6 +113,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
             demo::run(once, bytes, shutdown).await
+        }
+        Command::HashToken => {
+            // From stdin, not an argument: arguments show in `ps` and shell history.
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the token from stdin")?;
+            let token = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!token.is_empty(), "no token on stdin");
+            println!("{}", tether_server::TokenHash::of(token).0);
+            Ok(())
         }
     }
 }
