@@ -2,7 +2,9 @@
 
 pub mod backoff;
 pub mod cert_expiry;
+pub mod config_diff;
 pub mod config_error;
+pub mod config_layers;
 pub mod duration;
 pub mod identity;
 pub mod listen;
