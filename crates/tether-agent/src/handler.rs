@@ -27,7 +27,7 @@ pub type SharedPolicy = Arc<ArcSwap<Policy>>;
 pub(crate) struct Handler {
     pub(crate) policy: SharedPolicy,
     pub(crate) resolver: Arc<dyn Resolver>,
-    pub(crate) dial_timeout: Duration,
+    pub(crate) dial_timeout: Arc<ArcSwap<Duration>>,
     pub(crate) metrics: AgentMetrics,
     pub(crate) tracker: TaskTracker,
 }
@@ -68,7 +68,7 @@ impl Handler {
         let port = target.port;
         // The policy's `Host` display escapes peer-supplied names, so logs stay one line.
         tracing::Span::current().record("target", field::display(format_args!("{host}:{port}")));
-        let timeout = effective_timeout(self.dial_timeout, pending.timeout());
+        let timeout = effective_timeout(**self.dial_timeout.load(), pending.timeout());
         let policy = self.policy.load_full();
         let dialed = tokio::select! {
             dialed = dial(&policy, self.resolver.as_ref(), &host, port, timeout) => dialed,

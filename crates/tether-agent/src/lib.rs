@@ -9,9 +9,11 @@ pub mod admin;
 pub mod config;
 pub mod connector;
 pub mod dial;
+pub mod gate;
 pub mod handler;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod status;
 mod supervisor;
 pub mod ws_transport;
@@ -30,14 +32,21 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 pub use config::{AgentConfig, AgentTlsConfig, ReconnectConfig};
+pub use gate::{ActivationConfig, GateState};
+pub use reload::{AgentReloader, ReloadOutcome};
 pub use connector::{ConnectError, Connector};
 pub use handler::SharedPolicy;
 pub use metrics::{AgentMetrics, DialOutcome};
 pub use status::AgentStatus;
 
 use crate::dial::{Resolver, SystemResolver};
+use crate::gate::{Gate, GateControl};
 use crate::handler::Handler;
+use crate::reload::{ConnectSettings, ReloadTargets};
 use crate::supervisor::Supervisor;
+
+/// How the agent reads environment variables (the activation gate's `from: env` source).
+pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// How long `run` waits for its tasks (stream handlers, admin) after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -65,10 +74,12 @@ pub enum AgentError {
 
 /// A configured agent, ready to [`run`](Agent::run).
 pub struct Agent {
-    connector: Connector,
-    mux_config: tether_mux::MuxConfig,
-    reconnect: ReconnectConfig,
-    dial_timeout: Duration,
+    connect: watch::Sender<Arc<ConnectSettings>>,
+    reconnect: Arc<ArcSwap<ReconnectConfig>>,
+    dial_timeout: Arc<ArcSwap<Duration>>,
+    gate: GateControl,
+    env: EnvLookup,
+    reloader: AgentReloader,
     policy: SharedPolicy,
     resolver: Arc<dyn Resolver>,
     metrics: AgentMetrics,
@@ -81,7 +92,7 @@ impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
             .field("instance_id", &self.instance_id)
-            .field("connector", &self.connector)
+            .field("connector", &self.connect.borrow().connector)
             .finish_non_exhaustive()
     }
 }
@@ -89,7 +100,9 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// Validates `config`, loads the TLS material, compiles the policy and registers the
     /// metrics into `registry`. Paths must already be resolved (`AgentConfig::resolve_paths`).
+    /// The agent runs on the effective config (`AgentConfig::effective`).
     pub fn new(config: AgentConfig, registry: &prometheus::Registry) -> Result<Agent, AgentError> {
+        let config = config.effective();
         config.validate()?;
         let policy = config.policy.compile().map_err(|errors| {
             ConfigErrors(
@@ -117,12 +130,35 @@ impl Agent {
             instance_id: instance_id.clone(),
             ..AgentStatus::default()
         });
-        Ok(Agent {
+        let connect = watch::channel(Arc::new(ConnectSettings {
             connector,
             mux_config: config.to_mux_config(),
-            reconnect: config.reconnect.clone(),
-            dial_timeout: config.dial_timeout.0,
-            policy: Arc::new(ArcSwap::from_pointee(policy)),
+        }))
+        .0;
+        let reconnect = Arc::new(ArcSwap::from_pointee(config.reconnect.clone()));
+        let dial_timeout = Arc::new(ArcSwap::from_pointee(config.dial_timeout.0));
+        let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(policy));
+        let gate = GateControl::new(config.activation.clone());
+        let reloader = AgentReloader::new(
+            config.clone(),
+            ReloadTargets {
+                policy: policy.clone(),
+                dial_timeout: dial_timeout.clone(),
+                reconnect: reconnect.clone(),
+                gate: gate.clone(),
+                connect: connect.clone(),
+                metrics: metrics.reloads.clone(),
+                instance_id: instance_id.clone(),
+            },
+        );
+        Ok(Agent {
+            connect,
+            reconnect,
+            dial_timeout,
+            gate,
+            env: Arc::new(|var| std::env::var(var).ok()),
+            reloader,
+            policy,
             resolver: Arc::new(SystemResolver),
             metrics,
             registry: registry.clone(),
@@ -135,6 +171,18 @@ impl Agent {
     pub fn with_resolver(mut self, resolver: Arc<dyn Resolver>) -> Agent {
         self.resolver = resolver;
         self
+    }
+
+    /// Reads environment variables through `env` instead of the process environment (tests).
+    pub fn with_env(mut self, env: EnvLookup) -> Agent {
+        self.env = env;
+        self
+    }
+
+    /// The handle that applies new configs to this agent while it runs
+    /// ([`AgentReloader::reload`]).
+    pub fn reloader(&self) -> AgentReloader {
+        self.reloader.clone()
     }
 
     /// The connection state, updated as it changes.
@@ -185,9 +233,20 @@ impl Agent {
                     .in_current_span(),
                 );
             }
-            info!(server_url = self.connector.url(), "agent starting");
+            info!(
+                server_url = self.connect.borrow().connector.url(),
+                "agent starting"
+            );
+            // The gate decides (and logs) before the supervisor may dial.
+            let gate = Gate::new(
+                self.gate,
+                self.metrics.gate.clone(),
+                self.env,
+            );
+            let gate_state = gate.subscribe();
+            tracker.spawn(gate.run(shutdown.clone()).in_current_span());
             let supervisor = Supervisor {
-                connector: self.connector,
+                connect: self.connect.subscribe(),
                 handler: Handler {
                     policy: self.policy,
                     resolver: self.resolver,
@@ -195,8 +254,8 @@ impl Agent {
                     metrics: self.metrics,
                     tracker: tracker.clone(),
                 },
-                mux_config: self.mux_config,
                 reconnect: self.reconnect,
+                gate: gate_state,
                 status: self.status,
                 instance_id: self.instance_id,
             };

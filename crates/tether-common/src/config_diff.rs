@@ -102,6 +102,13 @@ pub struct ReloadMetrics {
 impl ReloadMetrics {
     /// Creates the counter and registers it into `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<ReloadMetrics> {
+        let metrics = Self::unregistered()?;
+        registry.register(Box::new(metrics.reloads.clone()))?;
+        Ok(metrics)
+    }
+
+    /// Creates the counter without registering it (a placeholder until `register`).
+    pub fn unregistered() -> prometheus::Result<ReloadMetrics> {
         let reloads = IntCounterVec::new(
             Opts::new(
                 "tether_config_reloads_total",
@@ -112,7 +119,6 @@ impl ReloadMetrics {
         for result in ReloadResult::ALL {
             reloads.with_label_values(&[result.label()]);
         }
-        registry.register(Box::new(reloads.clone()))?;
         Ok(ReloadMetrics { reloads })
     }
 
