@@ -315,11 +315,7 @@ impl GateControl {
 impl Gate {
     /// A gate evaluated once now (so the first decision is known before any dial), on the
     /// config `control` holds (a reload before `run` may have swapped it).
-    pub(crate) fn new(
-        control: GateControl,
-        metric: IntGaugeVec,
-        env: crate::EnvLookup,
-    ) -> Gate {
+    pub(crate) fn new(control: GateControl, metric: IntGaugeVec, env: crate::EnvLookup) -> Gate {
         let first = control.config.load().evaluate(env.as_ref());
         let gate = Gate {
             config: control.config,
@@ -367,7 +363,10 @@ impl Gate {
 
 fn log_decision(state: &GateState) {
     match state {
-        GateState::Enabled => info!(gate = "enabled", "activation gate enabled: dialing the server"),
+        GateState::Enabled => info!(
+            gate = "enabled",
+            "activation gate enabled: dialing the server"
+        ),
         GateState::Disabled(reason) => info!(
             gate = "disabled",
             %reason,
@@ -390,7 +389,10 @@ mod tests {
 
     #[test]
     fn no_requirement_is_enabled() {
-        assert_eq!(ActivationConfig::default().evaluate(&no_env), GateState::Enabled);
+        assert_eq!(
+            ActivationConfig::default().evaluate(&no_env),
+            GateState::Enabled
+        );
     }
 
     #[test]
@@ -405,7 +407,10 @@ mod tests {
         let GateState::Disabled(reason) = c.evaluate(&no_env) else {
             panic!("enabled")
         };
-        assert!(reason.contains("`downstream` is not one of [upstream]"), "{reason}");
+        assert!(
+            reason.contains("`downstream` is not one of [upstream]"),
+            "{reason}"
+        );
         let c = config("require_features: [mcm, b]\nsource: {from: static, features: [b]}\n");
         assert_eq!(
             c.evaluate(&no_env),

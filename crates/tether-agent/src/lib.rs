@@ -32,11 +32,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 pub use config::{AgentConfig, AgentTlsConfig, ReconnectConfig};
-pub use gate::{ActivationConfig, GateState};
-pub use reload::{AgentReloader, ReloadOutcome};
 pub use connector::{ConnectError, Connector};
+pub use gate::{ActivationConfig, GateState};
 pub use handler::SharedPolicy;
 pub use metrics::{AgentMetrics, DialOutcome};
+pub use reload::{AgentReloader, ReloadOutcome};
 pub use status::AgentStatus;
 
 use crate::dial::{Resolver, SystemResolver};
@@ -238,11 +238,7 @@ impl Agent {
                 "agent starting"
             );
             // The gate decides (and logs) before the supervisor may dial.
-            let gate = Gate::new(
-                self.gate,
-                self.metrics.gate.clone(),
-                self.env,
-            );
+            let gate = Gate::new(self.gate, self.metrics.gate.clone(), self.env);
             let gate_state = gate.subscribe();
             tracker.spawn(gate.run(shutdown.clone()).in_current_span());
             let supervisor = Supervisor {
