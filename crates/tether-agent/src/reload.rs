@@ -138,6 +138,7 @@ impl AgentReloader {
                     );
                 }
                 if !done.restart_required.is_empty() {
+                    metrics.restart_required.inc();
                     warn!(
                         fields = ?done.restart_required,
                         "these config changes take effect only after a restart"

@@ -1,7 +1,7 @@
 //! Field-by-field comparison of two effective configs, the closed set of reload results and
 //! the `tether_config_reloads_total{result}` counter both daemons export.
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use serde::Serialize;
 use serde_yaml_ng::Value;
 
@@ -97,6 +97,9 @@ impl ReloadResult {
 pub struct ReloadMetrics {
     /// The counter, every `result` series present from the start.
     pub reloads: IntCounterVec,
+    /// `tether_config_restart_required_total`: reloads that changed keys which only take
+    /// effect after a restart (e.g. a listener address).
+    pub restart_required: IntCounter,
 }
 
 impl ReloadMetrics {
@@ -104,6 +107,7 @@ impl ReloadMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<ReloadMetrics> {
         let metrics = Self::unregistered()?;
         registry.register(Box::new(metrics.reloads.clone()))?;
+        registry.register(Box::new(metrics.restart_required.clone()))?;
         Ok(metrics)
     }
 
@@ -119,7 +123,14 @@ impl ReloadMetrics {
         for result in ReloadResult::ALL {
             reloads.with_label_values(&[result.label()]);
         }
-        Ok(ReloadMetrics { reloads })
+        let restart_required = IntCounter::new(
+            "tether_config_restart_required_total",
+            "Config reloads that changed keys which only take effect after a restart",
+        )?;
+        Ok(ReloadMetrics {
+            reloads,
+            restart_required,
+        })
     }
 
     /// Counts one reload.
@@ -185,7 +196,11 @@ mod tests {
         metrics.count(ReloadResult::Invalid);
         assert_eq!(metrics.get(ReloadResult::Invalid), 1);
         assert_eq!(metrics.get(ReloadResult::Unchanged), 0);
-        let family = registry.gather();
-        assert_eq!(family[0].get_metric().len(), 4);
+        let families = registry.gather();
+        let reloads = families
+            .iter()
+            .find(|f| f.name() == "tether_config_reloads_total")
+            .unwrap();
+        assert_eq!(reloads.get_metric().len(), 4);
     }
 }

@@ -37,7 +37,9 @@ impl FlagOverride {
             .ok_or_else(|| format!("`{text}` is not key.path=value"))?;
         let path = path.trim();
         if path.is_empty() || path.split('.').any(str::is_empty) {
-            return Err(format!("`{path}` is not a key path such as reconnect.max_delay"));
+            return Err(format!(
+                "`{path}` is not a key path such as reconnect.max_delay"
+            ));
         }
         Ok(FlagOverride {
             path: path.to_owned(),
@@ -145,7 +147,10 @@ mod tests {
     fn env_beats_file_and_flags_beat_env() {
         let file = yaml("server_url: wss://file/\ntls: {cert: a.pem, key: k.pem}\n");
         let flags = [FlagOverride::parse("server_url=wss://flag/").unwrap()];
-        let env = env(&[("TETHER_SERVER_URL", "wss://env/"), ("TETHER_TLS_CERT", "b.pem")]);
+        let env = env(&[
+            ("TETHER_SERVER_URL", "wss://env/"),
+            ("TETHER_TLS_CERT", "b.pem"),
+        ]);
         let merged = overlay(file.clone(), KEYS, &env, &flags).unwrap();
         assert_eq!(
             merged,

@@ -16,6 +16,7 @@ pub mod health;
 mod log_throttle;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod remotedialer_metrics;
 mod server;
 mod tunnel;
@@ -29,4 +30,5 @@ pub use registry::{
     NoSession, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
     Subscriber,
 };
+pub use reload::{ReloadOutcome, ServerReloader};
 pub use server::{Listeners, Server, ServerError, run};
