@@ -3,6 +3,9 @@
 //! open connections), a new tunnel listener address is reported as needing a restart, an
 //! identical config is `unchanged` and an invalid one is rejected. The agent session stays up.
 
+// Helpers outside #[test] functions panic on failure too; that is what a test wants.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::net::SocketAddr;
