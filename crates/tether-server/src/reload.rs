@@ -189,6 +189,17 @@ impl ServerReloader {
             .unwrap_or_default()
     }
 
+    /// Counts and logs a new config that could not even be loaded (unreadable file, bad YAML);
+    /// the running config stays in force.
+    pub fn reject(&self, error: &dyn std::fmt::Display) {
+        self.inner.metrics.count(ReloadResult::Invalid);
+        warn!(
+            result = "invalid",
+            error = %error,
+            "config reload rejected; the running config stays in force"
+        );
+    }
+
     /// The config in force.
     pub fn current(&self) -> ServerConfig {
         lock(&self.inner.running).clone()

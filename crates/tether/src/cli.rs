@@ -32,12 +32,20 @@ pub(crate) enum Command {
         /// Path of the server config (YAML).
         #[arg(long, short, env = "TETHER_CONFIG")]
         config: PathBuf,
+        /// Override one config key: `--set key.path=value` (repeatable; beats the file and
+        /// `TETHER_*` variables; an empty value keeps the less specific layer).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Run the agent daemon: dials the server and opens streams to allowed targets.
     Agent {
         /// Path of the agent config (YAML).
         #[arg(long, short, env = "TETHER_CONFIG")]
         config: PathBuf,
+        /// Override one config key: `--set key.path=value` (repeatable; beats the file and
+        /// `TETHER_*` variables; an empty value keeps the less specific layer).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Create a CA and certificates for mutual TLS.
     Certs {

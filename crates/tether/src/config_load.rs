@@ -1,10 +1,13 @@
-//! Loading the daemons' YAML configs: parse, resolve relative paths, validate, and report every
-//! problem with its key path.
+//! Loading the daemons' effective configs: the YAML file with the `TETHER_*` environment and
+//! `--set` flags layered over it (`tether_common::config_layers`), relative paths resolved and
+//! validated, every problem reported with its key path.
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use tether_agent::AgentConfig;
 use tether_common::config_error::parse_yaml;
+use tether_common::config_layers::{self, EnvKey, FlagOverride};
 use tether_server::ServerConfig;
 
 use crate::cli::ConfigKind;
@@ -24,14 +27,121 @@ fn base_dir(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new("."))
 }
 
+/// Environment variables that override server.yaml keys (an empty one is not set).
+pub(crate) const SERVER_ENV: &[EnvKey] = &[
+    EnvKey {
+        var: "TETHER_LISTEN",
+        path: "listen",
+    },
+    EnvKey {
+        var: "TETHER_ADMIN_LISTEN",
+        path: "admin_listen",
+    },
+    EnvKey {
+        var: "TETHER_TLS_CERT",
+        path: "tls.cert",
+    },
+    EnvKey {
+        var: "TETHER_TLS_KEY",
+        path: "tls.key",
+    },
+    EnvKey {
+        var: "TETHER_TLS_CLIENT_CA",
+        path: "tls.client_ca",
+    },
+];
+
+/// Environment variables that override agent.yaml keys (an empty one is not set).
+pub(crate) const AGENT_ENV: &[EnvKey] = &[
+    EnvKey {
+        var: "TETHER_SERVER_URL",
+        path: "server_url",
+    },
+    EnvKey {
+        var: "TETHER_SERVER_NAME",
+        path: "server_name",
+    },
+    EnvKey {
+        var: "TETHER_ADMIN_LISTEN",
+        path: "admin_listen",
+    },
+    EnvKey {
+        var: "TETHER_TLS_CERT",
+        path: "tls.cert",
+    },
+    EnvKey {
+        var: "TETHER_TLS_KEY",
+        path: "tls.key",
+    },
+    EnvKey {
+        var: "TETHER_TLS_SERVER_CA",
+        path: "tls.server_ca",
+    },
+];
+
+/// The layers above the file: the environment (through a lookup, so tests inject it) and the
+/// `--set key.path=value` flags.
+pub(crate) struct Overrides<'a> {
+    pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
+    pub(crate) flags: &'a [FlagOverride],
+}
+
+impl Overrides<'static> {
+    /// No layer above the file (`check-config`).
+    pub(crate) fn none() -> Overrides<'static> {
+        Overrides {
+            env: &|_| None,
+            flags: &[],
+        }
+    }
+}
+
+/// The process environment.
+pub(crate) fn process_env(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}
+
+/// Parses `text` and writes the layers over it. The file alone is parsed first so that its
+/// mistakes are reported with their line; the merged tree is then parsed again.
+fn layered<T: DeserializeOwned>(
+    text: &str,
+    source: &str,
+    env_keys: &[EnvKey],
+    overrides: &Overrides<'_>,
+) -> anyhow::Result<T> {
+    let config: T = parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
+    if !config_layers::has_overrides(env_keys, overrides.env, overrides.flags) {
+        return Ok(config);
+    }
+    let tree: serde_yaml_ng::Value =
+        parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
+    let merged = config_layers::overlay(tree, env_keys, overrides.env, overrides.flags)
+        .map_err(|errors| InvalidConfig(format!("{source}: invalid overrides:\n{errors}")))?;
+    serde_yaml_ng::from_value(merged).map_err(|e| {
+        InvalidConfig(format!(
+            "{source} with environment and --set overrides: {e}"
+        ))
+        .into()
+    })
+}
+
 /// Parses and validates a server config; `source` names it in messages.
 pub(crate) fn server_from_str(
     text: &str,
     base: &Path,
     source: &str,
 ) -> anyhow::Result<ServerConfig> {
-    let mut config: ServerConfig =
-        parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
+    server_layered(text, base, source, &Overrides::none())
+}
+
+/// [`server_from_str`] with the environment and flag layers.
+pub(crate) fn server_layered(
+    text: &str,
+    base: &Path,
+    source: &str,
+    overrides: &Overrides<'_>,
+) -> anyhow::Result<ServerConfig> {
+    let mut config: ServerConfig = layered(text, source, SERVER_ENV, overrides)?;
     config.resolve_paths(base);
     config
         .validate()
@@ -41,21 +151,42 @@ pub(crate) fn server_from_str(
 
 /// Parses and validates an agent config; `source` names it in messages.
 pub(crate) fn agent_from_str(text: &str, base: &Path, source: &str) -> anyhow::Result<AgentConfig> {
-    let mut config: AgentConfig =
-        parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
+    agent_layered(text, base, source, &Overrides::none())
+}
+
+/// [`agent_from_str`] with the environment and flag layers; the result is the effective config
+/// (fallbacks resolved), the form reloads compare.
+pub(crate) fn agent_layered(
+    text: &str,
+    base: &Path,
+    source: &str,
+    overrides: &Overrides<'_>,
+) -> anyhow::Result<AgentConfig> {
+    let mut config: AgentConfig = layered(text, source, AGENT_ENV, overrides)?;
     config.resolve_paths(base);
+    let config = config.effective();
     config
         .validate()
         .map_err(|errors| InvalidConfig(format!("{source}: invalid agent config:\n{errors}")))?;
     Ok(config)
 }
 
-pub(crate) fn load_server(path: &Path) -> anyhow::Result<ServerConfig> {
-    server_from_str(&read(path)?, base_dir(path), &path.display().to_string())
+pub(crate) fn load_server(path: &Path, overrides: &Overrides<'_>) -> anyhow::Result<ServerConfig> {
+    server_layered(
+        &read(path)?,
+        base_dir(path),
+        &path.display().to_string(),
+        overrides,
+    )
 }
 
-pub(crate) fn load_agent(path: &Path) -> anyhow::Result<AgentConfig> {
-    agent_from_str(&read(path)?, base_dir(path), &path.display().to_string())
+pub(crate) fn load_agent(path: &Path, overrides: &Overrides<'_>) -> anyhow::Result<AgentConfig> {
+    agent_layered(
+        &read(path)?,
+        base_dir(path),
+        &path.display().to_string(),
+        overrides,
+    )
 }
 
 /// Validates `path` as `kind` (guessed from its keys when `None`) and says what it found.
@@ -70,8 +201,8 @@ pub(crate) fn check(kind: Option<ConfigKind>, path: &Path) -> anyhow::Result<Con
         })?,
     };
     match kind {
-        ConfigKind::Server => load_server(path).map(|_| kind),
-        ConfigKind::Agent => load_agent(path).map(|_| kind),
+        ConfigKind::Server => load_server(path, &Overrides::none()).map(|_| kind),
+        ConfigKind::Agent => load_agent(path, &Overrides::none()).map(|_| kind),
     }
 }
 

@@ -3,6 +3,7 @@
 mod certs_cmd;
 mod cli;
 mod config_load;
+mod config_reload;
 mod demo;
 mod logging;
 mod signals;
@@ -58,8 +59,15 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Server { config } => {
-            let config = config_load::load_server(&config)?;
+        Command::Server { config: path, set } => {
+            let flags = parse_flags(&set)?;
+            let config = config_load::load_server(
+                &path,
+                &config_load::Overrides {
+                    env: &config_load::process_env,
+                    flags: &flags,
+                },
+            )?;
             let registry = process_registry()?;
             let listeners = tether_server::Listeners {
                 tunnel: bind(&config.listen, "listen").await?,
@@ -76,11 +84,23 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let server = tether_server::Server::new(config, &registry)?;
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
+            let _reloads = AbortOnDrop(tokio::spawn(config_reload::server_reloads(
+                path,
+                flags,
+                server.reloader(),
+            )));
             server.run(listeners, shutdown).await?;
             Ok(())
         }
-        Command::Agent { config } => {
-            let config = config_load::load_agent(&config)?;
+        Command::Agent { config: path, set } => {
+            let flags = parse_flags(&set)?;
+            let config = config_load::load_agent(
+                &path,
+                &config_load::Overrides {
+                    env: &config_load::process_env,
+                    flags: &flags,
+                },
+            )?;
             let registry = process_registry()?;
             let admin = match config.admin_listen.as_str() {
                 "" => None,
@@ -89,6 +109,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let agent = tether_agent::Agent::new(config, &registry)?;
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
+            let _reloads = AbortOnDrop(tokio::spawn(config_reload::agent_reloads(
+                path,
+                flags,
+                agent.reloader(),
+            )));
             agent
                 .run(tether_agent::AgentListeners { admin }, shutdown)
                 .await?;
@@ -131,6 +156,16 @@ async fn bind(addr: &str, key: &str) -> anyhow::Result<TcpListener> {
         .parse()
         .with_context(|| format!("{key} = {addr}: not an ip:port address"))?;
     tether_common::listen::bind(parsed).with_context(|| format!("binding {key} = {addr}"))
+}
+
+/// Parses the `--set key.path=value` flags.
+fn parse_flags(set: &[String]) -> anyhow::Result<Vec<tether_common::config_layers::FlagOverride>> {
+    set.iter()
+        .map(|text| {
+            tether_common::config_layers::FlagOverride::parse(text)
+                .map_err(|message| InvalidConfig(format!("--set {message}")).into())
+        })
+        .collect()
 }
 
 /// Aborts a background task when the owner goes away.
