@@ -222,3 +222,66 @@ fn guess_kind(text: &str, source: &str) -> anyhow::Result<Option<ConfigKind>> {
         None
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "server_url: \"wss://file:1/v1/connect\"\n\
+                        tls: { cert: a.pem, key: b.pem, server_ca: c.pem }\n\
+                        reconnect: { max_delay: 30s }\n";
+
+    fn agent(env: &dyn Fn(&str) -> Option<String>, flags: &[&str]) -> AgentConfig {
+        let flags: Vec<FlagOverride> = flags
+            .iter()
+            .map(|f| FlagOverride::parse(f).unwrap())
+            .collect();
+        let overrides = Overrides { env, flags: &flags };
+        layered::<AgentConfig>(FILE, "agent.yaml", AGENT_ENV, &overrides)
+            .unwrap()
+            .effective()
+    }
+
+    #[test]
+    fn defaults_file_env_flags_in_that_order() {
+        let none = |_: &str| None;
+        let env_url = |var: &str| (var == "TETHER_SERVER_URL").then(|| "wss://env:2/x".to_owned());
+        let empty = |var: &str| (var == "TETHER_SERVER_URL").then(String::new);
+        let from_file = agent(&none, &[]);
+        assert_eq!(from_file.server_url, "wss://file:1/v1/connect");
+        assert_eq!(from_file.reconnect.max_delay.to_string(), "30s");
+        // A default shows through where no layer sets the key.
+        assert_eq!(from_file.connect_timeout.to_string(), "10s");
+        assert_eq!(agent(&env_url, &[]).server_url, "wss://env:2/x");
+        let flagged = agent(
+            &env_url,
+            &["server_url=wss://flag:3/y", "reconnect.max_delay=5s"],
+        );
+        assert_eq!(flagged.server_url, "wss://flag:3/y");
+        assert_eq!(flagged.reconnect.max_delay.to_string(), "5s");
+        // Empty values in the more specific layers fall back to the file.
+        assert_eq!(agent(&empty, &["server_url="]), from_file);
+    }
+
+    #[test]
+    fn fallbacks_are_resolved_before_comparison() {
+        let none = |_: &str| None;
+        let spelled = agent(&none, &["server_name=file"]);
+        assert_eq!(spelled, agent(&none, &[]));
+        assert_eq!(spelled.server_name, "file");
+        assert!(
+            tether_common::config_diff::changed_fields(&spelled, &agent(&none, &[])).is_empty()
+        );
+    }
+
+    #[test]
+    fn unknown_flag_keys_are_errors() {
+        let flags = [FlagOverride::parse("no_such_key=1").unwrap()];
+        let overrides = Overrides {
+            env: &|_| None,
+            flags: &flags,
+        };
+        let err = layered::<AgentConfig>(FILE, "agent.yaml", AGENT_ENV, &overrides).unwrap_err();
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+}
