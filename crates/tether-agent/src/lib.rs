@@ -24,6 +24,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tether_common::cert_expiry::CertRole;
 use tether_common::config_error::ConfigErrors;
+use tether_common::log_throttle::LogThrottle;
 use tether_common::tls::{self, TlsError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -47,6 +48,9 @@ use crate::supervisor::Supervisor;
 
 /// How the agent reads environment variables (the activation gate's `from: env` source).
 pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// One info line per this window for repeated policy refusals (the rest go to debug).
+const DENIAL_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// How long `run` waits for its tasks (stream handlers, admin) after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -249,6 +253,7 @@ impl Agent {
                     dial_timeout: self.dial_timeout,
                     metrics: self.metrics,
                     tracker: tracker.clone(),
+                    denials: Arc::new(LogThrottle::new(DENIAL_LOG_WINDOW)),
                 },
                 reconnect: self.reconnect,
                 gate: gate_state,

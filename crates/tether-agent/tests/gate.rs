@@ -162,29 +162,3 @@ async fn gated_off_agent_stays_idle_and_follows_the_role_file() {
     token.cancel();
     run.await.unwrap().unwrap();
 }
-
-#[tokio::test]
-async fn env_source_enables_the_gate() {
-    let pki = TestPki::new();
-    let cert = pki.agent("edge-1");
-    let mut server = TestServer::start(&pki).await;
-    let yaml = format!(
-        "server_url: \"wss://{}/v1/connect\"\n\
-         tls: {{ cert: \"{}\", key: \"{}\", server_ca: ca.pem }}\n\
-         admin_listen: \"\"\n\
-         activation: {{ require_role: [upstream], source: {{ from: env, role_env: MY_ROLE }} }}\n",
-        server.addr,
-        cert.cert_path.display(),
-        cert.key_path.display(),
-    );
-    let agent = Agent::new(agent_config(&yaml, &pki), &prometheus::Registry::new())
-        .unwrap()
-        .with_env(Arc::new(|var| {
-            (var == "MY_ROLE").then(|| "upstream".to_owned())
-        }));
-    let token = CancellationToken::new();
-    let run = tokio::spawn(agent.run(AgentListeners::default(), token.clone()));
-    let _session = server.next_session().await;
-    token.cancel();
-    run.await.unwrap().unwrap();
-}

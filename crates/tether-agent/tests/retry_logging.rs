@@ -15,6 +15,10 @@ use tether_agent::{Agent, AgentListeners};
 use tether_testkit::TestPki;
 use tokio_util::sync::CancellationToken;
 
+/// The tests here capture logs with thread-local subscribers; run one at a time so that
+/// tracing's per-callsite interest cache never sees them race.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
@@ -31,6 +35,7 @@ impl Write for Captured {
 // Single-threaded runtime: every agent task runs on this thread and sees the test subscriber.
 #[tokio::test(flavor = "current_thread")]
 async fn a_failure_streak_warns_once_and_logs_per_doubling() {
+    let _serial = SERIAL.lock().await;
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -85,6 +90,7 @@ async fn a_failure_streak_warns_once_and_logs_per_doubling() {
 /// 1.2 s): the agent tries several times but writes at most 10 lines at the default level.
 #[tokio::test(flavor = "current_thread")]
 async fn a_long_outage_writes_a_handful_of_lines() {
+    let _serial = SERIAL.lock().await;
     const COMPRESSION: u32 = 50;
     let captured = Captured::default();
     let writer = captured.clone();

@@ -8,6 +8,7 @@ pub mod config_layers;
 pub mod duration;
 pub mod identity;
 pub mod listen;
+pub mod log_throttle;
 pub mod pipe;
 pub mod pki;
 pub mod runtime_metrics;

@@ -18,9 +18,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::registry::sanitize_instance;
+use tether_common::log_throttle::LogThrottle;
 
 /// The WebSocket subprotocol of the native protocol.
 pub(crate) const SUBPROTOCOL: &str = "tether.v1";

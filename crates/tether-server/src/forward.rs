@@ -15,9 +15,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::accept::accept;
-use crate::log_throttle::LogThrottle;
 use crate::metrics::{NO_SESSION, ServerMetrics};
 use crate::registry::SessionRegistry;
+use tether_common::log_throttle::LogThrottle;
 
 /// One configured forward and what its connection tasks share.
 #[derive(Debug)]

@@ -13,7 +13,6 @@ pub mod config;
 mod connect;
 mod forward;
 pub mod health;
-mod log_throttle;
 pub mod metrics;
 pub mod registry;
 pub mod reload;

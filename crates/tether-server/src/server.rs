@@ -27,11 +27,11 @@ use crate::admin::{self, AdminState, Readiness};
 use crate::config::ServerConfig;
 use crate::connect::{self, ConnectState};
 use crate::health::HealthChecker;
-use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 use crate::reload::{ForwardSet, ServerReloader};
 use crate::tunnel::{self, Tunnel};
+use tether_common::log_throttle::LogThrottle;
 
 /// How long the tasks get to finish once the sessions are closed.
 const TASK_GRACE: Duration = Duration::from_secs(5);
