@@ -88,9 +88,10 @@ impl ForwardSet {
             return;
         };
         let bound = listener.local_addr().ok();
+        let shown = bound.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         info!(
             forward = %config.name,
-            listen = ?bound,
+            listen = %shown,
             agent.id = %config.client,
             %target,
             "forward listening"
