@@ -186,3 +186,26 @@ async fn server_url_change_reconnects_and_invalid_config_keeps_the_old_one() {
     assert_eq!(first.established.load(Ordering::SeqCst), 1);
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn replaced_certificate_files_at_the_same_paths_reconnect() {
+    let pki = TestPki::new();
+    let cert = pki.agent("edge-1");
+    let mut server = TestServer::start(&pki).await;
+    let text = yaml(&server, &cert, "", "{}");
+    let mut agent = Running::start(agent_config(&text, &pki));
+    let old = server.next_session().await;
+    agent.connected().await;
+
+    // A renewed certificate, written over the same files: same config text, new material.
+    let renewed = pki.agent("edge-1");
+    std::fs::copy(&renewed.cert_path, &cert.cert_path).unwrap();
+    std::fs::copy(&renewed.key_path, &cert.key_path).unwrap();
+    let outcome = agent.reloader.reload(agent_config(&text, &pki)).unwrap();
+    assert_eq!(outcome.result, ReloadResult::Reconnected);
+    assert_eq!(outcome.changed, ["tls.material"]);
+    let _new = server.next_session().await;
+    tokio::time::timeout(WAIT, old.closed()).await.unwrap();
+    assert_eq!(server.established.load(Ordering::SeqCst), 2);
+    agent.stop().await;
+}
