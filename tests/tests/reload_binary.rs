@@ -53,9 +53,17 @@ struct AgentProcess {
 
 impl AgentProcess {
     fn start(config: &Path) -> AgentProcess {
+        Self::start_with(config, &["--log", "info"])
+    }
+
+    /// `extra` goes before the subcommand (e.g. `--log info`).
+    fn start_with(config: &Path, extra: &[&str]) -> AgentProcess {
         let mut child = Command::new(tether_binary())
-            .args(["--log-format", "json", "--log", "info", "agent", "--config"])
+            .args(["--log-format", "json"])
+            .args(extra)
+            .args(["agent", "--config"])
             .arg(config)
+            .env_remove("TETHER_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -190,6 +198,42 @@ async fn sighup_without_effective_change_and_server_restart_disturb_nothing() {
     assert!(
         agent.child.try_wait().unwrap().is_none(),
         "same agent process"
+    );
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_log_filter_changes_in_place_on_sighup() {
+    let pki = TestPki::new();
+    let server_config = pki.write_file("server.yaml", &server_yaml(&pki, "127.0.0.1:0"));
+    let server = ServerProcess::start(&server_config, 0).await;
+    let cert = pki.agent("edge-1");
+    let base = agent_yaml(&pki, &cert, server.tunnel_addr, "");
+    let agent_config = pki.write_file("agent.yaml", &format!("{base}log: warn\n"));
+    // No --log and no TETHER_LOG: the config's filter is in charge.
+    let agent = AgentProcess::start_with(&agent_config, &[]);
+    let session = wait_one_session(server.admin_addr).await;
+    assert_eq!(
+        agent.count("connected to the server"),
+        0,
+        "info is filtered out"
+    );
+
+    std::fs::write(&agent_config, format!("{base}log: info\n")).unwrap();
+    agent.sighup();
+    // The reload's own line was written under the old filter; the next one shows the new one.
+    tokio::time::timeout(WAIT, async {
+        while agent.count("config unchanged") == 0 {
+            agent.sighup();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("info lines appear after the filter changed");
+    assert_eq!(
+        wait_one_session(server.admin_addr).await,
+        session,
+        "no reconnect"
     );
     server.kill().await;
 }

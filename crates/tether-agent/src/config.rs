@@ -71,6 +71,10 @@ pub struct AgentConfig {
     /// cluster's own come from. No requirement: always dial.
     #[serde(default)]
     pub activation: ActivationConfig,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `tether_agent=debug`) used when
+    /// neither `--log` nor `TETHER_LOG` is given; applied in place on reload. Empty: `info`.
+    #[serde(default)]
+    pub log: String,
 }
 
 /// `tls:` of agent.yaml. Relative paths are relative to the config file's directory.

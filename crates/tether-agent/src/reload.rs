@@ -1,6 +1,6 @@
 //! Agent config reloads (DESIGN.md lesson 2): diff the new effective config against the running
 //! one field by field and apply the least disruptive action: nothing, in place (policy, dial
-//! timeout, backoff, activation gate), or a reconnect (server URL, TLS name or material,
+//! timeout, backoff, activation gate, the log filter (applied by the binary)), or a reconnect (server URL, TLS name or material,
 //! connection and session settings). An invalid config is rejected and the old one keeps running.
 
 use std::hash::{Hash, Hasher};

@@ -62,6 +62,9 @@ pub struct ServerConfig {
     pub health: HealthConfig,
     /// What `/metrics` exports beyond the `tether_*` series.
     pub metrics: MetricsConfig,
+    /// Log filter (tracing `EnvFilter` syntax) used when neither `--log` nor `TETHER_LOG` is
+    /// given; applied in place on reload. Empty: `info`.
+    pub log: String,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +85,7 @@ impl Default for ServerConfig {
             forwards: Vec::new(),
             health: HealthConfig::default(),
             metrics: MetricsConfig::default(),
+            log: String::new(),
         }
     }
 }

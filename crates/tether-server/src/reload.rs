@@ -1,6 +1,7 @@
 //! Server config reloads: diff the new effective config against the running one field by field,
-//! apply in place what can be (the allow-list, `max_agents`, forwards: added, removed and changed
-//! ones restarted without touching the others), and log and count the keys that need a restart
+//! apply in place what can be (the allow-list, `max_agents`, the log filter (applied by the
+//! binary, which owns the subscriber), forwards: added, removed and changed ones restarted
+//! without touching the others), and log and count the keys that need a restart
 //! (listener addresses, TLS, session settings). One section, one `apply_*` function: new
 //! frontends add theirs next to `apply_forwards`.
 
@@ -25,7 +26,7 @@ use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 
 /// Keys applied in place; every other changed key needs a restart.
-const IN_PLACE_KEYS: &[&str] = &["allowed_agents", "max_agents", "forwards"];
+const IN_PLACE_KEYS: &[&str] = &["allowed_agents", "max_agents", "forwards", "log"];
 /// How long a removed forward's accept loop may take to release its listener.
 const FORWARD_STOP_GRACE: Duration = Duration::from_secs(5);
 

@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "tether", version, about, propagate_version = true)]
 pub(crate) struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_server=debug`.
-    #[arg(long, global = true, env = "TETHER_LOG", default_value = "info")]
-    pub(crate) log: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_server=debug`; beats the
+    /// config's `log` key. Default: the config's `log`, else `info`.
+    #[arg(long, global = true, env = "TETHER_LOG")]
+    pub(crate) log: Option<String>,
     /// Log format.
     #[arg(long, global = true, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,

@@ -12,6 +12,7 @@ use tether_server::ServerReloader;
 use tracing::{debug, info};
 
 use crate::config_load::{self, Overrides};
+use crate::logging::LogControl;
 use crate::signals;
 
 /// How often the config file is checked for changes.
@@ -96,24 +97,36 @@ pub(crate) async fn agent_reloads(
     path: PathBuf,
     flags: Vec<FlagOverride>,
     reloader: AgentReloader,
+    logs: LogControl,
 ) {
     let mut triggers = Triggers::new(&path);
     loop {
         let trigger = triggers.next().await;
-        reload_agent(&path, &flags, &reloader, trigger);
+        reload_agent(&path, &flags, &reloader, &logs, trigger);
     }
 }
 
 /// One agent reload: the effective config from the file, environment and flags, applied.
-fn reload_agent(path: &Path, flags: &[FlagOverride], reloader: &AgentReloader, trigger: Trigger) {
+fn reload_agent(
+    path: &Path,
+    flags: &[FlagOverride],
+    reloader: &AgentReloader,
+    logs: &LogControl,
+    trigger: Trigger,
+) {
     info!(trigger = trigger.label(), config = %path.display(), "reloading config");
     let overrides = Overrides {
         env: &config_load::process_env,
         flags,
     };
     match config_load::load_agent(path, &overrides) {
-        // The reloader logs and counts the outcome.
-        Ok(config) => drop(reloader.reload(config)),
+        // The reloader logs and counts the outcome; the log filter is ours to apply.
+        Ok(config) => {
+            let log = config.log.clone();
+            if reloader.reload(config).is_ok() {
+                logs.apply_config(&log);
+            }
+        }
         Err(err) => reloader.reject(&err),
     }
 }
@@ -123,11 +136,12 @@ pub(crate) async fn server_reloads(
     path: PathBuf,
     flags: Vec<FlagOverride>,
     reloader: ServerReloader,
+    logs: LogControl,
 ) {
     let mut triggers = Triggers::new(&path);
     loop {
         let trigger = triggers.next().await;
-        reload_server(&path, &flags, &reloader, trigger).await;
+        reload_server(&path, &flags, &reloader, &logs, trigger).await;
     }
 }
 
@@ -136,6 +150,7 @@ async fn reload_server(
     path: &Path,
     flags: &[FlagOverride],
     reloader: &ServerReloader,
+    logs: &LogControl,
     trigger: Trigger,
 ) {
     info!(trigger = trigger.label(), config = %path.display(), "reloading config");
@@ -149,8 +164,10 @@ async fn reload_server(
     };
     match loaded {
         Ok(config) => {
-            if let Err(errors) = reloader.reload(config).await {
-                debug!(errors = errors.len(), "server reload rejected");
+            let log = config.log.clone();
+            match reloader.reload(config).await {
+                Ok(_) => logs.apply_config(&log),
+                Err(errors) => debug!(errors = errors.len(), "server reload rejected"),
             }
         }
         Err(err) => reloader.reject(&err),

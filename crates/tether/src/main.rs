@@ -30,10 +30,12 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own report; keep daemon logs to warnings unless asked otherwise.
-    let demo_default = matches!(cli.command, Command::Demo { .. })
-        && cli.log == "info"
-        && std::env::var_os("TETHER_LOG").is_none();
-    logging::init(if demo_default { "warn" } else { &cli.log }, cli.log_format);
+    let demo = matches!(cli.command, Command::Demo { .. });
+    let logs = logging::init(
+        cli.log.clone(),
+        if demo { "warn" } else { "info" },
+        cli.log_format,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,7 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             if let Some(InvalidConfig(message)) = err.downcast_ref::<InvalidConfig>() {
@@ -57,7 +59,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result<()> {
     match command {
         Command::Server { config: path, set } => {
             let flags = parse_flags(&set)?;
@@ -68,6 +70,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     flags: &flags,
                 },
             )?;
+            logs.apply_config(&config.log);
             let registry = process_registry()?;
             let listeners = tether_server::Listeners {
                 tunnel: bind(&config.listen, "listen").await?,
@@ -88,6 +91,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 path,
                 flags,
                 server.reloader(),
+                logs,
             )));
             server.run(listeners, shutdown).await?;
             Ok(())
@@ -101,6 +105,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     flags: &flags,
                 },
             )?;
+            logs.apply_config(&config.log);
             let registry = process_registry()?;
             let admin = match config.admin_listen.as_str() {
                 "" => None,
@@ -113,6 +118,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 path,
                 flags,
                 agent.reloader(),
+                logs,
             )));
             agent
                 .run(tether_agent::AgentListeners { admin }, shutdown)
