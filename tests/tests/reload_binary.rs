@@ -115,8 +115,9 @@ impl AgentProcess {
 
     fn sighup(&self) {
         let pid = self.child.id().unwrap();
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
+        // The shell's built-in `kill`: no procps needed on a minimal CI image.
+        let status = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -HUP {pid}")])
             .status()
             .unwrap();
         assert!(status.success());

@@ -3,7 +3,8 @@
 //!
 //! Follow a byte: [`connector`] (TCP, TLS, WebSocket) -> [`ws_transport`] -> the mux session ->
 //! [`handler`] (policy check, [`dial`], pump) -> the target socket. [`Agent::run`] owns the
-//! reconnect loop (`supervisor`) and the admin listener ([`admin`]).
+//! activation gate ([`gate`]), the reconnect loop (`supervisor`) and the admin listener
+//! ([`admin`]); [`Agent::reloader`] applies new configs while it runs ([`reload`]).
 
 pub mod admin;
 pub mod config;
