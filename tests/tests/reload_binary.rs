@@ -2,7 +2,7 @@
 //! that falls back to the same effective value, change nothing (same server-side session, no
 //! reconnect, "config unchanged"); an invalid file is rejected and the old config keeps
 //! running; restarting the server makes the agent reconnect and nothing else (no reload, no
-//! gate change, same agent process).
+//! gate change, same agent process). The server binary reloads on SIGHUP and on file change.
 
 #![allow(clippy::unwrap_used)] // test helpers panic on failure by design
 
@@ -236,5 +236,67 @@ async fn the_config_log_filter_changes_in_place_on_sighup() {
         session,
         "no reconnect"
     );
+    server.kill().await;
+}
+
+/// One series of the server's `/metrics` (0 when absent).
+async fn server_metric(admin: SocketAddr, series: &str) -> f64 {
+    let response = tether_e2e::http::get(admin, "/metrics").await.unwrap();
+    tether_e2e::exposition::sample(&response.body, series).unwrap_or(0.0)
+}
+
+async fn wait_metric(admin: SocketAddr, series: &str, value: f64) {
+    tokio::time::timeout(WAIT, async {
+        while server_metric(admin, series).await < value {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{series} reaches {value} in time"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_binary_reloads_on_sighup_and_file_change() {
+    let pki = TestPki::new();
+    let text = server_yaml(&pki, "127.0.0.1:0");
+    let config = pki.write_file("server.yaml", &text);
+    let server = ServerProcess::start(&config, 0).await;
+    let admin = server.admin_addr;
+    let sighup = |pid: u32| {
+        let status = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -HUP {pid}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    sighup(server.pid().unwrap());
+    wait_metric(
+        admin,
+        "tether_config_reloads_total{result=\"unchanged\"}",
+        1.0,
+    )
+    .await;
+
+    // Saving the file is enough: a new allow-list applies in place...
+    std::fs::write(&config, format!("{text}allowed_agents: [edge-1]\n")).unwrap();
+    wait_metric(
+        admin,
+        "tether_config_reloads_total{result=\"applied\"}",
+        1.0,
+    )
+    .await;
+    // ... a new tunnel address needs a restart (said and counted), and bad YAML is rejected.
+    let moved = server_yaml(&pki, "127.0.0.1:1");
+    std::fs::write(&config, format!("{moved}allowed_agents: [edge-1]\n")).unwrap();
+    wait_metric(admin, "tether_config_restart_required_total", 1.0).await;
+    std::fs::write(&config, "listen: [\n").unwrap();
+    wait_metric(
+        admin,
+        "tether_config_reloads_total{result=\"invalid\"}",
+        1.0,
+    )
+    .await;
+    let response = tether_e2e::http::get(admin, "/healthz").await.unwrap();
+    assert_eq!(response.status, 200, "the server keeps running");
     server.kill().await;
 }
