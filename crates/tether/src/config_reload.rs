@@ -92,17 +92,21 @@ fn fingerprint(path: &Path) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// Reloads the agent on every trigger until dropped (the caller aborts the task).
-pub(crate) async fn agent_reloads(
+/// Reloads the agent on every trigger until dropped (the caller aborts the task). The SIGHUP
+/// handler is installed now, before the future is spawned, so an early SIGHUP never takes the
+/// default action (terminate).
+pub(crate) fn agent_reloads(
     path: PathBuf,
     flags: Vec<FlagOverride>,
     reloader: AgentReloader,
     logs: LogControl,
-) {
+) -> impl Future<Output = ()> + Send {
     let mut triggers = Triggers::new(&path);
-    loop {
-        let trigger = triggers.next().await;
-        reload_agent(&path, &flags, &reloader, &logs, trigger);
+    async move {
+        loop {
+            let trigger = triggers.next().await;
+            reload_agent(&path, &flags, &reloader, &logs, trigger);
+        }
     }
 }
 
@@ -131,17 +135,20 @@ fn reload_agent(
     }
 }
 
-/// Reloads the server on every trigger until dropped (the caller aborts the task).
-pub(crate) async fn server_reloads(
+/// Reloads the server on every trigger until dropped (the caller aborts the task); the SIGHUP
+/// handler is installed now, as for the agent.
+pub(crate) fn server_reloads(
     path: PathBuf,
     flags: Vec<FlagOverride>,
     reloader: ServerReloader,
     logs: LogControl,
-) {
+) -> impl Future<Output = ()> + Send {
     let mut triggers = Triggers::new(&path);
-    loop {
-        let trigger = triggers.next().await;
-        reload_server(&path, &flags, &reloader, &logs, trigger).await;
+    async move {
+        loop {
+            let trigger = triggers.next().await;
+            reload_server(&path, &flags, &reloader, &logs, trigger).await;
+        }
     }
 }
 
