@@ -96,6 +96,8 @@ pub struct TestServer {
     pub socks5_addr: Option<SocketAddr>,
     /// Reloads the frontends' consumers in place.
     pub frontend_control: tether_server::FrontendControl,
+    /// Reloads the whole config as SIGHUP does (effective-config diff, in place or restart).
+    pub reloader: tether_server::ServerReloader,
     token: CancellationToken,
     task: JoinHandle<Result<(), tether_server::ServerError>>,
 }
@@ -162,6 +164,7 @@ impl TestServer {
         let server = tether_server::Server::new(config, &registry).expect("server starts");
         let sessions = server.registry();
         let frontend_control = server.frontend_control();
+        let reloader = server.reloader();
         let token = CancellationToken::new();
         let task = tokio::spawn(server.run(
             tether_server::Listeners {
@@ -181,6 +184,7 @@ impl TestServer {
             http_connect_addr,
             socks5_addr,
             frontend_control,
+            reloader,
             token,
             task,
         }

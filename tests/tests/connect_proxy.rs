@@ -386,6 +386,47 @@ async fn consumers_reload_in_place() {
     server.stop().await.unwrap();
 }
 
+/// The server's reload path (what SIGHUP runs) applies consumer changes in place and keeps a
+/// changed listener address for the next restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_reload_rotates_consumer_tokens_in_place() {
+    let pki = TestPki::new();
+    let target = BodyServer::start("127.0.0.2", 1024).await;
+    let (server, _agent, _) = setup(&pki, &allow_only(target.addr), false, "[]").await;
+    let proxy = server.http_connect_addr.unwrap();
+    let ok = |token: &'static str| connect(target.addr, Some(("edge-1", token)));
+    assert_eq!(exchange(proxy, &ok(OPS_TOKEN)).await.0, 200);
+
+    let running = server.reloader.current();
+    let outcome = server.reloader.reload(running.clone()).await.unwrap();
+    assert_eq!(
+        outcome.result,
+        tether_common::config_diff::ReloadResult::Unchanged
+    );
+
+    let mut rotated = running.clone();
+    rotated.frontends.consumers[0].token_sha256 = tether_server::TokenHash(ROTATED_SHA256.into());
+    rotated.frontends.socks5_listen = "127.0.0.1:1".into();
+    let outcome = server.reloader.reload(rotated).await.unwrap();
+    assert_eq!(
+        outcome.result,
+        tether_common::config_diff::ReloadResult::Applied
+    );
+    assert!(
+        outcome.changed.contains(&"frontends.consumers".to_owned()),
+        "{outcome:?}"
+    );
+    assert_eq!(outcome.restart_required, vec!["frontends.socks5_listen"]);
+    assert_eq!(exchange(proxy, &ok(OPS_TOKEN)).await.0, 407);
+    assert_eq!(exchange(proxy, &ok(ROTATED_TOKEN)).await.0, 200);
+    // The running config keeps the listener it runs with, and the new consumers.
+    let now = server.reloader.current();
+    assert_eq!(now.frontends.socks5_listen, running.frontends.socks5_listen);
+    assert_eq!(now.frontends.consumers[0].token_sha256.0, ROTATED_SHA256);
+    streams_balance(&server).await;
+    server.stop().await.unwrap();
+}
+
 /// The `frontends:` section of a YAML document.
 fn section(yaml: &str) -> tether_server::FrontendsConfig {
     let config: tether_server::ServerConfig =

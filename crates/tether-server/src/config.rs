@@ -64,6 +64,9 @@ pub struct ServerConfig {
     pub metrics: MetricsConfig,
     /// Consumer frontends: the HTTP CONNECT and SOCKS5 proxies and who may use them.
     pub frontends: FrontendsConfig,
+    /// Log filter (tracing `EnvFilter` syntax) used when neither `--log` nor `TETHER_LOG` is
+    /// given; applied in place on reload. Empty: `info`.
+    pub log: String,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +88,7 @@ impl Default for ServerConfig {
             health: HealthConfig::default(),
             metrics: MetricsConfig::default(),
             frontends: FrontendsConfig::default(),
+            log: String::new(),
         }
     }
 }

@@ -12,10 +12,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::accept::accept;
-use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 use crate::tunnel_dial::{DialError, TunnelDialer, reset, splice};
+use tether_common::log_throttle::LogThrottle;
 
 /// One configured forward and what its connection tasks share.
 #[derive(Debug)]

@@ -16,9 +16,9 @@ mod connect;
 mod forward;
 mod frontend;
 pub mod health;
-mod log_throttle;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod remotedialer_metrics;
 mod server;
 mod tunnel;
@@ -37,4 +37,5 @@ pub use registry::{
     NoSession, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
     Subscriber,
 };
+pub use reload::{ReloadOutcome, ServerReloader};
 pub use server::{FrontendListeners, Listeners, Server, ServerError, run};

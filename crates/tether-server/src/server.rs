@@ -9,8 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tether_common::cert_expiry::CertRole;
+use tether_common::config_diff::ReloadMetrics;
 use tether_common::config_error::ConfigErrors;
 use tether_common::tls::{self, TlsError};
 use tether_proto::GoAwayCode;
@@ -25,14 +27,14 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::admin::{self, AdminState, Readiness};
 use crate::config::ServerConfig;
 use crate::connect::{self, ConnectState};
-use crate::forward::{self, Forward};
 use crate::frontend::{self, Frontend, FrontendControl, Kind};
 use crate::health::HealthChecker;
-use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
+use crate::reload::{ForwardSet, ServerReloader};
 use crate::tunnel::{self, Tunnel};
 use crate::tunnel_dial::TunnelDialer;
+use tether_common::log_throttle::LogThrottle;
 
 /// How long the tasks get to finish once the sessions are closed.
 const TASK_GRACE: Duration = Duration::from_secs(5);
@@ -159,6 +161,9 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> 
 #[derive(Debug)]
 pub struct Server {
     config: ServerConfig,
+    allowed: Arc<ArcSwap<HashSet<String>>>,
+    agent_slots: Arc<Semaphore>,
+    reloader: ServerReloader,
     tls: Arc<rustls::ServerConfig>,
     metrics: ServerMetrics,
     prometheus: prometheus::Registry,
@@ -209,9 +214,28 @@ impl Server {
             sessions.declare_client(client);
         }
         let frontends = FrontendControl::new(&config.frontends);
+        let allowed = Arc::new(ArcSwap::from_pointee(
+            config
+                .allowed_agents
+                .iter()
+                .cloned()
+                .collect::<HashSet<_>>(),
+        ));
+        let agent_slots = Arc::new(Semaphore::new(config.max_agents));
+        let reloader = ServerReloader::new(
+            config.clone(),
+            allowed.clone(),
+            agent_slots.clone(),
+            frontends.clone(),
+            sessions.clone(),
+            ReloadMetrics::register(registry)?,
+        );
         Ok(Server {
             frontends,
             config,
+            allowed,
+            agent_slots,
+            reloader,
             tls,
             metrics,
             prometheus: registry.clone(),
@@ -228,6 +252,12 @@ impl Server {
     /// This process's server id (`X-Tether-Server`).
     pub fn server_id(&self) -> &str {
         &self.server_id
+    }
+
+    /// The handle that applies new configs to this server while it runs
+    /// ([`ServerReloader::reload`]).
+    pub fn reloader(&self) -> ServerReloader {
+        self.reloader.clone()
     }
 
     /// The metrics.
@@ -254,15 +284,13 @@ impl Server {
                 got: listeners.forwards.len(),
             });
         }
-        let mut forwards = Vec::with_capacity(config.forwards.len());
         for (i, f) in config.forwards.iter().enumerate() {
-            let target = f.target_addr().map_err(|m| {
+            f.target_addr().map_err(|m| {
                 one(tether_common::config_error::FieldError::new(
                     format!("forwards[{i}].target"),
                     m,
                 ))
             })?;
-            forwards.push((f.name.clone(), f.client.clone(), target));
         }
         let frontend_config = &config.frontends;
         for (key, configured, given) in [
@@ -295,12 +323,8 @@ impl Server {
 
         // Tunnel listener.
         let connect_state = Arc::new(ConnectState {
-            allowed: config
-                .allowed_agents
-                .iter()
-                .cloned()
-                .collect::<HashSet<_>>(),
-            agent_slots: Arc::new(Semaphore::new(config.max_agents)),
+            allowed: self.allowed.clone(),
+            agent_slots: self.agent_slots.clone(),
             metrics: self.metrics.clone(),
             server_id: HeaderValue::from_str(&self.server_id)
                 .unwrap_or(HeaderValue::from_static("unknown")),
@@ -326,23 +350,19 @@ impl Server {
             tunnel::accept_loop(tunnel, listeners.tunnel).instrument(info_span!("tunnel_listener")),
         );
 
-        // Forwards.
-        for ((name, client, target), listener) in forwards.into_iter().zip(listeners.forwards) {
-            let addr = display_addr(&listener);
-            info!(forward = %name, listen = %addr, agent.id = %client, %target, "forward listening");
-            let forward = Arc::new(Forward::new(
-                name,
-                client,
-                target,
-                config.dial_timeout.0,
-                self.registry.clone(),
-                self.metrics.clone(),
-                shutdown.clone(),
-                hard_stop.clone(),
-                tracker.clone(),
-            ));
-            tracker.spawn(forward::accept_loop(forward, listener));
+        // Forwards, each stoppable on its own by a reload.
+        let mut forward_set = ForwardSet::new(
+            config.dial_timeout.0,
+            self.registry.clone(),
+            self.metrics.clone(),
+            shutdown.clone(),
+            hard_stop.clone(),
+            tracker.clone(),
+        );
+        for (f, listener) in config.forwards.iter().zip(listeners.forwards) {
+            forward_set.start(f.clone(), listener);
         }
+        self.reloader.install_forwards(forward_set);
 
         // Consumer frontends: HTTP CONNECT and SOCKS5 proxies.
         let dialer = TunnelDialer {

@@ -22,9 +22,9 @@ use tracing::{Instrument, debug, field, info, info_span};
 use self::consumers::ConsumerTable;
 use crate::accept::accept;
 use crate::config::FrontendsConfig;
-use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::tunnel_dial::{TunnelDialer, reset};
+use tether_common::log_throttle::LogThrottle;
 
 /// How often a repeated refusal of one reason may be logged at info per frontend.
 const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(60);
