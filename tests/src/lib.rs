@@ -16,6 +16,7 @@ pub mod at_rest;
 pub mod exposition;
 pub mod http;
 pub mod process;
+pub mod proxy;
 
 /// How long any harness wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -89,6 +90,14 @@ pub struct TestServer {
     pub registry: prometheus::Registry,
     /// The server's session registry (subscribe to it, or compare it with the listing).
     pub sessions: std::sync::Arc<tether_server::SessionRegistry>,
+    /// The HTTP CONNECT proxy, when `frontends.http_connect_listen` was set.
+    pub http_connect_addr: Option<SocketAddr>,
+    /// The SOCKS5 proxy, when `frontends.socks5_listen` was set.
+    pub socks5_addr: Option<SocketAddr>,
+    /// Reloads the frontends' consumers in place.
+    pub frontend_control: tether_server::FrontendControl,
+    /// Reloads the whole config as SIGHUP does (effective-config diff, in place or restart).
+    pub reloader: tether_server::ServerReloader,
     token: CancellationToken,
     task: JoinHandle<Result<(), tether_server::ServerError>>,
 }
@@ -145,14 +154,24 @@ impl TestServer {
         yaml.push_str(extra_yaml);
         let config = server_config(&yaml, pki).expect("valid server config");
         let registry = prometheus::Registry::new();
+        // Frontends configured on `127.0.0.1:0` in `extra_yaml` get ephemeral listeners.
+        let frontends = tether_server::FrontendListeners::bind(&config)
+            .await
+            .expect("bind frontends");
+        let local = |l: &Option<TcpListener>| l.as_ref().map(|l| l.local_addr().expect("addr"));
+        let http_connect_addr = local(&frontends.http_connect);
+        let socks5_addr = local(&frontends.socks5);
         let server = tether_server::Server::new(config, &registry).expect("server starts");
         let sessions = server.registry();
+        let frontend_control = server.frontend_control();
+        let reloader = server.reloader();
         let token = CancellationToken::new();
         let task = tokio::spawn(server.run(
             tether_server::Listeners {
                 tunnel,
                 admin,
                 forwards: forward_listeners,
+                frontends,
             },
             token.clone(),
         ));
@@ -162,6 +181,10 @@ impl TestServer {
             forward_addrs,
             registry,
             sessions,
+            http_connect_addr,
+            socks5_addr,
+            frontend_control,
+            reloader,
             token,
             task,
         }

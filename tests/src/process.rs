@@ -93,6 +93,11 @@ impl ServerProcess {
         }
     }
 
+    /// The process id (to send it signals).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill the server");

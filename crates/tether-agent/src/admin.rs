@@ -1,4 +1,5 @@
-//! The agent's admin HTTP router: `/healthz` (process up), `/readyz` (a session is up) and
+//! The agent's admin HTTP router: `/healthz` (process up), `/readyz` (a session is up, or
+//! the activation gate keeps the agent correctly idle: 200 with the reason) and
 //! `/metrics` (Prometheus text format).
 
 use axum::Router;
@@ -31,9 +32,15 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let reason = state.status.borrow().not_ready_reason();
+    let (reason, idle) = {
+        let status = state.status.borrow();
+        (status.not_ready_reason(), status.idle_reason())
+    };
     match reason {
-        None => (StatusCode::OK, "ready\n").into_response(),
+        None => match idle {
+            Some(idle) => (StatusCode::OK, format!("{idle}\n")).into_response(),
+            None => (StatusCode::OK, "ready\n").into_response(),
+        },
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
     }
 }

@@ -14,6 +14,7 @@ use tether_common::session_settings::SessionSettings;
 use tether_common::tls::{self, ClientTlsFiles};
 use tether_mux::MuxConfig;
 
+use crate::gate::ActivationConfig;
 use crate::policy::PolicyConfig;
 
 /// The only config format version this agent reads.
@@ -66,6 +67,14 @@ pub struct AgentConfig {
     /// Which targets the server may ask this agent to dial. Deny by default: no rule, no dial.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// The activation gate: which cluster role and features the tunnel needs, and where the
+    /// cluster's own come from. No requirement: always dial.
+    #[serde(default)]
+    pub activation: ActivationConfig,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `tether_agent=debug`) used when
+    /// neither `--log` nor `TETHER_LOG` is given; applied in place on reload. Empty: `info`.
+    #[serde(default)]
+    pub log: String,
     /// Wire protocol: `tether` (the native `tether.v1`, default) or `remotedialer` (a Go
     /// rancher/remotedialer server, or a tether server's remotedialer path).
     #[serde(default)]
@@ -216,6 +225,19 @@ impl AgentConfig {
                 *path = base_dir.join(&*path);
             }
         }
+        self.activation.resolve_paths(base_dir);
+    }
+
+    /// The effective config: fallbacks resolved, so that two configs that mean the same thing
+    /// compare equal (DESIGN.md lesson 2). An empty `server_name` becomes the host of
+    /// `server_url`, which is what the connector verifies either way.
+    pub fn effective(mut self) -> AgentConfig {
+        if self.server_name.is_empty()
+            && let Ok(url) = ServerUrl::parse(&self.server_url)
+        {
+            self.server_name = url.host;
+        }
+        self
     }
 
     /// The TLS files in the form `tether_common::tls` takes.
@@ -311,6 +333,7 @@ impl AgentConfig {
                 errors.push(path, err.message);
             }
         }
+        self.activation.validate(&mut errors);
         errors.into_result(())
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tether_common::log_throttle::LogThrottle;
 use tether_common::pipe::{PipeError, PipeSide, pipe};
 use tether_mux::{Incoming, MuxStream, PendingOpen};
 use tether_proto::{OpenErrorCode, ResetCode};
@@ -27,9 +28,11 @@ pub type SharedPolicy = Arc<ArcSwap<Policy>>;
 pub(crate) struct Handler {
     pub(crate) policy: SharedPolicy,
     pub(crate) resolver: Arc<dyn Resolver>,
-    pub(crate) dial_timeout: Duration,
+    pub(crate) dial_timeout: Arc<ArcSwap<Duration>>,
     pub(crate) metrics: AgentMetrics,
     pub(crate) tracker: TaskTracker,
+    /// Policy refusals repeat as often as the server asks: one info line per window.
+    pub(crate) denials: Arc<LogThrottle>,
 }
 
 impl Handler {
@@ -68,7 +71,7 @@ impl Handler {
         let port = target.port;
         // The policy's `Host` display escapes peer-supplied names, so logs stay one line.
         tracing::Span::current().record("target", field::display(format_args!("{host}:{port}")));
-        let timeout = effective_timeout(self.dial_timeout, pending.timeout());
+        let timeout = effective_timeout(**self.dial_timeout.load(), pending.timeout());
         let policy = self.policy.load_full();
         let dialed = tokio::select! {
             dialed = dial(&policy, self.resolver.as_ref(), &host, port, timeout) => dialed,
@@ -84,7 +87,12 @@ impl Handler {
                 let (code, outcome) = classify(&err);
                 self.metrics.dial(outcome);
                 if outcome == DialOutcome::Denied {
-                    info!(error = %err, "open refused by the dial policy");
+                    match self.denials.check("denied") {
+                        Some(suppressed) => {
+                            info!(error = %err, suppressed, "open refused by the dial policy");
+                        }
+                        None => debug!(error = %err, "open refused by the dial policy"),
+                    }
                 } else {
                     debug!(error = %err, outcome = outcome.label(), "dial failed");
                 }

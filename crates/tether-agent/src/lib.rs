@@ -3,15 +3,18 @@
 //!
 //! Follow a byte: [`connector`] (TCP, TLS, WebSocket) -> [`ws_transport`] -> the mux session ->
 //! [`handler`] (policy check, [`dial`], pump) -> the target socket. [`Agent::run`] owns the
-//! reconnect loop (`supervisor`) and the admin listener ([`admin`]).
+//! activation gate ([`gate`]), the reconnect loop (`supervisor`) and the admin listener
+//! ([`admin`]); [`Agent::reloader`] applies new configs while it runs ([`reload`]).
 
 pub mod admin;
 pub mod config;
 pub mod connector;
 pub mod dial;
+pub mod gate;
 pub mod handler;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod remotedialer_ws;
 pub mod status;
 mod supervisor;
@@ -23,6 +26,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tether_common::cert_expiry::CertRole;
 use tether_common::config_error::ConfigErrors;
+use tether_common::log_throttle::LogThrottle;
 use tether_common::tls::{self, TlsError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -32,13 +36,23 @@ use tracing::{Instrument, info, info_span, warn};
 
 pub use config::{AgentConfig, AgentProtocol, AgentTlsConfig, ReconnectConfig};
 pub use connector::{ConnectError, Connector};
+pub use gate::{ActivationConfig, GateState};
 pub use handler::SharedPolicy;
 pub use metrics::{AgentMetrics, DialOutcome};
+pub use reload::{AgentReloader, ReloadOutcome};
 pub use status::AgentStatus;
 
 use crate::dial::{Resolver, SystemResolver};
+use crate::gate::{Gate, GateControl};
 use crate::handler::Handler;
+use crate::reload::{ConnectSettings, ReloadTargets};
 use crate::supervisor::Supervisor;
+
+/// How the agent reads environment variables (the activation gate's `from: env` source).
+pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// One info line per this window for repeated policy refusals (the rest go to debug).
+const DENIAL_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// How long `run` waits for its tasks (stream handlers, admin) after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -66,10 +80,12 @@ pub enum AgentError {
 
 /// A configured agent, ready to [`run`](Agent::run).
 pub struct Agent {
-    connector: Connector,
-    mux_config: tether_mux::MuxConfig,
-    reconnect: ReconnectConfig,
-    dial_timeout: Duration,
+    connect: watch::Sender<Arc<ConnectSettings>>,
+    reconnect: Arc<ArcSwap<ReconnectConfig>>,
+    dial_timeout: Arc<ArcSwap<Duration>>,
+    gate: GateControl,
+    env: EnvLookup,
+    reloader: AgentReloader,
     policy: SharedPolicy,
     resolver: Arc<dyn Resolver>,
     metrics: AgentMetrics,
@@ -82,7 +98,7 @@ impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
             .field("instance_id", &self.instance_id)
-            .field("connector", &self.connector)
+            .field("connector", &self.connect.borrow().connector)
             .finish_non_exhaustive()
     }
 }
@@ -90,7 +106,9 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// Validates `config`, loads the TLS material, compiles the policy and registers the
     /// metrics into `registry`. Paths must already be resolved (`AgentConfig::resolve_paths`).
+    /// The agent runs on the effective config (`AgentConfig::effective`).
     pub fn new(config: AgentConfig, registry: &prometheus::Registry) -> Result<Agent, AgentError> {
+        let config = config.effective();
         config.validate()?;
         let policy = config.policy.compile().map_err(|errors| {
             ConfigErrors(
@@ -118,12 +136,35 @@ impl Agent {
             instance_id: instance_id.clone(),
             ..AgentStatus::default()
         });
-        Ok(Agent {
+        let connect = watch::channel(Arc::new(ConnectSettings {
             connector,
             mux_config: config.to_mux_config(),
-            reconnect: config.reconnect.clone(),
-            dial_timeout: config.dial_timeout.0,
-            policy: Arc::new(ArcSwap::from_pointee(policy)),
+        }))
+        .0;
+        let reconnect = Arc::new(ArcSwap::from_pointee(config.reconnect.clone()));
+        let dial_timeout = Arc::new(ArcSwap::from_pointee(config.dial_timeout.0));
+        let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(policy));
+        let gate = GateControl::new(config.activation.clone());
+        let reloader = AgentReloader::new(
+            config.clone(),
+            ReloadTargets {
+                policy: policy.clone(),
+                dial_timeout: dial_timeout.clone(),
+                reconnect: reconnect.clone(),
+                gate: gate.clone(),
+                connect: connect.clone(),
+                metrics: metrics.reloads.clone(),
+                instance_id: instance_id.clone(),
+            },
+        );
+        Ok(Agent {
+            connect,
+            reconnect,
+            dial_timeout,
+            gate,
+            env: Arc::new(|var| std::env::var(var).ok()),
+            reloader,
+            policy,
             resolver: Arc::new(SystemResolver),
             metrics,
             registry: registry.clone(),
@@ -136,6 +177,18 @@ impl Agent {
     pub fn with_resolver(mut self, resolver: Arc<dyn Resolver>) -> Agent {
         self.resolver = resolver;
         self
+    }
+
+    /// Reads environment variables through `env` instead of the process environment (tests).
+    pub fn with_env(mut self, env: EnvLookup) -> Agent {
+        self.env = env;
+        self
+    }
+
+    /// The handle that applies new configs to this agent while it runs
+    /// ([`AgentReloader::reload`]).
+    pub fn reloader(&self) -> AgentReloader {
+        self.reloader.clone()
     }
 
     /// The connection state, updated as it changes.
@@ -186,18 +239,26 @@ impl Agent {
                     .in_current_span(),
                 );
             }
-            info!(server_url = self.connector.url(), "agent starting");
+            info!(
+                server_url = self.connect.borrow().connector.url(),
+                "agent starting"
+            );
+            // The gate decides (and logs) before the supervisor may dial.
+            let gate = Gate::new(self.gate, self.metrics.gate.clone(), self.env);
+            let gate_state = gate.subscribe();
+            tracker.spawn(gate.run(shutdown.clone()).in_current_span());
             let supervisor = Supervisor {
-                connector: self.connector,
+                connect: self.connect.subscribe(),
                 handler: Handler {
                     policy: self.policy,
                     resolver: self.resolver,
                     dial_timeout: self.dial_timeout,
                     metrics: self.metrics,
                     tracker: tracker.clone(),
+                    denials: Arc::new(LogThrottle::new(DENIAL_LOG_WINDOW)),
                 },
-                mux_config: self.mux_config,
                 reconnect: self.reconnect,
+                gate: gate_state,
                 status: self.status,
                 instance_id: self.instance_id,
             };

@@ -4,6 +4,7 @@
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tether_common::cert_expiry::CertExpiry;
+use tether_common::config_diff::ReloadMetrics;
 use tether_mux::MuxMetrics;
 
 use crate::connector::ConnectError;
@@ -71,6 +72,11 @@ pub struct AgentMetrics {
     pub build_info: IntGaugeVec,
     /// `tether_tls_cert_expiry_timestamp_seconds{cert}`: `agent` and `server_ca`.
     pub cert_expiry: CertExpiry,
+    /// `tether_agent_gate{state}`: 1 on the activation gate's current state (`enabled` or
+    /// `disabled`), 0 on the other.
+    pub gate: IntGaugeVec,
+    /// `tether_config_reloads_total{result}`.
+    pub reloads: ReloadMetrics,
 }
 
 impl AgentMetrics {
@@ -84,7 +90,9 @@ impl AgentMetrics {
         registry.register(Box::new(metrics.policy_denials.clone()))?;
         registry.register(Box::new(metrics.build_info.clone()))?;
         registry.register(Box::new(metrics.cert_expiry.gauge.clone()))?;
-        Ok(metrics)
+        registry.register(Box::new(metrics.gate.clone()))?;
+        let reloads = ReloadMetrics::register(registry)?;
+        Ok(AgentMetrics { reloads, ..metrics })
     }
 
     fn new(mux: MuxMetrics) -> prometheus::Result<AgentMetrics> {
@@ -128,7 +136,16 @@ impl AgentMetrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let gate = IntGaugeVec::new(
+            Opts::new(
+                "tether_agent_gate",
+                "Activation gate: 1 on the current state (enabled or disabled), 0 on the other",
+            ),
+            &["state"],
+        )?;
         Ok(AgentMetrics {
+            gate,
+            reloads: ReloadMetrics::unregistered()?,
             mux,
             connected,
             reconnects,
@@ -178,6 +195,7 @@ mod tests {
             "tether_agent_policy_denials_total",
             "tether_build_info",
             "tether_streams_opened_total",
+            "tether_config_reloads_total",
         ] {
             assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
         }

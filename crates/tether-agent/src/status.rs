@@ -23,16 +23,19 @@ pub struct AgentStatus {
     pub last_error_kind: Option<&'static str>,
     /// Whether the agent is shutting down (no more attempts).
     pub stopping: bool,
+    /// Why the activation gate keeps the agent idle; `None` while it is enabled.
+    pub gate_disabled: Option<String>,
 }
 
 impl AgentStatus {
     /// Why the agent is not ready, or `None` when it is (a session is up).
+    /// A gated-off agent is ready: idle is its correct state (see [`idle_reason`](Self::idle_reason)).
     pub fn not_ready_reason(&self) -> Option<String> {
-        if self.connected {
-            return None;
-        }
         if self.stopping {
             return Some("shutting down".to_owned());
+        }
+        if self.connected || self.gate_disabled.is_some() {
+            return None;
         }
         Some(match self.last_error_kind {
             Some(kind) => format!(
@@ -41,5 +44,12 @@ impl AgentStatus {
             ),
             None => "not connected to the server yet".to_owned(),
         })
+    }
+
+    /// Why the agent is correctly idle (the activation gate is disabled), or `None`.
+    pub fn idle_reason(&self) -> Option<String> {
+        self.gate_disabled
+            .as_ref()
+            .map(|reason| format!("idle: activation gate disabled: {reason}"))
     }
 }

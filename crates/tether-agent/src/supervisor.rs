@@ -1,11 +1,14 @@
-//! The reconnect loop: connect, run the session and its stream handlers until it ends, wait a
-//! jittered backoff delay, repeat; publishes the connection state and logs a failure streak
+//! The reconnect loop: wait for the activation gate, connect, run the session and its stream
+//! handlers until it ends (or the gate closes, or a reload changes the connection settings),
+//! wait a jittered backoff delay, repeat; publishes the connection state and logs a failure streak
 //! once per backoff step, never once per attempt.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tether_common::backoff::Backoff;
-use tether_mux::{MuxConfig, Role, Session, SessionEnd};
+use tether_mux::{Role, Session, SessionEnd};
 use tether_proto::GoAwayCode;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -14,8 +17,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentProtocol;
 use crate::config::ReconnectConfig;
-use crate::connector::{Connection, Connector};
+use crate::connector::Connection;
+use crate::gate::GateState;
 use crate::handler::Handler;
+use crate::reload::ConnectSettings;
 use crate::remotedialer_ws::RdWsClient;
 use crate::status::AgentStatus;
 use tether_mux::remotedialer::{self, RdTransport};
@@ -24,14 +29,35 @@ use tether_proto::remotedialer::RdLimits;
 /// How long a closing session may take to flush its GOAWAY and close the WebSocket.
 const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(3);
 
-/// Runs sessions to the server one after the other.
+/// Runs sessions to the server one after the other, while the activation gate allows it.
 pub(crate) struct Supervisor {
-    pub(crate) connector: Connector,
+    /// What sessions are built from; a new value (a reload) makes the live session reconnect.
+    pub(crate) connect: watch::Receiver<Arc<ConnectSettings>>,
     pub(crate) handler: Handler,
-    pub(crate) mux_config: MuxConfig,
-    pub(crate) reconnect: ReconnectConfig,
+    /// Backoff settings, swapped in place by reloads.
+    pub(crate) reconnect: Arc<ArcSwap<ReconnectConfig>>,
+    pub(crate) gate: watch::Receiver<GateState>,
     pub(crate) status: watch::Sender<AgentStatus>,
     pub(crate) instance_id: String,
+}
+
+/// Why a live session was closed by the agent itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The agent is shutting down.
+    Shutdown,
+    /// The activation gate closed.
+    GateClosed,
+    /// A reload changed the connection settings.
+    Reconfigured,
+}
+
+/// How a session ended.
+enum SessionResult {
+    /// On its own (`why`, the server's GOAWAY message).
+    Ended(SessionEnd, Option<String>),
+    /// Closed by the agent (GOAWAY sent).
+    Stopped(Stop),
 }
 
 /// How loudly to log one failure of a streak.
@@ -94,19 +120,36 @@ fn session_end_kind(end: &SessionEnd) -> &'static str {
 }
 
 impl Supervisor {
-    /// Connects and reconnects until `shutdown` fires. On shutdown the live session gets a
-    /// GOAWAY and is closed; its streams are reset.
-    pub(crate) async fn run(self, shutdown: CancellationToken) {
-        let reconnect = &self.reconnect;
+    /// Connects and reconnects until `shutdown` fires, while the gate is enabled. On shutdown
+    /// or when the gate closes, the live session gets a GOAWAY and is closed.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        let mut reconnect = self.reconnect.load_full();
         let mut backoff = Backoff::new(reconnect.min_delay.0, reconnect.max_delay.0);
         let mut retry_log = RetryLog::default();
         let mut sessions: u64 = 0;
-        let metrics = &self.handler.metrics;
+        let metrics = self.handler.metrics.clone();
         loop {
+            let latest = self.reconnect.load_full();
+            if latest != reconnect {
+                reconnect = latest;
+                backoff = Backoff::new(reconnect.min_delay.0, reconnect.max_delay.0);
+            }
+            match self.wait_for_gate(&shutdown).await {
+                None => break,
+                // A gate that opens again starts a fresh streak.
+                Some(true) => {
+                    backoff.reset();
+                    retry_log.reset();
+                }
+                Some(false) => {}
+            }
+            let settings = self.connect.borrow_and_update().clone();
+            let mut gate = self.gate.clone();
             let attempt = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                attempt = self.connector.connect() => attempt,
+                _ = gate_closes(&mut gate) => continue,
+                attempt = settings.connector.connect() => attempt,
             };
             // What went wrong this round, for the log line after the delay is known.
             let (kind, error) = match attempt {
@@ -154,12 +197,36 @@ impl Supervisor {
                         s.sessions = sessions;
                     });
                     metrics.connected.set(1);
-                    let (end, lived) = self.run_session(connection, &session_id, &shutdown).await;
+                    let (result, lived) = self
+                        .run_session(connection, &settings, &session_id, &shutdown)
+                        .await;
                     metrics.connected.set(0);
-                    let Some((end, peer_goaway)) = end else {
-                        self.status.send_modify(|s| s.connected = false);
-                        info!(session.id = %session_id, "session closed for shutdown");
-                        break;
+                    let (end, peer_goaway) = match result {
+                        SessionResult::Stopped(stop) => {
+                            self.status.send_modify(|s| s.connected = false);
+                            match stop {
+                                Stop::Shutdown => {
+                                    info!(session.id = %session_id, "session closed for shutdown");
+                                    break;
+                                }
+                                Stop::GateClosed => {
+                                    info!(
+                                        session.id = %session_id,
+                                        "session closed: the activation gate is disabled"
+                                    );
+                                }
+                                Stop::Reconfigured => {
+                                    info!(
+                                        session.id = %session_id,
+                                        "session closed: connection settings changed; reconnecting"
+                                    );
+                                    backoff.reset();
+                                    retry_log.reset();
+                                }
+                            }
+                            continue;
+                        }
+                        SessionResult::Ended(end, peer_goaway) => (end, peer_goaway),
                     };
                     let kind = session_end_kind(&end);
                     let error = match &peer_goaway {
@@ -192,7 +259,7 @@ impl Supervisor {
                             next_delay = ?delay,
                             "session to the server ended; reconnecting"
                         );
-                        if !sleep_or_shutdown(delay, &shutdown).await {
+                        if !self.pause(delay, &shutdown).await {
                             break;
                         }
                         continue;
@@ -209,10 +276,10 @@ impl Supervisor {
                 reason = kind,
                 error = %error,
                 next_delay = ?delay,
-                server_url = self.connector.url(),
+                server_url = settings.connector.url(),
                 "cannot keep a session to the server; retrying"
             );
-            if !sleep_or_shutdown(delay, &shutdown).await {
+            if !self.pause(delay, &shutdown).await {
                 break;
             }
         }
@@ -222,14 +289,59 @@ impl Supervisor {
         });
     }
 
-    /// Runs one session until it ends (`Some((why, the server's GOAWAY message))`) or shutdown
-    /// (`None`); also returns how long it lived.
+    /// Returns at once when the gate is enabled (`Some(false)`); otherwise publishes why the
+    /// agent is idle and waits until it opens (`Some(true)`) or shutdown (`None`).
+    async fn wait_for_gate(&mut self, shutdown: &CancellationToken) -> Option<bool> {
+        let mut waited = false;
+        loop {
+            let state = self.gate.borrow_and_update().clone();
+            let reason = match state {
+                GateState::Enabled => None,
+                GateState::Disabled(reason) => Some(reason),
+            };
+            let enabled = reason.is_none();
+            self.status.send_if_modified(|s| {
+                let modified = s.gate_disabled != reason;
+                s.gate_disabled = reason;
+                modified
+            });
+            if enabled {
+                return Some(waited);
+            }
+            waited = true;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                changed = self.gate.changed() => if changed.is_err() {
+                    return None;
+                },
+            }
+        }
+    }
+
+    /// Sleeps for `delay`: `false` if `shutdown` fired first. New connection settings or a
+    /// closing gate end the sleep early (the loop then reconnects or idles at once).
+    async fn pause(&self, delay: Duration, shutdown: &CancellationToken) -> bool {
+        let mut connect = self.connect.clone();
+        let mut gate = self.gate.clone();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+            _ = connect.changed() => true,
+            _ = gate_closes(&mut gate) => true,
+        }
+    }
+
+    /// Runs one session until it ends on its own, or the agent stops it (shutdown, gate,
+    /// reload); also returns how long it lived.
     async fn run_session(
         &self,
         connection: Connection,
+        settings: &ConnectSettings,
         session_id: &str,
         shutdown: &CancellationToken,
-    ) -> (Option<(SessionEnd, Option<String>)>, Duration) {
+    ) -> (SessionResult, Duration) {
         let started = Instant::now();
         let span = info_span!(
             "session",
@@ -241,11 +353,11 @@ impl Supervisor {
             AgentProtocol::Tether => Session::new(
                 connection.transport,
                 Role::Agent,
-                self.mux_config.clone(),
+                settings.mux_config.clone(),
                 self.handler.metrics.mux.clone(),
             ),
             AgentProtocol::Remotedialer => {
-                let config = remotedialer::mux_config(Role::Agent, &self.mux_config);
+                let config = remotedialer::mux_config(Role::Agent, &settings.mux_config);
                 let transport = RdTransport::new(
                     RdWsClient::new(connection.transport.into_inner()),
                     Role::Agent,
@@ -272,42 +384,49 @@ impl Supervisor {
                 .serve(incoming, streams.clone())
                 .instrument(span.clone()),
         );
-        let end = tokio::select! {
-            end = &mut driver => Some(end.unwrap_or_else(|err| {
-                SessionEnd::Transport(format!("session task failed: {err}"))
-            })),
-            _ = shutdown.cancelled() => None,
-        };
-        let end = match end {
-            Some(end) => {
+        let mut gate = self.gate.clone();
+        let mut connect = self.connect.clone();
+        let stop = tokio::select! {
+            end = &mut driver => {
+                let end = end.unwrap_or_else(|err| {
+                    SessionEnd::Transport(format!("session task failed: {err}"))
+                });
                 let goaway = session
                     .peer_goaway()
                     .map(|(code, message)| format!("{}: {message}", code.label()));
-                Some((end, goaway))
+                streams.cancel();
+                return (SessionResult::Ended(end, goaway), started.elapsed());
             }
-            None => {
-                session.goaway(GoAwayCode::Shutdown, "agent shutting down");
-                session.close();
-                if tokio::time::timeout(SESSION_CLOSE_GRACE, &mut driver)
-                    .await
-                    .is_err()
-                {
-                    debug!(parent: &span, "session did not close in time");
-                }
-                None
-            }
+            _ = shutdown.cancelled() => Stop::Shutdown,
+            _ = gate_closes(&mut gate) => Stop::GateClosed,
+            changed = connect.changed() => match changed {
+                Ok(()) => Stop::Reconfigured,
+                // The agent is being dropped: treat it as shutdown.
+                Err(_) => Stop::Shutdown,
+            },
         };
+        let message = match stop {
+            Stop::Shutdown => "agent shutting down",
+            Stop::GateClosed => "agent activation gate disabled",
+            Stop::Reconfigured => "agent reconnecting with new settings",
+        };
+        session.goaway(GoAwayCode::Shutdown, message);
+        session.close();
+        if tokio::time::timeout(SESSION_CLOSE_GRACE, &mut driver)
+            .await
+            .is_err()
+        {
+            debug!(parent: &span, "session did not close in time");
+        }
         streams.cancel();
-        (end, started.elapsed())
+        (SessionResult::Stopped(stop), started.elapsed())
     }
 }
 
-/// Sleeps for `delay`; `false` if `shutdown` fired first.
-async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
+/// Resolves when the gate is (or becomes) disabled; never if the gate is gone.
+async fn gate_closes(gate: &mut watch::Receiver<GateState>) {
+    if gate.wait_for(|s| !s.is_enabled()).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

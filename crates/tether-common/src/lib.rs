@@ -2,10 +2,13 @@
 
 pub mod backoff;
 pub mod cert_expiry;
+pub mod config_diff;
 pub mod config_error;
+pub mod config_layers;
 pub mod duration;
 pub mod identity;
 pub mod listen;
+pub mod log_throttle;
 pub mod pipe;
 pub mod pki;
 pub mod runtime_metrics;

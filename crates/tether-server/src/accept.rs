@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::log_throttle::LogThrottle;
+use tether_common::log_throttle::LogThrottle;
 
 /// Pause after a failed accept, so that a persistent error (EMFILE) does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);

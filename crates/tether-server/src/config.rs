@@ -64,6 +64,11 @@ pub struct ServerConfig {
     pub metrics: MetricsConfig,
     /// Go rancher/remotedialer clients on the tunnel listener (the `remotedialer:` section).
     pub remotedialer: RemotedialerConfig,
+    /// Consumer frontends: the HTTP CONNECT and SOCKS5 proxies and who may use them.
+    pub frontends: FrontendsConfig,
+    /// Log filter (tracing `EnvFilter` syntax) used when neither `--log` nor `TETHER_LOG` is
+    /// given; applied in place on reload. Empty: `info`.
+    pub log: String,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +90,8 @@ impl Default for ServerConfig {
             health: HealthConfig::default(),
             metrics: MetricsConfig::default(),
             remotedialer: RemotedialerConfig::default(),
+            frontends: FrontendsConfig::default(),
+            log: String::new(),
         }
     }
 }
@@ -392,6 +399,7 @@ impl ServerConfig {
         self.validate_forwards(&mut errors);
         self.health.validate(&mut errors);
         self.remotedialer.validate(&mut errors);
+        self.frontends.validate(&mut errors);
         errors.into_result(())
     }
 
@@ -534,6 +542,210 @@ fn check_forward_name(name: &str) -> Result<(), String> {
     {
         return Err(format!(
             "`{name}`: only the characters A-Z a-z 0-9 . _ - are allowed"
+        ));
+    }
+    Ok(())
+}
+
+// === impl FrontendsConfig ===
+
+/// The `frontends:` section: the HTTP CONNECT and SOCKS5 proxies, through which local
+/// consumers reach any target an agent allows, naming the agent by its client id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FrontendsConfig {
+    /// HTTP CONNECT proxy listener, `ip:port`; empty (the default) means off.
+    pub http_connect_listen: String,
+    /// SOCKS5 proxy listener, `ip:port`; empty (the default) means off.
+    pub socks5_listen: String,
+    /// A consumer must finish its proxy handshake (request line and headers, or the SOCKS5
+    /// greeting, authentication and request) within this (default `10s`).
+    pub handshake_timeout: HumanDuration,
+    /// Most consumer connections at once per frontend; further ones are closed at accept
+    /// (default `1024`).
+    pub max_connections: usize,
+    /// Consumers that authenticate with a token.
+    pub consumers: Vec<ConsumerConfig>,
+    /// Client id patterns that consumers without a token may reach, only from a loopback
+    /// address. Empty (the default) refuses every consumer without a token.
+    pub anonymous_clients: Vec<String>,
+}
+
+impl Default for FrontendsConfig {
+    fn default() -> Self {
+        Self {
+            http_connect_listen: String::new(),
+            socks5_listen: String::new(),
+            handshake_timeout: HumanDuration::secs(10),
+            max_connections: 1024,
+            consumers: Vec::new(),
+            anonymous_clients: Vec::new(),
+        }
+    }
+}
+
+/// One entry of `frontends.consumers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// A unique name, used in logs (`[A-Za-z0-9._-]`, at most 64 characters).
+    pub name: String,
+    /// SHA-256 of the consumer's token, 64 hex digits (`tether hash-token` reads the token on
+    /// stdin and prints it; `printf %s "$TOKEN" | sha256sum` gives the same).
+    pub token_sha256: TokenHash,
+    /// Client id patterns this consumer may reach: an id, or `*` for any run of characters
+    /// (`edge-*`, `*`).
+    pub clients: Vec<String>,
+}
+
+/// The SHA-256 of a consumer token, as hex. Not the token, but kept out of logs all the same.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TokenHash(pub String);
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenHash(***)")
+    }
+}
+
+impl TokenHash {
+    /// The hash of `token`, as the config stores it.
+    pub fn of(token: &str) -> TokenHash {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        TokenHash(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The 32 bytes of the hash, or why the text is not one.
+    pub fn bytes(&self) -> Result<[u8; 32], String> {
+        let text = self.0.as_bytes();
+        if text.len() != 64 {
+            return Err(format!(
+                "must be 64 hex digits (a SHA-256), got {} characters",
+                text.len()
+            ));
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in text.chunks_exact(2).enumerate() {
+            let digit = |c: u8| (c as char).to_digit(16);
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(hi), Some(lo)) => out[i] = (hi * 16 + lo) as u8,
+                _ => return Err("must be 64 hex digits (a SHA-256)".into()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Longest `frontends.handshake_timeout` accepted.
+const MAX_FRONTEND_HANDSHAKE: Duration = Duration::from_secs(600);
+
+impl FrontendsConfig {
+    /// The parsed HTTP CONNECT listen address, `None` when off.
+    pub fn http_connect_addr(&self) -> Result<Option<SocketAddr>, FieldError> {
+        optional_addr(&self.http_connect_listen)
+            .map_err(|m| FieldError::new("frontends.http_connect_listen", m))
+    }
+
+    /// The parsed SOCKS5 listen address, `None` when off.
+    pub fn socks5_addr(&self) -> Result<Option<SocketAddr>, FieldError> {
+        optional_addr(&self.socks5_listen)
+            .map_err(|m| FieldError::new("frontends.socks5_listen", m))
+    }
+
+    /// Checks the section; problems go to `errors` with their key paths.
+    pub fn validate(&self, errors: &mut ConfigErrors) {
+        for result in [self.http_connect_addr(), self.socks5_addr()] {
+            if let Err(err) = result {
+                errors.0.push(err);
+            }
+        }
+        if let (Ok(Some(a)), Ok(Some(b))) = (self.http_connect_addr(), self.socks5_addr())
+            && a == b
+            && a.port() != 0
+        {
+            errors.push(
+                "frontends.socks5_listen",
+                format!("{b} is already frontends.http_connect_listen"),
+            );
+        }
+        let timeout = self.handshake_timeout;
+        if timeout.0.is_zero() {
+            errors.push(
+                "frontends.handshake_timeout",
+                format!("{timeout} must be above zero"),
+            );
+        } else if timeout.0 > MAX_FRONTEND_HANDSHAKE {
+            errors.push(
+                "frontends.handshake_timeout",
+                format!("{timeout} must be at most 10m"),
+            );
+        }
+        if self.max_connections == 0 {
+            errors.push("frontends.max_connections", "must be at least 1");
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut hashes: HashMap<&str, usize> = HashMap::new();
+        for (i, consumer) in self.consumers.iter().enumerate() {
+            let at = |key: &str| format!("frontends.consumers[{i}].{key}");
+            if let Err(message) = check_forward_name(&consumer.name) {
+                errors.push(at("name"), message);
+            } else if let Some(first) = names.insert(&consumer.name, i) {
+                errors.push(
+                    at("name"),
+                    format!(
+                        "`{}` is already the name of frontends.consumers[{first}]",
+                        consumer.name
+                    ),
+                );
+            }
+            if let Err(message) = consumer.token_sha256.bytes() {
+                errors.push(at("token_sha256"), message);
+            } else if let Some(first) = hashes.insert(consumer.token_sha256.0.as_str(), i) {
+                errors.push(
+                    at("token_sha256"),
+                    format!("is the same token as frontends.consumers[{first}]"),
+                );
+            }
+            if consumer.clients.is_empty() {
+                errors.push(at("clients"), "must name at least one client id pattern");
+            }
+            for (j, pattern) in consumer.clients.iter().enumerate() {
+                if let Err(message) = check_client_pattern(pattern) {
+                    errors.push(at(&format!("clients[{j}]")), message);
+                }
+            }
+        }
+        for (j, pattern) in self.anonymous_clients.iter().enumerate() {
+            if let Err(message) = check_client_pattern(pattern) {
+                errors.push(format!("frontends.anonymous_clients[{j}]"), message);
+            }
+        }
+    }
+}
+
+fn optional_addr(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text.is_empty() {
+        Ok(None)
+    } else {
+        parse_socket_addr(text).map(Some)
+    }
+}
+
+/// A client id pattern: agent id characters and `*`.
+fn check_client_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if pattern.len() > 128 {
+        return Err("must be at most 128 characters".into());
+    }
+    if !pattern
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'*'))
+    {
+        return Err(format!(
+            "`{pattern}`: only A-Z a-z 0-9 . _ - and the wildcard * are allowed"
         ));
     }
     Ok(())

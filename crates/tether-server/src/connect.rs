@@ -2,6 +2,7 @@
 //! request (Origin, allow-list, subprotocol `tether.v1`, `max_agents`) and hands the upgraded
 //! WebSocket back to the connection task that owns it.
 
+use arc_swap::ArcSwap;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -17,9 +18,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::registry::sanitize_instance;
+use tether_common::log_throttle::LogThrottle;
 
 /// The WebSocket subprotocol of the native protocol.
 pub(crate) const SUBPROTOCOL: &str = "tether.v1";
@@ -41,7 +42,7 @@ const WS_MESSAGE_OVERHEAD: usize = 16;
 #[derive(Debug)]
 pub(crate) struct ConnectState {
     /// Allowed agent ids; empty admits every verified agent.
-    pub(crate) allowed: HashSet<String>,
+    pub(crate) allowed: Arc<ArcSwap<HashSet<String>>>,
     /// One permit per live agent session (`max_agents`).
     pub(crate) agent_slots: Arc<Semaphore>,
     pub(crate) metrics: ServerMetrics,
@@ -104,7 +105,8 @@ async fn connect(
         )
             .into_response();
     }
-    if !state.allowed.is_empty() && !state.allowed.contains(&*ctx.agent_id) {
+    let allowed = state.allowed.load();
+    if !allowed.is_empty() && !allowed.contains(&*ctx.agent_id) {
         state
             .metrics
             .auth_failures

@@ -1,23 +1,21 @@
 //! Static port forwards: each local listener tunnels every consumer connection to a fixed
 //! target through the newest session of a fixed agent; failures reach the consumer as a reset.
 
-use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tether_common::pipe::{PipeError, PipeSide, pipe};
-use tether_proto::{ResetCode, TargetAddr};
+use tether_proto::TargetAddr;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::accept::accept;
-use crate::log_throttle::LogThrottle;
-use crate::metrics::{NO_SESSION, ServerMetrics};
+use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
+use crate::tunnel_dial::{DialError, TunnelDialer, reset, splice};
+use tether_common::log_throttle::LogThrottle;
 
 /// One configured forward and what its connection tasks share.
 #[derive(Debug)]
@@ -66,8 +64,9 @@ impl Forward {
         }
     }
 
-    fn dial_failed(&self, code: &'static str, err: &dyn std::fmt::Display) {
-        self.metrics.dial_errors.with_label_values(&[code]).inc();
+    /// Logs a failed dial (counted by the dialer): at warn once per episode, then at debug.
+    fn dial_failed(&self, err: &DialError) {
+        let code = err.label();
         if !self.failing.swap(true, Ordering::Relaxed) {
             warn!(
                 code,
@@ -105,76 +104,32 @@ pub(crate) async fn accept_loop(forward: Arc<Forward>, listener: TcpListener) {
     debug!(forward = %forward.name, "forward stopped accepting");
 }
 
-async fn serve_consumer(forward: Arc<Forward>, mut tcp: TcpStream) {
+async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
-    let session = match forward.registry.pick(&forward.client) {
-        Ok(session) => session,
-        Err(err) => {
-            forward.dial_failed(NO_SESSION, &err);
-            reset(tcp);
-            return;
-        }
+    let dialer = TunnelDialer {
+        registry: forward.registry.clone(),
+        metrics: forward.metrics.clone(),
+        dial_timeout: forward.dial_timeout,
     };
-    // Counted from the attempt, like remotedialer; the guard counts the removal on every exit.
-    let _compat = forward
-        .metrics
-        .remotedialer
-        .as_ref()
-        .map(|compat| compat.connection(&forward.client));
-    let started = Instant::now();
-    let opened = session
-        .open_with_timeout(forward.target.clone(), forward.dial_timeout)
-        .await;
-    forward
-        .metrics
-        .dial_duration
-        .observe(started.elapsed().as_secs_f64());
-    let mut stream = match opened {
-        Ok(stream) => stream,
+    let conn = match dialer.dial(&forward.client, &forward.target).await {
+        Ok(conn) => conn,
         Err(err) => {
-            forward.dial_failed(err.label(), &err);
+            forward.dial_failed(&err);
             reset(tcp);
             return;
         }
     };
     forward.dial_succeeded();
-    tracing::Span::current().record("stream.id", stream.id());
+    tracing::Span::current().record("stream.id", conn.stream.id());
     debug!("stream open");
-    let result = tokio::select! {
-        result = pipe(&mut stream, &mut tcp) => result,
-        _ = forward.hard_stop.cancelled() => Err(PipeError {
-            side: PipeSide::Tunnel,
-            source: io::Error::new(io::ErrorKind::ConnectionAborted, "server shutting down"),
-        }),
-    };
-    match result {
-        Ok(totals) => debug!(
-            to_tunnel = totals.to_tunnel,
-            to_local = totals.to_local,
-            "stream finished"
-        ),
-        Err(err) => {
-            debug!(side = ?err.side, error = %err.source, "stream failed");
-            match err.side {
-                PipeSide::Tunnel => reset(tcp),
-                PipeSide::Local => {
-                    stream.reset(ResetCode::TargetReset, "consumer connection failed")
-                }
-            }
-        }
-    }
-}
-
-/// Closes the consumer's socket with RST, so it sees an error rather than a clean EOF.
-fn reset(tcp: TcpStream) {
-    let _ = tcp.set_zero_linger();
-    drop(tcp);
+    splice(conn, tcp, &forward.hard_stop).await;
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::io;
     use std::sync::Mutex;
 
     use super::*;
@@ -216,16 +171,16 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
-        let err = NoSession {
+        let err = DialError::NoSession(NoSession {
             client: "edge-1".into(),
-        };
+        });
         tracing::subscriber::with_default(subscriber, || {
             for _ in 0..50 {
-                forward.dial_failed(NO_SESSION, &err);
+                forward.dial_failed(&err);
             }
             forward.dial_succeeded();
             for _ in 0..50 {
-                forward.dial_failed(NO_SESSION, &err);
+                forward.dial_failed(&err);
             }
         });
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
@@ -234,10 +189,6 @@ mod tests {
         assert!(
             warnings[0].contains("no agent connected for client \"edge-1\""),
             "{text}"
-        );
-        assert_eq!(
-            metrics.dial_errors.with_label_values(&[NO_SESSION]).get(),
-            100
         );
     }
 }

@@ -5,32 +5,39 @@
 //! (`registry.rs`) and opens a mux stream over the WebSocket that `tunnel.rs` accepted and
 //! `connect.rs` upgraded (`ws_transport.rs` adapts it to frames). `server.rs` starts and stops
 //! it all; `health.rs` pings every session (dials prefer healthy ones); `admin.rs` serves
-//! health, metrics and the client listing.
+//! health, metrics and the client listing. The consumer frontends (`frontend/`: HTTP CONNECT
+//! and SOCKS5) authorize a consumer for a client and dial through `tunnel_dial.rs`, as the
+//! forwards do.
 
 mod accept;
 pub mod admin;
 pub mod config;
 mod connect;
 mod forward;
+mod frontend;
 pub mod health;
-mod log_throttle;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 mod remotedialer_connect;
 pub mod remotedialer_metrics;
 mod remotedialer_ws;
 mod server;
 mod tunnel;
+mod tunnel_dial;
 mod ws_transport;
 
 pub use admin::ClientsResponse;
 pub use config::{
-    ForwardConfig, HealthConfig, MetricsConfig, RemotedialerConfig, ServerConfig, TlsConfig,
+    ConsumerConfig, ForwardConfig, FrontendsConfig, HealthConfig, MetricsConfig,
+    RemotedialerConfig, ServerConfig, TlsConfig, TokenHash,
 };
+pub use frontend::{FRONTEND_LABELS, FrontendControl, FrontendReload, REFUSAL_REASONS};
 pub use health::HealthChecker;
 pub use metrics::ServerMetrics;
 pub use registry::{
     NoSession, Protocol, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
     Subscriber,
 };
-pub use server::{Listeners, Server, ServerError, run};
+pub use reload::{ReloadOutcome, ServerReloader};
+pub use server::{FrontendListeners, Listeners, Server, ServerError, run};

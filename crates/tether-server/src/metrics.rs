@@ -55,6 +55,12 @@ pub struct ServerMetrics {
     pub health_unhealthy: IntGauge,
     /// `tether_tls_cert_expiry_timestamp_seconds{cert}`: `server` and `client_ca`.
     pub cert_expiry: CertExpiry,
+    /// `tether_frontend_refusals_total{frontend, reason}`: consumers refused by the proxy
+    /// frontends.
+    pub frontend_refusals: IntCounterVec,
+    /// `tether_frontend_connections_active{frontend}`: consumer connections a proxy frontend
+    /// holds (handshake, dial or splice).
+    pub frontend_active: IntGaugeVec,
     /// `session_server_total_*`, when `metrics.remotedialer_compat` is on.
     pub remotedialer: Option<RemotedialerMetrics>,
     /// `tether_protocol_sessions{protocol}`: live agent sessions by wire protocol
@@ -81,6 +87,8 @@ impl ServerMetrics {
         registry.register(Box::new(metrics.health_unhealthy.clone()))?;
         registry.register(Box::new(metrics.cert_expiry.gauge.clone()))?;
         registry.register(Box::new(metrics.protocol_sessions.clone()))?;
+        registry.register(Box::new(metrics.frontend_refusals.clone()))?;
+        registry.register(Box::new(metrics.frontend_active.clone()))?;
         Ok(metrics)
     }
 
@@ -173,6 +181,21 @@ impl ServerMetrics {
                 "Probed sessions currently marked unhealthy (missed too many pongs in a row).",
             )?,
             cert_expiry: CertExpiry::unregistered()?,
+            frontend_refusals: IntCounterVec::new(
+                Opts::new(
+                    "tether_frontend_refusals_total",
+                    "Consumer connections refused by the HTTP CONNECT and SOCKS5 frontends, by \
+                     frontend and reason.",
+                ),
+                &["frontend", "reason"],
+            )?,
+            frontend_active: IntGaugeVec::new(
+                Opts::new(
+                    "tether_frontend_connections_active",
+                    "Consumer connections held by the HTTP CONNECT and SOCKS5 frontends.",
+                ),
+                &["frontend"],
+            )?,
             remotedialer: None,
             protocol_sessions: IntGaugeVec::new(
                 Opts::new(
@@ -194,6 +217,14 @@ impl ServerMetrics {
             metrics.session_events.with_label_values(&[event]);
         }
         metrics.dial_errors.with_label_values(&[NO_SESSION]);
+        for frontend in crate::frontend::FRONTEND_LABELS {
+            metrics.frontend_active.with_label_values(&[frontend]);
+            for reason in crate::frontend::REFUSAL_REASONS {
+                metrics
+                    .frontend_refusals
+                    .with_label_values(&[frontend, reason]);
+            }
+        }
         metrics
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])

@@ -174,7 +174,8 @@ pub(crate) async fn connect(
             _ => {}
         }
     }
-    if !state.allowed.is_empty() && !state.allowed.contains(&*ctx.agent_id) {
+    let allowed = state.allowed.load();
+    if !allowed.is_empty() && !allowed.contains(&*ctx.agent_id) {
         return refuse(
             &state,
             &ctx,

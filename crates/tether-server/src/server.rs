@@ -1,6 +1,7 @@
 //! `Server`: builds TLS, metrics and the registry from a `ServerConfig`, runs the tunnel,
-//! forward and admin listeners on one task tracker, and shuts down in order: stop accepting,
-//! GOAWAY, drain streams up to `drain_timeout`, close sessions, wait for the tasks (bounded).
+//! forward, proxy frontend and admin listeners on one task tracker, and shuts down in order:
+//! stop accepting, GOAWAY, drain streams up to `drain_timeout`, close sessions, wait for the
+//! tasks (bounded).
 
 use std::collections::HashSet;
 use std::io;
@@ -8,8 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tether_common::cert_expiry::CertRole;
+use tether_common::config_diff::ReloadMetrics;
 use tether_common::config_error::ConfigErrors;
 use tether_common::tls::{self, TlsError};
 use tether_proto::GoAwayCode;
@@ -24,12 +27,14 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::admin::{self, AdminState, Readiness};
 use crate::config::ServerConfig;
 use crate::connect::{self, ConnectState};
-use crate::forward::{self, Forward};
+use crate::frontend::{self, Frontend, FrontendControl, Kind};
 use crate::health::HealthChecker;
-use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
+use crate::reload::{ForwardSet, ServerReloader};
 use crate::tunnel::{self, Tunnel};
+use crate::tunnel_dial::TunnelDialer;
+use tether_common::log_throttle::LogThrottle;
 
 /// How long the tasks get to finish once the sessions are closed.
 const TASK_GRACE: Duration = Duration::from_secs(5);
@@ -61,6 +66,14 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    /// A frontend listener was given without its `frontends.*_listen` key, or the reverse.
+    #[error("frontends.{key} and the listener given do not match: {why}")]
+    FrontendListener {
+        /// The config key (`http_connect_listen`, `socks5_listen`).
+        key: &'static str,
+        /// What is missing.
+        why: &'static str,
+    },
     /// `Listeners::forwards` does not match `ServerConfig::forwards`.
     #[error("{got} forward listeners were given for {expected} configured forwards")]
     ForwardListeners {
@@ -80,6 +93,33 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// `forwards[i]` serves `config.forwards[i]`.
     pub forwards: Vec<TcpListener>,
+    /// The consumer proxy listeners, present exactly when configured.
+    pub frontends: FrontendListeners,
+}
+
+/// The listeners of the consumer frontends (`frontends.http_connect_listen`,
+/// `frontends.socks5_listen`); `None` for a frontend that is off.
+#[derive(Debug, Default)]
+pub struct FrontendListeners {
+    /// The HTTP CONNECT proxy listener.
+    pub http_connect: Option<TcpListener>,
+    /// The SOCKS5 proxy listener.
+    pub socks5: Option<TcpListener>,
+}
+
+impl FrontendListeners {
+    /// Binds the frontend addresses of `config` that are set.
+    pub async fn bind(config: &ServerConfig) -> Result<FrontendListeners, ServerError> {
+        let frontends = &config.frontends;
+        let mut out = FrontendListeners::default();
+        if let Some(addr) = frontends.http_connect_addr().map_err(one)? {
+            out.http_connect = Some(bind("frontends.http_connect_listen", addr).await?);
+        }
+        if let Some(addr) = frontends.socks5_addr().map_err(one)? {
+            out.socks5 = Some(bind("frontends.socks5_listen", addr).await?);
+        }
+        Ok(out)
+    }
 }
 
 impl Listeners {
@@ -95,10 +135,12 @@ impl Listeners {
                 .map_err(|m| one(tether_common::config_error::FieldError::new(&what, m)))?;
             forwards.push(bind(&what, addr).await?);
         }
+        let frontends = FrontendListeners::bind(config).await?;
         Ok(Listeners {
             tunnel,
             admin,
             forwards,
+            frontends,
         })
     }
 }
@@ -119,11 +161,15 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> 
 #[derive(Debug)]
 pub struct Server {
     config: ServerConfig,
+    allowed: Arc<ArcSwap<HashSet<String>>>,
+    agent_slots: Arc<Semaphore>,
+    reloader: ServerReloader,
     tls: Arc<rustls::ServerConfig>,
     metrics: ServerMetrics,
     prometheus: prometheus::Registry,
     registry: Arc<SessionRegistry>,
     server_id: String,
+    frontends: FrontendControl,
 }
 
 impl Server {
@@ -167,8 +213,29 @@ impl Server {
         {
             sessions.declare_client(client);
         }
+        let frontends = FrontendControl::new(&config.frontends);
+        let allowed = Arc::new(ArcSwap::from_pointee(
+            config
+                .allowed_agents
+                .iter()
+                .cloned()
+                .collect::<HashSet<_>>(),
+        ));
+        let agent_slots = Arc::new(Semaphore::new(config.max_agents));
+        let reloader = ServerReloader::new(
+            config.clone(),
+            allowed.clone(),
+            agent_slots.clone(),
+            frontends.clone(),
+            sessions.clone(),
+            ReloadMetrics::register(registry)?,
+        );
         Ok(Server {
+            frontends,
             config,
+            allowed,
+            agent_slots,
+            reloader,
             tls,
             metrics,
             prometheus: registry.clone(),
@@ -187,9 +254,21 @@ impl Server {
         &self.server_id
     }
 
+    /// The handle that applies new configs to this server while it runs
+    /// ([`ServerReloader::reload`]).
+    pub fn reloader(&self) -> ServerReloader {
+        self.reloader.clone()
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &ServerMetrics {
         &self.metrics
+    }
+
+    /// The handle that reloads the frontends' consumers and settings in place (take it before
+    /// [`run`](Self::run)).
+    pub fn frontend_control(&self) -> FrontendControl {
+        self.frontends.clone()
     }
 
     /// Serves until `shutdown` is cancelled, then drains and returns.
@@ -205,15 +284,35 @@ impl Server {
                 got: listeners.forwards.len(),
             });
         }
-        let mut forwards = Vec::with_capacity(config.forwards.len());
         for (i, f) in config.forwards.iter().enumerate() {
-            let target = f.target_addr().map_err(|m| {
+            f.target_addr().map_err(|m| {
                 one(tether_common::config_error::FieldError::new(
                     format!("forwards[{i}].target"),
                     m,
                 ))
             })?;
-            forwards.push((f.name.clone(), f.client.clone(), target));
+        }
+        let frontend_config = &config.frontends;
+        for (key, configured, given) in [
+            (
+                "http_connect_listen",
+                frontend_config.http_connect_addr().map_err(one)?.is_some(),
+                listeners.frontends.http_connect.is_some(),
+            ),
+            (
+                "socks5_listen",
+                frontend_config.socks5_addr().map_err(one)?.is_some(),
+                listeners.frontends.socks5.is_some(),
+            ),
+        ] {
+            if configured != given {
+                let why = if configured {
+                    "configured but no listener was given"
+                } else {
+                    "a listener was given but the key is empty"
+                };
+                return Err(ServerError::FrontendListener { key, why });
+            }
         }
         let remotedialer =
             crate::remotedialer_connect::auth_from_config(&config.remotedialer).map_err(one)?;
@@ -226,12 +325,8 @@ impl Server {
 
         // Tunnel listener.
         let connect_state = Arc::new(ConnectState {
-            allowed: config
-                .allowed_agents
-                .iter()
-                .cloned()
-                .collect::<HashSet<_>>(),
-            agent_slots: Arc::new(Semaphore::new(config.max_agents)),
+            allowed: self.allowed.clone(),
+            agent_slots: self.agent_slots.clone(),
             metrics: self.metrics.clone(),
             server_id: HeaderValue::from_str(&self.server_id)
                 .unwrap_or(HeaderValue::from_static("unknown")),
@@ -260,22 +355,43 @@ impl Server {
             tunnel::accept_loop(tunnel, listeners.tunnel).instrument(info_span!("tunnel_listener")),
         );
 
-        // Forwards.
-        for ((name, client, target), listener) in forwards.into_iter().zip(listeners.forwards) {
-            let addr = display_addr(&listener);
-            info!(forward = %name, listen = %addr, agent.id = %client, %target, "forward listening");
-            let forward = Arc::new(Forward::new(
-                name,
-                client,
-                target,
-                config.dial_timeout.0,
-                self.registry.clone(),
+        // Forwards, each stoppable on its own by a reload.
+        let mut forward_set = ForwardSet::new(
+            config.dial_timeout.0,
+            self.registry.clone(),
+            self.metrics.clone(),
+            shutdown.clone(),
+            hard_stop.clone(),
+            tracker.clone(),
+        );
+        for (f, listener) in config.forwards.iter().zip(listeners.forwards) {
+            forward_set.start(f.clone(), listener);
+        }
+        self.reloader.install_forwards(forward_set);
+
+        // Consumer frontends: HTTP CONNECT and SOCKS5 proxies.
+        let dialer = TunnelDialer {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            dial_timeout: config.dial_timeout.0,
+        };
+        for (kind, listener) in [
+            (Kind::HttpConnect, listeners.frontends.http_connect),
+            (Kind::Socks5, listeners.frontends.socks5),
+        ] {
+            let Some(listener) = listener else { continue };
+            info!(frontend = kind.label(), listen = %display_addr(&listener), "frontend listening");
+            let frontend = Arc::new(Frontend::new(
+                kind,
+                dialer.clone(),
+                self.frontends.clone(),
+                frontend_config.max_connections,
                 self.metrics.clone(),
                 shutdown.clone(),
                 hard_stop.clone(),
                 tracker.clone(),
             ));
-            tracker.spawn(forward::accept_loop(forward, listener));
+            tracker.spawn(frontend::accept_loop(frontend, listener));
         }
 
         // Health checker: pings every session until shutdown starts.

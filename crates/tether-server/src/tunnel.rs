@@ -27,12 +27,12 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::accept::accept;
 use crate::connect::{ConnContext, UpgradedAgent};
-use crate::log_throttle::LogThrottle;
 use crate::metrics::ServerMetrics;
 use crate::registry::Protocol;
 use crate::registry::SessionRegistry;
 use crate::remotedialer_ws::RdWsTransport;
 use crate::ws_transport::WsTransport;
+use tether_common::log_throttle::LogThrottle;
 
 /// Largest HTTP head buffered while reading the upgrade request.
 const MAX_HTTP_BUF: usize = 64 * 1024;

@@ -178,3 +178,48 @@ fn load_reads_a_file_relative_to_its_directory() {
         Err(ConfigLoadError::Read { .. })
     ));
 }
+
+#[test]
+fn frontend_errors_are_reported_with_their_key_paths() {
+    let pki = TestPki::new();
+    let hash = "d9310c002af91822beb0b3487d8b04f85bf6bf1f8a5496bff7d35fc7c5a29def";
+    let yaml = format!(
+        r#"{TLS_YAML}frontends:
+  http_connect_listen: "127.0.0.1:3128"
+  socks5_listen: "127.0.0.1:3128"
+  handshake_timeout: 0s
+  max_connections: 0
+  consumers:
+    - {{ name: ops, token_sha256: "{hash}", clients: [edge-1] }}
+    - {{ name: ops, token_sha256: "{hash}", clients: [] }}
+    - {{ name: "bad name", token_sha256: "abc", clients: ["edge/1"] }}
+  anonymous_clients: ["", "ok-*"]
+"#
+    );
+    let errors = invalid(ServerConfig::parse(&yaml, "server.yaml", pki.dir()).unwrap_err());
+    let message = |path: &str| {
+        errors
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, m)| m.clone())
+            .unwrap_or_else(|| panic!("{path} missing from {errors:#?}"))
+    };
+    assert!(message("frontends.socks5_listen").contains("http_connect_listen"));
+    assert!(message("frontends.handshake_timeout").contains("above zero"));
+    assert!(message("frontends.max_connections").contains("at least 1"));
+    assert!(message("frontends.consumers[1].name").contains("consumers[0]"));
+    assert!(message("frontends.consumers[1].token_sha256").contains("consumers[0]"));
+    assert!(message("frontends.consumers[1].clients").contains("at least one"));
+    assert!(message("frontends.consumers[2].name").contains("bad name"));
+    assert!(message("frontends.consumers[2].token_sha256").contains("64 hex digits"));
+    assert!(message("frontends.consumers[2].clients[0]").contains("edge/1"));
+    assert!(message("frontends.anonymous_clients[0]").contains("empty"));
+    assert_eq!(errors.len(), 10, "{errors:#?}");
+    // The hash stays out of Debug output all the same.
+    let ok = format!(
+        "{TLS_YAML}frontends: {{ consumers: [{{ name: ops, token_sha256: \"{hash}\", clients: [\"*\"] }}] }}\n"
+    );
+    let config = ServerConfig::parse(&ok, "server.yaml", pki.dir()).unwrap();
+    assert!(!format!("{config:?}").contains(hash));
+    assert_eq!(config.frontends.http_connect_addr().unwrap(), None);
+}

@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "tether", version, about, propagate_version = true)]
 pub(crate) struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_server=debug`.
-    #[arg(long, global = true, env = "TETHER_LOG", default_value = "info")]
-    pub(crate) log: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_server=debug`; beats the
+    /// config's `log` key. Default: the config's `log`, else `info`.
+    #[arg(long, global = true, env = "TETHER_LOG")]
+    pub(crate) log: Option<String>,
     /// Log format.
     #[arg(long, global = true, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
@@ -32,12 +33,20 @@ pub(crate) enum Command {
         /// Path of the server config (YAML).
         #[arg(long, short, env = "TETHER_CONFIG")]
         config: PathBuf,
+        /// Override one config key: `--set key.path=value` (repeatable; beats the file and
+        /// `TETHER_*` variables; an empty value keeps the less specific layer).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Run the agent daemon: dials the server and opens streams to allowed targets.
     Agent {
         /// Path of the agent config (YAML).
         #[arg(long, short, env = "TETHER_CONFIG")]
         config: PathBuf,
+        /// Override one config key: `--set key.path=value` (repeatable; beats the file and
+        /// `TETHER_*` variables; an empty value keeps the less specific layer).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Create a CA and certificates for mutual TLS.
     Certs {
@@ -73,6 +82,9 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 8 * 1024 * 1024)]
         bytes: usize,
     },
+    /// Read a consumer token from stdin (one line) and print its SHA-256 for
+    /// `frontends.consumers[].token_sha256`.
+    HashToken,
 }
 
 #[derive(Debug, Subcommand)]

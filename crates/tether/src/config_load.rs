@@ -1,10 +1,13 @@
-//! Loading the daemons' YAML configs: parse, resolve relative paths, validate, and report every
-//! problem with its key path.
+//! Loading the daemons' effective configs: the YAML file with the `TETHER_*` environment and
+//! `--set` flags layered over it (`tether_common::config_layers`), relative paths resolved and
+//! validated, every problem reported with its key path.
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use tether_agent::AgentConfig;
 use tether_common::config_error::parse_yaml;
+use tether_common::config_layers::{self, EnvKey, FlagOverride};
 use tether_server::ServerConfig;
 
 use crate::cli::ConfigKind;
@@ -24,14 +27,121 @@ fn base_dir(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new("."))
 }
 
+/// Environment variables that override server.yaml keys (an empty one is not set).
+pub(crate) const SERVER_ENV: &[EnvKey] = &[
+    EnvKey {
+        var: "TETHER_LISTEN",
+        path: "listen",
+    },
+    EnvKey {
+        var: "TETHER_ADMIN_LISTEN",
+        path: "admin_listen",
+    },
+    EnvKey {
+        var: "TETHER_TLS_CERT",
+        path: "tls.cert",
+    },
+    EnvKey {
+        var: "TETHER_TLS_KEY",
+        path: "tls.key",
+    },
+    EnvKey {
+        var: "TETHER_TLS_CLIENT_CA",
+        path: "tls.client_ca",
+    },
+];
+
+/// Environment variables that override agent.yaml keys (an empty one is not set).
+pub(crate) const AGENT_ENV: &[EnvKey] = &[
+    EnvKey {
+        var: "TETHER_SERVER_URL",
+        path: "server_url",
+    },
+    EnvKey {
+        var: "TETHER_SERVER_NAME",
+        path: "server_name",
+    },
+    EnvKey {
+        var: "TETHER_ADMIN_LISTEN",
+        path: "admin_listen",
+    },
+    EnvKey {
+        var: "TETHER_TLS_CERT",
+        path: "tls.cert",
+    },
+    EnvKey {
+        var: "TETHER_TLS_KEY",
+        path: "tls.key",
+    },
+    EnvKey {
+        var: "TETHER_TLS_SERVER_CA",
+        path: "tls.server_ca",
+    },
+];
+
+/// The layers above the file: the environment (through a lookup, so tests inject it) and the
+/// `--set key.path=value` flags.
+pub(crate) struct Overrides<'a> {
+    pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
+    pub(crate) flags: &'a [FlagOverride],
+}
+
+impl Overrides<'static> {
+    /// No layer above the file (`check-config`).
+    pub(crate) fn none() -> Overrides<'static> {
+        Overrides {
+            env: &|_| None,
+            flags: &[],
+        }
+    }
+}
+
+/// The process environment.
+pub(crate) fn process_env(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}
+
+/// Parses `text` and writes the layers over it. The file alone is parsed first so that its
+/// mistakes are reported with their line; the merged tree is then parsed again.
+fn layered<T: DeserializeOwned>(
+    text: &str,
+    source: &str,
+    env_keys: &[EnvKey],
+    overrides: &Overrides<'_>,
+) -> anyhow::Result<T> {
+    let config: T = parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
+    if !config_layers::has_overrides(env_keys, overrides.env, overrides.flags) {
+        return Ok(config);
+    }
+    let tree: serde_yaml_ng::Value =
+        parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
+    let merged = config_layers::overlay(tree, env_keys, overrides.env, overrides.flags)
+        .map_err(|errors| InvalidConfig(format!("{source}: invalid overrides:\n{errors}")))?;
+    serde_yaml_ng::from_value(merged).map_err(|e| {
+        InvalidConfig(format!(
+            "{source} with environment and --set overrides: {e}"
+        ))
+        .into()
+    })
+}
+
 /// Parses and validates a server config; `source` names it in messages.
 pub(crate) fn server_from_str(
     text: &str,
     base: &Path,
     source: &str,
 ) -> anyhow::Result<ServerConfig> {
-    let mut config: ServerConfig =
-        parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
+    server_layered(text, base, source, &Overrides::none())
+}
+
+/// [`server_from_str`] with the environment and flag layers.
+pub(crate) fn server_layered(
+    text: &str,
+    base: &Path,
+    source: &str,
+    overrides: &Overrides<'_>,
+) -> anyhow::Result<ServerConfig> {
+    let mut config: ServerConfig = layered(text, source, SERVER_ENV, overrides)?;
     config.resolve_paths(base);
     config
         .validate()
@@ -41,21 +151,42 @@ pub(crate) fn server_from_str(
 
 /// Parses and validates an agent config; `source` names it in messages.
 pub(crate) fn agent_from_str(text: &str, base: &Path, source: &str) -> anyhow::Result<AgentConfig> {
-    let mut config: AgentConfig =
-        parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
+    agent_layered(text, base, source, &Overrides::none())
+}
+
+/// [`agent_from_str`] with the environment and flag layers; the result is the effective config
+/// (fallbacks resolved), the form reloads compare.
+pub(crate) fn agent_layered(
+    text: &str,
+    base: &Path,
+    source: &str,
+    overrides: &Overrides<'_>,
+) -> anyhow::Result<AgentConfig> {
+    let mut config: AgentConfig = layered(text, source, AGENT_ENV, overrides)?;
     config.resolve_paths(base);
+    let config = config.effective();
     config
         .validate()
         .map_err(|errors| InvalidConfig(format!("{source}: invalid agent config:\n{errors}")))?;
     Ok(config)
 }
 
-pub(crate) fn load_server(path: &Path) -> anyhow::Result<ServerConfig> {
-    server_from_str(&read(path)?, base_dir(path), &path.display().to_string())
+pub(crate) fn load_server(path: &Path, overrides: &Overrides<'_>) -> anyhow::Result<ServerConfig> {
+    server_layered(
+        &read(path)?,
+        base_dir(path),
+        &path.display().to_string(),
+        overrides,
+    )
 }
 
-pub(crate) fn load_agent(path: &Path) -> anyhow::Result<AgentConfig> {
-    agent_from_str(&read(path)?, base_dir(path), &path.display().to_string())
+pub(crate) fn load_agent(path: &Path, overrides: &Overrides<'_>) -> anyhow::Result<AgentConfig> {
+    agent_layered(
+        &read(path)?,
+        base_dir(path),
+        &path.display().to_string(),
+        overrides,
+    )
 }
 
 /// Validates `path` as `kind` (guessed from its keys when `None`) and says what it found.
@@ -70,8 +201,8 @@ pub(crate) fn check(kind: Option<ConfigKind>, path: &Path) -> anyhow::Result<Con
         })?,
     };
     match kind {
-        ConfigKind::Server => load_server(path).map(|_| kind),
-        ConfigKind::Agent => load_agent(path).map(|_| kind),
+        ConfigKind::Server => load_server(path, &Overrides::none()).map(|_| kind),
+        ConfigKind::Agent => load_agent(path, &Overrides::none()).map(|_| kind),
     }
 }
 
@@ -90,4 +221,67 @@ fn guess_kind(text: &str, source: &str) -> anyhow::Result<Option<ConfigKind>> {
     } else {
         None
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "server_url: \"wss://file:1/v1/connect\"\n\
+                        tls: { cert: a.pem, key: b.pem, server_ca: c.pem }\n\
+                        reconnect: { max_delay: 30s }\n";
+
+    fn agent(env: &dyn Fn(&str) -> Option<String>, flags: &[&str]) -> AgentConfig {
+        let flags: Vec<FlagOverride> = flags
+            .iter()
+            .map(|f| FlagOverride::parse(f).unwrap())
+            .collect();
+        let overrides = Overrides { env, flags: &flags };
+        layered::<AgentConfig>(FILE, "agent.yaml", AGENT_ENV, &overrides)
+            .unwrap()
+            .effective()
+    }
+
+    #[test]
+    fn defaults_file_env_flags_in_that_order() {
+        let none = |_: &str| None;
+        let env_url = |var: &str| (var == "TETHER_SERVER_URL").then(|| "wss://env:2/x".to_owned());
+        let empty = |var: &str| (var == "TETHER_SERVER_URL").then(String::new);
+        let from_file = agent(&none, &[]);
+        assert_eq!(from_file.server_url, "wss://file:1/v1/connect");
+        assert_eq!(from_file.reconnect.max_delay.to_string(), "30s");
+        // A default shows through where no layer sets the key.
+        assert_eq!(from_file.connect_timeout.to_string(), "10s");
+        assert_eq!(agent(&env_url, &[]).server_url, "wss://env:2/x");
+        let flagged = agent(
+            &env_url,
+            &["server_url=wss://flag:3/y", "reconnect.max_delay=5s"],
+        );
+        assert_eq!(flagged.server_url, "wss://flag:3/y");
+        assert_eq!(flagged.reconnect.max_delay.to_string(), "5s");
+        // Empty values in the more specific layers fall back to the file.
+        assert_eq!(agent(&empty, &["server_url="]), from_file);
+    }
+
+    #[test]
+    fn fallbacks_are_resolved_before_comparison() {
+        let none = |_: &str| None;
+        let spelled = agent(&none, &["server_name=file"]);
+        assert_eq!(spelled, agent(&none, &[]));
+        assert_eq!(spelled.server_name, "file");
+        assert!(
+            tether_common::config_diff::changed_fields(&spelled, &agent(&none, &[])).is_empty()
+        );
+    }
+
+    #[test]
+    fn unknown_flag_keys_are_errors() {
+        let flags = [FlagOverride::parse("no_such_key=1").unwrap()];
+        let overrides = Overrides {
+            env: &|_| None,
+            flags: &flags,
+        };
+        let err = layered::<AgentConfig>(FILE, "agent.yaml", AGENT_ENV, &overrides).unwrap_err();
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
 }

@@ -75,6 +75,7 @@ pub(crate) async fn run(
             tunnel,
             admin: server_admin,
             forwards: vec![forward],
+            frontends: Default::default(),
         },
         server_token.clone(),
     ));

@@ -3,6 +3,7 @@
 mod certs_cmd;
 mod cli;
 mod config_load;
+mod config_reload;
 mod demo;
 mod logging;
 mod signals;
@@ -29,10 +30,12 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own report; keep daemon logs to warnings unless asked otherwise.
-    let demo_default = matches!(cli.command, Command::Demo { .. })
-        && cli.log == "info"
-        && std::env::var_os("TETHER_LOG").is_none();
-    logging::init(if demo_default { "warn" } else { &cli.log }, cli.log_format);
+    let demo = matches!(cli.command, Command::Demo { .. });
+    let logs = logging::init(
+        cli.log.clone(),
+        if demo { "warn" } else { "info" },
+        cli.log_format,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             if let Some(InvalidConfig(message)) = err.downcast_ref::<InvalidConfig>() {
@@ -56,10 +59,18 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result<()> {
     match command {
-        Command::Server { config } => {
-            let config = config_load::load_server(&config)?;
+        Command::Server { config: path, set } => {
+            let flags = parse_flags(&set)?;
+            let config = config_load::load_server(
+                &path,
+                &config_load::Overrides {
+                    env: &config_load::process_env,
+                    flags: &flags,
+                },
+            )?;
+            logs.apply_config(&config.log);
             let registry = process_registry()?;
             let listeners = tether_server::Listeners {
                 tunnel: bind(&config.listen, "listen").await?,
@@ -72,15 +83,30 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     }
                     forwards
                 },
+                frontends: tether_server::FrontendListeners::bind(&config).await?,
             };
             let server = tether_server::Server::new(config, &registry)?;
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
+            let _reloads = AbortOnDrop(tokio::spawn(config_reload::server_reloads(
+                path,
+                flags,
+                server.reloader(),
+                logs,
+            )));
             server.run(listeners, shutdown).await?;
             Ok(())
         }
-        Command::Agent { config } => {
-            let config = config_load::load_agent(&config)?;
+        Command::Agent { config: path, set } => {
+            let flags = parse_flags(&set)?;
+            let config = config_load::load_agent(
+                &path,
+                &config_load::Overrides {
+                    env: &config_load::process_env,
+                    flags: &flags,
+                },
+            )?;
+            logs.apply_config(&config.log);
             let registry = process_registry()?;
             let admin = match config.admin_listen.as_str() {
                 "" => None,
@@ -89,6 +115,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let agent = tether_agent::Agent::new(config, &registry)?;
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
+            let _reloads = AbortOnDrop(tokio::spawn(config_reload::agent_reloads(
+                path,
+                flags,
+                agent.reloader(),
+                logs,
+            )));
             agent
                 .run(tether_agent::AgentListeners { admin }, shutdown)
                 .await?;
@@ -113,6 +145,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
             demo::run(once, bytes, shutdown).await
         }
+        Command::HashToken => {
+            // From stdin, not an argument: arguments show in `ps` and shell history.
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the token from stdin")?;
+            let token = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!token.is_empty(), "no token on stdin");
+            println!("{}", tether_server::TokenHash::of(token).0);
+            Ok(())
+        }
     }
 }
 
@@ -131,6 +174,16 @@ async fn bind(addr: &str, key: &str) -> anyhow::Result<TcpListener> {
         .parse()
         .with_context(|| format!("{key} = {addr}: not an ip:port address"))?;
     tether_common::listen::bind(parsed).with_context(|| format!("binding {key} = {addr}"))
+}
+
+/// Parses the `--set key.path=value` flags.
+fn parse_flags(set: &[String]) -> anyhow::Result<Vec<tether_common::config_layers::FlagOverride>> {
+    set.iter()
+        .map(|text| {
+            tether_common::config_layers::FlagOverride::parse(text)
+                .map_err(|message| InvalidConfig(format!("--set {message}")).into())
+        })
+        .collect()
 }
 
 /// Aborts a background task when the owner goes away.

@@ -1,4 +1,5 @@
-//! Process signals: SIGTERM and SIGINT cancel the root token; a second one exits at once.
+//! Process signals: SIGTERM and SIGINT cancel the root token, a second one exits at once; SIGHUP
+//! asks for a config reload.
 
 use tokio_util::sync::CancellationToken;
 
@@ -34,4 +35,18 @@ async fn wait_for_termination() {
 #[cfg(not(unix))]
 async fn wait_for_termination() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The stream of SIGHUPs: each `recv` resolves on the next one. `None` where SIGHUP cannot be
+/// installed (then only file changes trigger reloads).
+#[cfg(unix)]
+pub(crate) fn sighup() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(stream) => Some(stream),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot install the SIGHUP handler; reload on file change only");
+            None
+        }
+    }
 }

@@ -68,6 +68,7 @@ async fn start(dir: &Path) -> Running {
         tunnel,
         admin,
         forwards: Vec::new(),
+        frontends: Default::default(),
     };
     let server_stop = stop.clone();
     let server_task = tokio::spawn(async move {

@@ -52,6 +52,7 @@ pub(crate) struct Running {
     pub(crate) registry: Arc<SessionRegistry>,
     pub(crate) prometheus: prometheus::Registry,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) reloader: tether_server::ServerReloader,
     task: JoinHandle<Result<(), ServerError>>,
 }
 
@@ -73,6 +74,7 @@ pub(crate) async fn start(config: ServerConfig) -> Running {
     let prometheus = prometheus::Registry::new();
     let server = Server::new(config, &prometheus).expect("build the server");
     let registry = server.registry();
+    let reloader = server.reloader();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(listeners, shutdown.clone()));
     Running {
@@ -82,6 +84,7 @@ pub(crate) async fn start(config: ServerConfig) -> Running {
         registry,
         prometheus,
         shutdown,
+        reloader,
         task,
     }
 }

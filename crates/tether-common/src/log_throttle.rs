@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 /// Per-reason rate limit for log lines. Reasons are a closed set of `&'static str`.
 #[derive(Debug)]
-pub(crate) struct LogThrottle {
+pub struct LogThrottle {
     window: Duration,
     state: Mutex<HashMap<&'static str, Slot>>,
 }
@@ -21,7 +21,7 @@ struct Slot {
 }
 
 impl LogThrottle {
-    pub(crate) fn new(window: Duration) -> Self {
+    pub fn new(window: Duration) -> Self {
         Self {
             window,
             state: Mutex::new(HashMap::new()),
@@ -30,7 +30,7 @@ impl LogThrottle {
 
     /// `Some(suppressed)` if a line for `reason` should be logged now (`suppressed` lines were
     /// skipped since the last one); `None` if this occurrence should go to debug only.
-    pub(crate) fn check(&self, reason: &'static str) -> Option<u64> {
+    pub fn check(&self, reason: &'static str) -> Option<u64> {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match state.get_mut(reason) {

@@ -1,0 +1,259 @@
+//! Agent config reloads (DESIGN.md lesson 2): diff the new effective config against the running
+//! one field by field and apply the least disruptive action: nothing, in place (policy, dial
+//! timeout, backoff, activation gate, the log filter (applied by the binary)), or a reconnect (server URL, TLS name or material,
+//! connection and session settings). An invalid config is rejected and the old one keeps running.
+
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tether_common::config_diff::{ReloadMetrics, ReloadResult, changed_fields};
+use tether_common::config_error::{ConfigErrors, FieldError};
+use tether_common::tls;
+use tether_mux::MuxConfig;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::{AgentConfig, ReconnectConfig};
+use crate::connector::Connector;
+use crate::gate::GateControl;
+use crate::handler::SharedPolicy;
+
+/// What a session is built from; a new value makes the supervisor reconnect.
+pub(crate) struct ConnectSettings {
+    pub(crate) connector: Connector,
+    pub(crate) mux_config: MuxConfig,
+}
+
+/// Keys whose change needs a new session.
+const RECONNECT_KEYS: &[&str] = &[
+    "server_url",
+    "server_name",
+    "tls",
+    "labels",
+    "connect_timeout",
+    "session",
+    "protocol",
+    "headers",
+];
+/// Keys that are only read at start-up.
+const RESTART_KEYS: &[&str] = &["admin_listen", "version"];
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// `unchanged`, `applied` or `reconnected` (an invalid config is an `Err`).
+    pub result: ReloadResult,
+    /// The key paths that changed (`tls.material` when only the contents of the TLS files did).
+    pub changed: Vec<String>,
+    /// Changed keys that only take effect at the next start.
+    pub restart_required: Vec<String>,
+}
+
+/// The running agent's config and its TLS material fingerprint.
+struct Running {
+    config: AgentConfig,
+    material: u64,
+}
+
+/// Applies new configs to a running (or not yet running) agent. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentReloader {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    running: Mutex<Running>,
+    policy: SharedPolicy,
+    dial_timeout: Arc<ArcSwap<Duration>>,
+    reconnect: Arc<ArcSwap<ReconnectConfig>>,
+    gate: GateControl,
+    connect: watch::Sender<Arc<ConnectSettings>>,
+    metrics: ReloadMetrics,
+    instance_id: String,
+}
+
+impl std::fmt::Debug for AgentReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentReloader").finish_non_exhaustive()
+    }
+}
+
+/// The parts of the agent a reload writes to.
+pub(crate) struct ReloadTargets {
+    pub(crate) policy: SharedPolicy,
+    pub(crate) dial_timeout: Arc<ArcSwap<Duration>>,
+    pub(crate) reconnect: Arc<ArcSwap<ReconnectConfig>>,
+    pub(crate) gate: GateControl,
+    pub(crate) connect: watch::Sender<Arc<ConnectSettings>>,
+    pub(crate) metrics: ReloadMetrics,
+    pub(crate) instance_id: String,
+}
+
+impl AgentReloader {
+    /// `config` is the effective config the agent was built from.
+    pub(crate) fn new(config: AgentConfig, targets: ReloadTargets) -> AgentReloader {
+        let material = material_fingerprint(&config).unwrap_or_default();
+        AgentReloader {
+            inner: Arc::new(Inner {
+                running: Mutex::new(Running { config, material }),
+                policy: targets.policy,
+                dial_timeout: targets.dial_timeout,
+                reconnect: targets.reconnect,
+                gate: targets.gate,
+                connect: targets.connect,
+                metrics: targets.metrics,
+                instance_id: targets.instance_id,
+            }),
+        }
+    }
+
+    /// Counts and logs a new config that could not even be loaded (unreadable file, bad YAML);
+    /// the running config stays in force.
+    pub fn reject(&self, error: &dyn std::fmt::Display) {
+        self.inner.metrics.count(ReloadResult::Invalid);
+        warn!(
+            result = "invalid",
+            error = %error,
+            "config reload rejected; the running config stays in force"
+        );
+    }
+
+    /// The effective config in force.
+    pub fn current(&self) -> AgentConfig {
+        self.lock().config.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
+        // A panic while holding the lock cannot leave `Running` half-written (it is replaced
+        // whole), so a poisoned lock is still usable.
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reloads with `config` (paths resolved, layers merged). Logs and counts the result.
+    pub fn reload(&self, config: AgentConfig) -> Result<ReloadOutcome, ConfigErrors> {
+        let outcome = self.try_reload(config);
+        let metrics = &self.inner.metrics;
+        match &outcome {
+            Ok(done) => {
+                metrics.count(done.result);
+                if done.result == ReloadResult::Unchanged {
+                    info!(result = done.result.label(), "config unchanged");
+                } else {
+                    info!(
+                        result = done.result.label(),
+                        changed = ?done.changed,
+                        "config reloaded"
+                    );
+                }
+                if !done.restart_required.is_empty() {
+                    metrics.restart_required.inc();
+                    warn!(
+                        fields = ?done.restart_required,
+                        "these config changes take effect only after a restart"
+                    );
+                }
+            }
+            Err(errors) => {
+                metrics.count(ReloadResult::Invalid);
+                warn!(
+                    result = "invalid",
+                    errors = %errors,
+                    "config reload rejected; the running config stays in force"
+                );
+            }
+        }
+        outcome
+    }
+
+    fn try_reload(&self, config: AgentConfig) -> Result<ReloadOutcome, ConfigErrors> {
+        let config = config.effective();
+        config.validate()?;
+        let material = material_fingerprint(&config).map_err(|e| ConfigErrors(vec![e]))?;
+        let mut running = self.lock();
+        let mut changed = changed_fields(&running.config, &config);
+        if material != running.material && !changed.iter().any(|k| k.starts_with("tls.")) {
+            changed.push("tls.material".to_owned());
+        }
+        if changed.is_empty() {
+            return Ok(ReloadOutcome {
+                result: ReloadResult::Unchanged,
+                changed,
+                restart_required: Vec::new(),
+            });
+        }
+        let under = |keys: &[&str], field: &str| {
+            keys.iter()
+                .any(|k| field == *k || field.starts_with(&format!("{k}.")))
+        };
+        let reconnect = changed.iter().any(|f| under(RECONNECT_KEYS, f));
+        let restart_required: Vec<String> = changed
+            .iter()
+            .filter(|f| under(RESTART_KEYS, f))
+            .cloned()
+            .collect();
+        // Build everything that can fail before touching anything.
+        let policy = config.policy.compile().map_err(|errors| {
+            ConfigErrors(
+                errors
+                    .into_iter()
+                    .map(|e| FieldError::new(e.path, e.message))
+                    .collect(),
+            )
+        })?;
+        let connect = if reconnect {
+            let tls = tls::client_config(&config.tls_files())
+                .map_err(|e| ConfigErrors(vec![FieldError::new("tls", e.to_string())]))?;
+            Some(ConnectSettings {
+                connector: Connector::new(&config, tls, &self.inner.instance_id)?,
+                mux_config: config.to_mux_config(),
+            })
+        } else {
+            None
+        };
+        let inner = &self.inner;
+        if changed.iter().any(|f| f.starts_with("policy")) {
+            inner.policy.store(Arc::new(policy));
+        }
+        inner.dial_timeout.store(Arc::new(config.dial_timeout.0));
+        if running.config.reconnect != config.reconnect {
+            inner.reconnect.store(Arc::new(config.reconnect.clone()));
+        }
+        if running.config.activation != config.activation {
+            inner.gate.set(config.activation.clone());
+        }
+        if let Some(connect) = connect {
+            inner.connect.send_replace(Arc::new(connect));
+        }
+        *running = Running { config, material };
+        Ok(ReloadOutcome {
+            result: if reconnect {
+                ReloadResult::Reconnected
+            } else {
+                ReloadResult::Applied
+            },
+            changed,
+            restart_required,
+        })
+    }
+}
+
+/// A fingerprint of the TLS files' contents, so that replaced certificates at the same paths
+/// count as a change. Only compared, never logged.
+fn material_fingerprint(config: &AgentConfig) -> Result<u64, FieldError> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for (key, path) in [
+        ("tls.cert", &config.tls.cert),
+        ("tls.key", &config.tls.key),
+        ("tls.server_ca", &config.tls.server_ca),
+    ] {
+        let bytes = std::fs::read(path)
+            .map_err(|e| FieldError::new(key, format!("cannot read {}: {e}", path.display())))?;
+        bytes.hash(&mut hasher);
+    }
+    Ok(hasher.finish())
+}

@@ -1,0 +1,225 @@
+//! `tether-bench tunnels`: rounds of direct loopback, tether and the peers on PATH through the
+//! same harness targets, interleaved, then one markdown section with medians and ratios.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use crate::Common;
+use crate::daemons::{Pki, TetherPair, tether_binary, workspace_root};
+use crate::harness::{self, RunSpec, Targets};
+use crate::peers::{Rathole, find_on_path};
+use crate::report;
+
+/// Options of `tether-bench tunnels`.
+#[derive(Debug, Args)]
+pub(crate) struct TunnelsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Interleaved rounds (each system once per round); the report gives medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds per throughput test.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Idle connection counts; each level runs against freshly started daemons.
+    #[arg(long, default_value = "1000,5000")]
+    idle_levels: String,
+    /// The harness script (default: ../shared/bench/tunnelbench.py beside the checkout).
+    #[arg(long)]
+    harness: Option<PathBuf>,
+    /// Leave out peers found on PATH.
+    #[arg(long)]
+    no_peers: bool,
+}
+
+/// A system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    Direct,
+    Tether,
+    Rathole,
+}
+
+impl System {
+    fn label(self) -> &'static str {
+        match self {
+            System::Direct => "direct",
+            System::Tether => "tether",
+            System::Rathole => "rathole",
+        }
+    }
+}
+
+/// A started tunnel.
+enum Running {
+    Direct,
+    Tether(TetherPair),
+    Rathole(Rathole),
+}
+
+impl Running {
+    fn entries(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        match self {
+            Running::Direct => None,
+            Running::Tether(pair) => Some((pair.server.forwards[0], pair.server.forwards[1])),
+            Running::Rathole(r) => Some((r.echo, r.iperf)),
+        }
+    }
+
+    fn pids(&self) -> Result<Vec<u32>> {
+        match self {
+            Running::Direct => Ok(Vec::new()),
+            Running::Tether(pair) => pair.pids(),
+            Running::Rathole(r) => r.pids(),
+        }
+    }
+
+    async fn stop(self) -> Result<()> {
+        match self {
+            Running::Direct => Ok(()),
+            Running::Tether(pair) => pair.stop().await,
+            Running::Rathole(r) => r.stop().await,
+        }
+    }
+}
+
+/// Runs the benchmark and writes its section.
+pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
+    if args.common.smoke {
+        args.rounds = 1;
+        args.seconds = 1;
+        args.idle_levels = "100".to_owned();
+    }
+    if find_on_path("iperf3").is_none() {
+        bail!("iperf3 is not on PATH (apt-get install iperf3)");
+    }
+    let script = match harness::locate(args.harness.as_deref()) {
+        Ok(script) => script,
+        // The harness lives beside the checkout, not in it: a smoke run on a machine without
+        // it says so loudly instead of failing the whole test run.
+        Err(err) if args.common.smoke => {
+            eprintln!("SKIPPED tunnels smoke: {err:#}");
+            return Ok(());
+        }
+        Err(err) => return Err(err),
+    };
+    let binary = tether_binary(&args.common)?;
+    let rathole = if args.no_peers {
+        None
+    } else {
+        find_on_path("rathole")
+    };
+    let mut systems = vec![System::Direct, System::Tether];
+    if rathole.is_some() {
+        systems.push(System::Rathole);
+    }
+    let levels: Vec<u32> = args
+        .idle_levels
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.trim()
+                .parse()
+                .with_context(|| format!("--idle-levels: {s:?} is not a count"))
+        })
+        .collect::<Result<_>>()?;
+    let pki = Pki::new(&["bench"])?;
+    let jsonl = pki.dir().join("tunnels.jsonl");
+    let targets = Targets::start(&script).await?;
+    let target_addrs = [targets.echo, targets.iperf];
+    let mut base = vec![
+        "--seconds".to_owned(),
+        args.seconds.to_string(),
+        "--max-seconds".to_owned(),
+        "600".to_owned(),
+    ];
+    if args.common.smoke {
+        base.extend(
+            [
+                "--omit",
+                "0",
+                "--rtt-count",
+                "200",
+                "--rtt-warmup",
+                "20",
+                "--connect-count",
+                "50",
+                "--settle",
+                "0.5",
+                "--close-settle",
+                "1",
+            ]
+            .map(str::to_owned),
+        );
+    }
+    let result = async {
+        for round in 1..=args.rounds {
+            for &system in &systems {
+                eprintln!("round {round}/{}: {}", args.rounds, system.label());
+                let start = || async {
+                    Ok::<_, anyhow::Error>(match system {
+                        System::Direct => Running::Direct,
+                        System::Tether => {
+                            Running::Tether(TetherPair::start(&binary, &pki, &target_addrs).await?)
+                        }
+                        System::Rathole => Running::Rathole(
+                            Rathole::start(
+                                rathole.as_deref().context("rathole")?,
+                                pki.dir(),
+                                &targets,
+                            )
+                            .await?,
+                        ),
+                    })
+                };
+                let running = start().await?;
+                let spec = RunSpec {
+                    label: system.label(),
+                    entries: running.entries(),
+                    pids: running.pids()?,
+                    tests: "tput,rtt,connect",
+                    extra: base.clone(),
+                };
+                let measured = harness::run(&script, &targets, spec, &jsonl).await;
+                running.stop().await?;
+                measured?;
+                if system == System::Direct {
+                    continue;
+                }
+                // Each idle level on fresh daemons: allocators keep earlier high-water marks.
+                for level in &levels {
+                    let running = start().await?;
+                    let mut extra = base.clone();
+                    extra.extend(["--idle-levels".to_owned(), level.to_string()]);
+                    let spec = RunSpec {
+                        label: system.label(),
+                        entries: running.entries(),
+                        pids: running.pids()?,
+                        tests: "idle",
+                        extra,
+                    };
+                    let measured = harness::run(&script, &targets, spec, &jsonl).await;
+                    running.stop().await?;
+                    measured?;
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    targets.stop().await;
+    result?;
+    let records = harness::records(&jsonl)?;
+    let saved = workspace_root().join("target/tether-bench");
+    std::fs::create_dir_all(&saved)?;
+    std::fs::copy(&jsonl, saved.join("tunnels.jsonl"))?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let section = report::tunnels(&records, &command, args.rounds);
+    println!("{section}");
+    if args.common.smoke {
+        report::require_all_ok(&records)?;
+    }
+    report::write_section(args.common.out_path()?, report::TUNNELS_MARKER, &section)
+}

@@ -1,0 +1,447 @@
+//! Server config reloads: diff the new effective config against the running one field by field,
+//! apply in place what can be (the allow-list, `max_agents`, the log filter (applied by the
+//! binary, which owns the subscriber), forwards: added, removed and changed ones restarted
+//! without touching the others), and log and count the keys that need a restart
+//! (listener addresses, TLS, session settings). One section, one `apply_*` step: the
+//! HTTP CONNECT / SOCKS5 frontends' consumers and handshake settings go through
+//! `FrontendControl::reload`; their listener keys need a restart.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tether_common::config_diff::{ReloadMetrics, ReloadResult, changed_fields};
+use tether_common::config_error::{ConfigErrors, FieldError};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::{ForwardConfig, ServerConfig};
+use crate::forward::{self, Forward};
+use crate::frontend::FrontendControl;
+use crate::metrics::ServerMetrics;
+use crate::registry::SessionRegistry;
+
+/// Keys applied in place; every other changed key needs a restart.
+const IN_PLACE_KEYS: &[&str] = &[
+    "allowed_agents",
+    "max_agents",
+    "forwards",
+    "log",
+    "frontends.consumers",
+    "frontends.anonymous_clients",
+    "frontends.handshake_timeout",
+];
+/// How long a removed forward's accept loop may take to release its listener.
+const FORWARD_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// `unchanged` or `applied` (an invalid config is an `Err`; the server never reconnects).
+    pub result: ReloadResult,
+    /// The key paths that changed.
+    pub changed: Vec<String>,
+    /// Changed keys that only take effect at the next start.
+    pub restart_required: Vec<String>,
+}
+
+/// A forward's accept loop and how to stop it.
+struct RunningForward {
+    config: ForwardConfig,
+    addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// What new forwards are built from; installed by `Server::run`.
+pub(crate) struct ForwardSet {
+    running: BTreeMap<String, RunningForward>,
+    dial_timeout: Duration,
+    registry: Arc<SessionRegistry>,
+    metrics: ServerMetrics,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl ForwardSet {
+    pub(crate) fn new(
+        dial_timeout: Duration,
+        registry: Arc<SessionRegistry>,
+        metrics: ServerMetrics,
+        shutdown: CancellationToken,
+        hard_stop: CancellationToken,
+        tracker: TaskTracker,
+    ) -> ForwardSet {
+        ForwardSet {
+            running: BTreeMap::new(),
+            dial_timeout,
+            registry,
+            metrics,
+            shutdown,
+            hard_stop,
+            tracker,
+        }
+    }
+
+    /// Starts the accept loop of `config` on `listener`. Its connections outlive a later stop
+    /// of the loop (they end with the server's drain).
+    pub(crate) fn start(&mut self, config: ForwardConfig, listener: TcpListener) {
+        let Ok(target) = config.target_addr() else {
+            // Validated configs have parsable targets.
+            warn!(forward = %config.name, "forward target does not parse; not started");
+            return;
+        };
+        let bound = listener.local_addr().ok();
+        let shown = bound.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        info!(
+            forward = %config.name,
+            listen = %shown,
+            agent.id = %config.client,
+            %target,
+            "forward listening"
+        );
+        let stop = self.shutdown.child_token();
+        let forward = Arc::new(Forward::new(
+            config.name.clone(),
+            config.client.clone(),
+            target,
+            self.dial_timeout,
+            self.registry.clone(),
+            self.metrics.clone(),
+            stop.clone(),
+            self.hard_stop.clone(),
+            self.tracker.clone(),
+        ));
+        let span = info_span!("forward", forward = %config.name);
+        let task = self
+            .tracker
+            .spawn(forward::accept_loop(forward, listener).instrument(span));
+        self.running.insert(
+            config.name.clone(),
+            RunningForward {
+                config,
+                addr: bound,
+                stop,
+                task,
+            },
+        );
+    }
+}
+
+/// Applies new configs to a running server. Cheap to clone.
+#[derive(Clone)]
+pub struct ServerReloader {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ServerReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerReloader").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    running: Mutex<ServerConfig>,
+    /// One reload at a time (held while old forwards release their listeners).
+    serial: tokio::sync::Mutex<()>,
+    allowed: Arc<ArcSwap<HashSet<String>>>,
+    agent_slots: Arc<Semaphore>,
+    forwards: Mutex<Option<ForwardSet>>,
+    frontends: FrontendControl,
+    registry: Arc<SessionRegistry>,
+    metrics: ReloadMetrics,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Values behind these locks are replaced whole, so a poisoned lock is still consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ServerReloader {
+    pub(crate) fn new(
+        config: ServerConfig,
+        allowed: Arc<ArcSwap<HashSet<String>>>,
+        agent_slots: Arc<Semaphore>,
+        frontends: FrontendControl,
+        registry: Arc<SessionRegistry>,
+        metrics: ReloadMetrics,
+    ) -> ServerReloader {
+        ServerReloader {
+            inner: Arc::new(Inner {
+                running: Mutex::new(config),
+                serial: tokio::sync::Mutex::new(()),
+                allowed,
+                agent_slots,
+                forwards: Mutex::new(None),
+                frontends,
+                registry,
+                metrics,
+            }),
+        }
+    }
+
+    pub(crate) fn install_forwards(&self, set: ForwardSet) {
+        *lock(&self.inner.forwards) = Some(set);
+    }
+
+    /// The bound address of every running forward, by name.
+    pub fn forward_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        lock(&self.inner.forwards)
+            .as_ref()
+            .map(|set| {
+                set.running
+                    .iter()
+                    .filter_map(|(name, f)| Some((name.clone(), f.addr?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Counts and logs a new config that could not even be loaded (unreadable file, bad YAML);
+    /// the running config stays in force.
+    pub fn reject(&self, error: &dyn std::fmt::Display) {
+        self.inner.metrics.count(ReloadResult::Invalid);
+        warn!(
+            result = "invalid",
+            error = %error,
+            "config reload rejected; the running config stays in force"
+        );
+    }
+
+    /// The config in force.
+    pub fn current(&self) -> ServerConfig {
+        lock(&self.inner.running).clone()
+    }
+
+    /// Reloads with `config` (paths resolved, layers merged). Logs and counts the result.
+    pub async fn reload(&self, config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
+        let _serial = self.inner.serial.lock().await;
+        let outcome = self.try_reload(config).await;
+        let metrics = &self.inner.metrics;
+        match &outcome {
+            Ok(done) => {
+                metrics.count(done.result);
+                if done.result == ReloadResult::Unchanged {
+                    info!(result = done.result.label(), "config unchanged");
+                } else {
+                    info!(result = done.result.label(), changed = ?done.changed, "config reloaded");
+                }
+                if !done.restart_required.is_empty() {
+                    metrics.restart_required.inc();
+                    warn!(
+                        fields = ?done.restart_required,
+                        "these config changes take effect only after a restart"
+                    );
+                }
+            }
+            Err(errors) => {
+                metrics.count(ReloadResult::Invalid);
+                warn!(
+                    result = "invalid",
+                    errors = %errors,
+                    "config reload rejected; the running config stays in force"
+                );
+            }
+        }
+        outcome
+    }
+
+    async fn try_reload(&self, mut config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
+        config.validate()?;
+        let old = self.current();
+        let changed = changed_fields(&old, &config);
+        if changed.is_empty() {
+            return Ok(ReloadOutcome {
+                result: ReloadResult::Unchanged,
+                changed,
+                restart_required: Vec::new(),
+            });
+        }
+        let in_place = |field: &str| {
+            IN_PLACE_KEYS
+                .iter()
+                .any(|k| field == *k || field.starts_with(&format!("{k}.")))
+        };
+        let restart_required: Vec<String> =
+            changed.iter().filter(|f| !in_place(f)).cloned().collect();
+        if old.forwards != config.forwards {
+            self.apply_forwards(&old.forwards, &config.forwards).await?;
+        }
+        if old.frontends != config.frontends {
+            // Consumers and handshake settings apply to the next consumer connection; the
+            // listener keys are reported below as needing a restart.
+            self.inner.frontends.reload(&config.frontends)?;
+        }
+        self.apply_allowed(&config);
+        self.apply_max_agents(old.max_agents, config.max_agents);
+        // Keys that need a restart keep their running values, so that the next reload still
+        // sees (and reports) the difference.
+        for key in &restart_required {
+            restore_key(&mut config, &old, key);
+        }
+        *lock(&self.inner.running) = config;
+        Ok(ReloadOutcome {
+            result: ReloadResult::Applied,
+            changed,
+            restart_required,
+        })
+    }
+
+    fn apply_allowed(&self, config: &ServerConfig) {
+        let allowed: HashSet<String> = config.allowed_agents.iter().cloned().collect();
+        for client in config
+            .allowed_agents
+            .iter()
+            .chain(config.forwards.iter().map(|f| &f.client))
+        {
+            self.inner.registry.declare_client(client);
+        }
+        self.inner.allowed.store(Arc::new(allowed));
+    }
+
+    fn apply_max_agents(&self, old: usize, new: usize) {
+        let slots = &self.inner.agent_slots;
+        if new > old {
+            slots.add_permits(new - old);
+        } else if new < old {
+            // Free slots go at once; sessions above the new cap are not closed, so the cap is
+            // reached as they end.
+            let forgotten = slots.forget_permits(old - new);
+            if forgotten < old - new {
+                warn!(
+                    max_agents = new,
+                    over = old - new - forgotten,
+                    "max_agents lowered below the live sessions; they are kept"
+                );
+            }
+        }
+    }
+
+    /// Stops removed and changed forwards and starts added and changed ones; untouched
+    /// forwards keep running. New listeners on free addresses are bound before anything is
+    /// stopped, so a bind failure leaves the running forwards as they were.
+    async fn apply_forwards(
+        &self,
+        old: &[ForwardConfig],
+        new: &[ForwardConfig],
+    ) -> Result<(), ConfigErrors> {
+        let old_by_name: BTreeMap<&str, &ForwardConfig> =
+            old.iter().map(|f| (f.name.as_str(), f)).collect();
+        let new_by_name: BTreeMap<&str, &ForwardConfig> =
+            new.iter().map(|f| (f.name.as_str(), f)).collect();
+        let to_stop: Vec<&ForwardConfig> = old
+            .iter()
+            .filter(|f| new_by_name.get(f.name.as_str()) != Some(f))
+            .collect();
+        let to_start: Vec<(usize, &ForwardConfig)> = new
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| old_by_name.get(f.name.as_str()) != Some(f))
+            .collect();
+        let freed: HashSet<String> = to_stop.iter().map(|f| f.listen.clone()).collect();
+
+        // 1. Bind what does not wait for a stopped forward.
+        let mut bound = Vec::new();
+        let mut errors = ConfigErrors::new();
+        for (i, f) in &to_start {
+            if freed.contains(&f.listen) {
+                continue;
+            }
+            match bind(f) {
+                Ok(listener) => bound.push(((*f).clone(), listener)),
+                Err(message) => errors.push(format!("forwards[{i}].listen"), message),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        // 2. Stop removed and changed forwards; wait until their listeners are closed.
+        let stopped: Vec<RunningForward> = {
+            let mut guard = lock(&self.inner.forwards);
+            let Some(set) = guard.as_mut() else {
+                return Err(ConfigErrors(vec![FieldError::new(
+                    "forwards",
+                    "the server is not running yet; forwards cannot be reloaded",
+                )]));
+            };
+            to_stop
+                .iter()
+                .filter_map(|f| set.running.remove(&f.name))
+                .collect()
+        };
+        for forward in stopped {
+            info!(forward = %forward.config.name, "forward stopped by reload");
+            forward.stop.cancel();
+            if tokio::time::timeout(FORWARD_STOP_GRACE, forward.task)
+                .await
+                .is_err()
+            {
+                warn!(forward = %forward.config.name, "forward did not stop in time");
+            }
+        }
+        // 3. Bind the rest and start everything new.
+        for (i, f) in &to_start {
+            if freed.contains(&f.listen) {
+                match bind(f) {
+                    Ok(listener) => bound.push(((*f).clone(), listener)),
+                    Err(message) => errors.push(format!("forwards[{i}].listen"), message),
+                }
+            }
+        }
+        let mut guard = lock(&self.inner.forwards);
+        if let Some(set) = guard.as_mut() {
+            for (config, listener) in bound {
+                set.start(config, listener);
+            }
+        }
+        errors.into_result(())
+    }
+}
+
+fn bind(forward: &ForwardConfig) -> Result<TcpListener, String> {
+    let addr: SocketAddr = forward.listen_addr()?;
+    tether_common::listen::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// Puts the running value of the top-level key of `path` back into `config`.
+fn restore_key(config: &mut ServerConfig, running: &ServerConfig, path: &str) {
+    let top = path.split('.').next().unwrap_or(path);
+    match path {
+        "frontends.http_connect_listen" => {
+            config.frontends.http_connect_listen = running.frontends.http_connect_listen.clone();
+            return;
+        }
+        "frontends.socks5_listen" => {
+            config.frontends.socks5_listen = running.frontends.socks5_listen.clone();
+            return;
+        }
+        "frontends.max_connections" => {
+            config.frontends.max_connections = running.frontends.max_connections;
+            return;
+        }
+        _ => {}
+    }
+    match top {
+        "version" => config.version = running.version,
+        "listen" => config.listen = running.listen.clone(),
+        "admin_listen" => config.admin_listen = running.admin_listen.clone(),
+        "tls" => config.tls = running.tls.clone(),
+        "identity" => config.identity = running.identity,
+        "handshake_timeout" => config.handshake_timeout = running.handshake_timeout,
+        "max_pending_handshakes" => config.max_pending_handshakes = running.max_pending_handshakes,
+        "dial_timeout" => config.dial_timeout = running.dial_timeout,
+        "drain_timeout" => config.drain_timeout = running.drain_timeout,
+        "session" => config.session = running.session.clone(),
+        "health" => config.health = running.health.clone(),
+        "metrics" => config.metrics = running.metrics.clone(),
+        "remotedialer" => config.remotedialer = running.remotedialer.clone(),
+        _ => {}
+    }
+}

@@ -1,0 +1,160 @@
+//! Dialing through an agent and splicing a consumer socket onto the stream: the part that
+//! static forwards, the HTTP CONNECT proxy and the SOCKS5 proxy share.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_common::pipe::{PipeError, PipeSide, pipe};
+use tether_mux::{MuxStream, OpenError};
+use tether_proto::{OpenErrorCode, ResetCode, TargetAddr};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::metrics::{NO_SESSION, ServerMetrics};
+use crate::registry::{NoSession, SessionRegistry};
+use crate::remotedialer_metrics::ConnectionGuard;
+
+/// Why a dial through an agent failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    /// The client has no live session.
+    #[error(transparent)]
+    NoSession(#[from] NoSession),
+    /// The session could not open the stream (the agent's OPEN_ERR, a timeout, a closed session).
+    #[error("agent could not open {target}: {source}")]
+    Open {
+        /// Where the agent was asked to connect.
+        target: TargetAddr,
+        /// Why it failed.
+        #[source]
+        source: OpenError,
+    },
+}
+
+impl DialError {
+    /// A label from a closed set (`tether_dial_errors_total{code}`).
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            DialError::NoSession(_) => NO_SESSION,
+            DialError::Open { source, .. } => source.label(),
+        }
+    }
+
+    /// Whether the failure is a timeout (the agent's dial or the wait for its answer).
+    pub(crate) fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            DialError::Open {
+                source: OpenError::Timeout(_)
+                    | OpenError::Refused {
+                        code: OpenErrorCode::TimedOut,
+                        ..
+                    },
+                ..
+            }
+        )
+    }
+}
+
+/// Opens streams through the newest usable session of a client, with the dial metrics.
+#[derive(Debug, Clone)]
+pub(crate) struct TunnelDialer {
+    pub(crate) registry: Arc<SessionRegistry>,
+    pub(crate) metrics: ServerMetrics,
+    pub(crate) dial_timeout: Duration,
+}
+
+/// An open stream and what must live as long as it.
+#[derive(Debug)]
+pub(crate) struct TunnelConn {
+    pub(crate) stream: MuxStream,
+    /// Counts the remotedialer-compatible removal when the connection ends.
+    _compat: Option<ConnectionGuard>,
+}
+
+impl TunnelDialer {
+    /// Opens a stream to `target` through agent `client`. Failures are counted in
+    /// `tether_dial_errors_total{code}`; logging them is the caller's (it knows the episode).
+    pub(crate) async fn dial(
+        &self,
+        client: &str,
+        target: &TargetAddr,
+    ) -> Result<TunnelConn, DialError> {
+        let session = self.registry.pick(client).inspect_err(|_| {
+            self.metrics
+                .dial_errors
+                .with_label_values(&[NO_SESSION])
+                .inc();
+        })?;
+        // Counted from the attempt, like remotedialer; the guard counts the removal on every exit.
+        let compat = self
+            .metrics
+            .remotedialer
+            .as_ref()
+            .map(|compat| compat.connection(client));
+        let started = Instant::now();
+        let opened = session
+            .open_with_timeout(target.clone(), self.dial_timeout)
+            .await;
+        self.metrics
+            .dial_duration
+            .observe(started.elapsed().as_secs_f64());
+        match opened {
+            Ok(stream) => Ok(TunnelConn {
+                stream,
+                _compat: compat,
+            }),
+            Err(source) => {
+                self.metrics
+                    .dial_errors
+                    .with_label_values(&[source.label()])
+                    .inc();
+                Err(DialError::Open {
+                    target: target.clone(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Pumps bytes between `tcp` and the tunnel stream until both directions end, one side fails,
+/// or `hard_stop` fires. A failure on one side becomes a reset on the other, never a clean EOF.
+pub(crate) async fn splice(
+    mut conn: TunnelConn,
+    mut tcp: TcpStream,
+    hard_stop: &CancellationToken,
+) {
+    let result = tokio::select! {
+        result = pipe(&mut conn.stream, &mut tcp) => result,
+        _ = hard_stop.cancelled() => Err(PipeError {
+            side: PipeSide::Tunnel,
+            source: io::Error::new(io::ErrorKind::ConnectionAborted, "server shutting down"),
+        }),
+    };
+    match result {
+        Ok(totals) => debug!(
+            to_tunnel = totals.to_tunnel,
+            to_local = totals.to_local,
+            "stream finished"
+        ),
+        Err(err) => {
+            debug!(side = ?err.side, error = %err.source, "stream failed");
+            match err.side {
+                PipeSide::Tunnel => reset(tcp),
+                PipeSide::Local => conn
+                    .stream
+                    .reset(ResetCode::TargetReset, "consumer connection failed"),
+            }
+        }
+    }
+}
+
+/// Closes the consumer's socket with RST, so it sees an error rather than a clean EOF.
+pub(crate) fn reset(tcp: TcpStream) {
+    let _ = tcp.set_zero_linger();
+    drop(tcp);
+}
