@@ -1,8 +1,9 @@
 //! The notify protocol against a test-owned NOTIFY_SOCKET (path and abstract), and the watchdog task.
 
 #![cfg(target_os = "linux")]
-// The wedge test measures a real stall of a real runtime, so it uses the wall clock.
-#![allow(clippy::disallowed_types)]
+// Test helpers panic on failure by design; the wedge test measures a real stall of a real
+// runtime, so it uses the wall clock.
+#![allow(clippy::disallowed_types, clippy::unwrap_used)]
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};

@@ -7,6 +7,8 @@ mod demo;
 mod logging;
 mod signals;
 mod status_cmd;
+#[cfg(unix)]
+mod systemd;
 
 use std::process::ExitCode;
 
@@ -74,6 +76,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 },
             };
             let server = tether_server::Server::new(config, &registry)?;
+            #[cfg(unix)]
+            let systemd = systemd::start();
+            #[cfg(unix)]
+            let server = server.with_notifier(systemd.notifier.clone());
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
             server.run(listeners, shutdown).await?;
@@ -87,6 +93,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 addr => Some(bind(addr, "admin_listen").await?),
             };
             let agent = tether_agent::Agent::new(config, &registry)?;
+            #[cfg(unix)]
+            let systemd = systemd::start();
+            #[cfg(unix)]
+            let agent = agent.with_notifier(systemd.notifier.clone());
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
             agent
