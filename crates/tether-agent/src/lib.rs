@@ -221,15 +221,19 @@ impl Agent {
             }
             let supervised = supervisor.run(shutdown.clone());
             tokio::pin!(supervised);
-            tokio::select! {
-                () = &mut supervised => {}
-                () = shutdown.cancelled() => {
-                    #[cfg(unix)]
-                    if let Err(err) = notifier.stopping() {
-                        warn!(error = %err, "systemd notification failed");
-                    }
-                    supervised.await;
+            let finished = tokio::select! {
+                () = shutdown.cancelled() => false,
+                () = &mut supervised => true,
+            };
+            // Checked after the select: the supervisor may see the cancellation first and end.
+            #[cfg(unix)]
+            if shutdown.is_cancelled() {
+                if let Err(err) = notifier.stopping() {
+                    warn!(error = %err, "systemd notification failed");
                 }
+            }
+            if !finished {
+                supervised.await;
             }
             tracker.close();
             if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())

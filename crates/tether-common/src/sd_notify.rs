@@ -2,13 +2,18 @@
 //!
 //! The protocol is one Unix datagram of `KEY=value` lines per state change, sent to the socket
 //! named by `NOTIFY_SOCKET` (a path, or `@name` for an abstract address). It is implemented here
-//! rather than through a crate because it is this small. Sending never blocks: systemd reads the
-//! socket promptly, and a daemon must not stall because its supervisor does not.
+//! rather than through a crate because it is this small. A send waits at most [`SEND_TIMEOUT`]
+//! for room in the socket's queue (Linux queues only `net.unix.max_dgram_qlen`, default 10,
+//! datagrams): long enough that a busy reader does not lose READY or STOPPING, short enough
+//! that a stalled supervisor cannot stall the daemon.
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The longest a notification waits for room in the socket's queue.
+pub const SEND_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The environment variable that names the notify socket.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -95,7 +100,7 @@ impl Notifier {
             source,
         })?;
         socket
-            .set_nonblocking(true)
+            .set_write_timeout(Some(SEND_TIMEOUT))
             .map_err(|source| NotifyError::Send {
                 state: "(socket creation)".to_owned(),
                 source,
@@ -260,7 +265,8 @@ fn positive(key: &'static str, value: &str) -> Result<u64, NotifyError> {
 /// Sends `WATCHDOG=1` every `interval` until dropped (the first one at once). It runs as an
 /// ordinary task on the daemon's runtime, so when the runtime wedges (workers blocked, the
 /// scheduler starved) the pings stop and systemd restarts the service. A failed send is logged
-/// once per failure streak.
+/// once per failure streak. A ping blocks its worker thread for at most [`SEND_TIMEOUT`], and
+/// only while the supervisor is not reading its socket.
 pub async fn run_watchdog(notifier: Notifier, interval: Duration) {
     let mut ticks = tokio::time::interval(interval);
     // After a stall, do not burst the missed pings: one ping means "alive now".

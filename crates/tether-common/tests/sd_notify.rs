@@ -9,7 +9,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
-use tether_common::sd_notify::{Notifier, run_watchdog};
+use tether_common::sd_notify::{Notifier, SEND_TIMEOUT, run_watchdog};
 
 /// Receives one datagram as text, failing the test after `within`.
 fn recv(socket: &UnixDatagram, within: Duration) -> String {
@@ -93,6 +93,32 @@ fn a_missing_socket_is_an_error_not_a_hang() {
     let notifier = Notifier::connect(dir.path().join("gone.sock").to_str().unwrap()).unwrap();
     let err = notifier.ready().unwrap_err();
     assert!(err.to_string().contains("READY=1"), "{err}");
+}
+
+/// A supervisor that never reads: once the socket's queue is full, a send gives up after
+/// SEND_TIMEOUT with an error instead of blocking the daemon.
+#[test]
+fn a_full_queue_fails_after_the_send_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let _socket = UnixDatagram::bind(&path).unwrap();
+    let notifier = Notifier::connect(path.to_str().unwrap()).unwrap();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    let err = loop {
+        match notifier.watchdog() {
+            Ok(()) => sent += 1,
+            Err(err) => break err,
+        }
+        assert!(sent < 100_000, "the queue never filled");
+    };
+    let waited = started.elapsed();
+    assert!(sent >= 1, "not even one datagram was queued");
+    assert!(err.to_string().contains("WATCHDOG=1"), "{err}");
+    assert!(
+        waited >= SEND_TIMEOUT / 2 && waited < SEND_TIMEOUT * 10,
+        "gave up after {waited:?}"
+    );
 }
 
 /// Waits for the next ping without blocking the runtime (the watchdog runs on it).

@@ -81,7 +81,10 @@ impl Daemon {
             assert!(!left.is_zero(), "no notification in time");
             self.notify.set_read_timeout(Some(left)).unwrap();
             let mut buf = [0u8; 1024];
-            let n = self.notify.recv(&mut buf).expect("a notification");
+            let n = match self.notify.recv(&mut buf) {
+                Ok(n) => n,
+                Err(err) => self.fail(&format!("no notification ({err}) after {pings} pings")),
+            };
             let message = String::from_utf8(buf[..n].to_vec()).unwrap();
             if message == "WATCHDOG=1" {
                 pings += 1;
@@ -89,6 +92,12 @@ impl Daemon {
                 return (message, pings);
             }
         }
+    }
+
+    /// Fails the test with the daemon's log lines so far and its exit status.
+    fn fail(&self, what: &str) -> ! {
+        let logs: Vec<String> = self.logs.try_iter().map(|l| l.to_string()).collect();
+        panic!("{what}\n--- daemon log ---\n{}", logs.join("\n"));
     }
 
     /// Waits for `count` watchdog pings; fails on anything else.
