@@ -92,6 +92,9 @@ pub struct Agent {
     registry: prometheus::Registry,
     status: watch::Sender<AgentStatus>,
     instance_id: String,
+    /// systemd notifications: READY once the connector starts, STOPPING when shutdown begins.
+    #[cfg(unix)]
+    notifier: tether_common::sd_notify::Notifier,
 }
 
 impl std::fmt::Debug for Agent {
@@ -170,7 +173,17 @@ impl Agent {
             registry: registry.clone(),
             status,
             instance_id,
+            #[cfg(unix)]
+            notifier: tether_common::sd_notify::Notifier::disabled(),
         })
+    }
+
+    /// Sends systemd's READY=1 / STOPPING=1 through `notifier` (`tether agent` under
+    /// `Type=notify`).
+    #[cfg(unix)]
+    pub fn with_notifier(mut self, notifier: tether_common::sd_notify::Notifier) -> Agent {
+        self.notifier = notifier;
+        self
     }
 
     /// Uses `resolver` for target names instead of the system resolver (tests, static setups).
@@ -262,7 +275,28 @@ impl Agent {
                 status: self.status,
                 instance_id: self.instance_id,
             };
-            supervisor.run(shutdown.clone()).await;
+            #[cfg(unix)]
+            let notifier = self.notifier;
+            #[cfg(unix)]
+            if let Err(err) = notifier.ready() {
+                warn!(error = %err, "systemd notification failed");
+            }
+            let supervised = supervisor.run(shutdown.clone());
+            tokio::pin!(supervised);
+            let finished = tokio::select! {
+                () = shutdown.cancelled() => false,
+                () = &mut supervised => true,
+            };
+            // Checked after the select: the supervisor may see the cancellation first and end.
+            #[cfg(unix)]
+            if shutdown.is_cancelled() {
+                if let Err(err) = notifier.stopping() {
+                    warn!(error = %err, "systemd notification failed");
+                }
+            }
+            if !finished {
+                supervised.await;
+            }
             tracker.close();
             if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
                 .await

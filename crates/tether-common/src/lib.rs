@@ -12,5 +12,7 @@ pub mod log_throttle;
 pub mod pipe;
 pub mod pki;
 pub mod runtime_metrics;
+#[cfg(unix)]
+pub mod sd_notify;
 pub mod session_settings;
 pub mod tls;

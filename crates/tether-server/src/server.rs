@@ -170,6 +170,9 @@ pub struct Server {
     registry: Arc<SessionRegistry>,
     server_id: String,
     frontends: FrontendControl,
+    /// systemd notifications: READY once every listener serves, STOPPING when the drain starts.
+    #[cfg(unix)]
+    notifier: tether_common::sd_notify::Notifier,
 }
 
 impl Server {
@@ -241,7 +244,29 @@ impl Server {
             prometheus: registry.clone(),
             registry: sessions,
             server_id: format!("{:016x}", fastrand::u64(..)),
+            #[cfg(unix)]
+            notifier: tether_common::sd_notify::Notifier::disabled(),
         })
+    }
+
+    /// Sends systemd's READY=1 / STOPPING=1 through `notifier` (`tether server` under
+    /// `Type=notify`).
+    #[cfg(unix)]
+    pub fn with_notifier(mut self, notifier: tether_common::sd_notify::Notifier) -> Server {
+        self.notifier = notifier;
+        self
+    }
+
+    #[cfg(unix)]
+    fn notify(
+        &self,
+        state: fn(
+            &tether_common::sd_notify::Notifier,
+        ) -> Result<(), tether_common::sd_notify::NotifyError>,
+    ) {
+        if let Err(err) = state(&self.notifier) {
+            warn!(error = %err, "systemd notification failed");
+        }
     }
 
     /// The session registry (for tests and embedding).
@@ -422,6 +447,8 @@ impl Server {
         );
 
         readiness.set_ready();
+        #[cfg(unix)]
+        self.notify(tether_common::sd_notify::Notifier::ready);
         info!(
             listen = %tunnel_addr,
             admin = %admin_addr,
@@ -431,6 +458,8 @@ impl Server {
 
         shutdown.cancelled().await;
         readiness.set_draining();
+        #[cfg(unix)]
+        self.notify(tether_common::sd_notify::Notifier::stopping);
         let drain = config.drain_timeout.0;
         info!(
             sessions = self.registry.session_count(),

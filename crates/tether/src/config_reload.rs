@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tether_agent::AgentReloader;
 use tether_common::config_layers::FlagOverride;
+use tether_common::sd_notify::Notifier;
 use tether_server::ServerReloader;
 use tracing::{debug, info};
 
@@ -100,12 +101,15 @@ pub(crate) fn agent_reloads(
     flags: Vec<FlagOverride>,
     reloader: AgentReloader,
     logs: LogControl,
+    notifier: Notifier,
 ) -> impl Future<Output = ()> + Send {
     let mut triggers = Triggers::new(&path);
     async move {
         loop {
             let trigger = triggers.next().await;
+            notify(&notifier, Notifier::reloading, "RELOADING");
             reload_agent(&path, &flags, &reloader, &logs, trigger);
+            notify(&notifier, Notifier::ready, "READY");
         }
     }
 }
@@ -142,13 +146,29 @@ pub(crate) fn server_reloads(
     flags: Vec<FlagOverride>,
     reloader: ServerReloader,
     logs: LogControl,
+    notifier: Notifier,
 ) -> impl Future<Output = ()> + Send {
     let mut triggers = Triggers::new(&path);
     async move {
         loop {
             let trigger = triggers.next().await;
+            notify(&notifier, Notifier::reloading, "RELOADING");
             reload_server(&path, &flags, &reloader, &logs, trigger).await;
+            notify(&notifier, Notifier::ready, "READY");
         }
+    }
+}
+
+/// systemd hears `RELOADING=1` (with `MONOTONIC_USEC`) before a reload and `READY=1` after it,
+/// whatever its outcome: the old config keeps running when the new one is refused. A failed
+/// notification costs only systemd's view of the reload, so it is logged at debug.
+fn notify(
+    notifier: &Notifier,
+    send: fn(&Notifier) -> Result<(), tether_common::sd_notify::NotifyError>,
+    state: &str,
+) {
+    if let Err(err) = send(notifier) {
+        debug!(state, error = %err, "cannot notify systemd");
     }
 }
 

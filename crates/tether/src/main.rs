@@ -8,6 +8,7 @@ mod demo;
 mod logging;
 mod signals;
 mod status_cmd;
+mod systemd;
 
 use std::process::ExitCode;
 
@@ -86,6 +87,8 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 frontends: tether_server::FrontendListeners::bind(&config).await?,
             };
             let server = tether_server::Server::new(config, &registry)?;
+            let systemd = systemd::start();
+            let server = server.with_notifier(systemd.notifier.clone());
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
             let _reloads = AbortOnDrop(tokio::spawn(config_reload::server_reloads(
@@ -93,6 +96,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 flags,
                 server.reloader(),
                 logs,
+                systemd.notifier.clone(),
             )));
             server.run(listeners, shutdown).await?;
             Ok(())
@@ -113,6 +117,8 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 addr => Some(bind(addr, "admin_listen").await?),
             };
             let agent = tether_agent::Agent::new(config, &registry)?;
+            let systemd = systemd::start();
+            let agent = agent.with_notifier(systemd.notifier.clone());
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
             let _reloads = AbortOnDrop(tokio::spawn(config_reload::agent_reloads(
@@ -120,6 +126,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 flags,
                 agent.reloader(),
                 logs,
+                systemd.notifier.clone(),
             )));
             agent
                 .run(tether_agent::AgentListeners { admin }, shutdown)
