@@ -39,8 +39,9 @@ pub use connector::{ConnectError, Connector};
 pub use gate::{ActivationConfig, GateState};
 pub use handler::SharedPolicy;
 pub use metrics::{AgentMetrics, DialOutcome};
-pub use reload::{AgentReloader, ReloadOutcome};
+pub use reload::AgentReloader;
 pub use status::AgentStatus;
+pub use tether_common::config_diff::ReloadOutcome;
 
 use crate::dial::{Resolver, SystemResolver};
 use crate::gate::{Gate, GateControl};

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tether_common::config_diff::{ReloadMetrics, ReloadResult, changed_fields};
+use tether_common::config_diff::{ReloadMetrics, ReloadOutcome, ReloadResult, changed_fields};
 use tether_common::config_error::{ConfigErrors, FieldError};
 use tether_common::tls;
 use tether_mux::MuxConfig;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::config::{AgentConfig, ReconnectConfig};
 use crate::connector::Connector;
@@ -39,17 +39,6 @@ const RECONNECT_KEYS: &[&str] = &[
 ];
 /// Keys that are only read at start-up.
 const RESTART_KEYS: &[&str] = &["admin_listen", "version"];
-
-/// What a reload did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReloadOutcome {
-    /// `unchanged`, `applied` or `reconnected` (an invalid config is an `Err`).
-    pub result: ReloadResult,
-    /// The key paths that changed (`tls.material` when only the contents of the TLS files did).
-    pub changed: Vec<String>,
-    /// Changed keys that only take effect at the next start.
-    pub restart_required: Vec<String>,
-}
 
 /// The running agent's config and its TLS material fingerprint.
 struct Running {
@@ -137,36 +126,7 @@ impl AgentReloader {
     /// Reloads with `config` (paths resolved, layers merged). Logs and counts the result.
     pub fn reload(&self, config: AgentConfig) -> Result<ReloadOutcome, ConfigErrors> {
         let outcome = self.try_reload(config);
-        let metrics = &self.inner.metrics;
-        match &outcome {
-            Ok(done) => {
-                metrics.count(done.result);
-                if done.result == ReloadResult::Unchanged {
-                    info!(result = done.result.label(), "config unchanged");
-                } else {
-                    info!(
-                        result = done.result.label(),
-                        changed = ?done.changed,
-                        "config reloaded"
-                    );
-                }
-                if !done.restart_required.is_empty() {
-                    metrics.restart_required.inc();
-                    warn!(
-                        fields = ?done.restart_required,
-                        "these config changes take effect only after a restart"
-                    );
-                }
-            }
-            Err(errors) => {
-                metrics.count(ReloadResult::Invalid);
-                warn!(
-                    result = "invalid",
-                    errors = %errors,
-                    "config reload rejected; the running config stays in force"
-                );
-            }
-        }
+        self.inner.metrics.report(&outcome);
         outcome
     }
 

@@ -4,6 +4,9 @@
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use serde::Serialize;
 use serde_yaml_ng::Value;
+use tracing::{info, warn};
+
+use crate::config_error::ConfigErrors;
 
 /// The key paths (`a.b.c`) whose values differ between `old` and `new`.
 ///
@@ -92,6 +95,17 @@ impl ReloadResult {
     }
 }
 
+/// What a reload did (a refused config is an `Err` instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// `unchanged`, `applied` or `reconnected` (the server never reconnects).
+    pub result: ReloadResult,
+    /// The key paths that changed (names only, never values).
+    pub changed: Vec<String>,
+    /// Changed keys that only take effect at the next start.
+    pub restart_required: Vec<String>,
+}
+
 /// `tether_config_reloads_total{result}`. Cheap to clone; clones share the series.
 #[derive(Debug, Clone)]
 pub struct ReloadMetrics {
@@ -136,6 +150,36 @@ impl ReloadMetrics {
     /// Counts one reload.
     pub fn count(&self, result: ReloadResult) {
         self.reloads.with_label_values(&[result.label()]).inc();
+    }
+
+    /// Counts and logs one reload of either daemon: `config unchanged`, the changed key names,
+    /// the keys that wait for a restart, or the errors of a refused config.
+    pub fn report(&self, outcome: &Result<ReloadOutcome, ConfigErrors>) {
+        match outcome {
+            Ok(done) => {
+                self.count(done.result);
+                if done.result == ReloadResult::Unchanged {
+                    info!(result = done.result.label(), "config unchanged");
+                } else {
+                    info!(result = done.result.label(), changed = ?done.changed, "config reloaded");
+                }
+                if !done.restart_required.is_empty() {
+                    self.restart_required.inc();
+                    warn!(
+                        fields = ?done.restart_required,
+                        "these config changes take effect only after a restart"
+                    );
+                }
+            }
+            Err(errors) => {
+                self.count(ReloadResult::Invalid);
+                warn!(
+                    result = "invalid",
+                    errors = %errors,
+                    "config reload rejected; the running config stays in force"
+                );
+            }
+        }
     }
 
     /// The count of one result (tests, status).

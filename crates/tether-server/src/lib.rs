@@ -39,5 +39,6 @@ pub use registry::{
     NoSession, Protocol, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
     Subscriber,
 };
-pub use reload::{ReloadOutcome, ServerReloader};
+pub use reload::ServerReloader;
 pub use server::{FrontendListeners, Listeners, Server, ServerError, run};
+pub use tether_common::config_diff::ReloadOutcome;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tether_common::config_diff::{ReloadMetrics, ReloadResult, changed_fields};
+use tether_common::config_diff::{ReloadMetrics, ReloadOutcome, ReloadResult, changed_fields};
 use tether_common::config_error::{ConfigErrors, FieldError};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -39,17 +39,6 @@ const IN_PLACE_KEYS: &[&str] = &[
 ];
 /// How long a removed forward's accept loop may take to release its listener.
 const FORWARD_STOP_GRACE: Duration = Duration::from_secs(5);
-
-/// What a reload did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReloadOutcome {
-    /// `unchanged` or `applied` (an invalid config is an `Err`; the server never reconnects).
-    pub result: ReloadResult,
-    /// The key paths that changed.
-    pub changed: Vec<String>,
-    /// Changed keys that only take effect at the next start.
-    pub restart_required: Vec<String>,
-}
 
 /// A forward's accept loop and how to stop it.
 struct RunningForward {
@@ -224,32 +213,7 @@ impl ServerReloader {
     pub async fn reload(&self, config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
         let _serial = self.inner.serial.lock().await;
         let outcome = self.try_reload(config).await;
-        let metrics = &self.inner.metrics;
-        match &outcome {
-            Ok(done) => {
-                metrics.count(done.result);
-                if done.result == ReloadResult::Unchanged {
-                    info!(result = done.result.label(), "config unchanged");
-                } else {
-                    info!(result = done.result.label(), changed = ?done.changed, "config reloaded");
-                }
-                if !done.restart_required.is_empty() {
-                    metrics.restart_required.inc();
-                    warn!(
-                        fields = ?done.restart_required,
-                        "these config changes take effect only after a restart"
-                    );
-                }
-            }
-            Err(errors) => {
-                metrics.count(ReloadResult::Invalid);
-                warn!(
-                    result = "invalid",
-                    errors = %errors,
-                    "config reload rejected; the running config stays in force"
-                );
-            }
-        }
+        self.inner.metrics.report(&outcome);
         outcome
     }
 
