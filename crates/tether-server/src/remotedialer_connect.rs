@@ -14,10 +14,9 @@ use http::{HeaderMap, HeaderName, StatusCode, header};
 use tracing::{debug, warn};
 
 use tether_common::config_error::FieldError;
-
-use crate::config::RemotedialerConfig;
 use tether_common::identity::validate_agent_id;
 
+use crate::config::RemotedialerConfig;
 use crate::connect::{
     ConnContext, ConnectState, INSTANCE_HEADER, NO_CLIENT_CERT, SUBPROTOCOL, UpgradedAgent,
 };
