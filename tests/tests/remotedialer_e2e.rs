@@ -374,22 +374,44 @@ async fn go_like_client(
     pki: &TestPki,
     server: &TestServer,
 ) -> tether_agent::remotedialer_ws::RdWsClient<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tls = pki.client_config(&pki.agent("edge-1"));
+    let connection = rd_connect(pki, server, tls, "/connect", "X-Tunnel-ID: edge-1", true)
+        .await
+        .unwrap();
+    tether_agent::remotedialer_ws::RdWsClient::new(connection.transport.into_inner())
+}
+
+/// Dials `path` of `server` with the client TLS config `tls` and these request headers (a
+/// YAML flow-mapping body), as remotedialer or (`remotedialer: false`) as tether.v1.
+async fn rd_connect(
+    pki: &TestPki,
+    server: &TestServer,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+    headers: &str,
+    remotedialer: bool,
+) -> Result<tether_agent::connector::Connection, tether_agent::ConnectError> {
+    // The agent config needs certificate files; `tls` decides what is presented.
     let cert = pki.agent("edge-1");
+    let protocol = if remotedialer {
+        "remotedialer"
+    } else {
+        "tether"
+    };
     let yaml = format!(
         "version: 1\n\
-         server_url: \"wss://{}/connect\"\n\
+         server_url: \"wss://{}{path}\"\n\
          tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
-         protocol: remotedialer\n\
-         headers: {{ X-Tunnel-ID: edge-1 }}\n",
+         protocol: {protocol}\n\
+         headers: {{ {headers} }}\n",
         server.tunnel_addr,
         cert.cert_path.display(),
         cert.key_path.display(),
         pki.ca_path().display(),
     );
     let config = tether_e2e::agent_config(&yaml, pki).unwrap();
-    let connector = tether_agent::Connector::new(&config, pki.client_config(&cert), "").unwrap();
-    let connection = connector.connect().await.unwrap();
-    tether_agent::remotedialer_ws::RdWsClient::new(connection.transport.into_inner())
+    let connector = tether_agent::Connector::new(&config, tls, "").unwrap();
+    connector.connect().await
 }
 
 /// A client's SyncConnections closes the server's connections it does not list, once they are
@@ -583,5 +605,263 @@ async fn server_against_a_go_like_client() {
     assert_eq!(server.agents_connected(), 1.0);
     drop(go);
     server.wait_agents(0).await;
+    server.stop().await.unwrap();
+}
+
+/// A rustls client config that trusts the test CA and presents no certificate.
+fn certless_tls(pki: &TestPki) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in tether_common::tls::load_certs(pki.ca_path()).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(tether_common::tls::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![tether_common::tls::ALPN_HTTP11.to_vec()];
+    std::sync::Arc::new(config)
+}
+
+/// A server with `remotedialer.allow_without_client_cert` (token `s3cret-token`), a forward
+/// through `edge-1` to `target`, and `allowed_agents: [edge-1]`.
+async fn certless_server(pki: &TestPki, target: SocketAddr) -> TestServer {
+    let token_path = pki.dir().join("rd-token");
+    std::fs::write(&token_path, "s3cret-token\n").unwrap();
+    let yaml = format!(
+        "allowed_agents: [edge-1]\n\
+         remotedialer: {{ token_file: \"{}\", allow_without_client_cert: true }}\n",
+        token_path.display()
+    );
+    TestServer::start(pki, &[ForwardSpec::new("edge-1", target)], &yaml).await
+}
+
+fn auth_failures(server: &TestServer, reason: &str) -> f64 {
+    metric_or_zero(
+        &server.registry,
+        "tether_auth_failures_total",
+        &[("reason", reason)],
+    )
+}
+
+fn http_status(
+    result: Result<tether_agent::connector::Connection, tether_agent::ConnectError>,
+) -> u16 {
+    match result {
+        Err(tether_agent::ConnectError::Http {
+            status: Some(status),
+            ..
+        }) => status.as_u16(),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, got a session"),
+    }
+}
+
+/// With `allow_without_client_cert`, a client without a certificate but with the token and an
+/// `X-Tunnel-ID` gets a session under that id, and a forward carries bytes exactly through it
+/// (the client echoes every Data message back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certless_client_with_token_and_tunnel_id_carries_a_forward() {
+    use futures::{SinkExt, StreamExt};
+    use tether_mux::remotedialer::WsMessage;
+    use tether_proto::remotedialer::{RdLimits, RdMessage, decode, encode_to_bytes};
+
+    let pki = TestPki::new();
+    let target: SocketAddr = "127.0.0.1:7007".parse().unwrap();
+    let server = certless_server(&pki, target).await;
+    let connection = rd_connect(
+        &pki,
+        &server,
+        certless_tls(&pki),
+        "/connect",
+        "X-API-Tunnel-Token: s3cret-token, X-Tunnel-ID: edge-1",
+        true,
+    )
+    .await
+    .unwrap();
+    let mut go = tether_agent::remotedialer_ws::RdWsClient::new(connection.transport.into_inner());
+    server.wait_agents(1).await;
+    let listing = server.clients().await;
+    let client = listing
+        .clients
+        .iter()
+        .find(|c| c.client == "edge-1")
+        .unwrap();
+    assert_eq!(client.sessions.len(), 1);
+    assert_eq!(client.sessions[0].protocol, "remotedialer");
+
+    // The consumer sends 256 KiB and reads them back while the client echoes.
+    let sent = payload(256 * 1024, 11);
+    let consumer = TcpStream::connect(server.forward_addrs[0]).await.unwrap();
+    let (mut read, mut write) = consumer.into_split();
+    let to_send = sent.clone();
+    let writer = tokio::spawn(async move { write.write_all(&to_send).await.map(|()| write) });
+    let echo = async {
+        let mut id = 100;
+        let mut echoed = 0;
+        while echoed < sent.len() {
+            let message = tokio::time::timeout(Duration::from_secs(10), go.next())
+                .await
+                .expect("a message in time")
+                .expect("session open")
+                .expect("no transport error");
+            let WsMessage::Binary(bytes) = message else {
+                continue;
+            };
+            match decode(&bytes, &RdLimits::default()).unwrap().message {
+                RdMessage::Connect { conn, address, .. } => {
+                    assert_eq!((conn, address.as_str()), (2, "127.0.0.1:7007"));
+                }
+                RdMessage::Data { conn, payload } => {
+                    assert_eq!(conn, 2);
+                    echoed += payload.len();
+                    id += 1;
+                    go.send(WsMessage::Binary(encode_to_bytes(
+                        id,
+                        &RdMessage::Data { conn, payload },
+                    )))
+                    .await
+                    .unwrap();
+                }
+                _ => {}
+            }
+        }
+    };
+    let mut back = vec![0u8; sent.len()];
+    let (_, read_result) = tokio::join!(echo, read.read_exact(&mut back));
+    read_result.unwrap();
+    assert!(back == sent, "the bytes came back exactly");
+    let _write = writer.await.unwrap().unwrap();
+    assert_eq!(auth_failures(&server, "no_client_cert"), 0.0);
+    drop(go);
+    server.wait_agents(0).await;
+    server.stop().await.unwrap();
+}
+
+/// Certless remotedialer clients need the token and a valid `X-Tunnel-ID`, and the allow-list
+/// applies to that id; certless native agents are refused even with the option on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certless_clients_are_refused_without_token_tunnel_id_or_on_tether_v1() {
+    let pki = TestPki::new();
+    let server = certless_server(&pki, "127.0.0.1:7007".parse().unwrap()).await;
+    let certless = certless_tls(&pki);
+    let rd = |headers: &'static str| {
+        rd_connect(&pki, &server, certless.clone(), "/connect", headers, true)
+    };
+
+    assert_eq!(
+        http_status(rd("X-Tunnel-ID: edge-1").await),
+        401,
+        "no token"
+    );
+    assert_eq!(auth_failures(&server, "bad_token"), 1.0);
+    assert_eq!(
+        http_status(rd("X-API-Tunnel-Token: wrong, X-Tunnel-ID: edge-1").await),
+        401,
+        "wrong token"
+    );
+    assert_eq!(auth_failures(&server, "bad_token"), 2.0);
+    assert_eq!(
+        http_status(rd("X-API-Tunnel-Token: s3cret-token").await),
+        401,
+        "no tunnel id"
+    );
+    assert_eq!(auth_failures(&server, "missing_tunnel_id"), 1.0);
+    assert_eq!(
+        http_status(rd("X-API-Tunnel-Token: s3cret-token, X-Tunnel-ID: \"edge/1\"").await),
+        400,
+        "an id that is not an agent id"
+    );
+    assert_eq!(auth_failures(&server, "invalid_tunnel_id"), 1.0);
+    assert_eq!(
+        http_status(rd("X-API-Tunnel-Token: s3cret-token, X-Tunnel-ID: edge-2").await),
+        403,
+        "not in allowed_agents"
+    );
+    assert_eq!(auth_failures(&server, "not_allowed"), 1.0);
+
+    // tether.v1 without a certificate, even with the token and a tunnel id.
+    let native = rd_connect(
+        &pki,
+        &server,
+        certless.clone(),
+        "/v1/connect",
+        "X-API-Tunnel-Token: s3cret-token, X-Tunnel-ID: edge-1",
+        false,
+    )
+    .await;
+    assert_eq!(http_status(native), 401, "certless tether.v1");
+    assert_eq!(auth_failures(&server, "no_client_cert"), 1.0);
+    assert_eq!(server.agents_connected(), 0.0);
+
+    // With a certificate, the rules are as before: the header must match it.
+    let with_cert = rd_connect(
+        &pki,
+        &server,
+        pki.client_config(&pki.agent("edge-1")),
+        "/connect",
+        "X-API-Tunnel-Token: s3cret-token, X-Tunnel-ID: edge-2",
+        true,
+    )
+    .await;
+    assert_eq!(http_status(with_cert), 403, "header differs from the cert");
+    assert_eq!(auth_failures(&server, "tunnel_id_mismatch"), 1.0);
+    // And a native agent with a certificate still connects.
+    let mut agent = TestAgent::start(
+        &pki,
+        &pki.agent("edge-1"),
+        server.tunnel_addr,
+        "  allow: []\n",
+        "",
+    )
+    .await;
+    agent.wait_connected().await;
+    server.wait_agents(1).await;
+    agent.stop().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+/// By default (`allow_without_client_cert: false`, even with a token) a client without a
+/// certificate fails the TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certless_client_fails_the_handshake_by_default() {
+    let pki = TestPki::new();
+    let token_path = pki.dir().join("rd-token");
+    std::fs::write(&token_path, "s3cret-token\n").unwrap();
+    let yaml = format!(
+        "remotedialer: {{ token_file: \"{}\" }}\n",
+        token_path.display()
+    );
+    let server = TestServer::start(&pki, &[], &yaml).await;
+    let result = rd_connect(
+        &pki,
+        &server,
+        certless_tls(&pki),
+        "/connect",
+        "X-API-Tunnel-Token: s3cret-token, X-Tunnel-ID: edge-1",
+        true,
+    )
+    .await;
+    // TLS 1.3: the client learns of the refusal after its Finished, when it next reads.
+    assert!(
+        matches!(
+            result,
+            Err(tether_agent::ConnectError::Tls { .. }
+                | tether_agent::ConnectError::Http { status: None, .. })
+        ),
+        "{:?}",
+        result.map(|c| c.peer)
+    );
+    eventually("the handshake failure is counted", || {
+        metric_or_zero(
+            &server.registry,
+            "tether_tls_handshake_failures_total",
+            &[("reason", "no_certificate")],
+        ) >= 1.0
+    })
+    .await;
+    assert_eq!(auth_failures(&server, "bad_token"), 0.0);
+    assert_eq!(server.agents_connected(), 0.0);
     server.stop().await.unwrap();
 }

@@ -190,9 +190,29 @@ pub struct ServerTlsFiles {
     pub crls: Vec<PathBuf>,
 }
 
+/// Whether the server's handshake demands a client certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientCertPolicy {
+    /// Every client presents a certificate that verifies (the default).
+    #[default]
+    Required,
+    /// A client may present no certificate at all; one that is presented must still verify
+    /// against the CA (and the CRLs). The application then authenticates certless clients
+    /// otherwise (the remotedialer token).
+    Optional,
+}
+
 /// Builds the server config: TLS 1.3 only, agent certificate required and verified against
 /// `client_ca` (and the CRLs), ALPN `http/1.1`.
 pub fn server_config(files: &ServerTlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_with_policy(files, ClientCertPolicy::Required)
+}
+
+/// [`server_config`] with a choice of whether a client certificate is required.
+pub fn server_config_with_policy(
+    files: &ServerTlsFiles,
+    policy: ClientCertPolicy,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = load_certs(&files.cert)?;
     let key = load_private_key(&files.key)?;
     let roots = load_certs(&files.client_ca)?;
@@ -215,6 +235,7 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<Arc<rustls::ServerConfig>
         key,
         roots,
         crls,
+        policy,
         &Origins {
             identity: format!("{} / {}", files.cert.display(), files.key.display()),
             ca: ca_origin,
@@ -247,6 +268,7 @@ pub fn server_config_from_pem_with_crls(
         key_from_pem(key_pem)?,
         certs_from_pem(client_ca_pem)?,
         crls,
+        ClientCertPolicy::Required,
         &Origins {
             identity: PEM_INPUT.into(),
             ca: PEM_INPUT.into(),
@@ -279,6 +301,7 @@ fn build_server_config(
     key: PrivateKeyDer<'static>,
     client_roots: Vec<CertificateDer<'static>>,
     crls: Vec<CertificateRevocationListDer<'static>>,
+    policy: ClientCertPolicy,
     origins: &Origins,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = crypto_provider();
@@ -289,6 +312,9 @@ fn build_server_config(
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !crls.is_empty() {
         verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    if policy == ClientCertPolicy::Optional {
+        verifier = verifier.allow_unauthenticated();
     }
     let verifier = verifier.build().map_err(|source| TlsError::Verifier {
         origin: origins.ca.clone(),
@@ -572,6 +598,55 @@ mod tests {
             "{err:?}"
         );
         assert!(out.client.is_err());
+    }
+
+    #[tokio::test]
+    async fn optional_client_cert_admits_certless_clients_but_still_verifies_presented_ones() {
+        let f = fixture();
+        let optional = build_server_config(
+            certs_from_pem(&f.server.cert_pem).unwrap(),
+            key_from_pem(&f.server.key_pem).unwrap(),
+            certs_from_pem(f.ca.cert_pem()).unwrap(),
+            Vec::new(),
+            ClientCertPolicy::Optional,
+            &Origins {
+                identity: PEM_INPUT.into(),
+                ca: PEM_INPUT.into(),
+            },
+        )
+        .unwrap();
+        // No certificate: the handshake completes and there is no identity.
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(certs_from_pem(f.ca.cert_pem()).unwrap().remove(0))
+            .unwrap();
+        let mut no_cert = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        no_cert.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+        let out = handshake(optional.clone(), Arc::new(no_cert)).await;
+        out.client.unwrap();
+        let (_, identity) = out.server.unwrap();
+        assert_eq!(identity.unwrap_err(), IdentityError::NoPeerCertificate);
+        // A good certificate still yields its identity.
+        let out = handshake(optional.clone(), f.client_config(&f.agent("edge-1"))).await;
+        assert_eq!(out.server.unwrap().1.unwrap(), "edge-1");
+        // A presented certificate from another CA is still refused.
+        let stranger = f
+            .other_ca
+            .issue_agent("edge-1", &IssueOptions::default())
+            .unwrap();
+        let out = handshake(optional, f.client_config(&stranger)).await;
+        let err = out.server.unwrap_err();
+        assert!(
+            is_cert_error(&err, |e| matches!(
+                e,
+                rustls::CertificateError::UnknownIssuer
+            )),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

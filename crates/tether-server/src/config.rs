@@ -12,7 +12,7 @@ use tether_common::config_error::{ConfigErrors, ConfigLoadError, FieldError, par
 use tether_common::duration::HumanDuration;
 use tether_common::identity::{IdentityMode, validate_agent_id};
 use tether_common::session_settings::SessionSettings;
-use tether_common::tls::ServerTlsFiles;
+use tether_common::tls::{ClientCertPolicy, ServerTlsFiles};
 use tether_mux::MuxConfig;
 use tether_proto::TargetAddr;
 
@@ -210,6 +210,11 @@ pub struct RemotedialerConfig {
     /// Connections younger than this are never reaped by a client's SyncConnections (its list
     /// may predate their Connect) (default `10s`).
     pub sync_grace: HumanDuration,
+    /// Let clients complete the TLS handshake without a certificate (a presented one must
+    /// still verify). Certless remotedialer clients are then identified by `tunnel_id_header`
+    /// and authenticated by the token; certless native agents are refused. Needs
+    /// `token_file` (default `false`).
+    pub allow_without_client_cert: bool,
 }
 
 impl Default for RemotedialerConfig {
@@ -223,12 +228,34 @@ impl Default for RemotedialerConfig {
             token_header: "X-API-Tunnel-Token".into(),
             close_linger: HumanDuration::secs(30),
             sync_grace: HumanDuration::secs(10),
+            allow_without_client_cert: false,
         }
     }
 }
 
 impl RemotedialerConfig {
     fn validate(&self, errors: &mut ConfigErrors) {
+        if self.allow_without_client_cert {
+            let missing = [
+                (!self.enabled, "remotedialer.enabled: true"),
+                (self.token_file.is_none(), "remotedialer.token_file"),
+                (
+                    self.tunnel_id_header.is_empty(),
+                    "remotedialer.tunnel_id_header",
+                ),
+            ];
+            for (absent, what) in missing {
+                if absent {
+                    errors.push(
+                        "remotedialer.allow_without_client_cert",
+                        format!(
+                            "needs {what}: clients without a certificate are authenticated by \
+                             the token and named by the tunnel-id header"
+                        ),
+                    );
+                }
+            }
+        }
         if !self.enabled {
             return;
         }
@@ -476,6 +503,16 @@ impl ServerConfig {
     /// The parsed admin listen address.
     pub fn admin_addr(&self) -> Result<SocketAddr, FieldError> {
         parse_socket_addr(&self.admin_listen).map_err(|m| FieldError::new("admin_listen", m))
+    }
+
+    /// Whether the tunnel listener's handshake demands a client certificate
+    /// (`remotedialer.allow_without_client_cert`).
+    pub fn client_cert_policy(&self) -> ClientCertPolicy {
+        if self.remotedialer.enabled && self.remotedialer.allow_without_client_cert {
+            ClientCertPolicy::Optional
+        } else {
+            ClientCertPolicy::Required
+        }
     }
 
     /// The TLS files, for `tether_common::tls::server_config`.

@@ -33,6 +33,10 @@ pub(crate) const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-tether
 /// Request header with the agent's version.
 pub(crate) const VERSION_HEADER: HeaderName = HeaderName::from_static("x-tether-version");
 
+/// `tether_auth_failures_total` reason of a client without a certificate on a route that needs
+/// one.
+pub(crate) const NO_CLIENT_CERT: &str = "no_client_cert";
+
 /// Bytes tungstenite buffers before writing to the socket.
 const WS_WRITE_BUFFER: usize = 64 * 1024;
 /// Room for the frame header in a WebSocket message beyond the largest DATA payload.
@@ -59,8 +63,9 @@ pub(crate) struct ConnectState {
 /// Per-connection facts the connection task puts into every request's extensions.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnContext {
-    /// The agent id from the verified client certificate.
-    pub(crate) agent_id: Arc<str>,
+    /// The agent id from the verified client certificate; `None` for a client that presented
+    /// none (only possible with `remotedialer.allow_without_client_cert`).
+    pub(crate) agent_id: Option<Arc<str>>,
     pub(crate) peer_addr: SocketAddr,
     /// Where the upgraded socket goes; taken by the first successful upgrade.
     pub(crate) handoff: Arc<Mutex<Option<oneshot::Sender<UpgradedAgent>>>>,
@@ -70,6 +75,9 @@ pub(crate) struct ConnContext {
 #[derive(Debug)]
 pub(crate) struct UpgradedAgent {
     pub(crate) socket: WebSocket,
+    /// The client id the session registers under (certificate identity, or the remotedialer
+    /// tunnel-id header of a certless client).
+    pub(crate) agent_id: Arc<str>,
     /// `X-Tether-Instance`, sanitized (may be empty).
     pub(crate) instance: String,
     /// `X-Tether-Version`, sanitized (may be empty).
@@ -105,8 +113,29 @@ async fn connect(
         )
             .into_response();
     }
+    let Some(agent_id) = ctx.agent_id.clone() else {
+        state
+            .metrics
+            .auth_failures
+            .with_label_values(&[NO_CLIENT_CERT])
+            .inc();
+        match state.log.check(NO_CLIENT_CERT) {
+            Some(suppressed) => warn!(
+                peer.addr = %ctx.peer_addr,
+                reason = NO_CLIENT_CERT,
+                suppressed,
+                "agent refused: tether.v1 agents need a client certificate"
+            ),
+            None => debug!(reason = NO_CLIENT_CERT, "agent refused"),
+        }
+        return (
+            StatusCode::UNAUTHORIZED,
+            format!("{CONNECT_PATH} requires a client certificate\n"),
+        )
+            .into_response();
+    };
     let allowed = state.allowed.load();
-    if !allowed.is_empty() && !allowed.contains(&*ctx.agent_id) {
+    if !allowed.is_empty() && !allowed.contains(&*agent_id) {
         state
             .metrics
             .auth_failures
@@ -123,7 +152,7 @@ async fn connect(
         }
         return (
             StatusCode::FORBIDDEN,
-            format!("agent \"{}\" is not allowed to connect\n", ctx.agent_id),
+            format!("agent \"{agent_id}\" is not allowed to connect\n"),
         )
             .into_response();
     }
@@ -188,6 +217,7 @@ async fn connect(
             // If the connection task is gone, the socket and the slot drop here.
             let _ = handoff.send(UpgradedAgent {
                 socket,
+                agent_id,
                 instance,
                 version,
                 slot,

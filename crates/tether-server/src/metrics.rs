@@ -32,8 +32,9 @@ pub struct ServerMetrics {
     pub session_events: IntCounterVec,
     /// `tether_tls_handshake_failures_total{reason}`.
     pub tls_handshake_failures: IntCounterVec,
-    /// `tether_auth_failures_total{reason}`: certificates without a usable identity, and agents
-    /// outside the allow-list.
+    /// `tether_auth_failures_total{reason}`: certificates without a usable identity, agents
+    /// outside the allow-list, remotedialer header checks, and clients without a certificate
+    /// where one is needed (`no_client_cert`).
     pub auth_failures: IntCounterVec,
     /// `tether_dial_duration_seconds`: time from OPEN to OPEN_OK or failure.
     pub dial_duration: Histogram,

@@ -1,7 +1,8 @@
 //! The remotedialer route of the tunnel listener: an upgrade on `remotedialer.path` without the
 //! `tether.v1` subprotocol, from a client whose certificate was verified like a native agent's,
 //! optionally narrowed by a tunnel-id header that must match the identity and a shared token
-//! (compared in constant time).
+//! (compared in constant time); or, with `allow_without_client_cert`, from a certless client
+//! named by the tunnel-id header and authenticated by the token.
 
 use std::sync::Arc;
 
@@ -13,9 +14,12 @@ use http::{HeaderMap, HeaderName, StatusCode, header};
 use tracing::{debug, warn};
 
 use tether_common::config_error::FieldError;
+use tether_common::identity::validate_agent_id;
 
 use crate::config::RemotedialerConfig;
-use crate::connect::{ConnContext, ConnectState, INSTANCE_HEADER, SUBPROTOCOL, UpgradedAgent};
+use crate::connect::{
+    ConnContext, ConnectState, INSTANCE_HEADER, NO_CLIENT_CERT, SUBPROTOCOL, UpgradedAgent,
+};
 use crate::registry::{Protocol, sanitize_instance};
 
 /// Largest remotedialer message accepted: a Data payload of 1 MiB (Go writes 32 KiB) and its
@@ -32,6 +36,8 @@ pub(crate) struct RdAuth {
     pub(crate) require_tunnel_id: bool,
     /// Header and expected value of the shared token.
     pub(crate) token: Option<(HeaderName, Vec<u8>)>,
+    /// Clients without a certificate get in with the token, named by `tunnel_id_header`.
+    pub(crate) allow_without_client_cert: bool,
 }
 
 /// The route's path and checks from the `remotedialer:` section (reads the token file);
@@ -82,6 +88,7 @@ pub(crate) fn auth_from_config(
             tunnel_id_header,
             require_tunnel_id: config.require_tunnel_id,
             token,
+            allow_without_client_cert: config.allow_without_client_cert,
         },
     )))
 }
@@ -148,17 +155,22 @@ pub(crate) async fn connect(
             );
         }
     }
+    let Some(agent_id) = ctx.agent_id.clone() else {
+        return match certless_id(auth, &headers) {
+            Ok(agent_id) => admit(&state, &ctx, agent_id, &headers, ws),
+            Err((status, reason, body)) => refuse(&state, &ctx, status, reason, &body),
+        };
+    };
     if let Some(name) = &auth.tunnel_id_header {
         match headers.get(name) {
-            Some(value) if value.as_bytes() != ctx.agent_id.as_bytes() => {
+            Some(value) if value.as_bytes() != agent_id.as_bytes() => {
                 return refuse(
                     &state,
                     &ctx,
                     StatusCode::FORBIDDEN,
                     "tunnel_id_mismatch",
                     &format!(
-                        "{name} does not match the client certificate's identity \"{}\"",
-                        ctx.agent_id
+                        "{name} does not match the client certificate's identity \"{agent_id}\""
                     ),
                 );
             }
@@ -174,14 +186,67 @@ pub(crate) async fn connect(
             _ => {}
         }
     }
+    admit(&state, &ctx, agent_id, &headers, ws)
+}
+
+/// A refusal: status, closed-set reason, body.
+type Refusal = (StatusCode, &'static str, String);
+
+/// The id of a client without a certificate (the token has already been checked): the
+/// tunnel-id header, mandatory and validated like an agent id.
+fn certless_id(auth: &RdAuth, headers: &HeaderMap) -> Result<Arc<str>, Refusal> {
+    let (true, Some(name), Some(_)) = (
+        auth.allow_without_client_cert,
+        &auth.tunnel_id_header,
+        &auth.token,
+    ) else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            NO_CLIENT_CERT,
+            "a client certificate is required".to_owned(),
+        ));
+    };
+    let Some(value) = headers.get(name) else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "missing_tunnel_id",
+            format!("missing {name} header (required without a client certificate)"),
+        ));
+    };
+    let id = value.to_str().map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            "invalid_tunnel_id",
+            format!("{name} is not visible ASCII"),
+        )
+    })?;
+    validate_agent_id(id).map_err(|err| {
+        (
+            StatusCode::BAD_REQUEST,
+            "invalid_tunnel_id",
+            format!("{name}: {err}"),
+        )
+    })?;
+    Ok(Arc::from(id))
+}
+
+/// The checks shared by both kinds of client once `agent_id` is known: the allow-list, the
+/// upgrade itself, shutdown and `max_agents`.
+fn admit(
+    state: &ConnectState,
+    ctx: &ConnContext,
+    agent_id: Arc<str>,
+    headers: &HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
     let allowed = state.allowed.load();
-    if !allowed.is_empty() && !allowed.contains(&*ctx.agent_id) {
+    if !allowed.is_empty() && !allowed.contains(&*agent_id) {
         return refuse(
-            &state,
-            &ctx,
+            state,
+            ctx,
             StatusCode::FORBIDDEN,
             "not_allowed",
-            &format!("agent \"{}\" is not allowed to connect", ctx.agent_id),
+            &format!("agent \"{agent_id}\" is not allowed to connect"),
         );
     }
     let ws = match ws {
@@ -235,6 +300,7 @@ pub(crate) async fn connect(
         .on_upgrade(move |socket| async move {
             let _ = handoff.send(UpgradedAgent {
                 socket,
+                agent_id,
                 instance,
                 version: String::new(),
                 slot,

@@ -183,7 +183,7 @@ impl Server {
     ) -> Result<Server, ServerError> {
         config.validate()?;
         let files = config.tls_files();
-        let tls = tls::server_config(&files)?;
+        let tls = tls::server_config_with_policy(&files, config.client_cert_policy())?;
         let server = Self::with_tls_config(config, tls, registry)?;
         for (role, path) in [
             (CertRole::Server, &files.cert),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntGauge;
-use tether_common::identity::IdentityMode;
+use tether_common::identity::{IdentityError, IdentityMode};
 use tether_common::tls::{alpn_ok, peer_identity};
 use tether_mux::remotedialer::{self, RdSettings, RdTransport};
 use tether_mux::{MuxConfig, Role, Session, SessionEnd};
@@ -158,8 +158,12 @@ async fn handshake(
         debug!("peer did not negotiate ALPN http/1.1; closing");
         return None;
     }
+    // No certificate at all passes the handshake only with
+    // `remotedialer.allow_without_client_cert`; the routes then decide (connect.rs refuses,
+    // remotedialer_connect.rs needs the token and the tunnel-id header).
     let agent_id = match peer_identity(conn, tunnel.identity) {
-        Ok(id) => id,
+        Ok(id) => Some(id),
+        Err(IdentityError::NoPeerCertificate) => None,
         Err(err) => {
             let reason = err.reason();
             tunnel
@@ -180,11 +184,13 @@ async fn handshake(
             return None;
         }
     };
-    Span::current().record("agent.id", field::display(&agent_id));
+    if let Some(id) = &agent_id {
+        Span::current().record("agent.id", field::display(id));
+    }
 
     let (handoff_tx, handoff_rx) = oneshot::channel();
     let ctx = ConnContext {
-        agent_id: agent_id.as_str().into(),
+        agent_id: agent_id.as_deref().map(Arc::from),
         peer_addr: peer,
         handoff: Arc::new(Mutex::new(Some(handoff_tx))),
     };
@@ -216,7 +222,12 @@ async fn handshake(
     // On an upgrade, axum's upgrade task sends the socket right after hyper hands it over;
     // otherwise the sender was dropped with the service.
     match timeout(tunnel.handshake_timeout, handoff_rx).await {
-        Ok(Ok(upgraded)) => Some((agent_id, upgraded)),
+        Ok(Ok(upgraded)) => {
+            if agent_id.is_none() {
+                Span::current().record("agent.id", field::display(&upgraded.agent_id));
+            }
+            Some((upgraded.agent_id.to_string(), upgraded))
+        }
         _ => {
             debug!("HTTP connection closed without an upgrade");
             None
@@ -228,6 +239,7 @@ async fn handshake(
 async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: UpgradedAgent) {
     let UpgradedAgent {
         socket,
+        agent_id: _,
         instance,
         version,
         slot,

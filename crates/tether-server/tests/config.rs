@@ -223,3 +223,48 @@ fn frontend_errors_are_reported_with_their_key_paths() {
     assert!(!format!("{config:?}").contains(hash));
     assert_eq!(config.frontends.http_connect_addr().unwrap(), None);
 }
+
+#[test]
+fn allow_without_client_cert_needs_the_token_and_the_tunnel_id_header() {
+    use tether_common::tls::ClientCertPolicy;
+    let pki = TestPki::new();
+    let default = ServerConfig::parse(TLS_YAML, "server.yaml", pki.dir()).unwrap();
+    assert!(!default.remotedialer.allow_without_client_cert);
+    assert_eq!(default.client_cert_policy(), ClientCertPolicy::Required);
+
+    let alone = format!("{TLS_YAML}remotedialer: {{ allow_without_client_cert: true }}\n");
+    let errors = invalid(ServerConfig::parse(&alone, "server.yaml", pki.dir()).unwrap_err());
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].0, "remotedialer.allow_without_client_cert");
+    assert!(
+        errors[0].1.contains("needs remotedialer.token_file"),
+        "{errors:#?}"
+    );
+
+    pki.write_file("rd-token", "s3cret\n");
+    let no_header = format!(
+        "{TLS_YAML}remotedialer: {{ allow_without_client_cert: true, token_file: rd-token, \
+         tunnel_id_header: \"\", enabled: false }}\n"
+    );
+    let errors = invalid(ServerConfig::parse(&no_header, "server.yaml", pki.dir()).unwrap_err());
+    let messages: Vec<&str> = errors
+        .iter()
+        .filter(|(p, _)| p == "remotedialer.allow_without_client_cert")
+        .map(|(_, m)| m.as_str())
+        .collect();
+    assert_eq!(messages.len(), 2, "{errors:#?}");
+    assert!(
+        messages[0].contains("remotedialer.enabled: true"),
+        "{errors:#?}"
+    );
+    assert!(
+        messages[1].contains("remotedialer.tunnel_id_header"),
+        "{errors:#?}"
+    );
+
+    let ok = format!(
+        "{TLS_YAML}remotedialer: {{ allow_without_client_cert: true, token_file: rd-token }}\n"
+    );
+    let config = ServerConfig::parse(&ok, "server.yaml", pki.dir()).unwrap();
+    assert_eq!(config.client_cert_policy(), ClientCertPolicy::Optional);
+}
