@@ -202,6 +202,7 @@ impl Connector {
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message))
             .write_buffer_size(WS_WRITE_BUFFER)
+            .read_buffer_size(tether_common::session_settings::WS_READ_BUFFER)
             .max_write_buffer_size(WS_WRITE_BUFFER + 2 * max_message);
         Ok(Connector {
             url: config.server_url.clone(),

@@ -6,6 +6,12 @@ use serde::{Deserialize, Serialize};
 use crate::config_error::ConfigErrors;
 use crate::duration::HumanDuration;
 
+/// Initial read buffer of a session's WebSocket (both daemons). tungstenite's default is
+/// 128 KiB, zero-filled on the first read, so every idle session kept 128 KiB resident in each
+/// daemon. A TLS record carries at most 16 KiB, so reads of more gain little; a larger frame
+/// grows the buffer while it arrives.
+pub const WS_READ_BUFFER: usize = 16 * 1024;
+
 /// Settings of each tunnel session (see DESIGN.md section 3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -211,6 +211,7 @@ async fn connect(
         .max_message_size(message_max)
         .max_frame_size(message_max)
         .write_buffer_size(WS_WRITE_BUFFER)
+        .read_buffer_size(tether_common::session_settings::WS_READ_BUFFER)
         // Above write_buffer_size plus a message and a queued pong (tungstenite asserts it).
         .max_write_buffer_size(WS_WRITE_BUFFER + 4 * message_max)
         .on_upgrade(move |socket| async move {

@@ -296,6 +296,7 @@ fn admit(
     ws.max_message_size(MAX_RD_MESSAGE)
         .max_frame_size(MAX_RD_MESSAGE)
         .write_buffer_size(WS_WRITE_BUFFER)
+        .read_buffer_size(tether_common::session_settings::WS_READ_BUFFER)
         .max_write_buffer_size(WS_WRITE_BUFFER + 4 * MAX_RD_MESSAGE)
         .on_upgrade(move |socket| async move {
             let _ = handoff.send(UpgradedAgent {
