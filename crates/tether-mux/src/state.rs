@@ -1,14 +1,13 @@
 //! The session's shared state: the stream table, the control queue, and how each received frame
 //! changes them. Everything here runs under one short `std::sync::Mutex`, never across an await.
 
+use bytes::{Buf, Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
-
-use bytes::{Buf, Bytes, BytesMut};
 use tether_proto::{Frame, GoAwayCode, OpenErrorCode, ProtoError, ResetCode, StreamId};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
@@ -17,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{MuxConfig, Role};
 use crate::error::{OpenError, SessionEnd};
 use crate::metrics::{CloseReason, MuxMetrics};
+
+/// The stream table never shrinks below this many slots.
+const MIN_TABLE_CAPACITY: usize = 64;
 
 /// Most unanswered pings remembered for RTT measurement.
 const MAX_PENDING_PINGS: usize = 16;
@@ -342,6 +344,12 @@ impl State {
             let reason = slot.close_reason();
             self.streams.remove(&id);
             metrics.stream_closed(reason);
+            // A burst of streams leaves a table sized for the burst; give most of it back once
+            // three quarters are free (halving at a quarter full keeps the cost amortised).
+            let capacity = self.streams.capacity();
+            if capacity > MIN_TABLE_CAPACITY && self.streams.len() * 4 < capacity {
+                self.streams.shrink_to(self.streams.len() * 2);
+            }
         }
     }
 
@@ -719,4 +727,38 @@ pub(crate) fn new_shared(
         Arc::new(Shared::new(role, config, metrics, data_tx)),
         data_rx,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_table_gives_back_its_room_after_a_burst() {
+        let metrics = MuxMetrics::unregistered();
+        let (shared, _data_rx) = new_shared(Role::Server, MuxConfig::default(), metrics.clone());
+        let mut state = shared.lock();
+        let ids: Vec<StreamId> = (0..5_000u64).map(|i| i * 2 + 2).collect();
+        for &id in &ids {
+            let mut slot = Slot::new(Phase::Accepting, 1024, 1024);
+            slot.handle_dropped = true;
+            state.streams.insert(id, slot);
+        }
+        let burst = state.streams.capacity();
+        assert!(burst >= 5_000, "{burst}");
+        // Half of them closed: still sized for the rest.
+        for &id in &ids[..2_500] {
+            state.maybe_remove(id, &metrics);
+        }
+        assert!(state.streams.capacity() >= 2_500);
+        for &id in &ids[2_500..] {
+            state.maybe_remove(id, &metrics);
+        }
+        assert!(state.streams.is_empty());
+        assert!(
+            state.streams.capacity() <= 2 * MIN_TABLE_CAPACITY,
+            "capacity {} after the burst of {burst}",
+            state.streams.capacity()
+        );
+    }
 }
