@@ -13,7 +13,6 @@ use tether_common::config_error::{ConfigErrors, FieldError};
 use tether_common::tls;
 use tether_mux::MuxConfig;
 use tokio::sync::watch;
-use tracing::warn;
 
 use crate::config::{AgentConfig, ReconnectConfig};
 use crate::connector::Connector;
@@ -101,12 +100,7 @@ impl AgentReloader {
     /// Counts and logs a new config that could not even be loaded (unreadable file, bad YAML);
     /// the running config stays in force.
     pub fn reject(&self, error: &dyn std::fmt::Display) {
-        self.inner.metrics.count(ReloadResult::Invalid);
-        warn!(
-            result = "invalid",
-            error = %error,
-            "config reload rejected; the running config stays in force"
-        );
+        self.inner.metrics.reject(error);
     }
 
     /// The effective config in force.

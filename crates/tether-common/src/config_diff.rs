@@ -171,15 +171,19 @@ impl ReloadMetrics {
                     );
                 }
             }
-            Err(errors) => {
-                self.count(ReloadResult::Invalid);
-                warn!(
-                    result = "invalid",
-                    errors = %errors,
-                    "config reload rejected; the running config stays in force"
-                );
-            }
+            Err(errors) => self.reject(errors),
         }
+    }
+
+    /// Counts and logs a new config that was refused: invalid values, or a file that could not
+    /// even be loaded (unreadable, bad YAML). The running config stays in force.
+    pub fn reject(&self, error: &dyn std::fmt::Display) {
+        self.count(ReloadResult::Invalid);
+        warn!(
+            result = "invalid",
+            error = %error,
+            "config reload rejected; the running config stays in force"
+        );
     }
 
     /// The count of one result (tests, status).

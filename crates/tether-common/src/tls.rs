@@ -575,9 +575,8 @@ mod tests {
         assert!(out.client.is_err());
     }
 
-    #[tokio::test]
-    async fn client_without_certificate_is_refused() {
-        let f = fixture();
+    /// A TLS 1.3 client that trusts the fixture's CA and presents no certificate.
+    fn certless_client(f: &Fixture) -> rustls::ClientConfig {
         let mut roots = RootCertStore::empty();
         roots
             .add(certs_from_pem(f.ca.cert_pem()).unwrap().remove(0))
@@ -588,6 +587,13 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth();
         no_cert.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+        no_cert
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_refused() {
+        let f = fixture();
+        let no_cert = certless_client(&f);
         let out = handshake(f.server_config(), Arc::new(no_cert)).await;
         let err = out.server.unwrap_err();
         assert!(
@@ -616,16 +622,7 @@ mod tests {
         )
         .unwrap();
         // No certificate: the handshake completes and there is no identity.
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(certs_from_pem(f.ca.cert_pem()).unwrap().remove(0))
-            .unwrap();
-        let mut no_cert = rustls::ClientConfig::builder_with_provider(crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        no_cert.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+        let no_cert = certless_client(&f);
         let out = handshake(optional.clone(), Arc::new(no_cert)).await;
         out.client.unwrap();
         let (_, identity) = out.server.unwrap();

@@ -196,12 +196,7 @@ impl ServerReloader {
     /// Counts and logs a new config that could not even be loaded (unreadable file, bad YAML);
     /// the running config stays in force.
     pub fn reject(&self, error: &dyn std::fmt::Display) {
-        self.inner.metrics.count(ReloadResult::Invalid);
-        warn!(
-            result = "invalid",
-            error = %error,
-            "config reload rejected; the running config stays in force"
-        );
+        self.inner.metrics.reject(error);
     }
 
     /// The config in force.
