@@ -13,6 +13,7 @@ use tether_common::config_error::ConfigErrors;
 use tether_proto::Limits;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tether_common::read_ahead::ReadAhead;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -43,7 +44,7 @@ const MAX_SERVER_ID_LEN: usize = 128;
 const MAX_BODY_QUOTE: usize = 200;
 
 /// The transport of an established connection.
-pub type ServerTransport = WsTransport<TlsStream<TcpStream>>;
+pub type ServerTransport = WsTransport<TlsStream<ReadAhead<TcpStream>>>;
 
 /// Why a connection attempt failed. [`ConnectError::label`] gives a closed-set reason.
 #[derive(Debug, thiserror::Error)]
@@ -246,7 +247,7 @@ impl Connector {
 
         let tls = self
             .tls
-            .connect(self.server_name.clone(), tcp)
+            .connect(self.server_name.clone(), ReadAhead::new(tcp))
             .await
             .map_err(|source| ConnectError::Tls { addr: peer, source })?;
 

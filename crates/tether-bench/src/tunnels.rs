@@ -12,6 +12,9 @@ use crate::harness::{self, RunSpec, Targets};
 use crate::peers::{Rathole, find_on_path};
 use crate::report;
 
+/// Connections opened, held and closed on fresh daemons before each idle level is measured.
+const WARMUP_CONNS: u32 = 200;
+
 /// Options of `tether-bench tunnels`.
 #[derive(Debug, Args)]
 pub(crate) struct TunnelsArgs {
@@ -127,6 +130,7 @@ pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     let pki = Pki::new(&["bench"])?;
     let jsonl = pki.dir().join("tunnels.jsonl");
+    let warmup_jsonl = pki.dir().join("warmup.jsonl");
     let targets = Targets::start(&script).await?;
     let target_addrs = [targets.echo, targets.iperf];
     let mut base = vec![
@@ -189,8 +193,26 @@ pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
                     continue;
                 }
                 // Each idle level on fresh daemons: allocators keep earlier high-water marks.
+                // A warm-up burst first (WARMUP_CONNS held, then closed; its records are not
+                // reported), so that the baseline already holds what any daemon that has
+                // served traffic holds for good: code pages touched by the first connection,
+                // the allocator's first slabs and metadata.
                 for level in &levels {
                     let running = start().await?;
+                    let mut warmup = base.clone();
+                    warmup.extend(["--idle-levels".to_owned(), WARMUP_CONNS.min(*level).to_string()]);
+                    let spec = RunSpec {
+                        label: system.label(),
+                        entries: running.entries(),
+                        pids: running.pids()?,
+                        tests: "idle",
+                        extra: warmup,
+                    };
+                    let warmed = harness::run(&script, &targets, spec, &warmup_jsonl).await;
+                    if let Err(err) = warmed {
+                        running.stop().await?;
+                        return Err(err.context("warm-up before the idle test"));
+                    }
                     let mut extra = base.clone();
                     extra.extend(["--idle-levels".to_owned(), level.to_string()]);
                     let spec = RunSpec {

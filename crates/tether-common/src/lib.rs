@@ -7,10 +7,12 @@ pub mod config_error;
 pub mod config_layers;
 pub mod duration;
 pub mod identity;
+pub mod heap_trim;
 pub mod listen;
 pub mod log_throttle;
 pub mod pipe;
 pub mod pki;
+pub mod read_ahead;
 pub mod runtime_metrics;
 #[cfg(unix)]
 pub mod sd_notify;

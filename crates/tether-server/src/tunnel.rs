@@ -33,6 +33,7 @@ use crate::registry::SessionRegistry;
 use crate::remotedialer_ws::RdWsTransport;
 use crate::ws_transport::WsTransport;
 use tether_common::log_throttle::LogThrottle;
+use tether_common::read_ahead::ReadAhead;
 
 /// Largest HTTP head buffered while reading the upgrade request.
 const MAX_HTTP_BUF: usize = 64 * 1024;
@@ -138,7 +139,7 @@ async fn handshake(
     deadline: Instant,
 ) -> Option<(String, UpgradedAgent)> {
     let _ = tcp.set_nodelay(true);
-    let tls = match timeout_at(deadline, tunnel.acceptor.accept(tcp)).await {
+    let tls = match timeout_at(deadline, tunnel.acceptor.accept(ReadAhead::new(tcp))).await {
         Err(_) => {
             tunnel.handshake_failed("timeout");
             debug!("TLS handshake timed out");

@@ -39,6 +39,10 @@ fn main() -> ExitCode {
     );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // An idle worker hands its cached freed memory back (throttled; docs/BENCHMARKS.md).
+        .on_thread_park(|| {
+            tether_common::heap_trim::on_worker_park();
+        })
         .build()
     {
         Ok(runtime) => runtime,
