@@ -373,7 +373,9 @@ async fn tether_common_bind(addr: SocketAddr) -> TcpListener {
 async fn go_like_client(
     pki: &TestPki,
     server: &TestServer,
-) -> tether_agent::remotedialer_ws::RdWsClient<tokio_rustls::client::TlsStream<TcpStream>> {
+) -> tether_agent::remotedialer_ws::RdWsClient<
+    tokio_rustls::client::TlsStream<tether_common::read_ahead::ReadAhead<TcpStream>>,
+> {
     let tls = pki.client_config(&pki.agent("edge-1"));
     let connection = rd_connect(pki, server, tls, "/connect", "X-Tunnel-ID: edge-1", true)
         .await

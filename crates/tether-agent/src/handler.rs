@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tether_common::log_throttle::LogThrottle;
-use tether_common::pipe::{PipeError, PipeSide, pipe};
+use tether_mux::pipe::{PipeError, PipeSide, pipe};
 use tether_mux::{Incoming, MuxStream, PendingOpen};
 use tether_proto::{OpenErrorCode, ResetCode};
 use tokio::net::TcpStream;

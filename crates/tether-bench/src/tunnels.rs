@@ -200,7 +200,10 @@ pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
                 for level in &levels {
                     let running = start().await?;
                     let mut warmup = base.clone();
-                    warmup.extend(["--idle-levels".to_owned(), WARMUP_CONNS.min(*level).to_string()]);
+                    warmup.extend([
+                        "--idle-levels".to_owned(),
+                        WARMUP_CONNS.min(*level).to_string(),
+                    ]);
                     let spec = RunSpec {
                         label: system.label(),
                         entries: running.entries(),

@@ -9,7 +9,9 @@
 //! caches soon after it goes quiet.
 
 use std::cell::Cell;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Least time between two flushes on one thread.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);

@@ -155,7 +155,11 @@ mod tests {
         // Nothing more is waiting: the poll returns Pending and gives the buffer back.
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut out = ReadBuf::new(&mut chunk);
-        assert!(Pin::new(&mut reader).poll_read(&mut cx, &mut out).is_pending());
+        assert!(
+            Pin::new(&mut reader)
+                .poll_read(&mut cx, &mut out)
+                .is_pending()
+        );
         assert_eq!(reader.buf.capacity(), 0);
         drop(far);
         assert_eq!(reader.read(&mut chunk).await.unwrap(), 0);

@@ -11,6 +11,7 @@ mod config;
 mod error;
 mod incoming;
 mod metrics;
+pub mod pipe;
 pub mod remotedialer;
 mod session;
 mod state;

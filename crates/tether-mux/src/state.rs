@@ -122,61 +122,114 @@ impl StreamFailure {
 
 /// Bytes received for a stream and not read yet.
 ///
-/// A payload that arrives while nothing is buffered is kept as it came (zero-copy: the common
-/// case of a reader keeping up). Anything arriving behind it is copied into one owned buffer.
-/// Transports hand out payloads that share their receive buffers, so keeping every small
-/// payload would let a peer pin a whole receive buffer per byte of window; this way a stream
-/// holds at most one such payload plus its window's worth of owned bytes.
+/// Bytes received for one stream and not yet read, in order.
+///
+/// A payload is kept as it came (zero-copy) when nothing is buffered (the common case of a
+/// reader keeping up) or when it is at least [`KEEP_CHUNK`] bytes (bulk transfers, where the
+/// reader is a frame or two behind). Smaller payloads arriving behind others are copied into an
+/// owned chunk. Transports hand out payloads that share their receive buffers, so keeping every
+/// small payload would let a peer pin a whole receive buffer per byte of window; this way a
+/// stream pins at most one small payload's buffer plus `window / KEEP_CHUNK` large ones.
 #[derive(Default)]
 pub(crate) struct RecvBuf {
-    front: Bytes,
-    rest: BytesMut,
+    chunks: VecDeque<Chunk>,
+    len: usize,
 }
 
-/// An emptied owned buffer larger than this is released rather than kept for reuse.
-const KEEP_RECV_CAPACITY: usize = 64 * 1024;
+enum Chunk {
+    /// A payload as the transport delivered it.
+    Shared(Bytes),
+    /// Small payloads copied together.
+    Owned(BytesMut),
+}
+
+/// Payloads at least this large are queued without copying even behind others.
+pub(crate) const KEEP_CHUNK: usize = 32 * 1024;
 
 impl RecvBuf {
     pub(crate) fn len(&self) -> usize {
-        self.front.len() + self.rest.len()
+        self.len
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.front.is_empty() && self.rest.is_empty()
+        self.len == 0
     }
 
     fn push(&mut self, payload: Bytes) {
-        if self.is_empty() {
-            self.front = payload;
-        } else {
-            self.rest.extend_from_slice(&payload);
+        if payload.is_empty() {
+            return;
+        }
+        self.len += payload.len();
+        if self.chunks.is_empty() || payload.len() >= KEEP_CHUNK {
+            self.chunks.push_back(Chunk::Shared(payload));
+            return;
+        }
+        match self.chunks.back_mut() {
+            Some(Chunk::Owned(owned)) => owned.extend_from_slice(&payload),
+            _ => self
+                .chunks
+                .push_back(Chunk::Owned(BytesMut::from(&payload[..]))),
         }
     }
 
     /// Moves as many bytes as fit into `dst`; returns how many.
     pub(crate) fn read_into(&mut self, dst: &mut tokio::io::ReadBuf<'_>) -> usize {
         let mut copied = 0;
-        if !self.front.is_empty() {
-            let n = self.front.len().min(dst.remaining());
-            dst.put_slice(&self.front[..n]);
-            if n == self.front.len() {
+        while dst.remaining() > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let bytes: &[u8] = match front {
+                Chunk::Shared(b) => b,
+                Chunk::Owned(b) => b,
+            };
+            let n = bytes.len().min(dst.remaining());
+            dst.put_slice(&bytes[..n]);
+            copied += n;
+            if n == bytes.len() {
                 // Drop the reference to the transport's buffer, not just the bytes.
-                self.front = Bytes::new();
+                self.chunks.pop_front();
             } else {
-                self.front.advance(n);
-            }
-            copied += n;
-        }
-        if self.front.is_empty() && !self.rest.is_empty() {
-            let n = self.rest.len().min(dst.remaining());
-            dst.put_slice(&self.rest[..n]);
-            self.rest.advance(n);
-            copied += n;
-            if self.rest.is_empty() && self.rest.capacity() > KEEP_RECV_CAPACITY {
-                self.rest = BytesMut::new();
+                match front {
+                    Chunk::Shared(b) => b.advance(n),
+                    Chunk::Owned(b) => b.advance(n),
+                }
             }
         }
+        self.len -= copied;
+        self.release_if_empty();
         copied
+    }
+
+    /// Takes up to `max` bytes from the front without copying them.
+    pub(crate) fn take_chunk(&mut self, max: usize) -> Bytes {
+        let Some(front) = self.chunks.front_mut() else {
+            return Bytes::new();
+        };
+        let taken = match front {
+            Chunk::Shared(b) if b.len() <= max => {
+                let taken = std::mem::take(b);
+                self.chunks.pop_front();
+                taken
+            }
+            Chunk::Shared(b) => b.split_to(max),
+            Chunk::Owned(b) if b.len() <= max => {
+                let taken = std::mem::take(b).freeze();
+                self.chunks.pop_front();
+                taken
+            }
+            Chunk::Owned(b) => b.split_to(max).freeze(),
+        };
+        self.len -= taken.len();
+        self.release_if_empty();
+        taken
+    }
+
+    /// An empty buffer keeps no allocation (an idle stream costs nothing here).
+    fn release_if_empty(&mut self) {
+        if self.len == 0 && self.chunks.capacity() > 0 {
+            self.chunks = VecDeque::new();
+        }
     }
 }
 

@@ -85,19 +85,20 @@ impl MuxStream {
     }
 }
 
-impl AsyncRead for MuxStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl MuxStream {
+    /// Shared body of the reads: EOF, failure, or `take` applied to the buffered bytes (which
+    /// are not empty then), with the window credit granted back for what it took.
+    fn poll_consume<R>(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+        take: impl FnOnce(&mut crate::state::RecvBuf) -> (R, usize),
+    ) -> Poll<io::Result<Option<R>>> {
         let mut notify_writer = false;
         let result = {
-            let mut state = this.shared.lock();
-            let window = u64::from(this.shared.config.window);
-            let Some(slot) = state.streams.get_mut(&this.id) else {
-                return Poll::Ready(Err(this.closed_error()));
+            let mut state = self.shared.lock();
+            let window = u64::from(self.shared.config.window);
+            let Some(slot) = state.streams.get_mut(&self.id) else {
+                return Poll::Ready(Err(self.closed_error()));
             };
             if let Some(failure) = &slot.failure
                 && failure.kind == io::ErrorKind::ConnectionReset
@@ -109,7 +110,7 @@ impl AsyncRead for MuxStream {
                 if slot.recv_fin {
                     // Every byte up to the peer's FIN was delivered; losing the session after
                     // that does not make this direction incomplete.
-                    Poll::Ready(Ok(()))
+                    Poll::Ready(Ok(None))
                 } else if let Some(failure) = &slot.failure {
                     Poll::Ready(Err(failure.to_io()))
                 } else {
@@ -117,11 +118,11 @@ impl AsyncRead for MuxStream {
                     Poll::Pending
                 }
             } else {
-                let copied = slot.recv_buf.read_into(buf);
+                let (taken, copied) = take(&mut slot.recv_buf);
                 slot.unacked += copied as u64;
                 // Grant credit back in batches: a quarter window keeps the sender busy without
                 // a WINDOW frame per read.
-                let every = this
+                let every = self
                     .shared
                     .config
                     .window_update
@@ -133,36 +134,57 @@ impl AsyncRead for MuxStream {
                     slot.unacked -= increment;
                     slot.recv_allowance += increment;
                     state.push_control(Frame::Window {
-                        stream: this.id,
+                        stream: self.id,
                         increment: increment as u32,
                     });
                     notify_writer = true;
                 }
-                Poll::Ready(Ok(()))
+                Poll::Ready(Ok(Some(taken)))
             }
         };
         if notify_writer {
-            this.shared.writer_notify.notify_one();
+            self.shared.writer_notify.notify_one();
         }
         result
     }
-}
 
-impl AsyncWrite for MuxStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
+    /// Reads up to `max` bytes as they were received, without copying them. `None` is the end
+    /// of the stream; errors are as for `poll_read`.
+    pub fn poll_read_chunk(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        self.poll_consume(cx, |buf| {
+            let chunk = buf.take_chunk(max.max(1));
+            let n = chunk.len();
+            (chunk, n)
+        })
+    }
+
+    /// Writes a prefix of `data` (at most one DATA frame) by taking it out of `data`, without
+    /// copying it. Returns how many bytes were taken; errors are as for `poll_write`.
+    pub fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if buf.is_empty() {
+        if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        let n = ready!(self.poll_reserve_send(cx, data.len()))?;
+        let payload = data.split_to(n);
+        Poll::Ready(self.send_reserved(payload))
+    }
+
+    /// Waits for send credit and a slot in the data queue; returns how many of `want` bytes
+    /// may go in the next DATA frame. The caller must then call [`Self::send_reserved`].
+    fn poll_reserve_send(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         // Check for credit first so that a stream without credit does not hold a queue slot.
         {
-            let mut state = this.shared.lock();
-            let Some(slot) = state.streams.get_mut(&this.id) else {
-                return Poll::Ready(Err(this.closed_error()));
+            let mut state = self.shared.lock();
+            let Some(slot) = state.streams.get_mut(&self.id) else {
+                return Poll::Ready(Err(self.closed_error()));
             };
             if let Some(failure) = &slot.failure {
                 return Poll::Ready(Err(failure.to_io()));
@@ -178,42 +200,72 @@ impl AsyncWrite for MuxStream {
                 return Poll::Pending;
             }
         }
-        if ready!(this.sender.poll_reserve(cx)).is_err() {
-            return Poll::Ready(Err(this.closed_error()));
+        if ready!(self.sender.poll_reserve(cx)).is_err() {
+            return Poll::Ready(Err(self.closed_error()));
         }
-        let n = {
-            let mut state = this.shared.lock();
-            let Some(slot) = state.streams.get_mut(&this.id) else {
-                this.sender.abort_send();
-                return Poll::Ready(Err(this.closed_error()));
-            };
-            if let Some(failure) = &slot.failure {
-                this.sender.abort_send();
-                return Poll::Ready(Err(failure.to_io()));
-            }
-            if slot.send_credit == 0 {
-                this.sender.abort_send();
-                slot.write_waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            let n = buf
-                .len()
-                .min(slot.send_credit.min(usize::MAX as u64) as usize)
-                .min(this.shared.config.max_data as usize);
-            slot.send_credit -= n as u64;
-            slot.queued += 1;
-            n
+        let mut state = self.shared.lock();
+        let Some(slot) = state.streams.get_mut(&self.id) else {
+            self.sender.abort_send();
+            return Poll::Ready(Err(self.closed_error()));
         };
-        let frame = Frame::Data {
-            stream: this.id,
-            payload: Bytes::copy_from_slice(&buf[..n]),
-        };
-        if this.sender.send_item(frame).is_err() {
-            return Poll::Ready(Err(this.closed_error()));
+        if let Some(failure) = &slot.failure {
+            self.sender.abort_send();
+            return Poll::Ready(Err(failure.to_io()));
         }
-        this.shared.bytes_tx.fetch_add(n as u64, Ordering::Relaxed);
-        this.shared.metrics.bytes_tx.inc_by(n as u64);
+        if slot.send_credit == 0 {
+            self.sender.abort_send();
+            slot.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = want
+            .min(slot.send_credit.min(usize::MAX as u64) as usize)
+            .min(self.shared.config.max_data as usize);
+        slot.send_credit -= n as u64;
+        slot.queued += 1;
         Poll::Ready(Ok(n))
+    }
+
+    /// Queues `payload` (as long as [`Self::poll_reserve_send`] allowed) as a DATA frame.
+    fn send_reserved(&mut self, payload: Bytes) -> io::Result<usize> {
+        let n = payload.len();
+        let frame = Frame::Data {
+            stream: self.id,
+            payload,
+        };
+        if self.sender.send_item(frame).is_err() {
+            return Err(self.closed_error());
+        }
+        self.shared.bytes_tx.fetch_add(n as u64, Ordering::Relaxed);
+        self.shared.metrics.bytes_tx.inc_by(n as u64);
+        Ok(n)
+    }
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // `None` (end of stream) leaves `buf` unfilled, which is how EOF reads.
+        self.get_mut()
+            .poll_consume(cx, |recv| ((), recv.read_into(buf)))
+            .map_ok(|_| ())
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(this.poll_reserve_send(cx, buf.len()))?;
+        Poll::Ready(this.send_reserved(Bytes::copy_from_slice(&buf[..n])))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

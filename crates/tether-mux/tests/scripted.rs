@@ -720,3 +720,84 @@ async fn a_ping_in_flight_fails_when_the_session_dies() {
     assert!(matches!(err, OpenError::SessionClosed), "{err:?}");
     assert!(matches!(t.finish().await, SessionEnd::PeerClosed));
 }
+
+/// Payloads a slow reader has not read yet are delivered in order, whether they were kept as
+/// they came (large ones) or copied together (small ones behind others), and by either read.
+#[tokio::test]
+async fn buffered_large_and_small_payloads_keep_their_order() {
+    let mut t = scripted();
+    let mut handle = peer_opens(&mut t, 2, 256 * 1024).await;
+    let sizes = [10usize, 40_000, 5, 7, 50_000, 3, 33_000];
+    let mut expected = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let payload: Vec<u8> = (0..*size).map(|j| (i * 31 + j % 251) as u8).collect();
+        t.send(data(2, &payload)).await;
+        expected.extend_from_slice(&payload);
+    }
+    t.barrier(1).await;
+    assert_eq!(handle.debug_buffered(), expected.len());
+    // The first bytes as a chunk (no copy), the rest through AsyncRead.
+    let first = std::future::poll_fn(|cx| handle.poll_read_chunk(cx, 4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first[..], expected[..4]);
+    let mut rest = vec![0u8; expected.len() - 4];
+    bounded("read", handle.read_exact(&mut rest)).await.unwrap();
+    assert_eq!(rest, expected[4..]);
+    assert_eq!(handle.debug_buffered(), 0);
+    t.send(Frame::Fin { stream: 2 }).await;
+    let end = std::future::poll_fn(|cx| handle.poll_read_chunk(cx, 1024))
+        .await
+        .unwrap();
+    assert!(end.is_none(), "FIN reads as the end of the stream");
+    drop(handle);
+    t.finish().await;
+}
+
+/// A chunk written without copying goes out as DATA frames of at most `max_data`, in order and
+/// within the peer's window.
+#[tokio::test]
+async fn written_chunks_become_data_frames_within_credit() {
+    let mut t = scripted();
+    let mut handle = session_opens(&mut t, 100_000).await;
+    let payload: Bytes = (0..150_000u32).map(|i| (i % 253) as u8).collect();
+    let mut left = payload.clone();
+    let mut taken = 0;
+    // 100,000 bytes of credit: the writes stop there until a WINDOW arrives.
+    while taken < 100_000 {
+        let n = std::future::poll_fn(|cx| handle.poll_write_chunk(cx, &mut left))
+            .await
+            .unwrap();
+        assert!(n <= MuxConfig::default().max_data as usize);
+        taken += n;
+    }
+    assert_eq!(taken, 100_000);
+    let blocked = futures::poll!(std::future::poll_fn(
+        |cx| handle.poll_write_chunk(cx, &mut left)
+    ));
+    assert!(blocked.is_pending(), "no credit left");
+    t.send(Frame::Window {
+        stream: handle.id(),
+        increment: 50_000,
+    })
+    .await;
+    while !left.is_empty() {
+        std::future::poll_fn(|cx| handle.poll_write_chunk(cx, &mut left))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < payload.len() {
+        match t.recv().await {
+            Frame::Data { stream, payload } => {
+                assert_eq!(stream, handle.id());
+                got.extend_from_slice(&payload);
+            }
+            other => panic!("expected DATA, got {other:?}"),
+        }
+    }
+    assert_eq!(got, payload);
+    drop(handle);
+    t.finish().await;
+}

@@ -5,7 +5,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_common::pipe::{PipeError, PipeSide, pipe};
+use tether_mux::pipe::{PipeError, PipeSide, pipe};
 use tether_mux::{MuxStream, OpenError};
 use tether_proto::{OpenErrorCode, ResetCode, TargetAddr};
 use tokio::net::TcpStream;

@@ -303,7 +303,7 @@ pub(crate) fn spawn_dialing_agent(mut incoming: Incoming) -> JoinHandle<()> {
                 continue;
             };
             pipes.spawn(async move {
-                let _ = tether_common::pipe::pipe(&mut stream, &mut tcp).await;
+                let _ = tether_mux::pipe::pipe(&mut stream, &mut tcp).await;
             });
         }
     })
