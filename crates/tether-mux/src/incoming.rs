@@ -100,7 +100,7 @@ impl PendingOpen {
                 window,
             });
         }
-        self.shared.writer_notify.notify_one();
+        self.shared.kick_writer();
         Ok(MuxStream::new(self.shared.clone(), self.id))
     }
 
@@ -136,7 +136,7 @@ impl PendingOpen {
             }
         }
         wakers.wake_all();
-        self.shared.writer_notify.notify_one();
+        self.shared.kick_writer();
     }
 
     /// Drops the slot without answering (the peer already reset it, or the session is gone).

@@ -17,6 +17,7 @@ mod session;
 mod state;
 mod stream;
 pub mod transport;
+mod writer;
 
 pub use config::{MIN_DECODE_DATA, MuxConfig, Role};
 pub use error::{OpenError, SessionEnd};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tether_proto::{Frame, GoAwayCode, OpenErrorCode, TargetAddr};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -16,12 +16,10 @@ use crate::config::{MuxConfig, Role};
 use crate::error::{OpenError, SessionEnd};
 use crate::incoming::{Incoming, PendingOpen};
 use crate::metrics::MuxMetrics;
-use crate::state::{Applied, Phase, Shared, Slot, State, Wakers, new_shared};
+use crate::state::{Applied, Phase, Shared, Slot, Wakers, new_shared};
 use crate::stream::MuxStream;
 use crate::transport::FrameTransport;
-
-/// How long the writer may spend flushing its last frames and closing the transport.
-const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+use crate::writer::{CLOSE_FLUSH_TIMEOUT, WriterCore, write_loop};
 
 /// A handle to a session. Clones share it; when the last clone is dropped the session ends and
 /// every stream on it fails.
@@ -65,7 +63,7 @@ pub struct SessionDriver {
 }
 
 /// Object-safe view of a transport so the driver is not generic.
-trait FrameTransportObj:
+pub(crate) trait FrameTransportObj:
     futures::Stream<Item = Result<Frame, crate::TransportError>>
     + futures::Sink<Frame, Error = crate::TransportError>
     + Send
@@ -146,7 +144,7 @@ impl Session {
             });
             id
         };
-        shared.writer_notify.notify_one();
+        shared.kick_writer();
         // From here the guard owns the slot: any early return or cancellation resets it.
         let mut guard = OpenGuard {
             shared: shared.clone(),
@@ -176,7 +174,7 @@ impl Session {
             }
             state.send_ping(Some(tx));
         }
-        self.shared().writer_notify.notify_one();
+        self.shared().kick_writer();
         rx.await.map_err(|_| OpenError::SessionClosed)
     }
 
@@ -193,7 +191,7 @@ impl Session {
                 message: message.to_owned(),
             });
         }
-        self.shared().writer_notify.notify_one();
+        self.shared().kick_writer();
     }
 
     /// Ends the session now: streams fail, the transport is closed.
@@ -279,7 +277,7 @@ impl Drop for OpenGuard {
             }
         }
         wakers.wake_all();
-        self.shared.writer_notify.notify_one();
+        self.shared.kick_writer();
     }
 }
 
@@ -297,7 +295,9 @@ impl SessionDriver {
         // If this future is dropped mid-way, the session still ends cleanly for its streams.
         let _finish_on_drop = FinishOnDrop(shared.clone());
         let (sink, stream) = transport.split();
-        let mut writer = AbortOnDrop(tokio::spawn(write_loop(shared.clone(), sink, data_rx)));
+        *shared.writer.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(WriterCore::new(sink, data_rx));
+        let mut writer = AbortOnDrop(tokio::spawn(write_loop(shared.clone())));
         let reason = read_loop(&shared, stream, incoming_tx).await;
         shared.finish(reason);
         // The writer flushes its last frames and closes the transport; bounded, then aborted.
@@ -330,7 +330,6 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 type FrameSource = futures::stream::SplitStream<Box<dyn FrameTransportObj>>;
-type FrameSink = futures::stream::SplitSink<Box<dyn FrameTransportObj>, Frame>;
 
 async fn read_loop(
     shared: &Arc<Shared>,
@@ -380,7 +379,7 @@ async fn read_loop(
                     }
                 }
                 if queued {
-                    shared.writer_notify.notify_one();
+                    shared.kick_writer();
                 }
             }
             item = source.next() => {
@@ -392,7 +391,7 @@ async fn read_loop(
                         let mut wakers = Wakers::default();
                         let result = shared.lock().apply_malformed(&err, shared, &mut wakers);
                         wakers.wake_all();
-                        shared.writer_notify.notify_one();
+                        shared.kick_writer();
                         if let Err(end) = result {
                             return end;
                         }
@@ -412,7 +411,7 @@ async fn read_loop(
                 wakers.wake_all();
                 // Most frames (DATA above all) queue nothing: leave the writer asleep then.
                 if queued {
-                    shared.writer_notify.notify_one();
+                    shared.kick_writer();
                 }
                 match applied {
                     Err(end) => return end,
@@ -436,93 +435,4 @@ async fn read_loop(
             }
         }
     }
-}
-
-async fn write_loop(shared: Arc<Shared>, mut sink: FrameSink, mut data_rx: mpsc::Receiver<Frame>) {
-    let result = write_frames(&shared, &mut sink, &mut data_rx).await;
-    if let Err(err) = result {
-        shared.finish(err.into());
-        return;
-    }
-    // The session is ending: send what control frames remain (GOAWAY, RSTs), then close.
-    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
-        let control: Vec<Frame> = shared.lock().control.drain(..).collect();
-        for frame in control {
-            sink.feed(frame).await?;
-        }
-        sink.close().await
-    })
-    .await;
-}
-
-async fn write_frames(
-    shared: &Shared,
-    sink: &mut FrameSink,
-    data_rx: &mut mpsc::Receiver<Frame>,
-) -> Result<(), crate::TransportError> {
-    let mut next_data: Option<Frame> = None;
-    let mut control = std::collections::VecDeque::new();
-    loop {
-        if shared.cancel.is_cancelled() {
-            return Ok(());
-        }
-        // Control frames go first; swap the queue out so the lock is held only briefly.
-        std::mem::swap(&mut control, &mut shared.lock().control);
-        while let Some(frame) = control.pop_front() {
-            sink.feed(frame).await?;
-        }
-        let data = match next_data.take() {
-            Some(frame) => Some(frame),
-            None => data_rx.try_recv().ok(),
-        };
-        match data {
-            Some(frame) => {
-                // Anything queued before this frame was produced (an OPEN_OK for its stream)
-                // is in the control queue by now, and goes out first. One lock for both.
-                let frame = {
-                    let mut state = shared.lock();
-                    std::mem::swap(&mut control, &mut state.control);
-                    take_data_frame(shared, &mut state, frame)
-                };
-                while let Some(frame) = control.pop_front() {
-                    sink.feed(frame).await?;
-                }
-                if let Some(frame) = frame {
-                    sink.feed(frame).await?;
-                }
-            }
-            None => {
-                sink.flush().await?;
-                tokio::select! {
-                    biased;
-                    _ = shared.cancel.cancelled() => return Ok(()),
-                    _ = shared.writer_notify.notified() => {}
-                    frame = data_rx.recv() => next_data = frame,
-                }
-            }
-        }
-    }
-}
-
-/// Accounts for a DATA or FIN leaving the queue; drops it if its stream was reset meanwhile.
-/// A RST it queues goes out after `frame` (the caller swapped the control queue out already).
-fn take_data_frame(shared: &Shared, state: &mut State, frame: Frame) -> Option<Frame> {
-    let id = frame.stream();
-    let slot = state.streams.get_mut(&id)?;
-    slot.queued = slot.queued.saturating_sub(1);
-    let keep = slot.failure.is_none() || slot.rst_after_drain.is_some();
-    if slot.queued == 0
-        && let Some(code) = slot.rst_after_drain.take()
-    {
-        // Queued behind this frame, so the peer sees the data, then the reset.
-        let rst = Frame::Rst {
-            stream: id,
-            code,
-            message: String::new(),
-        };
-        // The writer itself runs this, and drains the control queue next.
-        state.push_control(rst);
-    }
-    state.maybe_remove(id, &shared.metrics);
-    keep.then_some(frame)
 }

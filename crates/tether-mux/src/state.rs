@@ -26,8 +26,10 @@ const MAX_PENDING_PINGS: usize = 16;
 /// Everything the session's tasks and handles share.
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
-    /// Wakes the writer when control frames are queued.
+    /// Wakes the writer task (frames queued that no handle could write inline).
     pub(crate) writer_notify: Notify,
+    /// The writer's state, installed by the session driver (see `writer.rs`).
+    pub(crate) writer: crate::writer::WriterSlot,
     pub(crate) config: MuxConfig,
     pub(crate) metrics: MuxMetrics,
     /// Cancelled when the session ends, for any reason.
@@ -61,6 +63,7 @@ impl Shared {
                 rtt: None,
             }),
             writer_notify: Notify::new(),
+            writer: Mutex::new(None),
             config,
             metrics,
             cancel: CancellationToken::new(),

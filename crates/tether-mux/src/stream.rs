@@ -67,7 +67,7 @@ impl MuxStream {
             });
         }
         wakers.wake_all();
-        self.shared.writer_notify.notify_one();
+        self.shared.kick_writer();
     }
 
     /// Bytes received for this stream and not yet read (at most the configured window).
@@ -143,7 +143,7 @@ impl MuxStream {
             }
         };
         if notify_writer {
-            self.shared.writer_notify.notify_one();
+            self.shared.kick_writer();
         }
         result
     }
@@ -237,6 +237,7 @@ impl MuxStream {
         }
         self.shared.bytes_tx.fetch_add(n as u64, Ordering::Relaxed);
         self.shared.metrics.bytes_tx.inc_by(n as u64);
+        self.shared.kick_writer();
         Ok(n)
     }
 }
@@ -310,6 +311,7 @@ impl AsyncWrite for MuxStream {
         {
             return Poll::Ready(Err(this.closed_error()));
         }
+        this.shared.kick_writer();
         Poll::Ready(Ok(()))
     }
 }
@@ -350,7 +352,7 @@ impl Drop for MuxStream {
             state.maybe_remove(self.id, &self.shared.metrics);
         }
         wakers.wake_all();
-        self.shared.writer_notify.notify_one();
+        self.shared.kick_writer();
     }
 }
 

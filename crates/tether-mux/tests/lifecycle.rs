@@ -60,13 +60,23 @@ async fn dropping_the_session_fails_every_stream_on_both_sides() {
     let (err, n, blocked) = bounded("blocked reader", blocked_reader).await.unwrap();
     assert_eq!(n, 0);
     assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+    // The half-closed stream's bytes and FIN were written before the session died (an idle
+    // writer sends at once), so its reading direction is complete; writing to it fails.
+    let mut half_closed = agent_streams.pop().unwrap();
+    let mut got = Vec::new();
+    bounded("half-closed read", half_closed.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, [2u8; 5000]);
+    let err = half_closed.write_all(b"x").await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{err:?}");
     assert_dead(&mut agent_streams).await;
     assert_dead(&mut server_streams).await;
     assert!(matches!(
         pair.agent.open(target()).await,
         Err(OpenError::SessionClosed)
     ));
-    drop((server_streams, agent_streams, blocked));
+    drop((server_streams, agent_streams, blocked, half_closed));
     let (server_end, agent_end) = pair.finish().await;
     assert!(matches!(server_end, SessionEnd::Local), "{server_end:?}");
     assert!(matches!(agent_end, SessionEnd::PeerClosed), "{agent_end:?}");
