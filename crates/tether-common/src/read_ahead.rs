@@ -17,12 +17,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Most bytes read from the socket in one call.
 pub const READ_AHEAD: usize = 64 * 1024;
 
+/// First buffer. A read that fills it doubles the next one, up to [`READ_AHEAD`]. A session
+/// that only exchanges small messages (a 64-byte echo) keeps using a buffer the allocator
+/// serves from its thread cache; one that moves bulk data reads 64 KiB at a time.
+pub const READ_AHEAD_MIN: usize = 16 * 1024;
+
 /// A byte stream whose reads go through a lazily allocated read-ahead buffer; writes pass
 /// straight through.
 #[derive(Debug)]
 pub struct ReadAhead<IO> {
     io: IO,
     buf: BytesMut,
+    /// Capacity of the next allocation.
+    next: usize,
 }
 
 impl<IO> ReadAhead<IO> {
@@ -31,6 +38,7 @@ impl<IO> ReadAhead<IO> {
         Self {
             io,
             buf: BytesMut::new(),
+            next: READ_AHEAD_MIN,
         }
     }
 
@@ -57,9 +65,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
             if out.remaining() >= READ_AHEAD {
                 return Pin::new(&mut this.io).poll_read(cx, out);
             }
-            if this.buf.capacity() < READ_AHEAD {
-                this.buf = BytesMut::with_capacity(READ_AHEAD);
+            if this.buf.capacity() < this.next {
+                this.buf = BytesMut::with_capacity(this.next);
             }
+            let room = this.buf.capacity();
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
                 Poll::Pending => {
                     // Nothing buffered and nothing arriving: an idle connection keeps no memory.
@@ -75,7 +84,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
                     this.buf = BytesMut::new();
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(n)) => {
+                    if n == room {
+                        this.next = (this.next * 2).min(READ_AHEAD);
+                    }
+                }
             }
         }
         let n = this.buf.len().min(out.remaining());
@@ -134,8 +147,8 @@ mod tests {
         let mut chunk = [0u8; 4096];
         let n = reader.read(&mut chunk).await.unwrap();
         got.extend_from_slice(&chunk[..n]);
-        // One read of the pipe took everything that was waiting.
-        assert_eq!(reader.buffered(), data.len() - n);
+        // One read of the pipe filled a whole first buffer.
+        assert_eq!(reader.buffered(), READ_AHEAD_MIN - n);
         while got.len() < data.len() {
             let n = reader.read(&mut chunk).await.unwrap();
             assert!(n > 0);
@@ -163,6 +176,23 @@ mod tests {
         assert_eq!(reader.buf.capacity(), 0);
         drop(far);
         assert_eq!(reader.read(&mut chunk).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_buffer_grows_with_full_reads() {
+        let (mut far, near) = tokio::io::duplex(4 * READ_AHEAD);
+        let mut reader = ReadAhead::new(near);
+        let mut small = [0u8; 16];
+        // Each round sends exactly what the next buffer holds, so every fill is a full read:
+        // 16 KiB, then 32 KiB, then 64 KiB at most.
+        for expected in [READ_AHEAD_MIN, 2 * READ_AHEAD_MIN, READ_AHEAD, READ_AHEAD] {
+            far.write_all(&vec![7u8; expected]).await.unwrap();
+            let n = reader.read(&mut small).await.unwrap();
+            assert_eq!(n + reader.buffered(), expected);
+            let mut rest = vec![0u8; reader.buffered()];
+            reader.read_exact(&mut rest).await.unwrap();
+            assert_eq!(reader.buffered(), 0);
+        }
     }
 
     #[tokio::test]
