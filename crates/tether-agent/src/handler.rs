@@ -13,7 +13,7 @@ use tether_proto::{OpenErrorCode, ResetCode};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, field, info, info_span};
+use tracing::{Instrument, debug, debug_span, field, info};
 
 use crate::dial::{DialError, Resolver, dial};
 use crate::metrics::{AgentMetrics, DialOutcome};
@@ -49,7 +49,8 @@ impl Handler {
                     None => break,
                 },
             };
-            let span = info_span!(
+            // Per stream, so at debug (see forward.rs); the policy refusal names its target.
+            let span = debug_span!(
                 "stream",
                 stream.id = pending.id(),
                 target = field::Empty,
@@ -89,7 +90,12 @@ impl Handler {
                 if outcome == DialOutcome::Denied {
                     match self.denials.check("denied") {
                         Some(suppressed) => {
-                            info!(error = %err, suppressed, "open refused by the dial policy");
+                            info!(
+                                target = %target,
+                                error = %err,
+                                suppressed,
+                                "open refused by the dial policy"
+                            );
                         }
                         None => debug!(error = %err, "open refused by the dial policy"),
                     }

@@ -82,15 +82,11 @@ impl WriterCore {
                 return Poll::Ready(Ok(()));
             }
             if let Some(frame) = self.control.pop_front() {
-                if let Err(err) = self.send(cx, frame, true)? {
-                    return err;
-                }
+                ready!(self.send(cx, frame, true))?;
                 continue;
             }
             if let Some(frame) = self.data.take() {
-                if let Err(err) = self.send(cx, frame, false)? {
-                    return err;
-                }
+                ready!(self.send(cx, frame, false))?;
                 continue;
             }
             let mut state = shared.lock();
@@ -115,15 +111,14 @@ impl WriterCore {
         Poll::Ready(Ok(()))
     }
 
-    /// Hands `frame` to the sink, or puts it back (at the front of its queue) if the sink is
-    /// not ready. The inner `Err` carries the `Pending` to return.
-    #[allow(clippy::type_complexity)]
+    /// Hands `frame` to the sink; if the sink is not ready, puts the frame back where it came
+    /// from (the front of the control queue, or the data slot) and returns `Pending`.
     fn send(
         &mut self,
         cx: &mut Context<'_>,
         frame: Frame,
         control: bool,
-    ) -> Result<Result<(), Poll<Result<(), TransportError>>>, TransportError> {
+    ) -> Poll<Result<(), TransportError>> {
         match Pin::new(&mut self.sink).poll_ready(cx) {
             Poll::Pending => {
                 if control {
@@ -131,13 +126,12 @@ impl WriterCore {
                 } else {
                     self.data = Some(frame);
                 }
-                Ok(Err(Poll::Pending))
+                Poll::Pending
             }
-            Poll::Ready(Err(err)) => Err(err),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Ready(Ok(())) => {
-                Pin::new(&mut self.sink).start_send(frame)?;
                 self.unflushed = true;
-                Ok(Ok(()))
+                Poll::Ready(Pin::new(&mut self.sink).start_send(frame))
             }
         }
     }

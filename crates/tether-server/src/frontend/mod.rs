@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, field, info, info_span};
+use tracing::{Instrument, debug, debug_span, field, info};
 
 use self::consumers::ConsumerTable;
 use crate::accept::accept;
@@ -250,7 +250,8 @@ pub(crate) async fn accept_loop(frontend: Arc<Frontend>, listener: TcpListener) 
             reset(tcp);
             continue;
         };
-        let span = info_span!(
+        // Per connection, so at debug (see forward.rs); refusals carry their own fields.
+        let span = debug_span!(
             "frontend_conn",
             frontend = frontend.kind.label(),
             peer.addr = %peer,
