@@ -319,3 +319,37 @@ async fn dropping_a_handle_with_queued_data_resets_after_the_data() {
     wait_until("server slot released", || pair.server.stats().streams == 0).await;
     pair.finish().await;
 }
+
+/// Over a 512-byte pipe almost every inline write finds the transport full and hands over to
+/// the writer task, while other handles keep queueing from both worker threads: every byte
+/// must still arrive, in order, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_transport_hands_writes_over_without_losing_any() {
+    const STREAMS: u64 = 16;
+    const LEN: u64 = 256 * 1024;
+    let mut pair = Pair::with_pipe(MuxConfig::default(), MuxConfig::default(), 512);
+    let mut transfers = Vec::new();
+    for i in 0..STREAMS {
+        let (server_side, agent_side) = pair.open().await;
+        transfers.push(tokio::spawn(async move {
+            let (mut sr, mut sw) = tokio::io::split(server_side);
+            let (mut ar, mut aw) = tokio::io::split(agent_side);
+            let down = Pattern::new(100 + i);
+            let up = Pattern::new(200 + i);
+            let (w1, r1, w2, r2) = tokio::join!(
+                write_pattern(&mut sw, &down, LEN),
+                read_pattern(&mut ar, &down),
+                write_pattern(&mut aw, &up, LEN),
+                read_pattern(&mut sr, &up),
+            );
+            w1.unwrap();
+            w2.unwrap();
+            (r1.unwrap(), r2.unwrap())
+        }));
+    }
+    for transfer in transfers {
+        let (down, up) = bounded("transfer", transfer).await.unwrap();
+        assert_eq!((down, up), (LEN, LEN));
+    }
+    pair.finish().await;
+}
