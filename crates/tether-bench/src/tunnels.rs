@@ -1,7 +1,7 @@
 //! `tether-bench tunnels`: rounds of direct loopback, tether and the peers on PATH through the
 //! same harness targets, interleaved, then one markdown section with medians and ratios.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -199,33 +199,16 @@ pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
                 // the allocator's first slabs and metadata.
                 for level in &levels {
                     let running = start().await?;
-                    let mut warmup = base.clone();
-                    warmup.extend([
-                        "--idle-levels".to_owned(),
-                        WARMUP_CONNS.min(*level).to_string(),
-                    ]);
-                    let spec = RunSpec {
-                        label: system.label(),
-                        entries: running.entries(),
-                        pids: running.pids()?,
-                        tests: "idle",
-                        extra: warmup,
+                    let idle = |count: u32, out| {
+                        run_idle(&script, &targets, &running, system, &base, count, out)
                     };
-                    let warmed = harness::run(&script, &targets, spec, &warmup_jsonl).await;
-                    if let Err(err) = warmed {
-                        running.stop().await?;
-                        return Err(err.context("warm-up before the idle test"));
+                    let measured = async {
+                        idle(WARMUP_CONNS.min(*level), &warmup_jsonl)
+                            .await
+                            .context("warm-up before the idle test")?;
+                        idle(*level, &jsonl).await
                     }
-                    let mut extra = base.clone();
-                    extra.extend(["--idle-levels".to_owned(), level.to_string()]);
-                    let spec = RunSpec {
-                        label: system.label(),
-                        entries: running.entries(),
-                        pids: running.pids()?,
-                        tests: "idle",
-                        extra,
-                    };
-                    let measured = harness::run(&script, &targets, spec, &jsonl).await;
+                    .await;
                     running.stop().await?;
                     measured?;
                 }
@@ -247,4 +230,26 @@ pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
         report::require_all_ok(&records)?;
     }
     report::write_section(args.common.out_path()?, report::TUNNELS_MARKER, &section)
+}
+
+/// One harness `idle` test of `count` connections through `running`, recorded in `out`.
+async fn run_idle(
+    script: &Path,
+    targets: &Targets,
+    running: &Running,
+    system: System,
+    base: &[String],
+    count: u32,
+    out: &Path,
+) -> Result<()> {
+    let mut extra = base.to_vec();
+    extra.extend(["--idle-levels".to_owned(), count.to_string()]);
+    let spec = RunSpec {
+        label: system.label(),
+        entries: running.entries(),
+        pids: running.pids()?,
+        tests: "idle",
+        extra,
+    };
+    harness::run(script, targets, spec, out).await
 }

@@ -39,6 +39,17 @@ pub(crate) const NO_CLIENT_CERT: &str = "no_client_cert";
 
 /// Bytes tungstenite buffers before writing to the socket.
 const WS_WRITE_BUFFER: usize = 64 * 1024;
+
+/// The WebSocket buffer and message limits of an agent session (either protocol), for
+/// messages of at most `message_max` bytes.
+pub(crate) fn sized(ws: WebSocketUpgrade, message_max: usize) -> WebSocketUpgrade {
+    ws.max_message_size(message_max)
+        .max_frame_size(message_max)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .read_buffer_size(tether_common::session_settings::WS_READ_BUFFER)
+        // Above write_buffer_size plus a message and a queued pong (tungstenite asserts it).
+        .max_write_buffer_size(WS_WRITE_BUFFER + 4 * message_max)
+}
 /// Room for the frame header in a WebSocket message beyond the largest DATA payload.
 const WS_MESSAGE_OVERHEAD: usize = 16;
 
@@ -206,15 +217,8 @@ async fn connect(
     };
     let instance = header_text(&headers, &INSTANCE_HEADER, sanitize_instance);
     let version = header_text(&headers, &VERSION_HEADER, sanitize_version);
-    let message_max = state.max_frame + WS_MESSAGE_OVERHEAD;
-    let mut response = ws
-        .max_message_size(message_max)
-        .max_frame_size(message_max)
-        .write_buffer_size(WS_WRITE_BUFFER)
-        .read_buffer_size(tether_common::session_settings::WS_READ_BUFFER)
-        // Above write_buffer_size plus a message and a queued pong (tungstenite asserts it).
-        .max_write_buffer_size(WS_WRITE_BUFFER + 4 * message_max)
-        .on_upgrade(move |socket| async move {
+    let mut response =
+        sized(ws, state.max_frame + WS_MESSAGE_OVERHEAD).on_upgrade(move |socket| async move {
             // If the connection task is gone, the socket and the slot drop here.
             let _ = handoff.send(UpgradedAgent {
                 socket,

@@ -25,8 +25,6 @@ use crate::registry::{Protocol, sanitize_instance};
 /// Largest remotedialer message accepted: a Data payload of 1 MiB (Go writes 32 KiB) and its
 /// header.
 pub(crate) const MAX_RD_MESSAGE: usize = tether_proto::remotedialer::DEFAULT_MAX_DATA + 64;
-/// Bytes tungstenite buffers before writing to the socket.
-const WS_WRITE_BUFFER: usize = 64 * 1024;
 
 /// How remotedialer requests are authenticated beyond the client certificate.
 #[derive(Debug)]
@@ -293,21 +291,16 @@ fn admit(
         .and_then(|v| v.to_str().ok())
         .map(sanitize_instance)
         .unwrap_or_default();
-    ws.max_message_size(MAX_RD_MESSAGE)
-        .max_frame_size(MAX_RD_MESSAGE)
-        .write_buffer_size(WS_WRITE_BUFFER)
-        .read_buffer_size(tether_common::session_settings::WS_READ_BUFFER)
-        .max_write_buffer_size(WS_WRITE_BUFFER + 4 * MAX_RD_MESSAGE)
-        .on_upgrade(move |socket| async move {
-            let _ = handoff.send(UpgradedAgent {
-                socket,
-                agent_id,
-                instance,
-                version: String::new(),
-                slot,
-                protocol: Protocol::Remotedialer,
-            });
-        })
+    crate::connect::sized(ws, MAX_RD_MESSAGE).on_upgrade(move |socket| async move {
+        let _ = handoff.send(UpgradedAgent {
+            socket,
+            agent_id,
+            instance,
+            version: String::new(),
+            slot,
+            protocol: Protocol::Remotedialer,
+        });
+    })
 }
 
 #[cfg(test)]
