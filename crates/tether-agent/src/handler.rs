@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tether_common::log_throttle::LogThrottle;
-use tether_mux::pipe::{PipeError, PipeSide, pipe};
+use tether_mux::direct::{DirectTcp, pipe_direct};
+use tether_mux::pipe::{PipeError, PipeSide};
 use tether_mux::{Incoming, MuxStream, PendingOpen};
 use tether_proto::{OpenErrorCode, ResetCode};
 use tokio::net::TcpStream;
@@ -112,7 +113,7 @@ impl Handler {
             Ok(stream) => stream,
             Err(err) => {
                 debug!(error = %err, "the server gave up on the stream before it opened");
-                abort(tcp);
+                abort(&tcp);
                 return;
             }
         };
@@ -122,9 +123,10 @@ impl Handler {
 }
 
 /// Moves bytes until both directions finish, one side fails, or the session ends.
-async fn pump(mut stream: MuxStream, mut tcp: TcpStream, cancel: &CancellationToken) {
+async fn pump(mut stream: MuxStream, tcp: TcpStream, cancel: &CancellationToken) {
+    let mut tcp = DirectTcp::new(tcp);
     let result = tokio::select! {
-        result = pipe(&mut stream, &mut tcp) => Some(result),
+        result = pipe_direct(&mut stream, &mut tcp) => Some(result),
         _ = cancel.cancelled() => None,
     };
     match result {
@@ -142,7 +144,7 @@ async fn pump(mut stream: MuxStream, mut tcp: TcpStream, cancel: &CancellationTo
             // The server reset the stream or the session died: the target must not mistake
             // that for a clean end of data.
             debug!(error = %source, "tunnel side failed; resetting the target connection");
-            abort(tcp);
+            abort(tcp.get_ref());
         }
         Some(Err(PipeError {
             side: PipeSide::Local,
@@ -154,17 +156,16 @@ async fn pump(mut stream: MuxStream, mut tcp: TcpStream, cancel: &CancellationTo
         None => {
             debug!("session ending; resetting the stream and the target connection");
             stream.reset(ResetCode::SessionClosing, "agent session ending");
-            abort(tcp);
+            abort(tcp.get_ref());
         }
     }
 }
 
-/// Closes `tcp` with an RST instead of a FIN.
-fn abort(tcp: TcpStream) {
+/// Makes closing `tcp` (when it is dropped) send RST instead of FIN.
+fn abort(tcp: &TcpStream) {
     if let Err(err) = tcp.set_zero_linger() {
         debug!(error = %err, "cannot set SO_LINGER 0; the target sees a FIN");
     }
-    drop(tcp);
 }
 
 /// The smaller of our bound and the server's; a server timeout of 0 means "no preference".

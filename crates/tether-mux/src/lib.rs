@@ -8,6 +8,7 @@
 //! [`Frame`]: tether_proto::Frame
 
 mod config;
+pub mod direct;
 mod error;
 mod incoming;
 mod metrics;

@@ -58,6 +58,27 @@ impl TunnelIo for MuxStream {
     }
 }
 
+/// The read side of a pipe's local end: reads into the spare capacity of a growable buffer (so
+/// a read needs no zero-filled space). Every `AsyncRead` is one.
+pub trait LocalRead: Unpin {
+    /// Reads once into the spare capacity of `buf`; 0 is the end of the stream.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl<T: AsyncRead + Unpin> LocalRead for T {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+    }
+}
+
 /// Which end of a pipe failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PipeSide {
@@ -85,6 +106,9 @@ pub struct PipeTotals {
     pub to_tunnel: u64,
     /// From the tunnel to the local socket.
     pub to_local: u64,
+    /// Of `to_local`, the bytes the session's reader wrote into the socket itself
+    /// ([`crate::direct`]).
+    pub to_local_direct: u64,
 }
 
 /// Pumps bytes both ways until both directions have finished (EOF then shutdown), or one side
@@ -96,7 +120,7 @@ pub struct PipeTotals {
 pub async fn pipe<T, L>(tunnel: &mut T, local: &mut L) -> Result<PipeTotals, PipeError>
 where
     T: TunnelIo,
-    L: AsyncRead + AsyncWrite + Unpin,
+    L: LocalRead + AsyncWrite,
 {
     let mut up = Up::default();
     let mut down = Down::default();
@@ -108,6 +132,7 @@ where
             Poll::Ready(Ok(PipeTotals {
                 to_tunnel: up.total,
                 to_local: down.total,
+                to_local_direct: 0,
             }))
         } else {
             Poll::Pending
@@ -139,7 +164,7 @@ impl Up {
         tunnel: &mut T,
     ) -> Poll<Result<(), PipeError>>
     where
-        L: AsyncRead + Unpin,
+        L: LocalRead,
         T: TunnelIo,
     {
         loop {
@@ -251,7 +276,7 @@ impl Default for LazyBuf {
 impl LazyBuf {
     /// Reads once (allocating if the space left is too small); `None` is end of stream.
     /// Pending gives the buffer back.
-    fn poll_fill<R: AsyncRead + Unpin>(
+    fn poll_fill<R: LocalRead>(
         &mut self,
         reader: &mut R,
         cx: &mut Context<'_>,
@@ -263,7 +288,7 @@ impl LazyBuf {
             self.buf = BytesMut::with_capacity(self.next);
         }
         let room = self.buf.capacity();
-        match tokio_util::io::poll_read_buf(Pin::new(reader), cx, &mut self.buf) {
+        match reader.poll_read_into(cx, &mut self.buf) {
             Poll::Pending => {
                 // Nothing buffered and nothing arriving: an idle direction keeps no memory.
                 self.buf = BytesMut::new();
@@ -358,7 +383,8 @@ mod tests {
             totals,
             PipeTotals {
                 to_tunnel: 7,
-                to_local: 5
+                to_local: 5,
+                to_local_direct: 0,
             }
         );
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Buf;
 use futures::StreamExt;
 use tether_proto::{Frame, GoAwayCode, OpenErrorCode, TargetAddr};
 use tokio::sync::{mpsc, oneshot};
@@ -416,6 +417,23 @@ async fn read_loop(
                 match applied {
                     Err(end) => return end,
                     Ok(Applied::Done) => {}
+                    Ok(Applied::Deliver { stream, sink, mut payload }) => {
+                        // One non-blocking write: what does not fit (or a failing socket) is
+                        // left to the stream's consumer, so the reader never waits here.
+                        let written = crate::direct::try_write(&sink, &payload).unwrap_or(0);
+                        payload.advance(written);
+                        let mut wakers = Wakers::default();
+                        let queued = {
+                            let mut state = shared.lock();
+                            let before = state.control.len();
+                            state.delivered(stream, written, payload, config, &mut wakers);
+                            state.control.len() != before
+                        };
+                        wakers.wake_all();
+                        if queued {
+                            shared.kick_writer();
+                        }
+                    }
                     Ok(Applied::Incoming { stream, target, timeout_ms }) => {
                         let pending = PendingOpen::new(shared.clone(), stream, target, timeout_ms);
                         match incoming_tx.try_send(pending) {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 use tether_proto::{Frame, GoAwayCode, OpenErrorCode, ProtoError, ResetCode, StreamId};
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -256,6 +257,15 @@ pub(crate) struct Slot {
     pub(crate) rst_after_drain: Option<ResetCode>,
     pub(crate) read_waker: Option<Waker>,
     pub(crate) write_waker: Option<Waker>,
+    /// The local socket the session's reader may write received bytes into itself.
+    pub(crate) sink: Option<Arc<TcpStream>>,
+    /// The consumer holds bytes it took and has not finished writing: a direct write now
+    /// would overtake them.
+    pub(crate) pump_holds: bool,
+    /// The reader is writing into `sink` (outside the lock).
+    pub(crate) direct_writing: bool,
+    /// Bytes the reader wrote into `sink`.
+    pub(crate) direct_bytes: u64,
 }
 
 impl Slot {
@@ -274,7 +284,38 @@ impl Slot {
             rst_after_drain: None,
             read_waker: None,
             write_waker: None,
+            sink: None,
+            pump_holds: false,
+            direct_writing: false,
+            direct_bytes: 0,
         }
+    }
+
+    /// Counts `n` bytes as consumed by the reader; returns the WINDOW frame that grants credit
+    /// back when enough has been consumed (a quarter window by default, so the sender stays
+    /// busy without a WINDOW frame per read).
+    pub(crate) fn consumed(&mut self, id: StreamId, n: usize, config: &MuxConfig) -> Option<Frame> {
+        self.unacked += n as u64;
+        let every = config
+            .window_update
+            .map_or(u64::from(config.window) / 4, u64::from)
+            .max(1);
+        if self.failure.is_some() || self.recv_fin || self.unacked < every {
+            return None;
+        }
+        let increment = self.unacked.min(u64::from(u32::MAX));
+        self.unacked -= increment;
+        self.recv_allowance += increment;
+        Some(Frame::Window {
+            stream: id,
+            increment: increment as u32,
+        })
+    }
+
+    /// Whether the reader may write a payload into the stream's socket now: one is attached,
+    /// and no byte received before is buffered, held by the consumer, or being written.
+    fn can_deliver_directly(&self) -> bool {
+        self.sink.is_some() && self.recv_buf.is_empty() && !self.pump_holds && !self.direct_writing
     }
 
     /// Marks the stream failed (the first failure wins) and collects its wakers.
@@ -345,6 +386,13 @@ pub(crate) struct State {
 pub(crate) enum Applied {
     /// Nothing more.
     Done,
+    /// Write `payload` into `sink` outside the lock (non-blocking), then report with
+    /// [`State::delivered`].
+    Deliver {
+        stream: StreamId,
+        sink: Arc<TcpStream>,
+        payload: Bytes,
+    },
     /// The peer opened a stream: hand it to the application.
     Incoming {
         stream: StreamId,
@@ -406,6 +454,32 @@ impl State {
             if capacity > MIN_TABLE_CAPACITY && self.streams.len() * 4 < capacity {
                 self.streams.shrink_to(self.streams.len() * 2);
             }
+        }
+    }
+
+    /// After an [`Applied::Deliver`]: `written` bytes reached the socket, `rest` did not (the
+    /// socket was full or failed) and goes to the stream's buffer for its consumer, which
+    /// writes it or meets the error itself.
+    pub(crate) fn delivered(
+        &mut self,
+        id: StreamId,
+        written: usize,
+        rest: Bytes,
+        config: &MuxConfig,
+        wakers: &mut Wakers,
+    ) {
+        let Some(slot) = self.streams.get_mut(&id) else {
+            return;
+        };
+        slot.direct_writing = false;
+        slot.direct_bytes += written as u64;
+        let window = slot.consumed(id, written, config);
+        if !rest.is_empty() {
+            slot.recv_buf.push(rest);
+            wakers.take(&mut slot.read_waker);
+        }
+        if let Some(window) = window {
+            self.push_control(window);
         }
     }
 
@@ -518,10 +592,20 @@ impl State {
                 }
                 if len > 0 {
                     slot.recv_allowance -= len;
-                    slot.recv_buf.push(payload);
-                    wakers.take(&mut slot.read_waker);
                     shared.bytes_rx.fetch_add(len, Ordering::Relaxed);
                     metrics.bytes_rx.inc_by(len);
+                    if slot.can_deliver_directly()
+                        && let Some(sink) = slot.sink.clone()
+                    {
+                        slot.direct_writing = true;
+                        return Ok(Applied::Deliver {
+                            stream,
+                            sink,
+                            payload,
+                        });
+                    }
+                    slot.recv_buf.push(payload);
+                    wakers.take(&mut slot.read_waker);
                 }
             }
             Frame::Window { stream, increment } => {
@@ -816,5 +900,72 @@ mod tests {
             "capacity {} after the burst of {burst}",
             state.streams.capacity()
         );
+    }
+
+    /// Applies DATA for stream 2 (opened) and tells whether the reader was asked to write it
+    /// directly.
+    fn apply_data(shared: &Shared, payload: &'static [u8]) -> bool {
+        let mut wakers = Wakers::default();
+        let applied = shared.lock().apply(
+            Frame::Data {
+                stream: 2,
+                payload: Bytes::from_static(payload),
+            },
+            shared,
+            &mut wakers,
+        );
+        matches!(applied, Ok(Applied::Deliver { .. }))
+    }
+
+    #[tokio::test]
+    async fn direct_delivery_never_overtakes_bytes_received_before() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tcp, _accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let sink = Arc::new(tcp.unwrap());
+        let metrics = MuxMetrics::unregistered();
+        let config = MuxConfig::default();
+        let (shared, _data_rx) = new_shared(Role::Server, config.clone(), metrics);
+        let mut slot = Slot::new(Phase::Open, config.window, 1024);
+        slot.sink = Some(sink);
+        shared.lock().streams.insert(2, slot);
+
+        assert!(
+            apply_data(&shared, b"first"),
+            "nothing before it: written directly"
+        );
+        // Until the reader reports, a second payload queues behind the first.
+        assert!(!apply_data(&shared, b"second"));
+        let mut wakers = Wakers::default();
+        shared
+            .lock()
+            .delivered(2, 5, Bytes::new(), &config, &mut wakers);
+        // "second" is still buffered: the next payload queues behind it.
+        assert!(!apply_data(&shared, b"third"));
+        let slot_state = |shared: &Shared| {
+            let state = shared.lock();
+            let slot = &state.streams[&2];
+            (slot.recv_buf.len(), slot.direct_bytes)
+        };
+        assert_eq!(slot_state(&shared), (11, 5));
+        // The consumer takes everything but holds it, unwritten: still no direct write.
+        {
+            let mut state = shared.lock();
+            let slot = state.streams.get_mut(&2).unwrap();
+            assert_eq!(slot.recv_buf.take_chunk(64)[..], *b"second");
+            assert_eq!(slot.recv_buf.take_chunk(64)[..], *b"third");
+            slot.pump_holds = true;
+        }
+        assert!(!apply_data(&shared, b"fourth"));
+        {
+            let mut state = shared.lock();
+            let slot = state.streams.get_mut(&2).unwrap();
+            assert_eq!(slot.recv_buf.take_chunk(64)[..], *b"fourth");
+            slot.pump_holds = false;
+        }
+        // Nothing buffered, held or in flight: direct again.
+        assert!(apply_data(&shared, b"fifth"));
     }
 }

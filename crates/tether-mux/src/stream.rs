@@ -12,7 +12,33 @@ use tether_proto::{Frame, ResetCode, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::PollSender;
 
+use tokio::net::TcpStream;
+
 use crate::state::{Shared, StreamFailure, Wakers};
+
+/// Detaches a stream's direct-delivery socket (see [`MuxStream::attach_sink`]).
+pub(crate) struct SinkHandle {
+    shared: Arc<Shared>,
+    id: StreamId,
+}
+
+impl SinkHandle {
+    /// Detaches the socket; returns the bytes the reader delivered into it since the last
+    /// call. The reader starts no write into the socket after this; one already started (only
+    /// possible when the pipe was abandoned: a pipe finishes only after the peer's FIN, which
+    /// the reader applies after its writes) completes into the socket, which stays open until
+    /// then because the reader holds a reference to it.
+    pub(crate) fn detach_sink(&self) -> u64 {
+        let mut state = self.shared.lock();
+        match state.streams.get_mut(&self.id) {
+            Some(slot) => {
+                slot.sink = None;
+                std::mem::take(&mut slot.direct_bytes)
+            }
+            None => 0,
+        }
+    }
+}
 
 /// A stream of a session. Reading gives the peer's bytes, then EOF after its FIN, or an error
 /// after a reset or the loss of the session (never a clean EOF then). `shutdown()` sends FIN
@@ -92,14 +118,16 @@ impl MuxStream {
         &mut self,
         cx: &mut Context<'_>,
         take: impl FnOnce(&mut crate::state::RecvBuf) -> (R, usize),
+        holds: bool,
     ) -> Poll<io::Result<Option<R>>> {
         let mut notify_writer = false;
         let result = {
             let mut state = self.shared.lock();
-            let window = u64::from(self.shared.config.window);
             let Some(slot) = state.streams.get_mut(&self.id) else {
                 return Poll::Ready(Err(self.closed_error()));
             };
+            // Whatever the pump took before was written: the reader may deliver directly again.
+            slot.pump_holds = false;
             if let Some(failure) = &slot.failure
                 && failure.kind == io::ErrorKind::ConnectionReset
             {
@@ -119,24 +147,11 @@ impl MuxStream {
                 }
             } else {
                 let (taken, copied) = take(&mut slot.recv_buf);
-                slot.unacked += copied as u64;
-                // Grant credit back in batches: a quarter window keeps the sender busy without
-                // a WINDOW frame per read.
-                let every = self
-                    .shared
-                    .config
-                    .window_update
-                    .map_or(window / 4, u64::from)
-                    .max(1);
-                let grant = slot.failure.is_none() && !slot.recv_fin && slot.unacked >= every;
-                if grant {
-                    let increment = slot.unacked.min(u64::from(u32::MAX));
-                    slot.unacked -= increment;
-                    slot.recv_allowance += increment;
-                    state.push_control(Frame::Window {
-                        stream: self.id,
-                        increment: increment as u32,
-                    });
+                // The caller holds the bytes until it asks again: a direct write by the
+                // session's reader before then would overtake them.
+                slot.pump_holds = holds;
+                if let Some(window) = slot.consumed(self.id, copied, &self.shared.config) {
+                    state.push_control(window);
                     notify_writer = true;
                 }
                 Poll::Ready(Ok(Some(taken)))
@@ -155,11 +170,27 @@ impl MuxStream {
         cx: &mut Context<'_>,
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
-        self.poll_consume(cx, |buf| {
-            let chunk = buf.take_chunk(max.max(1));
-            let n = chunk.len();
-            (chunk, n)
-        })
+        self.poll_consume(
+            cx,
+            |buf| {
+                let chunk = buf.take_chunk(max.max(1));
+                let n = chunk.len();
+                (chunk, n)
+            },
+            true,
+        )
+    }
+
+    /// Lets the session's reader write this stream's received bytes into `sink` itself while
+    /// nothing is buffered or held (see [`crate::direct`]). The handle detaches it.
+    pub(crate) fn attach_sink(&self, sink: Arc<TcpStream>) -> SinkHandle {
+        if let Some(slot) = self.shared.lock().streams.get_mut(&self.id) {
+            slot.sink = Some(sink);
+        }
+        SinkHandle {
+            shared: self.shared.clone(),
+            id: self.id,
+        }
     }
 
     /// Writes a prefix of `data` (at most one DATA frame) by taking it out of `data`, without
@@ -250,7 +281,7 @@ impl AsyncRead for MuxStream {
     ) -> Poll<io::Result<()>> {
         // `None` (end of stream) leaves `buf` unfilled, which is how EOF reads.
         self.get_mut()
-            .poll_consume(cx, |recv| ((), recv.read_into(buf)))
+            .poll_consume(cx, |recv| ((), recv.read_into(buf)), false)
             .map_ok(|_| ())
     }
 }

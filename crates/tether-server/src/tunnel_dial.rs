@@ -5,7 +5,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_mux::pipe::{PipeError, PipeSide, pipe};
+use tether_mux::direct::{DirectTcp, pipe_direct};
+use tether_mux::pipe::{PipeError, PipeSide};
 use tether_mux::{MuxStream, OpenError};
 use tether_proto::{OpenErrorCode, ResetCode, TargetAddr};
 use tokio::net::TcpStream;
@@ -123,13 +124,10 @@ impl TunnelDialer {
 
 /// Pumps bytes between `tcp` and the tunnel stream until both directions end, one side fails,
 /// or `hard_stop` fires. A failure on one side becomes a reset on the other, never a clean EOF.
-pub(crate) async fn splice(
-    mut conn: TunnelConn,
-    mut tcp: TcpStream,
-    hard_stop: &CancellationToken,
-) {
+pub(crate) async fn splice(mut conn: TunnelConn, tcp: TcpStream, hard_stop: &CancellationToken) {
+    let mut tcp = DirectTcp::new(tcp);
     let result = tokio::select! {
-        result = pipe(&mut conn.stream, &mut tcp) => result,
+        result = pipe_direct(&mut conn.stream, &mut tcp) => result,
         _ = hard_stop.cancelled() => Err(PipeError {
             side: PipeSide::Tunnel,
             source: io::Error::new(io::ErrorKind::ConnectionAborted, "server shutting down"),
@@ -144,7 +142,10 @@ pub(crate) async fn splice(
         Err(err) => {
             debug!(side = ?err.side, error = %err.source, "stream failed");
             match err.side {
-                PipeSide::Tunnel => reset(tcp),
+                // Dropped on return, so the consumer sees RST.
+                PipeSide::Tunnel => {
+                    let _ = tcp.get_ref().set_zero_linger();
+                }
                 PipeSide::Local => conn
                     .stream
                     .reset(ResetCode::TargetReset, "consumer connection failed"),
