@@ -256,7 +256,7 @@ fn targets(records: &[Record], idle: &[&str]) -> String {
         rows.push((
             format!("memory given back after closing {n}"),
             "≥ 95 %".to_owned(),
-            returned.map_or("–".to_owned(), |v| format!("{v:.0} %")),
+            returned.map_or("–".to_owned(), |v| format!("{v:.1} %")),
             returned.map(|v| v >= 95.0),
         ));
     }
