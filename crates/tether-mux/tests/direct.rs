@@ -10,6 +10,7 @@ use std::io;
 use common::{Pair, Pattern, bounded, wait_until, write_pattern};
 use tether_mux::MuxStream;
 use tether_mux::direct::{DirectTcp, pipe_direct};
+use tether_mux::pipe::{PipeError, PipeTotals};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -32,6 +33,17 @@ async fn small_socket_pair(buffer: u32) -> (TcpStream, TcpStream) {
     (pump_side.unwrap(), consumer)
 }
 
+/// Pumps `stream` to `tcp` with direct delivery until the pipe ends.
+fn spawn_pump(
+    mut stream: MuxStream,
+    tcp: TcpStream,
+) -> tokio::task::JoinHandle<Result<PipeTotals, PipeError>> {
+    tokio::spawn(async move {
+        let mut local = DirectTcp::new(tcp);
+        pipe_direct(&mut stream, &mut local).await
+    })
+}
+
 /// Sends `ping` from the consumer to the far end and reads it there: once it arrives, the pump
 /// is running and its socket is attached.
 async fn pump_is_running(consumer: &mut TcpStream, far: &mut MuxStream) {
@@ -48,11 +60,7 @@ async fn direct_and_pumped_writes_keep_every_byte_in_order() {
     let mut pair = Pair::new();
     let (mut server_side, agent_side) = pair.open().await;
     let (pump_side, mut consumer) = small_socket_pair(32 * 1024).await;
-    let pump = tokio::spawn(async move {
-        let mut stream = agent_side;
-        let mut local = DirectTcp::new(pump_side);
-        pipe_direct(&mut stream, &mut local).await
-    });
+    let pump = spawn_pump(agent_side, pump_side);
     pump_is_running(&mut consumer, &mut server_side).await;
 
     let len = 8 * MIB;
@@ -103,11 +111,7 @@ async fn a_small_payload_reaches_an_idle_socket_directly() {
     let mut pair = Pair::new();
     let (mut server_side, agent_side) = pair.open().await;
     let (pump_side, mut consumer) = small_socket_pair(64 * 1024).await;
-    let pump = tokio::spawn(async move {
-        let mut stream = agent_side;
-        let mut local = DirectTcp::new(pump_side);
-        pipe_direct(&mut stream, &mut local).await
-    });
+    let pump = spawn_pump(agent_side, pump_side);
     pump_is_running(&mut consumer, &mut server_side).await;
     server_side.write_all(b"pong").await.unwrap();
     server_side.shutdown().await.unwrap();
