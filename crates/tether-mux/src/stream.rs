@@ -10,9 +10,8 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use tether_proto::{Frame, ResetCode, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::PollSender;
-
 use tokio::net::TcpStream;
+use tokio_util::sync::PollSender;
 
 use crate::state::{Shared, StreamFailure, Wakers};
 
@@ -113,7 +112,9 @@ impl MuxStream {
 
 impl MuxStream {
     /// Shared body of the reads: EOF, failure, or `take` applied to the buffered bytes (which
-    /// are not empty then), with the window credit granted back for what it took.
+    /// are not empty then), with the window credit granted back for what it took. `holds`:
+    /// the caller keeps what it took unwritten until its next read (the pump), so no direct
+    /// delivery may happen meanwhile.
     fn poll_consume<R>(
         &mut self,
         cx: &mut Context<'_>,
