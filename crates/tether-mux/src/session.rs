@@ -418,9 +418,10 @@ async fn read_loop(
                     Err(end) => return end,
                     Ok(Applied::Done) => {}
                     Ok(Applied::Deliver { stream, sink, mut payload }) => {
-                        // One non-blocking write: what does not fit (or a failing socket) is
-                        // left to the stream's consumer, so the reader never waits here.
-                        let written = crate::direct::try_write(&sink, &payload).unwrap_or(0);
+                        // One non-blocking write: what does not fit is left to the stream's
+                        // consumer (and a write error is kept for it to report), so the
+                        // reader never waits here.
+                        let written = sink.try_deliver(&payload);
                         payload.advance(written);
                         let mut wakers = Wakers::default();
                         let queued = {

@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 use tether_proto::{Frame, GoAwayCode, OpenErrorCode, ProtoError, ResetCode, StreamId};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{MuxConfig, Role};
+use crate::direct::Sink;
 use crate::error::{OpenError, SessionEnd};
 use crate::metrics::{CloseReason, MuxMetrics};
 
@@ -258,7 +258,7 @@ pub(crate) struct Slot {
     pub(crate) read_waker: Option<Waker>,
     pub(crate) write_waker: Option<Waker>,
     /// The local socket the session's reader may write received bytes into itself.
-    pub(crate) sink: Option<Arc<TcpStream>>,
+    pub(crate) sink: Option<Arc<Sink>>,
     /// The consumer holds bytes it took and has not finished writing: a direct write now
     /// would overtake them.
     pub(crate) pump_holds: bool,
@@ -390,7 +390,7 @@ pub(crate) enum Applied {
     /// [`State::delivered`].
     Deliver {
         stream: StreamId,
-        sink: Arc<TcpStream>,
+        sink: Arc<Sink>,
         payload: Bytes,
     },
     /// The peer opened a stream: hand it to the application.
@@ -921,10 +921,10 @@ mod tests {
     async fn direct_delivery_never_overtakes_bytes_received_before() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (tcp, _accepted) = tokio::join!(
-            TcpStream::connect(listener.local_addr().unwrap()),
+            tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
             listener.accept()
         );
-        let sink = Arc::new(tcp.unwrap());
+        let sink = Arc::new(Sink::new(tcp.unwrap()));
         let metrics = MuxMetrics::unregistered();
         let config = MuxConfig::default();
         let (shared, _data_rx) = new_shared(Role::Server, config.clone(), metrics);

@@ -10,9 +10,9 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use tether_proto::{Frame, ResetCode, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_util::sync::PollSender;
 
+use crate::direct::Sink;
 use crate::state::{Shared, StreamFailure, Wakers};
 
 /// Detaches a stream's direct-delivery socket (see [`MuxStream::attach_sink`]).
@@ -184,7 +184,7 @@ impl MuxStream {
 
     /// Lets the session's reader write this stream's received bytes into `sink` itself while
     /// nothing is buffered or held (see [`crate::direct`]). The handle detaches it.
-    pub(crate) fn attach_sink(&self, sink: Arc<TcpStream>) -> SinkHandle {
+    pub(crate) fn attach_sink(&self, sink: Arc<Sink>) -> SinkHandle {
         if let Some(slot) = self.shared.lock().streams.get_mut(&self.id) {
             slot.sink = Some(sink);
         }
