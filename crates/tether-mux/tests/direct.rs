@@ -33,15 +33,24 @@ async fn small_socket_pair(buffer: u32) -> (TcpStream, TcpStream) {
     (pump_side.unwrap(), consumer)
 }
 
-/// Pumps `stream` to `tcp` with direct delivery until the pipe ends.
-fn spawn_pump(
-    mut stream: MuxStream,
-    tcp: TcpStream,
-) -> tokio::task::JoinHandle<Result<PipeTotals, PipeError>> {
-    tokio::spawn(async move {
-        let mut local = DirectTcp::new(tcp);
-        pipe_direct(&mut stream, &mut local).await
-    })
+/// A stream of `pair` whose agent end is pumped with direct delivery to a socket pair with
+/// `buffer`-byte buffers, once the pump runs: `(server end, consumer socket, pump task)`.
+async fn pumping(
+    pair: &mut Pair,
+    buffer: u32,
+) -> (
+    MuxStream,
+    TcpStream,
+    tokio::task::JoinHandle<Result<PipeTotals, PipeError>>,
+) {
+    let (mut server_side, mut agent_side) = pair.open().await;
+    let (pump_side, mut consumer) = small_socket_pair(buffer).await;
+    let pump = tokio::spawn(async move {
+        let mut local = DirectTcp::new(pump_side);
+        pipe_direct(&mut agent_side, &mut local).await
+    });
+    pump_is_running(&mut consumer, &mut server_side).await;
+    (server_side, consumer, pump)
 }
 
 /// Sends `ping` from the consumer to the far end and reads it there: once it arrives, the pump
@@ -58,10 +67,7 @@ async fn pump_is_running(consumer: &mut TcpStream, far: &mut MuxStream) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_and_pumped_writes_keep_every_byte_in_order() {
     let mut pair = Pair::new();
-    let (mut server_side, agent_side) = pair.open().await;
-    let (pump_side, mut consumer) = small_socket_pair(32 * 1024).await;
-    let pump = spawn_pump(agent_side, pump_side);
-    pump_is_running(&mut consumer, &mut server_side).await;
+    let (mut server_side, mut consumer, pump) = pumping(&mut pair, 32 * 1024).await;
 
     let len = 8 * MIB;
     let pattern = Pattern::new(11);
@@ -109,10 +115,7 @@ async fn direct_and_pumped_writes_keep_every_byte_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_payload_reaches_an_idle_socket_directly() {
     let mut pair = Pair::new();
-    let (mut server_side, agent_side) = pair.open().await;
-    let (pump_side, mut consumer) = small_socket_pair(64 * 1024).await;
-    let pump = spawn_pump(agent_side, pump_side);
-    pump_is_running(&mut consumer, &mut server_side).await;
+    let (mut server_side, mut consumer, pump) = pumping(&mut pair, 64 * 1024).await;
     server_side.write_all(b"pong").await.unwrap();
     server_side.shutdown().await.unwrap();
     let mut got = Vec::new();

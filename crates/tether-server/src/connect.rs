@@ -40,6 +40,9 @@ pub(crate) const NO_CLIENT_CERT: &str = "no_client_cert";
 /// Bytes tungstenite buffers before writing to the socket.
 const WS_WRITE_BUFFER: usize = 64 * 1024;
 
+/// Room for the frame header in a WebSocket message beyond the largest DATA payload.
+const WS_MESSAGE_OVERHEAD: usize = 16;
+
 /// The WebSocket buffer and message limits of an agent session (either protocol), for
 /// messages of at most `message_max` bytes.
 pub(crate) fn sized(ws: WebSocketUpgrade, message_max: usize) -> WebSocketUpgrade {
@@ -50,8 +53,6 @@ pub(crate) fn sized(ws: WebSocketUpgrade, message_max: usize) -> WebSocketUpgrad
         // Above write_buffer_size plus a message and a queued pong (tungstenite asserts it).
         .max_write_buffer_size(WS_WRITE_BUFFER + 4 * message_max)
 }
-/// Room for the frame header in a WebSocket message beyond the largest DATA payload.
-const WS_MESSAGE_OVERHEAD: usize = 16;
 
 /// Shared by every request on the tunnel listener.
 #[derive(Debug)]

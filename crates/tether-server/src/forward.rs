@@ -120,7 +120,7 @@ async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream) {
         Ok(conn) => conn,
         Err(err) => {
             forward.dial_failed(&err);
-            reset(tcp);
+            reset(&tcp);
             return;
         }
     };

@@ -142,10 +142,7 @@ pub(crate) async fn splice(mut conn: TunnelConn, tcp: TcpStream, hard_stop: &Can
         Err(err) => {
             debug!(side = ?err.side, error = %err.source, "stream failed");
             match err.side {
-                // Dropped on return, so the consumer sees RST.
-                PipeSide::Tunnel => {
-                    let _ = tcp.get_ref().set_zero_linger();
-                }
+                PipeSide::Tunnel => reset(tcp.get_ref()),
                 PipeSide::Local => conn
                     .stream
                     .reset(ResetCode::TargetReset, "consumer connection failed"),
@@ -154,8 +151,8 @@ pub(crate) async fn splice(mut conn: TunnelConn, tcp: TcpStream, hard_stop: &Can
     }
 }
 
-/// Closes the consumer's socket with RST, so it sees an error rather than a clean EOF.
-pub(crate) fn reset(tcp: TcpStream) {
+/// Makes closing the consumer's socket (when it is dropped) send RST, so the consumer sees an
+/// error rather than a clean EOF.
+pub(crate) fn reset(tcp: &TcpStream) {
     let _ = tcp.set_zero_linger();
-    drop(tcp);
 }

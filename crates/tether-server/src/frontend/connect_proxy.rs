@@ -296,7 +296,7 @@ pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketA
         && let Err(err) = conn.stream.write_all(&request.leftover).await
     {
         debug!(error = %err, "stream failed before the consumer's first bytes");
-        return crate::tunnel_dial::reset(tcp);
+        return crate::tunnel_dial::reset(&tcp);
     }
     debug!("stream open");
     splice(conn, tcp, &frontend.hard_stop).await;

@@ -247,7 +247,7 @@ pub(crate) async fn accept_loop(frontend: Arc<Frontend>, listener: TcpListener) 
     while let Some((tcp, peer)) = accept(&listener, &frontend.shutdown, &frontend.log).await {
         let Ok(permit) = frontend.slots.clone().try_acquire_owned() else {
             frontend.refused("limit", None, "", &"too many consumer connections");
-            reset(tcp);
+            reset(&tcp);
             continue;
         };
         // Per connection, so at debug (see forward.rs); refusals carry their own fields.

@@ -337,7 +337,7 @@ async fn refuse(
             debug!(error = %err, "could not deliver the refusal");
         }
     } else {
-        reset(tcp);
+        reset(&tcp);
     }
 }
 
