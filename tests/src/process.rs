@@ -117,3 +117,55 @@ fn log_field(line: &str, message: &str, field: &str) -> Option<SocketAddr> {
     }
     fields.get(field)?.as_str()?.parse().ok()
 }
+
+/// A `tether agent` child process with an admin listener. Killed when dropped.
+pub struct AgentProcess {
+    child: Child,
+    /// The admin address it bound (`/metrics`, `/readyz`).
+    pub admin_addr: SocketAddr,
+    _stderr: tokio::task::JoinHandle<()>,
+}
+
+impl AgentProcess {
+    /// Starts `tether agent --config <config>` (whose `admin_listen` must be set) and waits
+    /// until it logs "admin listener serving".
+    pub async fn start(config: &Path) -> Self {
+        let mut child = Command::new(tether_binary())
+            .args(["--log-format", "json", "--log", "info", "agent", "--config"])
+            .arg(config)
+            .env_remove("TETHER_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tether agent");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let admin_addr = tokio::time::timeout(crate::WAIT, async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .expect("read agent log")
+                    .expect("agent exited before its admin listener served");
+                if let Some(addr) = log_field(&line, "admin listener serving", "addr") {
+                    return addr;
+                }
+            }
+        })
+        .await
+        .expect("agent serves its admin listener in time");
+        let drain = tokio::spawn(drain_lines(lines));
+        Self {
+            child,
+            admin_addr,
+            _stderr: drain,
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill the agent");
+    }
+}

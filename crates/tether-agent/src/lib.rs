@@ -237,12 +237,15 @@ impl Agent {
         async move {
             let tracker = TaskTracker::new();
             if let Some(listener) = listeners.admin {
-                let addr = listener.local_addr().ok();
+                let addr = listener
+                    .local_addr()
+                    .map(|addr| addr.to_string())
+                    .unwrap_or_default();
                 let router = admin::router(self.status.subscribe(), self.registry.clone());
                 let stop = shutdown.clone();
                 tracker.spawn(
                     async move {
-                        info!(addr = ?addr, "admin listener serving");
+                        info!(addr = %addr, "admin listener serving");
                         let served = axum::serve(listener, router)
                             .with_graceful_shutdown(stop.cancelled_owned())
                             .await;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config_load;
+use crate::daemon_registry::daemon_registry;
 
 const AGENT_ID: &str = "demo-agent";
 
@@ -63,8 +64,8 @@ pub(crate) async fn run(
         config_load::server_from_str(&server_yaml, dir.path(), "demo server config")?;
     let agent_config = config_load::agent_from_str(&agent_yaml, dir.path(), "demo agent config")?;
 
-    let server_registry = prometheus::Registry::new();
-    let agent_registry = prometheus::Registry::new();
+    let server_registry = daemon_registry()?;
+    let agent_registry = daemon_registry()?;
     let server = tether_server::Server::new(server_config, &server_registry)?;
     let agent = tether_agent::Agent::new(agent_config, &agent_registry)?;
     let mut agent_status = agent.status();
@@ -87,12 +88,13 @@ pub(crate) async fn run(
     ));
     tracker.close();
 
+    // Addresses, not URLs: with `--once` everything here is gone by the time it is read.
     println!(
         "tether demo: throwaway CA and certificates in {}",
         dir.path().display()
     );
-    println!("  server   tunnel wss://{tunnel_addr}/v1/connect, admin http://{server_admin_addr}");
-    println!("  agent    \"{AGENT_ID}\", admin http://{agent_admin_addr}");
+    println!("  server   tunnel {tunnel_addr}, admin {server_admin_addr}");
+    println!("  agent    \"{AGENT_ID}\", admin {agent_admin_addr}");
     println!(
         "  target   echo service on {target_addr} (reachable only through the agent's policy)"
     );
@@ -125,14 +127,14 @@ pub(crate) async fn run(
         }
         Err(err) => println!("  traffic check FAILED: {err:#}"),
     }
-    println!(
-        "metrics:  http://{server_admin_addr}/metrics (server)  http://{agent_admin_addr}/metrics (agent)"
-    );
-
     if once {
+        println!("--once: stopping; run `tether demo` without --once to keep the daemons running");
         shutdown.cancel();
     } else if outcome.is_ok() {
-        println!("running until Ctrl-C; try: curl -s http://{server_admin_addr}/v1/clients");
+        println!("running until Ctrl-C; look around:");
+        println!("  curl -s http://{server_admin_addr}/metrics        server metrics");
+        println!("  curl -s http://{agent_admin_addr}/metrics        agent metrics");
+        println!("  tether status --admin http://{server_admin_addr}   clients and their sessions");
     }
     if outcome.is_err() {
         shutdown.cancel();

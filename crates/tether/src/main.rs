@@ -4,6 +4,7 @@ mod certs_cmd;
 mod cli;
 mod config_load;
 mod config_reload;
+mod daemon_registry;
 mod demo;
 mod logging;
 mod signals;
@@ -76,7 +77,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 },
             )?;
             logs.apply_config(&config.log);
-            let registry = process_registry()?;
+            let registry = daemon_registry::daemon_registry()?;
             let listeners = tether_server::Listeners {
                 tunnel: bind(&config.listen, "listen").await?,
                 admin: bind(&config.admin_listen, "admin_listen").await?,
@@ -115,7 +116,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 },
             )?;
             logs.apply_config(&config.log);
-            let registry = process_registry()?;
+            let registry = daemon_registry::daemon_registry()?;
             let admin = match config.admin_listen.as_str() {
                 "" => None,
                 addr => Some(bind(addr, "admin_listen").await?),
@@ -168,14 +169,6 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             Ok(())
         }
     }
-}
-
-/// The daemon's one registry, with the heap, runtime and `process_*` collectors in it.
-fn process_registry() -> anyhow::Result<prometheus::Registry> {
-    let registry = prometheus::Registry::new();
-    tether_common::runtime_metrics::register(&registry, tokio::runtime::Handle::current())
-        .context("registering the runtime metrics")?;
-    Ok(registry)
 }
 
 /// Binds with the large accept backlog of `tether_common::listen` (validated configs hold
