@@ -628,3 +628,81 @@ async fn malformed_session_messages_never_end_the_session() {
     .await;
     assert!(!agent.session.is_closed());
 }
+
+/// Go answers every ping with an empty pong: each ping still completes with an RTT, and one
+/// empty pong answers every ping that is outstanding (any pong proves the peer alive).
+#[tokio::test]
+async fn empty_pongs_like_go_answer_pings() {
+    let (a, b) = mem_pair();
+    let server = side(a, Role::Server, &MuxConfig::default(), |_| {});
+    let mut go = b;
+    // One at a time: each ping gets its empty pong.
+    for _ in 0..3 {
+        let ping = server.session.ping();
+        let answer = async {
+            loop {
+                if let WsMessage::Ping(payload) = go.rx.next().await.unwrap() {
+                    assert_eq!(payload.len(), 8, "the nonce travels in the ping");
+                    go.tx.send(WsMessage::Pong(Bytes::new())).await.unwrap();
+                    return;
+                }
+            }
+        };
+        let (rtt, ()) = bounded("ping answered by an empty pong", async {
+            tokio::join!(ping, answer)
+        })
+        .await;
+        assert!(rtt.unwrap() < Duration::from_secs(5));
+    }
+    assert!(server.session.stats().rtt.is_some());
+    // Two pings out, one empty pong: both complete.
+    let pings = async { tokio::join!(server.session.ping(), server.session.ping()) };
+    let answer = async {
+        let mut seen = 0;
+        while seen < 2 {
+            if let WsMessage::Ping(_) = go.rx.next().await.unwrap() {
+                seen += 1;
+            }
+        }
+        go.tx.send(WsMessage::Pong(Bytes::new())).await.unwrap();
+    };
+    let ((first, second), ()) =
+        bounded("two pings, one pong", async { tokio::join!(pings, answer) }).await;
+    first.unwrap();
+    second.unwrap();
+    assert!(!server.session.is_closed());
+}
+
+/// A pong echoing a nonce (tether peers, tungstenite's automatic pong) answers that ping only.
+#[tokio::test]
+async fn echoed_pong_answers_its_own_ping() {
+    let (a, b) = mem_pair();
+    let server = side(a, Role::Server, &MuxConfig::default(), |_| {});
+    let mut go = b;
+    let session = server.session.clone();
+    let first = tokio::spawn(async move { session.ping().await });
+    let first_nonce = loop {
+        if let WsMessage::Ping(payload) = go.rx.next().await.unwrap() {
+            break payload;
+        }
+    };
+    let session = server.session.clone();
+    let second = tokio::spawn(async move { session.ping().await });
+    let second_nonce = loop {
+        if let WsMessage::Ping(payload) = go.rx.next().await.unwrap() {
+            break payload;
+        }
+    };
+    assert_ne!(first_nonce, second_nonce);
+    go.tx.send(WsMessage::Pong(second_nonce)).await.unwrap();
+    bounded("second ping answered", second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!first.is_finished(), "the first ping has no answer yet");
+    go.tx.send(WsMessage::Pong(first_nonce)).await.unwrap();
+    bounded("first ping answered", first)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -231,10 +231,7 @@ async fn client_without_alpn_upgrades_on_both_routes() {
         .unwrap();
         assert_eq!(r.status, 101, "{path}: {r:?}");
         let registry = server.registry.clone();
-        support::eventually("session registered", || {
-            registry.session_count() == i + 1
-        })
-        .await;
+        support::eventually("session registered", || registry.session_count() == i + 1).await;
         // Kept open: the session lives as long as the socket.
         sockets.push(tls);
     }

@@ -43,6 +43,8 @@ const OUTBOX_READER_CAP: usize = 1024;
 const OUTBOX_BYTES: usize = 256 * 1024;
 /// Most frames waiting for the multiplexer's reader before its writer waits.
 const TO_MUX_CAP: usize = 256;
+/// Most ping nonces remembered until a pong answers them.
+const MAX_OUTSTANDING_PINGS: usize = 16;
 /// A frame type no tether.v1 peer sends: handed to the multiplexer when a WebSocket ping
 /// arrives, so that the peer's pings count as liveness (the multiplexer ignores unknown types).
 const LIVENESS_FRAME: u8 = 0xfe;
@@ -160,6 +162,8 @@ pub struct RdTransport<M: MessageTransport> {
     reader: Option<Waker>,
     /// The multiplexer's writer, waiting for `to_mux` to drain.
     mux_space: Option<Waker>,
+    /// Nonces of the pings sent and not answered yet, oldest first.
+    pings: VecDeque<u64>,
 }
 
 impl<M: MessageTransport> std::fmt::Debug for RdTransport<M> {
@@ -186,6 +190,7 @@ impl<M: MessageTransport> RdTransport<M> {
             ended: false,
             reader: None,
             mux_space: None,
+            pings: VecDeque::new(),
         }
     }
 
@@ -215,6 +220,24 @@ impl<M: MessageTransport> RdTransport<M> {
         }
         self.outbox.notify.notify_one();
         Ok(())
+    }
+
+    /// A pong from the peer. One echoing a nonce (tether peers) answers that ping. Any other
+    /// (Go answers every ping with an empty pong) answers every outstanding ping, oldest
+    /// first, so the multiplexer's RTT ends up measured from the last ping: a peer that
+    /// answers at all is alive, and no ping waits for an echo that never comes.
+    fn pong(&mut self, payload: &[u8]) {
+        let echoed = <[u8; 8]>::try_from(payload)
+            .ok()
+            .map(u64::from_be_bytes)
+            .and_then(|nonce| self.pings.iter().position(|n| *n == nonce));
+        let answered: Vec<u64> = match echoed {
+            Some(pos) => self.pings.remove(pos).into_iter().collect(),
+            None => self.pings.drain(..).collect(),
+        };
+        for nonce in answered {
+            self.translator.to_mux.push_back(Frame::Pong { nonce });
+        }
     }
 
     fn wake_reader_if_needed(&mut self) {
@@ -292,16 +315,13 @@ impl<M: MessageTransport> Stream for RdTransport<M> {
                     })));
                 }
                 WsMessage::Pong(payload) => {
-                    let frame = match <[u8; 8]>::try_from(&payload[..]) {
-                        Ok(nonce) => Frame::Pong {
-                            nonce: u64::from_be_bytes(nonce),
-                        },
-                        Err(_) => Frame::Unknown {
+                    this.pong(&payload);
+                    if this.translator.to_mux.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::Unknown {
                             frame_type: LIVENESS_FRAME,
                             stream: 0,
-                        },
-                    };
-                    return Poll::Ready(Some(Ok(frame)));
+                        })));
+                    }
                 }
             }
         }
@@ -333,6 +353,10 @@ impl<M: MessageTransport> Sink<Frame> for RdTransport<M> {
     fn start_send(mut self: Pin<&mut Self>, frame: Frame) -> Result<(), Self::Error> {
         let this = &mut *self;
         if let Frame::Ping { nonce } = frame {
+            if this.pings.len() >= MAX_OUTSTANDING_PINGS {
+                this.pings.pop_front();
+            }
+            this.pings.push_back(nonce);
             this.translator.tick(Instant::now());
             this.wake_reader_if_needed();
             this.outbox
