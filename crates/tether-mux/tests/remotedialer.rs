@@ -18,7 +18,7 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use tether_mux::remotedialer::{
     RdCounters, RdSettings, RdTransport, WsMessage, mux_config, settings_for,
 };
-use tether_mux::{Incoming, MuxConfig, MuxMetrics, Role, Session, TransportError};
+use tether_mux::{CloseReason, Incoming, MuxConfig, MuxMetrics, Role, Session, TransportError};
 use tether_proto::remotedialer::{RdLimits, RdMessage, decode, encode_to_bytes};
 use tether_proto::{OpenErrorCode, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -705,4 +705,104 @@ async fn echoed_pong_answers_its_own_ping() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// A Go agent reports a failed dial as an Error with Go's words: the stream that was opened
+/// optimistically fails as refused (with the dial error code), counted `refused`; an Error
+/// after the target answered is a reset with the matching code.
+#[tokio::test]
+async fn go_dial_failures_are_refusals_and_later_errors_resets() {
+    let (a, b) = mem_pair();
+    let server = side(a, Role::Server, &MuxConfig::default(), |_| {});
+    let mut go = Raw { ws: b, id: 0 };
+    let cases = [
+        (
+            "dial tcp 127.0.0.1:1: connect: connection refused",
+            "refused",
+        ),
+        ("dial tcp 10.255.255.1:80: i/o timeout", "timed_out"),
+        (
+            "dial tcp 192.0.2.1:80: connect: no route to host",
+            "unreachable",
+        ),
+        ("connect not allowed", "denied"),
+    ];
+    for (n, (text, code)) in cases.into_iter().enumerate() {
+        let mut stream = server.session.open(target(1)).await.unwrap();
+        let RdMessage::Connect { conn, .. } = go.recv().await else {
+            panic!("expected Connect");
+        };
+        go.send(RdMessage::error(conn, text)).await;
+        let mut buf = [0u8; 8];
+        let err = bounded("refused read", stream.read(&mut buf))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        assert!(err.to_string().contains(&format!("({code})")), "{err}");
+        assert!(err.to_string().contains(text), "{err}");
+        drop(stream);
+        wait_until("refusal counted", || {
+            server.metrics.closed_count(CloseReason::Refused) == n as u64 + 1
+        })
+        .await;
+    }
+    // The target answered, then the connection broke: a reset.
+    let mut stream = server.session.open(target(1)).await.unwrap();
+    let RdMessage::Connect { conn, .. } = go.recv().await else {
+        panic!("expected Connect");
+    };
+    go.send(RdMessage::Data {
+        conn,
+        payload: Bytes::from_static(b"hi"),
+    })
+    .await;
+    let mut buf = [0u8; 2];
+    bounded("data", stream.read_exact(&mut buf)).await.unwrap();
+    go.send(RdMessage::error(
+        conn,
+        "read tcp 127.0.0.1:4000->127.0.0.1:5000: read: connection reset by peer",
+    ))
+    .await;
+    let err = bounded("reset read", stream.read(&mut buf))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(err.to_string().contains("target_reset"), "{err}");
+    drop(stream);
+    wait_until("reset counted", || {
+        server.metrics.closed_count(CloseReason::Reset) == 1
+    })
+    .await;
+    assert_eq!(server.metrics.closed_count(CloseReason::Refused), 4);
+    assert!(!server.session.is_closed());
+}
+
+/// A tether agent's refusals reach a Go server in Go's words, whatever its own message says.
+#[tokio::test]
+async fn agent_refusals_are_sent_in_go_words() {
+    let (a, b) = mem_pair();
+    let mut agent = side(b, Role::Agent, &MuxConfig::default(), |_| {});
+    let mut go = Raw { ws: a, id: 0 };
+    for (n, (code, words)) in [
+        (OpenErrorCode::Refused, "connection refused"),
+        (OpenErrorCode::Denied, "connect not allowed"),
+        (OpenErrorCode::TimedOut, "i/o timeout"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let conn = 2 + n as u64;
+        go.send(connect(conn, "127.0.0.1:7007")).await;
+        let pending = bounded("open", agent.incoming.accept()).await.unwrap();
+        pending.reject(code, "the agent said no");
+        let message = go
+            .recv_until(|m| matches!(m, RdMessage::Error { .. }))
+            .await;
+        let RdMessage::Error { conn: got, message } = message else {
+            unreachable!();
+        };
+        assert_eq!(got, conn);
+        assert!(message.contains("the agent said no"), "{message}");
+        assert!(message.contains(words), "{message}");
+    }
 }

@@ -9,6 +9,7 @@
 //! that messages produced while reading (Pause, Resume, Errors for refused Connects) go out even
 //! when the multiplexer has nothing to write.
 
+mod error_text;
 mod translate;
 
 use std::collections::VecDeque;
