@@ -16,7 +16,7 @@ use common::{Pattern, bounded, read_pattern, wait_until, write_pattern};
 use futures::channel::mpsc;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tether_mux::remotedialer::{
-    RdCounters, RdSettings, RdTransport, WsMessage, mux_config, settings_for,
+    RdCounters, RdSettings, RdTransport, WsMessage, close_code, mux_config, settings_for,
 };
 use tether_mux::{CloseReason, Incoming, MuxConfig, MuxMetrics, Role, Session, TransportError};
 use tether_proto::remotedialer::{RdLimits, RdMessage, decode, encode_to_bytes};
@@ -119,6 +119,9 @@ impl Raw {
                     self.ws.tx.send(WsMessage::Pong(payload)).await.unwrap();
                 }
                 WsMessage::Pong(_) => {}
+                WsMessage::Close { code, reason } => {
+                    panic!("session closed ({code} {reason})")
+                }
             }
         }
     }
@@ -565,6 +568,7 @@ async fn client_pings_every_5s_and_syncs_every_60s() {
                 break decode(&bytes, &RdLimits::default()).unwrap().message;
             }
             WsMessage::Pong(_) => {}
+            WsMessage::Close { code, reason } => panic!("session closed ({code} {reason})"),
         }
     };
     let elapsed = start.elapsed();
@@ -804,5 +808,51 @@ async fn agent_refusals_are_sent_in_go_words() {
         assert_eq!(got, conn);
         assert!(message.contains("the agent said no"), "{message}");
         assert!(message.contains(words), "{message}");
+    }
+}
+
+/// The WebSocket close says why: going away after a GOAWAY (shutdown, replaced), normal
+/// closure otherwise.
+#[tokio::test]
+async fn close_frames_carry_going_away_or_normal() {
+    for goaway in [true, false] {
+        let (a, b) = mem_pair();
+        let server = side(a, Role::Server, &MuxConfig::default(), |_| {});
+        let mut go = b;
+        if goaway {
+            server
+                .session
+                .goaway(tether_proto::GoAwayCode::Shutdown, "server shutting down");
+        }
+        // The GOAWAY has gone through the transport once a later ping has.
+        let ping = server.session.ping();
+        let answer = async {
+            loop {
+                if let WsMessage::Ping(payload) = go.rx.next().await.unwrap() {
+                    go.tx.send(WsMessage::Pong(payload)).await.unwrap();
+                    return;
+                }
+            }
+        };
+        let (rtt, ()) = bounded("ping", async { tokio::join!(ping, answer) }).await;
+        rtt.unwrap();
+        server.session.close();
+        let close = bounded("close frame", async {
+            loop {
+                match go.rx.next().await {
+                    Some(WsMessage::Close { code, reason }) => return Some((code, reason)),
+                    Some(_) => {}
+                    None => return None,
+                }
+            }
+        })
+        .await;
+        let expected = if goaway {
+            (close_code::GOING_AWAY, "server shutting down".to_owned())
+        } else {
+            (close_code::NORMAL, String::new())
+        };
+        assert_eq!(close, Some(expected));
+        bounded("driver", server.driver).await.unwrap();
     }
 }

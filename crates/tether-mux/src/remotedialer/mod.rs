@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{Sink, SinkExt, Stream, StreamExt};
+use tether_proto::Frame;
 use tether_proto::remotedialer::{RdLimits, decode, encode};
-use tether_proto::{Frame, FrameType};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, trace};
@@ -59,6 +59,36 @@ pub enum WsMessage {
     Ping(Bytes),
     /// A pong control frame.
     Pong(Bytes),
+    /// A close frame with a status code and a reason (at most 123 bytes); only sent, the
+    /// adapters end their stream when one arrives.
+    Close {
+        /// The status code (RFC 6455 section 7.4).
+        code: u16,
+        /// Why, for the peer's logs.
+        reason: String,
+    },
+}
+
+/// WebSocket close codes the transport sends.
+pub mod close_code {
+    /// The session ended in an orderly way.
+    pub const NORMAL: u16 = 1000;
+    /// This side is going away: shutdown, or the session was replaced.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the WebSocket or remotedialer protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+}
+
+/// Most bytes of a close frame's reason (125 bytes of payload less the code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// `text` cut to fit a close frame, at a character boundary.
+fn close_reason(text: &str) -> String {
+    let mut end = text.len().min(MAX_CLOSE_REASON);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// A bidirectional channel of WebSocket messages. Blanket-implemented for anything that fits;
@@ -121,6 +151,9 @@ struct OutboxState {
     /// Bytes of the messages in `queue`.
     bytes: usize,
     closing: bool,
+    /// The close frame sent when closing; normal closure unless something else was decided
+    /// first (a GOAWAY: going away; a broken peer: protocol error).
+    close_frame: Option<(u16, String)>,
     failed: Option<String>,
     /// The multiplexer's writer, waiting for room.
     sink_waker: Option<Waker>,
@@ -223,6 +256,14 @@ impl<M: MessageTransport> RdTransport<M> {
         Ok(())
     }
 
+    /// Sets the close frame to send when the transport closes, unless one is set already.
+    fn decide_close(&self, code: u16, reason: &str) {
+        self.outbox
+            .lock()
+            .close_frame
+            .get_or_insert_with(|| (code, close_reason(reason)));
+    }
+
     /// A pong from the peer. One echoing a nonce (tether peers) answers that ping. Any other
     /// (Go answers every ping with an empty pong) answers every outstanding ping, oldest
     /// first, so the multiplexer's RTT ends up measured from the last ping: a peer that
@@ -297,7 +338,12 @@ impl<M: MessageTransport> Stream for RdTransport<M> {
                     this.ended = true;
                     continue;
                 }
-                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                Some(Err(err)) => {
+                    if !matches!(err, TransportError::Io(_)) {
+                        this.decide_close(close_code::PROTOCOL_ERROR, &err.to_string());
+                    }
+                    return Poll::Ready(Some(Err(err)));
+                }
                 Some(Ok(message)) => message,
             };
             this.translator.maybe_tick(Instant::now());
@@ -314,6 +360,10 @@ impl<M: MessageTransport> Stream for RdTransport<M> {
                         frame_type: LIVENESS_FRAME,
                         stream: 0,
                     })));
+                }
+                // Never produced by the adapters; the end of the stream stands for it.
+                WsMessage::Close { .. } => {
+                    this.ended = true;
                 }
                 WsMessage::Pong(payload) => {
                     this.pong(&payload);
@@ -369,8 +419,9 @@ impl<M: MessageTransport> Sink<Frame> for RdTransport<M> {
             this.outbox.notify.notify_one();
             return Ok(());
         }
-        if frame.type_byte() == FrameType::GoAway as u8 {
+        if let Frame::GoAway { message, .. } = &frame {
             debug!("GOAWAY has no remotedialer equivalent; the session closes later");
+            this.decide_close(close_code::GOING_AWAY, message);
         }
         this.translator.from_mux(frame, Instant::now());
         this.ship()?;
@@ -400,11 +451,11 @@ impl<M: MessageTransport> Sink<Frame> for RdTransport<M> {
 /// The only user of the socket's sending half: writes what the outbox holds, in order.
 async fn write_loop<M: MessageTransport>(mut sink: SplitSink<M, WsMessage>, outbox: Arc<Outbox>) {
     loop {
-        let (batch, closing) = {
+        let (batch, closing, close_frame) = {
             let mut out = outbox.lock();
             let batch: Vec<WsMessage> = out.queue.drain(..).collect();
             out.bytes = 0;
-            (batch, out.closing)
+            (batch, out.closing, out.close_frame.clone())
         };
         if !batch.is_empty() {
             for message in batch {
@@ -421,6 +472,9 @@ async fn write_loop<M: MessageTransport>(mut sink: SplitSink<M, WsMessage>, outb
             continue;
         }
         if closing {
+            let (code, reason) = close_frame.unwrap_or((close_code::NORMAL, String::new()));
+            // The socket may be gone already; the close frame is a courtesy.
+            let _ = sink.send(WsMessage::Close { code, reason }).await;
             let _ = sink.close().await;
             return;
         }
