@@ -1,5 +1,6 @@
 //! The remotedialer route's WebSocket close frames say why a session ended: a client that
 //! breaks the protocol gets 1002 with a reason, and a server shutdown sends 1001 (going away).
+#![allow(clippy::unwrap_used)]
 
 mod support;
 
