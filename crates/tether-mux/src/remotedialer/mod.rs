@@ -451,11 +451,11 @@ impl<M: MessageTransport> Sink<Frame> for RdTransport<M> {
 /// The only user of the socket's sending half: writes what the outbox holds, in order.
 async fn write_loop<M: MessageTransport>(mut sink: SplitSink<M, WsMessage>, outbox: Arc<Outbox>) {
     loop {
-        let (batch, closing, close_frame) = {
+        let (batch, closing) = {
             let mut out = outbox.lock();
             let batch: Vec<WsMessage> = out.queue.drain(..).collect();
             out.bytes = 0;
-            (batch, out.closing, out.close_frame.clone())
+            (batch, out.closing)
         };
         if !batch.is_empty() {
             for message in batch {
@@ -472,6 +472,7 @@ async fn write_loop<M: MessageTransport>(mut sink: SplitSink<M, WsMessage>, outb
             continue;
         }
         if closing {
+            let close_frame = outbox.lock().close_frame.take();
             let (code, reason) = close_frame.unwrap_or((close_code::NORMAL, String::new()));
             // The socket may be gone already; the close frame is a courtesy.
             let _ = sink.send(WsMessage::Close { code, reason }).await;
