@@ -213,6 +213,18 @@ async fn denied_and_refused_targets_fail_only_their_connection() {
     })
     .await;
     streams_settle(&server, &agent).await;
+    // The agent's refusals travel as Go-worded Errors and come back as refused dials.
+    for (reason, count) in [("refused", 2.0), ("reset", 0.0)] {
+        assert_eq!(
+            metric_or_zero(
+                &server.registry,
+                "tether_streams_closed_total",
+                &[("reason", reason)]
+            ),
+            count,
+            "server streams closed with reason {reason}"
+        );
+    }
     agent.stop().await.unwrap();
     server.stop().await.unwrap();
 }

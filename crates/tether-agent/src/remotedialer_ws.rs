@@ -1,6 +1,6 @@
 //! `RdWsClient`: a tokio-tungstenite `WebSocketStream` as a
-//! `tether_mux::remotedialer::MessageTransport` (binary messages, pings and pongs), for
-//! `protocol: remotedialer`.
+//! `tether_mux::remotedialer::MessageTransport` (binary messages, pings and pongs; close frames
+//! with a code going out), for `protocol: remotedialer`.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -10,6 +10,7 @@ use tether_mux::TransportError;
 use tether_mux::remotedialer::WsMessage;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// WebSocket messages to and from a remotedialer server. tungstenite answers the server's
@@ -92,6 +93,10 @@ where
             WsMessage::Binary(bytes) => Message::Binary(bytes),
             WsMessage::Ping(bytes) => Message::Ping(bytes),
             WsMessage::Pong(bytes) => Message::Pong(bytes),
+            WsMessage::Close { code, reason } => Message::Close(Some(CloseFrame {
+                code: code.into(),
+                reason: reason.into(),
+            })),
         };
         Pin::new(&mut self.socket)
             .start_send(message)

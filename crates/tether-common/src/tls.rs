@@ -420,12 +420,15 @@ pub fn peer_identity(
     agent_id_from_cert(cert, mode)
 }
 
-/// Whether the negotiated ALPN protocol is `http/1.1`.
+/// Whether a server-side connection may go on with HTTP/1.1: the client negotiated `http/1.1`,
+/// or offered no ALPN at all (ordinary WebSocket clients such as Go's gorilla/websocket never
+/// do).
 ///
-/// rustls lets a client that offers no ALPN at all complete the handshake; the server calls
-/// this afterwards and closes connections for which it is false.
+/// A client whose ALPN list excludes `http/1.1` does not get here: rustls ends its handshake
+/// with `no_application_protocol` ([`rustls::Error::NoApplicationProtocol`]). Anything else
+/// negotiated is refused.
 pub fn alpn_ok(negotiated: Option<&[u8]>) -> bool {
-    negotiated == Some(ALPN_HTTP11)
+    negotiated.is_none_or(|proto| proto == ALPN_HTTP11)
 }
 
 #[cfg(test)]
@@ -724,7 +727,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn client_without_alpn_handshakes_and_alpn_ok_flags_it() {
+    async fn client_without_alpn_handshakes_and_is_accepted() {
         let f = fixture();
         let agent = f.agent("edge-1");
         let mut config = (*f.client_config(&agent)).clone();
@@ -733,9 +736,28 @@ mod tests {
         out.client.unwrap();
         let (alpn, _) = out.server.unwrap();
         assert_eq!(alpn, None);
-        assert!(!alpn_ok(None));
+        assert!(alpn_ok(None));
         assert!(!alpn_ok(Some(b"h2")));
         assert!(alpn_ok(Some(b"http/1.1")));
+    }
+
+    #[tokio::test]
+    async fn client_offering_only_h2_fails_the_handshake() {
+        let f = fixture();
+        let agent = f.agent("edge-1");
+        let mut config = (*f.client_config(&agent)).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let out = handshake(f.server_config(), Arc::new(config)).await;
+        assert!(out.client.is_err());
+        let err = out.server.unwrap_err();
+        assert!(
+            matches!(
+                err.get_ref()
+                    .and_then(|e| e.downcast_ref::<rustls::Error>()),
+                Some(rustls::Error::NoApplicationProtocol)
+            ),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

@@ -720,17 +720,25 @@ impl State {
                 code,
                 message,
             } => {
-                if let Some(slot) = self.streams.get_mut(&stream)
-                    && let Phase::Opening(reply) = &mut slot.phase
-                {
-                    let reply = reply.take();
-                    slot.failure = Some(StreamFailure {
+                if let Some(slot) = self.streams.get_mut(&stream) {
+                    let failure = StreamFailure {
                         kind: io::ErrorKind::ConnectionRefused,
                         message: format!("open refused ({}): {message}", code.label()),
                         reason: CloseReason::Refused,
-                    });
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(OpenError::Refused { code, message }));
+                    };
+                    match &mut slot.phase {
+                        Phase::Opening(reply) => {
+                            let reply = reply.take();
+                            slot.failure = Some(failure);
+                            if let Some(reply) = reply {
+                                let _ = reply.send(Err(OpenError::Refused { code, message }));
+                            }
+                        }
+                        // A refusal after the stream was opened: the remotedialer translation
+                        // opens optimistically and learns of a failed dial later. Counted as
+                        // refused, like a refusal in time.
+                        Phase::Open => slot.fail(failure, wakers),
+                        Phase::Accepting => {}
                     }
                 }
             }

@@ -16,9 +16,9 @@ use common::{Pattern, bounded, read_pattern, wait_until, write_pattern};
 use futures::channel::mpsc;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tether_mux::remotedialer::{
-    RdCounters, RdSettings, RdTransport, WsMessage, mux_config, settings_for,
+    RdCounters, RdSettings, RdTransport, WsMessage, close_code, mux_config, settings_for,
 };
-use tether_mux::{Incoming, MuxConfig, MuxMetrics, Role, Session, TransportError};
+use tether_mux::{CloseReason, Incoming, MuxConfig, MuxMetrics, Role, Session, TransportError};
 use tether_proto::remotedialer::{RdLimits, RdMessage, decode, encode_to_bytes};
 use tether_proto::{OpenErrorCode, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -119,6 +119,9 @@ impl Raw {
                     self.ws.tx.send(WsMessage::Pong(payload)).await.unwrap();
                 }
                 WsMessage::Pong(_) => {}
+                WsMessage::Close { code, reason } => {
+                    panic!("session closed ({code} {reason})")
+                }
             }
         }
     }
@@ -565,6 +568,7 @@ async fn client_pings_every_5s_and_syncs_every_60s() {
                 break decode(&bytes, &RdLimits::default()).unwrap().message;
             }
             WsMessage::Pong(_) => {}
+            WsMessage::Close { code, reason } => panic!("session closed ({code} {reason})"),
         }
     };
     let elapsed = start.elapsed();
@@ -627,4 +631,228 @@ async fn malformed_session_messages_never_end_the_session() {
     })
     .await;
     assert!(!agent.session.is_closed());
+}
+
+/// Go answers every ping with an empty pong: each ping still completes with an RTT, and one
+/// empty pong answers every ping that is outstanding (any pong proves the peer alive).
+#[tokio::test]
+async fn empty_pongs_like_go_answer_pings() {
+    let (a, b) = mem_pair();
+    let server = side(a, Role::Server, &MuxConfig::default(), |_| {});
+    let mut go = b;
+    // One at a time: each ping gets its empty pong.
+    for _ in 0..3 {
+        let ping = server.session.ping();
+        let answer = async {
+            loop {
+                if let WsMessage::Ping(payload) = go.rx.next().await.unwrap() {
+                    assert_eq!(payload.len(), 8, "the nonce travels in the ping");
+                    go.tx.send(WsMessage::Pong(Bytes::new())).await.unwrap();
+                    return;
+                }
+            }
+        };
+        let (rtt, ()) = bounded("ping answered by an empty pong", async {
+            tokio::join!(ping, answer)
+        })
+        .await;
+        assert!(rtt.unwrap() < Duration::from_secs(5));
+    }
+    assert!(server.session.stats().rtt.is_some());
+    // Two pings out, one empty pong: both complete.
+    let pings = async { tokio::join!(server.session.ping(), server.session.ping()) };
+    let answer = async {
+        let mut seen = 0;
+        while seen < 2 {
+            if let WsMessage::Ping(_) = go.rx.next().await.unwrap() {
+                seen += 1;
+            }
+        }
+        go.tx.send(WsMessage::Pong(Bytes::new())).await.unwrap();
+    };
+    let ((first, second), ()) =
+        bounded("two pings, one pong", async { tokio::join!(pings, answer) }).await;
+    first.unwrap();
+    second.unwrap();
+    assert!(!server.session.is_closed());
+}
+
+/// A pong echoing a nonce (tether peers, tungstenite's automatic pong) answers that ping only.
+#[tokio::test]
+async fn echoed_pong_answers_its_own_ping() {
+    let (a, b) = mem_pair();
+    let server = side(a, Role::Server, &MuxConfig::default(), |_| {});
+    let mut go = b;
+    let session = server.session.clone();
+    let first = tokio::spawn(async move { session.ping().await });
+    let first_nonce = loop {
+        if let WsMessage::Ping(payload) = go.rx.next().await.unwrap() {
+            break payload;
+        }
+    };
+    let session = server.session.clone();
+    let second = tokio::spawn(async move { session.ping().await });
+    let second_nonce = loop {
+        if let WsMessage::Ping(payload) = go.rx.next().await.unwrap() {
+            break payload;
+        }
+    };
+    assert_ne!(first_nonce, second_nonce);
+    go.tx.send(WsMessage::Pong(second_nonce)).await.unwrap();
+    bounded("second ping answered", second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!first.is_finished(), "the first ping has no answer yet");
+    go.tx.send(WsMessage::Pong(first_nonce)).await.unwrap();
+    bounded("first ping answered", first)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// A Go agent reports a failed dial as an Error with Go's words: the stream that was opened
+/// optimistically fails as refused (with the dial error code), counted `refused`; an Error
+/// after the target answered is a reset with the matching code.
+#[tokio::test]
+async fn go_dial_failures_are_refusals_and_later_errors_resets() {
+    let (a, b) = mem_pair();
+    let server = side(a, Role::Server, &MuxConfig::default(), |_| {});
+    let mut go = Raw { ws: b, id: 0 };
+    let cases = [
+        (
+            "dial tcp 127.0.0.1:1: connect: connection refused",
+            "refused",
+        ),
+        ("dial tcp 10.255.255.1:80: i/o timeout", "timed_out"),
+        (
+            "dial tcp 192.0.2.1:80: connect: no route to host",
+            "unreachable",
+        ),
+        ("connect not allowed", "denied"),
+    ];
+    for (n, (text, code)) in cases.into_iter().enumerate() {
+        let mut stream = server.session.open(target(1)).await.unwrap();
+        let RdMessage::Connect { conn, .. } = go.recv().await else {
+            panic!("expected Connect");
+        };
+        go.send(RdMessage::error(conn, text)).await;
+        let mut buf = [0u8; 8];
+        let err = bounded("refused read", stream.read(&mut buf))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        assert!(err.to_string().contains(&format!("({code})")), "{err}");
+        assert!(err.to_string().contains(text), "{err}");
+        drop(stream);
+        wait_until("refusal counted", || {
+            server.metrics.closed_count(CloseReason::Refused) == n as u64 + 1
+        })
+        .await;
+    }
+    // The target answered, then the connection broke: a reset.
+    let mut stream = server.session.open(target(1)).await.unwrap();
+    let RdMessage::Connect { conn, .. } = go.recv().await else {
+        panic!("expected Connect");
+    };
+    go.send(RdMessage::Data {
+        conn,
+        payload: Bytes::from_static(b"hi"),
+    })
+    .await;
+    let mut buf = [0u8; 2];
+    bounded("data", stream.read_exact(&mut buf)).await.unwrap();
+    go.send(RdMessage::error(
+        conn,
+        "read tcp 127.0.0.1:4000->127.0.0.1:5000: read: connection reset by peer",
+    ))
+    .await;
+    let err = bounded("reset read", stream.read(&mut buf))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(err.to_string().contains("target_reset"), "{err}");
+    drop(stream);
+    wait_until("reset counted", || {
+        server.metrics.closed_count(CloseReason::Reset) == 1
+    })
+    .await;
+    assert_eq!(server.metrics.closed_count(CloseReason::Refused), 4);
+    assert!(!server.session.is_closed());
+}
+
+/// A tether agent's refusals reach a Go server in Go's words, whatever its own message says.
+#[tokio::test]
+async fn agent_refusals_are_sent_in_go_words() {
+    let (a, b) = mem_pair();
+    let mut agent = side(b, Role::Agent, &MuxConfig::default(), |_| {});
+    let mut go = Raw { ws: a, id: 0 };
+    for (n, (code, words)) in [
+        (OpenErrorCode::Refused, "connection refused"),
+        (OpenErrorCode::Denied, "connect not allowed"),
+        (OpenErrorCode::TimedOut, "i/o timeout"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let conn = 2 + n as u64;
+        go.send(connect(conn, "127.0.0.1:7007")).await;
+        let pending = bounded("open", agent.incoming.accept()).await.unwrap();
+        pending.reject(code, "the agent said no");
+        let message = go
+            .recv_until(|m| matches!(m, RdMessage::Error { .. }))
+            .await;
+        let RdMessage::Error { conn: got, message } = message else {
+            unreachable!();
+        };
+        assert_eq!(got, conn);
+        assert!(message.contains("the agent said no"), "{message}");
+        assert!(message.contains(words), "{message}");
+    }
+}
+
+/// The WebSocket close says why: going away after a GOAWAY (shutdown, replaced), normal
+/// closure otherwise.
+#[tokio::test]
+async fn close_frames_carry_going_away_or_normal() {
+    for goaway in [true, false] {
+        let (a, b) = mem_pair();
+        let server = side(a, Role::Server, &MuxConfig::default(), |_| {});
+        let mut go = b;
+        if goaway {
+            server
+                .session
+                .goaway(tether_proto::GoAwayCode::Shutdown, "server shutting down");
+        }
+        // The GOAWAY has gone through the transport once a later ping has.
+        let ping = server.session.ping();
+        let answer = async {
+            loop {
+                if let WsMessage::Ping(payload) = go.rx.next().await.unwrap() {
+                    go.tx.send(WsMessage::Pong(payload)).await.unwrap();
+                    return;
+                }
+            }
+        };
+        let (rtt, ()) = bounded("ping", async { tokio::join!(ping, answer) }).await;
+        rtt.unwrap();
+        server.session.close();
+        let close = bounded("close frame", async {
+            loop {
+                match go.rx.next().await {
+                    Some(WsMessage::Close { code, reason }) => return Some((code, reason)),
+                    Some(_) => {}
+                    None => return None,
+                }
+            }
+        })
+        .await;
+        let expected = if goaway {
+            (close_code::GOING_AWAY, "server shutting down".to_owned())
+        } else {
+            (close_code::NORMAL, String::new())
+        };
+        assert_eq!(close, Some(expected));
+        bounded("driver", server.driver).await.unwrap();
+    }
 }

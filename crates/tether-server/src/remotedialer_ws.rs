@@ -1,10 +1,11 @@
 //! `RdWsTransport`: an upgraded axum `WebSocket` as a `tether_mux::remotedialer::MessageTransport`
-//! (binary messages, pings and pongs), for remotedialer sessions.
+//! (binary messages, pings and pongs; close frames with a code going out), for remotedialer
+//! sessions.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::{Sink, Stream};
 use tether_mux::TransportError;
 use tether_mux::remotedialer::WsMessage;
@@ -72,6 +73,10 @@ impl Sink<WsMessage> for RdWsTransport {
             WsMessage::Binary(bytes) => Message::Binary(bytes),
             WsMessage::Ping(bytes) => Message::Ping(bytes),
             WsMessage::Pong(bytes) => Message::Pong(bytes),
+            WsMessage::Close { code, reason } => Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })),
         };
         Pin::new(&mut self.socket)
             .start_send(message)

@@ -148,15 +148,20 @@ async fn handshake(
         Ok(Err(err)) => {
             let reason = classify_tls_error(&err);
             tunnel.handshake_failed(reason);
-            debug!(reason, error = %err, "TLS handshake failed");
+            if reason == "alpn" {
+                tunnel.alpn_refused(peer, "its ALPN list does not include http/1.1");
+            } else {
+                debug!(reason, error = %err, "TLS handshake failed");
+            }
             return None;
         }
         Ok(Ok(tls)) => tls,
     };
     let conn = tls.get_ref().1;
+    // No ALPN at all is fine (ordinary WebSocket clients offer none).
     if !alpn_ok(conn.alpn_protocol()) {
         tunnel.handshake_failed("alpn");
-        debug!("peer did not negotiate ALPN http/1.1; closing");
+        tunnel.alpn_refused(peer, "it negotiated a protocol other than http/1.1");
         return None;
     }
     // No certificate at all passes the handshake only with
@@ -326,6 +331,19 @@ impl Tunnel {
             .with_label_values(&[reason])
             .inc();
     }
+
+    /// A client refused for its ALPN: a warning once per throttle window, debug otherwise.
+    fn alpn_refused(&self, peer: SocketAddr, why: &'static str) {
+        match self.log.check("alpn") {
+            Some(suppressed) => warn!(
+                peer.addr = %peer,
+                reason = "alpn",
+                suppressed,
+                "TLS client refused: {why} (offer http/1.1 or no ALPN)"
+            ),
+            None => debug!(reason = "alpn", "TLS client refused: {why}"),
+        }
+    }
 }
 
 /// A closed-set label for a failed TLS accept, from the rustls error inside the I/O error.
@@ -337,6 +355,7 @@ fn classify_tls_error(err: &io::Error) -> &'static str {
         Some(rustls::Error::InvalidCertificate(_)) => "bad_certificate",
         Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
         Some(rustls::Error::AlertReceived(_)) => "peer_alert",
+        Some(rustls::Error::NoApplicationProtocol) => "alpn",
         Some(_) => "protocol",
         None if err.kind() == io::ErrorKind::UnexpectedEof => "eof",
         None => "io",

@@ -1,11 +1,20 @@
 //! The health checker over in-memory sessions with paused time: RTT, unhealthy after missed
-//! pongs and healthy again on a pong, dials avoiding unhealthy sessions, and no probes to
-//! removed or replaced sessions.
+//! pongs and healthy again on a pong, dials avoiding unhealthy sessions, no probes to removed
+//! or replaced sessions, and remotedialer sessions whose peer answers with Go's empty pongs.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tether_mux::TransportError;
+use tether_mux::remotedialer::{self, RdTransport, WsMessage};
+use tether_proto::remotedialer::RdLimits;
 
 use tether_common::duration::HumanDuration;
 use tether_mux::transport::framed;
@@ -255,6 +264,99 @@ async fn sessions_present_before_the_checker_starts_are_probed() {
     stop.cancel();
     task.await.unwrap();
     assert_eq!(metrics.health_tracked.get(), 0);
+}
+
+/// One end of an in-memory WebSocket carrying remotedialer messages.
+struct MemWs {
+    tx: futures::channel::mpsc::Sender<WsMessage>,
+    rx: futures::channel::mpsc::Receiver<WsMessage>,
+}
+
+impl futures::Stream for MemWs {
+    type Item = Result<WsMessage, TransportError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_next_unpin(cx).map(|m| m.map(Ok))
+    }
+}
+
+impl futures::Sink<WsMessage> for MemWs {
+    type Error = TransportError;
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.tx
+            .poll_ready(cx)
+            .map_err(|e| TransportError::Other(e.to_string()))
+    }
+    fn start_send(mut self: Pin<&mut Self>, item: WsMessage) -> Result<(), Self::Error> {
+        self.tx
+            .start_send(item)
+            .map_err(|e| TransportError::Other(e.to_string()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Self::Error>> {
+        self.tx.close_channel();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A server-side remotedialer session whose peer behaves like Go's: every WebSocket ping is
+/// answered with an empty pong, and nothing else is sent. Returns the number of pings seen.
+fn go_like_session() -> (Session, Arc<AtomicU64>) {
+    let (to_peer, peer_rx) = futures::channel::mpsc::channel(16);
+    let (peer_tx, from_peer) = futures::channel::mpsc::channel(16);
+    let ws = MemWs {
+        tx: to_peer,
+        rx: from_peer,
+    };
+    let config = remotedialer::mux_config(Role::Server, &quiet_config());
+    let transport = RdTransport::new(
+        ws,
+        Role::Server,
+        remotedialer::settings_for(&config),
+        RdLimits::default(),
+    );
+    let (session, _incoming, driver) =
+        Session::new(transport, Role::Server, config, MuxMetrics::unregistered());
+    tokio::spawn(driver.run());
+    let pings = Arc::new(AtomicU64::new(0));
+    let seen = pings.clone();
+    tokio::spawn(async move {
+        let mut rx = peer_rx;
+        let mut tx = peer_tx;
+        while let Some(message) = rx.next().await {
+            if let WsMessage::Ping(_) = message {
+                seen.fetch_add(1, Ordering::Relaxed);
+                if tx.send(WsMessage::Pong(Bytes::new())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (session, pings)
+}
+
+/// Go answers pings with empty pongs: its sessions stay healthy and report an RTT.
+#[tokio::test(start_paused = true)]
+async fn go_like_empty_pongs_keep_a_remotedialer_session_healthy() {
+    let f = start_checker();
+    let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let (session, pings) = go_like_session();
+    let _guard = f.registry.insert("edge-go", "inst-go", peer, session);
+    until("five probes answered", || probes(&f.metrics, "ok") >= 5).await;
+    assert_eq!(probes(&f.metrics, "timeout"), 0);
+    assert!(pings.load(Ordering::Relaxed) >= 5);
+    assert_eq!(f.metrics.health_unhealthy.get(), 0);
+    let entry = f.registry.pick_entry("edge-go").unwrap();
+    assert!(entry.health.is_healthy());
+    assert!(entry.health.rtt().is_some());
+    let rtt = f.metrics.session_rtt.with_label_values(&["edge-go"]).get();
+    assert!((0.0..0.5).contains(&rtt), "rtt {rtt}");
+    f.stop.cancel();
+    f.task.await.unwrap();
 }
 
 /// The TestPki's files, named relative to its directory.

@@ -201,25 +201,69 @@ async fn sessions_beyond_max_agents_get_503() {
     server.stop().await.unwrap();
 }
 
+/// Ordinary WebSocket clients (Go's gorilla/websocket among them) offer no ALPN: both upgrade
+/// routes accept them.
 #[tokio::test]
-async fn client_without_alpn_is_closed_and_counted() {
+async fn client_without_alpn_upgrades_on_both_routes() {
     let pki = TestPki::new();
     let server = start(base_config(&pki)).await;
     let mut config = (*client_config(&pki, &pki.agent("edge-1"))).clone();
     config.alpn_protocols.clear();
-    let mut tls = tls_connect(server.tunnel, std::sync::Arc::new(config))
+    let config = std::sync::Arc::new(config);
+    let mut sockets = Vec::new();
+    for (i, (path, extra)) in [
+        ("/v1/connect", "Sec-WebSocket-Protocol: tether.v1\r\n"),
+        ("/connect", ""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut tls = tls_connect(server.tunnel, config.clone()).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+        let r = http_exchange(
+            &mut tls,
+            &format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE_HEADERS}\
+                 X-Tether-Instance: i{i}\r\n{extra}\r\n"
+            ),
+        )
         .await
         .unwrap();
-    let _ = http_exchange(
-        &mut tls,
-        "GET /v1/connect HTTP/1.1\r\nHost: localhost\r\n\r\n",
-    )
-    .await;
-    assert!(closed_within_2s(&mut tls).await);
+        assert_eq!(r.status, 101, "{path}: {r:?}");
+        let registry = server.registry.clone();
+        support::eventually("session registered", || registry.session_count() == i + 1).await;
+        // Kept open: the session lives as long as the socket.
+        sockets.push(tls);
+    }
     assert_eq!(
         server.metric(r#"tether_tls_handshake_failures_total{reason="alpn"}"#),
-        1.0
+        0.0
     );
+    drop(sockets);
+    server.stop().await.unwrap();
+}
+
+/// A client whose ALPN list excludes http/1.1 fails the TLS handshake and is counted.
+#[tokio::test]
+async fn client_offering_only_h2_is_refused_and_counted() {
+    let pki = TestPki::new();
+    let server = start(base_config(&pki)).await;
+    let mut config = (*client_config(&pki, &pki.agent("edge-1"))).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let result = tls_connect(server.tunnel, std::sync::Arc::new(config)).await;
+    // TLS 1.3: the server's alert may reach the client during or right after its handshake.
+    if let Ok(mut tls) = result {
+        assert!(closed_within_2s(&mut tls).await);
+    }
+    let prometheus = server.prometheus.clone();
+    support::eventually("the ALPN refusal is counted", || {
+        support::metric(
+            &prometheus,
+            r#"tether_tls_handshake_failures_total{reason="alpn"}"#,
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(server.registry.session_count(), 0);
     server.stop().await.unwrap();
 }
 

@@ -9,6 +9,7 @@
 //! that messages produced while reading (Pause, Resume, Errors for refused Connects) go out even
 //! when the multiplexer has nothing to write.
 
+mod error_text;
 mod translate;
 
 use std::collections::VecDeque;
@@ -21,8 +22,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{Sink, SinkExt, Stream, StreamExt};
+use tether_proto::Frame;
 use tether_proto::remotedialer::{RdLimits, decode, encode};
-use tether_proto::{Frame, FrameType};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, trace};
@@ -43,6 +44,8 @@ const OUTBOX_READER_CAP: usize = 1024;
 const OUTBOX_BYTES: usize = 256 * 1024;
 /// Most frames waiting for the multiplexer's reader before its writer waits.
 const TO_MUX_CAP: usize = 256;
+/// Most ping nonces remembered until a pong answers them.
+const MAX_OUTSTANDING_PINGS: usize = 16;
 /// A frame type no tether.v1 peer sends: handed to the multiplexer when a WebSocket ping
 /// arrives, so that the peer's pings count as liveness (the multiplexer ignores unknown types).
 const LIVENESS_FRAME: u8 = 0xfe;
@@ -56,6 +59,36 @@ pub enum WsMessage {
     Ping(Bytes),
     /// A pong control frame.
     Pong(Bytes),
+    /// A close frame with a status code and a reason (at most 123 bytes); only sent, the
+    /// adapters end their stream when one arrives.
+    Close {
+        /// The status code (RFC 6455 section 7.4).
+        code: u16,
+        /// Why, for the peer's logs.
+        reason: String,
+    },
+}
+
+/// WebSocket close codes the transport sends.
+pub mod close_code {
+    /// The session ended in an orderly way.
+    pub const NORMAL: u16 = 1000;
+    /// This side is going away: shutdown, or the session was replaced.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the WebSocket or remotedialer protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+}
+
+/// Most bytes of a close frame's reason (125 bytes of payload less the code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// `text` cut to fit a close frame, at a character boundary.
+fn close_reason(text: &str) -> String {
+    let mut end = text.len().min(MAX_CLOSE_REASON);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// A bidirectional channel of WebSocket messages. Blanket-implemented for anything that fits;
@@ -118,6 +151,9 @@ struct OutboxState {
     /// Bytes of the messages in `queue`.
     bytes: usize,
     closing: bool,
+    /// The close frame sent when closing; normal closure unless something else was decided
+    /// first (a GOAWAY: going away; a broken peer: protocol error).
+    close_frame: Option<(u16, String)>,
     failed: Option<String>,
     /// The multiplexer's writer, waiting for room.
     sink_waker: Option<Waker>,
@@ -160,6 +196,8 @@ pub struct RdTransport<M: MessageTransport> {
     reader: Option<Waker>,
     /// The multiplexer's writer, waiting for `to_mux` to drain.
     mux_space: Option<Waker>,
+    /// Nonces of the pings sent and not answered yet, oldest first.
+    pings: VecDeque<u64>,
 }
 
 impl<M: MessageTransport> std::fmt::Debug for RdTransport<M> {
@@ -186,6 +224,7 @@ impl<M: MessageTransport> RdTransport<M> {
             ended: false,
             reader: None,
             mux_space: None,
+            pings: VecDeque::new(),
         }
     }
 
@@ -215,6 +254,32 @@ impl<M: MessageTransport> RdTransport<M> {
         }
         self.outbox.notify.notify_one();
         Ok(())
+    }
+
+    /// Sets the close frame to send when the transport closes, unless one is set already.
+    fn decide_close(&self, code: u16, reason: &str) {
+        self.outbox
+            .lock()
+            .close_frame
+            .get_or_insert_with(|| (code, close_reason(reason)));
+    }
+
+    /// A pong from the peer. One echoing a nonce (tether peers) answers that ping. Any other
+    /// (Go answers every ping with an empty pong) answers every outstanding ping, oldest
+    /// first, so the multiplexer's RTT ends up measured from the last ping: a peer that
+    /// answers at all is alive, and no ping waits for an echo that never comes.
+    fn pong(&mut self, payload: &[u8]) {
+        let echoed = <[u8; 8]>::try_from(payload)
+            .ok()
+            .map(u64::from_be_bytes)
+            .and_then(|nonce| self.pings.iter().position(|n| *n == nonce));
+        let answered: Vec<u64> = match echoed {
+            Some(pos) => self.pings.remove(pos).into_iter().collect(),
+            None => self.pings.drain(..).collect(),
+        };
+        for nonce in answered {
+            self.translator.to_mux.push_back(Frame::Pong { nonce });
+        }
     }
 
     fn wake_reader_if_needed(&mut self) {
@@ -273,7 +338,12 @@ impl<M: MessageTransport> Stream for RdTransport<M> {
                     this.ended = true;
                     continue;
                 }
-                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                Some(Err(err)) => {
+                    if !matches!(err, TransportError::Io(_)) {
+                        this.decide_close(close_code::PROTOCOL_ERROR, &err.to_string());
+                    }
+                    return Poll::Ready(Some(Err(err)));
+                }
                 Some(Ok(message)) => message,
             };
             this.translator.maybe_tick(Instant::now());
@@ -291,17 +361,18 @@ impl<M: MessageTransport> Stream for RdTransport<M> {
                         stream: 0,
                     })));
                 }
+                // Never produced by the adapters; the end of the stream stands for it.
+                WsMessage::Close { .. } => {
+                    this.ended = true;
+                }
                 WsMessage::Pong(payload) => {
-                    let frame = match <[u8; 8]>::try_from(&payload[..]) {
-                        Ok(nonce) => Frame::Pong {
-                            nonce: u64::from_be_bytes(nonce),
-                        },
-                        Err(_) => Frame::Unknown {
+                    this.pong(&payload);
+                    if this.translator.to_mux.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::Unknown {
                             frame_type: LIVENESS_FRAME,
                             stream: 0,
-                        },
-                    };
-                    return Poll::Ready(Some(Ok(frame)));
+                        })));
+                    }
                 }
             }
         }
@@ -333,6 +404,10 @@ impl<M: MessageTransport> Sink<Frame> for RdTransport<M> {
     fn start_send(mut self: Pin<&mut Self>, frame: Frame) -> Result<(), Self::Error> {
         let this = &mut *self;
         if let Frame::Ping { nonce } = frame {
+            if this.pings.len() >= MAX_OUTSTANDING_PINGS {
+                this.pings.pop_front();
+            }
+            this.pings.push_back(nonce);
             this.translator.tick(Instant::now());
             this.wake_reader_if_needed();
             this.outbox
@@ -344,8 +419,9 @@ impl<M: MessageTransport> Sink<Frame> for RdTransport<M> {
             this.outbox.notify.notify_one();
             return Ok(());
         }
-        if frame.type_byte() == FrameType::GoAway as u8 {
+        if let Frame::GoAway { message, .. } = &frame {
             debug!("GOAWAY has no remotedialer equivalent; the session closes later");
+            this.decide_close(close_code::GOING_AWAY, message);
         }
         this.translator.from_mux(frame, Instant::now());
         this.ship()?;
@@ -396,6 +472,10 @@ async fn write_loop<M: MessageTransport>(mut sink: SplitSink<M, WsMessage>, outb
             continue;
         }
         if closing {
+            let close_frame = outbox.lock().close_frame.take();
+            let (code, reason) = close_frame.unwrap_or((close_code::NORMAL, String::new()));
+            // The socket may be gone already; the close frame is a courtesy.
+            let _ = sink.send(WsMessage::Close { code, reason }).await;
             let _ = sink.close().await;
             return;
         }

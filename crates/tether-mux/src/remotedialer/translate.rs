@@ -14,6 +14,7 @@ use tether_proto::{Frame, OpenErrorCode, ProtoError, ResetCode, StreamId, Target
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::error_text;
 use crate::config::Role;
 
 /// Settings of the remotedialer mapping.
@@ -68,6 +69,8 @@ struct Conn {
     local_fin_at: Option<Instant>,
     /// When the peer last sent Data (or was resumed).
     last_rx: Instant,
+    /// The peer has sent Data: its dial succeeded, an Error now is not a failed dial.
+    peer_sent: bool,
     /// Local -> peer: the peer asked us to pause.
     peer_paused_us: bool,
     /// Local -> peer: credit withheld from the local writer while paused.
@@ -240,6 +243,7 @@ impl Translator {
             return;
         }
         c.last_rx = now;
+        c.peer_sent = true;
         c.unread += payload.len() as u64;
         let mut rest = payload;
         while !rest.is_empty() {
@@ -325,10 +329,22 @@ impl Translator {
                 self.remove(conn);
             }
         } else {
-            self.to_mux.push_back(Frame::Rst {
-                stream,
-                code: ResetCode::Internal,
-                message: message.to_owned(),
+            // A server's Connect that the peer never answered with Data and now fails reads
+            // as its dial's failure: a refusal with the code of Go's words (counted `refused`).
+            let dial_code = (self.role == Role::Server && !c.peer_sent)
+                .then(|| error_text::dial_error_code(message))
+                .flatten();
+            self.to_mux.push_back(match dial_code {
+                Some(code) => Frame::OpenErr {
+                    stream,
+                    code,
+                    message: message.to_owned(),
+                },
+                None => Frame::Rst {
+                    stream,
+                    code: error_text::reset_code(message),
+                    message: message.to_owned(),
+                },
             });
             self.remove(conn);
         }
@@ -364,6 +380,7 @@ impl Translator {
                 stream,
                 created: now,
                 local_fin: false,
+                peer_sent: false,
                 local_fin_at: None,
                 last_rx: now,
                 peer_paused_us: false,
@@ -464,11 +481,7 @@ impl Translator {
                 message,
             } => {
                 if let Some(conn) = self.by_stream.get(&stream).copied() {
-                    let text = if message.is_empty() {
-                        code.label().to_owned()
-                    } else {
-                        message
-                    };
+                    let text = error_text::refusal_text(code, &message);
                     self.to_wire.push_back(RdMessage::error(conn, &text));
                     self.remove(conn);
                 }
