@@ -24,10 +24,20 @@ pub const DEFAULT_SUBSCRIBER_CAPACITY: usize = 1024;
 
 /// No live session for a client: an ordinary state, reported to the consumer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no agent connected for client \"{client}\"")]
+#[error("no agent connected for client \"{client}\"{}", on_replica(replica))]
 pub struct NoSession {
     /// The agent id that was asked for.
     pub client: String,
+    /// The replica (`server_id`) that has no session of it; empty when not known.
+    pub replica: String,
+}
+
+fn on_replica(replica: &str) -> String {
+    if replica.is_empty() {
+        String::new()
+    } else {
+        format!(" on replica \"{replica}\"")
+    }
 }
 
 /// The wire protocol of a session.
@@ -252,6 +262,7 @@ pub struct SessionRegistry {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     metrics: ServerMetrics,
+    replica: String,
 }
 
 impl SessionRegistry {
@@ -261,7 +272,14 @@ impl SessionRegistry {
             inner: Mutex::new(Inner::default()),
             next_id: AtomicU64::new(1),
             metrics,
+            replica: String::new(),
         }
+    }
+
+    /// Names this replica (`server_id`) in [`NoSession`] errors.
+    pub fn with_replica(mut self, server_id: &str) -> Self {
+        self.replica = server_id.to_owned();
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -471,6 +489,7 @@ impl SessionRegistry {
             .cloned()
             .ok_or_else(|| NoSession {
                 client: client.to_owned(),
+                replica: self.replica.clone(),
             })
     }
 
@@ -713,8 +732,19 @@ mod tests {
 
     #[test]
     fn no_session_message() {
-        let err = NoSession { client: "x".into() };
+        let err = NoSession {
+            client: "x".into(),
+            replica: String::new(),
+        };
         assert_eq!(err.to_string(), "no agent connected for client \"x\"");
+        let err = NoSession {
+            client: "x".into(),
+            replica: "replica-2".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "no agent connected for client \"x\" on replica \"replica-2\""
+        );
     }
 
     #[test]
