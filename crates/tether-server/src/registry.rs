@@ -74,6 +74,11 @@ pub struct SessionEntry {
     pub session_id: u64,
     /// The agent process instance (`X-Tether-Instance`, sanitized); may be empty.
     pub instance: String,
+    /// Which of the instance's endpoints (server URL and address) the session came through
+    /// (`X-Tether-Endpoint`, sanitized); may be empty. A reconnect replaces an older session
+    /// of the same instance and endpoint only: an agent reaching this replica through two
+    /// addresses keeps (and itself closes) the second session without losing the first.
+    pub endpoint: String,
     /// When the session was registered (monotonic).
     pub connected_at: Instant,
     /// When the session was registered (wall clock, for listings).
@@ -307,7 +312,7 @@ impl SessionRegistry {
         peer_addr: SocketAddr,
         session: Session,
     ) -> SessionGuard {
-        self.insert_with_protocol(client, instance, peer_addr, session, Protocol::Tether)
+        self.insert_with_protocol(client, instance, "", peer_addr, session, Protocol::Tether)
     }
 
     /// [`insert`](Self::insert) for a session of the given wire `protocol`.
@@ -315,6 +320,7 @@ impl SessionRegistry {
         self: &Arc<Self>,
         client: &str,
         instance: &str,
+        endpoint: &str,
         peer_addr: SocketAddr,
         session: Session,
         protocol: Protocol,
@@ -325,6 +331,7 @@ impl SessionRegistry {
             session,
             session_id,
             instance: instance.to_owned(),
+            endpoint: endpoint.to_owned(),
             connected_at: Instant::now(),
             connected_wall: SystemTime::now(),
             peer_addr,
@@ -339,7 +346,7 @@ impl SessionRegistry {
             } else {
                 let (stale, keep) = std::mem::take(sessions)
                     .into_iter()
-                    .partition(|e| e.instance == instance);
+                    .partition(|e| e.instance == instance && e.endpoint == endpoint);
                 *sessions = keep;
                 stale
             };

@@ -242,6 +242,7 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
         socket,
         agent_id: _,
         instance,
+        endpoint,
         version,
         slot,
         protocol,
@@ -280,7 +281,14 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
     let guard =
         tunnel
             .registry
-            .insert_with_protocol(&agent_id, &instance, peer, session.clone(), protocol);
+            .insert_with_protocol(
+                &agent_id,
+                &instance,
+                &endpoint,
+                peer,
+                session.clone(),
+                protocol,
+            );
     Span::current().record("session.id", guard.session_id());
     info!(
         instance = %instance,
