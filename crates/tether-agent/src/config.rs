@@ -369,26 +369,27 @@ impl AgentConfig {
     }
 
     fn validate_servers(&self, errors: &mut ConfigErrors) {
-        let keyed: Vec<(String, &String)> = match (self.server_url.is_empty(), self.servers.is_empty()) {
-            (true, true) => {
-                errors.push(
-                    "server_url",
-                    "must be set (or list the replicas' URLs in `servers`)",
-                );
-                Vec::new()
-            }
-            (false, false) => {
-                errors.push("servers", "set either server_url or servers, not both");
-                Vec::new()
-            }
-            (false, true) => vec![("server_url".to_owned(), &self.server_url)],
-            (true, false) => self
-                .servers
-                .iter()
-                .enumerate()
-                .map(|(i, url)| (format!("servers[{i}]"), url))
-                .collect(),
-        };
+        let keyed: Vec<(String, &String)> =
+            match (self.server_url.is_empty(), self.servers.is_empty()) {
+                (true, true) => {
+                    errors.push(
+                        "server_url",
+                        "must be set (or list the replicas' URLs in `servers`)",
+                    );
+                    Vec::new()
+                }
+                (false, false) => {
+                    errors.push("servers", "set either server_url or servers, not both");
+                    Vec::new()
+                }
+                (false, true) => vec![("server_url".to_owned(), &self.server_url)],
+                (true, false) => self
+                    .servers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, url)| (format!("servers[{i}]"), url))
+                    .collect(),
+            };
         if self.servers.len() > MAX_SERVERS {
             errors.push(
                 "servers",

@@ -370,13 +370,12 @@ impl Connector {
         url: &str,
         endpoint_tag: &str,
     ) -> Result<tungstenite::handshake::client::Request, ConnectError> {
-        let mut request =
-            url
-                .into_client_request()
-                .map_err(|err| ConnectError::Http {
-                    status: None,
-                    message: format!("cannot build the upgrade request: {err}"),
-                })?;
+        let mut request = url
+            .into_client_request()
+            .map_err(|err| ConnectError::Http {
+                status: None,
+                message: format!("cannot build the upgrade request: {err}"),
+            })?;
         let headers = request.headers_mut();
         for (name, value) in &self.headers {
             headers.insert(name.clone(), value.clone());

@@ -87,7 +87,10 @@ mod tests {
             .collect();
         assert_eq!(
             one_family(addrs),
-            vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.2:1".parse().unwrap()]
+            vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.2:1".parse().unwrap()
+            ]
         );
         let v6: Vec<SocketAddr> = vec!["[::1]:1".parse().unwrap()];
         assert_eq!(one_family(v6.clone()), v6);

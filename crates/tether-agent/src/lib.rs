@@ -47,10 +47,10 @@ pub use status::{AgentStatus, ReplicaStatus};
 pub use tether_common::config_diff::ReloadOutcome;
 
 use crate::dial::{Resolver, SystemResolver};
+use crate::fleet::Fleet;
 use crate::gate::{Gate, GateControl};
 use crate::handler::Handler;
 use crate::reload::{ConnectSettings, ReloadTargets};
-use crate::fleet::Fleet;
 
 /// How the agent reads environment variables (the activation gate's `from: env` source).
 pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;

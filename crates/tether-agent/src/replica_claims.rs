@@ -101,10 +101,7 @@ mod tests {
         assert_eq!(claims.claim("r1", &b), Err(a.clone()));
         let waiter = claims.wait_released("r1", &b);
         tokio::pin!(waiter);
-        assert!(
-            futures::poll!(waiter.as_mut()).is_pending(),
-            "held by a"
-        );
+        assert!(futures::poll!(waiter.as_mut()).is_pending(), "held by a");
         claims.release("r1", &a);
         waiter.await;
         assert_eq!(claims.claim("r1", &b), Ok(()));

@@ -269,8 +269,8 @@ impl Supervisor {
                     let restarting = peer_goaway
                         .as_ref()
                         .is_some_and(|(code, _)| *code == GoAwayCode::Restart);
-                    let peer_goaway = peer_goaway
-                        .map(|(code, message)| format!("{}: {message}", code.label()));
+                    let peer_goaway =
+                        peer_goaway.map(|(code, message)| format!("{}: {message}", code.label()));
                     let error = match &peer_goaway {
                         Some(message) => {
                             format!("session ended after the server's GOAWAY ({message}): {end}")

@@ -18,7 +18,8 @@ use tether_common::identity::validate_agent_id;
 
 use crate::config::RemotedialerConfig;
 use crate::connect::{
-    ConnContext, ConnectState, ENDPOINT_HEADER, INSTANCE_HEADER, NO_CLIENT_CERT, SUBPROTOCOL, UpgradedAgent,
+    ConnContext, ConnectState, ENDPOINT_HEADER, INSTANCE_HEADER, NO_CLIENT_CERT, SUBPROTOCOL,
+    UpgradedAgent,
 };
 use crate::registry::{Protocol, sanitize_instance};
 
