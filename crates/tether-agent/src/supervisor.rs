@@ -96,9 +96,7 @@ impl RetryLog {
         let changed = self.last_kind.replace(kind) != Some(kind);
         if self.streak == 1 && !self.planned {
             Loudness::Warn
-        } else if self.streak == 1 {
-            Loudness::Info
-        } else if changed || self.streak.is_power_of_two() {
+        } else if self.streak == 1 || changed || self.streak.is_power_of_two() {
             Loudness::Info
         } else {
             Loudness::Debug
@@ -544,6 +542,20 @@ mod tests {
         assert_eq!(log.failure("tls"), Debug);
         assert_eq!(log.reset(), 11);
         assert_eq!(log.failure("tls"), Warn);
+    }
+
+    #[test]
+    fn a_streak_after_an_announced_restart_starts_at_info() {
+        let mut log = RetryLog {
+            planned: true,
+            ..RetryLog::default()
+        };
+        use Loudness::*;
+        assert_eq!(log.failure("tcp"), Info);
+        assert_eq!(log.failure("tcp"), Info);
+        assert_eq!(log.failure("tcp"), Debug);
+        log.reset();
+        assert_eq!(log.failure("tcp"), Warn, "reset forgets the restart");
     }
 
     #[test]
