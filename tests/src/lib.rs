@@ -312,6 +312,11 @@ impl TestAgent {
         Self::spawn(&format!("{yaml}\nprotocol: remotedialer\n"), pki, None)
     }
 
+    /// Starts an agent from a whole agent.yaml (paths relative to the PKI directory).
+    pub fn from_yaml(yaml: &str, pki: &TestPki) -> Self {
+        Self::spawn(yaml, pki, None)
+    }
+
     fn spawn(yaml: &str, pki: &TestPki, admin: Option<TcpListener>) -> Self {
         let config = agent_config(yaml, pki).expect("valid agent config");
         let registry = prometheus::Registry::new();

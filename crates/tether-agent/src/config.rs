@@ -36,8 +36,18 @@ pub struct AgentConfig {
     #[serde(default = "default_version")]
     pub version: u32,
     /// Where to dial: `wss://host[:port]/path` (port 443 when omitted), e.g.
-    /// `wss://tether.example.com:8443/v1/connect`. Only `wss://` is accepted.
+    /// `wss://tether.example.com:8443/v1/connect`. Only `wss://` is accepted. A host name
+    /// with several addresses is a set of server replicas: one session per address. Set this
+    /// or `servers`, not both.
+    #[serde(default)]
     pub server_url: String,
+    /// A static list of server replicas' URLs (instead of `server_url`); each URL's host may
+    /// resolve to several addresses, as for `server_url`.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// How the replica set is found again: re-resolution interval and readiness.
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
     /// TLS name the server certificate must be valid for; empty means the host of `server_url`
     /// (an IP host is checked against the certificate's IP SANs).
     #[serde(default)]
@@ -107,6 +117,30 @@ pub struct AgentTlsConfig {
     /// The CA bundle (PEM) the server certificate must chain to; the only trust anchors.
     pub server_ca: PathBuf,
 }
+
+/// `discovery:` of agent.yaml: the replica set is every address of every server URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// How often the server names are resolved again (and at once whenever a session ends).
+    /// Addresses that appeared are dialed at once; sessions to addresses that disappeared
+    /// are drained.
+    pub interval: HumanDuration,
+    /// The agent is ready (`/readyz` 200) when at least this many replicas are connected.
+    pub min_connected: usize,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            interval: HumanDuration::secs(30),
+            min_connected: 1,
+        }
+    }
+}
+
+/// Most server URLs in `servers`, and most addresses dialed per URL.
+pub const MAX_SERVERS: usize = 64;
 
 /// `reconnect:` of agent.yaml: capped exponential backoff with jitter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +274,15 @@ impl AgentConfig {
         self
     }
 
+    /// The server URLs to dial: `servers`, or `server_url` when that list is empty.
+    pub fn urls(&self) -> Vec<String> {
+        if self.servers.is_empty() {
+            vec![self.server_url.clone()]
+        } else {
+            self.servers.clone()
+        }
+    }
+
     /// The TLS files in the form `tether_common::tls` takes.
     pub fn tls_files(&self) -> ClientTlsFiles {
         ClientTlsFiles {
@@ -293,19 +336,7 @@ impl AgentConfig {
                 ),
             );
         }
-        match ServerUrl::parse(&self.server_url) {
-            Ok(url) => {
-                if let Err(message) = url.tls_name(&self.server_name) {
-                    let key = if self.server_name.is_empty() {
-                        "server_url"
-                    } else {
-                        "server_name"
-                    };
-                    errors.push(key, message);
-                }
-            }
-            Err(message) => errors.push("server_url", message),
-        }
+        self.validate_servers(&mut errors);
         self.validate_tls(&mut errors);
         validate_labels(&self.labels, &mut errors);
         validate_headers(&self.headers, &mut errors);
@@ -335,6 +366,68 @@ impl AgentConfig {
         }
         self.activation.validate(&mut errors);
         errors.into_result(())
+    }
+
+    fn validate_servers(&self, errors: &mut ConfigErrors) {
+        let keyed: Vec<(String, &String)> =
+            match (self.server_url.is_empty(), self.servers.is_empty()) {
+                (true, true) => {
+                    errors.push(
+                        "server_url",
+                        "must be set (or list the replicas' URLs in `servers`)",
+                    );
+                    Vec::new()
+                }
+                (false, false) => {
+                    errors.push("servers", "set either server_url or servers, not both");
+                    Vec::new()
+                }
+                (false, true) => vec![("server_url".to_owned(), &self.server_url)],
+                (true, false) => self
+                    .servers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, url)| (format!("servers[{i}]"), url))
+                    .collect(),
+            };
+        if self.servers.len() > MAX_SERVERS {
+            errors.push(
+                "servers",
+                format!("{} URLs; at most {MAX_SERVERS}", self.servers.len()),
+            );
+        }
+        for (key, url) in keyed {
+            match ServerUrl::parse(url) {
+                Ok(url) => {
+                    if let Err(message) = url.tls_name(&self.server_name) {
+                        let key = if self.server_name.is_empty() {
+                            key
+                        } else {
+                            "server_name".to_owned()
+                        };
+                        errors.push(key, message);
+                    }
+                }
+                Err(message) => errors.push(key, message),
+            }
+        }
+        let d = &self.discovery;
+        if d.interval.0 < Duration::from_secs(1) || d.interval.0 > Duration::from_secs(3600) {
+            errors.push(
+                "discovery.interval",
+                format!("{} is outside 1s..1h", d.interval),
+            );
+        }
+        if d.min_connected == 0 || d.min_connected > MAX_SERVERS * MAX_SERVERS {
+            errors.push(
+                "discovery.min_connected",
+                format!(
+                    "{} is outside 1..={}",
+                    d.min_connected,
+                    MAX_SERVERS * MAX_SERVERS
+                ),
+            );
+        }
     }
 
     fn validate_tls(&self, errors: &mut ConfigErrors) {

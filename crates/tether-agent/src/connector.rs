@@ -33,6 +33,10 @@ pub const VERSION_HEADER: HeaderName = HeaderName::from_static("x-tether-version
 pub const LABELS_HEADER: HeaderName = HeaderName::from_static("x-tether-labels");
 /// Response header: the server process's id.
 pub const SERVER_HEADER: HeaderName = HeaderName::from_static("x-tether-server");
+/// Request header: which of the agent's endpoints (server URL and address) this session is
+/// for, so that a server reached through two endpoints does not take the second session for a
+/// reconnect of the first (which would replace it).
+pub const ENDPOINT_HEADER: HeaderName = HeaderName::from_static("x-tether-endpoint");
 
 /// Room for the frame header in a WebSocket message beyond the largest DATA payload.
 const WS_MESSAGE_SLACK: usize = 16;
@@ -114,12 +118,59 @@ pub struct Connection {
     pub protocol: AgentProtocol,
 }
 
-/// Everything needed to dial the server, prepared once.
-#[derive(Clone)]
-pub struct Connector {
+/// One server URL, parsed, with the TLS name its certificate must carry.
+#[derive(Clone, Debug)]
+struct Target {
     url: String,
     server: ServerUrl,
     server_name: ServerName<'static>,
+}
+
+/// Where one session goes: a server URL and, once resolved, one of its addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    /// The server URL (`server_url` or an entry of `servers`).
+    pub url: String,
+    /// The address dialed; `None` dials the URL's host by name (it did not resolve).
+    pub addr: Option<SocketAddr>,
+}
+
+impl Endpoint {
+    /// A short stable tag of this endpoint (`X-Tether-Endpoint`).
+    pub fn tag(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        // FNV-1a: stable across processes and releases, unlike `DefaultHasher`.
+        struct Fnv(u64);
+        impl Hasher for Fnv {
+            fn finish(&self) -> u64 {
+                self.0
+            }
+            fn write(&mut self, bytes: &[u8]) {
+                for b in bytes {
+                    self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+                }
+            }
+        }
+        let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
+        self.url.hash(&mut hasher);
+        self.addr.map(|a| a.to_string()).hash(&mut hasher);
+        format!("{:08x}", hasher.finish() as u32)
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            Some(addr) => write!(f, "{} ({addr})", self.url),
+            None => f.write_str(&self.url),
+        }
+    }
+}
+
+/// Everything needed to dial the server replicas, prepared once.
+#[derive(Clone)]
+pub struct Connector {
+    targets: Vec<Target>,
     tls: TlsConnector,
     connect_timeout: Duration,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -131,8 +182,7 @@ pub struct Connector {
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connector")
-            .field("url", &self.url)
-            .field("server_name", &self.server_name)
+            .field("targets", &self.targets)
             .finish_non_exhaustive()
     }
 }
@@ -146,17 +196,24 @@ impl Connector {
         instance_id: &str,
     ) -> Result<Connector, ConfigErrors> {
         let mut errors = ConfigErrors::new();
-        let server = ServerUrl::parse(&config.server_url).map_err(|message| {
-            let mut errors = ConfigErrors::new();
-            errors.push("server_url", message);
-            errors
-        })?;
-        let server_name = server
-            .tls_name(&config.server_name)
-            .map_err(|message| {
-                errors.push("server_name", message);
-            })
-            .ok();
+        let mut targets = Vec::new();
+        for url in config.urls() {
+            let server = match ServerUrl::parse(&url) {
+                Ok(server) => server,
+                Err(message) => {
+                    errors.push("server_url", message);
+                    continue;
+                }
+            };
+            match server.tls_name(&config.server_name) {
+                Ok(server_name) => targets.push(Target {
+                    url,
+                    server,
+                    server_name,
+                }),
+                Err(message) => errors.push("server_name", message),
+            }
+        }
         let mut headers = Vec::new();
         if config.protocol == AgentProtocol::Tether {
             headers.push((
@@ -190,9 +247,9 @@ impl Connector {
                 Err(_) => errors.push(key, "not a valid HTTP header value"),
             }
         }
-        let (Some(server_name), true) = (server_name, errors.is_empty()) else {
+        if !errors.is_empty() || targets.is_empty() {
             return Err(errors);
-        };
+        }
         let limits = config.to_mux_config().limits();
         let max_message = match config.protocol {
             AgentProtocol::Tether => config.session.max_frame as usize + WS_MESSAGE_SLACK,
@@ -206,9 +263,7 @@ impl Connector {
             .read_buffer_size(tether_common::session_settings::WS_READ_BUFFER)
             .max_write_buffer_size(WS_WRITE_BUFFER + 2 * max_message);
         Ok(Connector {
-            url: config.server_url.clone(),
-            server,
-            server_name,
+            targets,
             tls: TlsConnector::from(tls),
             connect_timeout: config.connect_timeout.0,
             headers,
@@ -218,26 +273,57 @@ impl Connector {
         })
     }
 
-    /// The server URL.
+    /// The first server URL (for logs).
     pub fn url(&self) -> &str {
-        &self.url
+        self.targets.first().map_or("", |t| t.url.as_str())
     }
 
-    /// One attempt: TCP, TLS and WebSocket upgrade, all within `connect_timeout`.
+    /// Every server URL, each with its host and port to resolve.
+    pub fn servers(&self) -> impl Iterator<Item = (&str, &ServerUrl)> {
+        self.targets.iter().map(|t| (t.url.as_str(), &t.server))
+    }
+
+    /// One attempt to the first server URL, by name: TCP, TLS and WebSocket upgrade, all
+    /// within `connect_timeout`.
     pub async fn connect(&self) -> Result<Connection, ConnectError> {
-        tokio::time::timeout(self.connect_timeout, self.attempt())
+        let endpoint = Endpoint {
+            url: self.url().to_owned(),
+            addr: None,
+        };
+        self.connect_to(&endpoint).await
+    }
+
+    /// One attempt to `endpoint`: TCP to its address (or its URL's host by name), TLS for the
+    /// URL's host (or `server_name`), the upgrade with the URL's path and host.
+    pub async fn connect_to(&self, endpoint: &Endpoint) -> Result<Connection, ConnectError> {
+        let Some(target) = self.targets.iter().find(|t| t.url == endpoint.url) else {
+            return Err(ConnectError::Protocol(format!(
+                "{} is no longer a configured server URL",
+                endpoint.url
+            )));
+        };
+        tokio::time::timeout(self.connect_timeout, self.attempt(target, endpoint))
             .await
             .map_err(|_| ConnectError::Timeout(self.connect_timeout))?
     }
 
-    async fn attempt(&self) -> Result<Connection, ConnectError> {
-        let addr_text = format!("{}:{}", self.server.host, self.server.port);
-        let tcp = TcpStream::connect((self.server.host.as_str(), self.server.port))
-            .await
-            .map_err(|source| ConnectError::Tcp {
-                addr: addr_text.clone(),
-                source,
-            })?;
+    async fn attempt(
+        &self,
+        target: &Target,
+        endpoint: &Endpoint,
+    ) -> Result<Connection, ConnectError> {
+        let addr_text = match endpoint.addr {
+            Some(addr) => addr.to_string(),
+            None => format!("{}:{}", target.server.host, target.server.port),
+        };
+        let connected = match endpoint.addr {
+            Some(addr) => TcpStream::connect(addr).await,
+            None => TcpStream::connect((target.server.host.as_str(), target.server.port)).await,
+        };
+        let tcp = connected.map_err(|source| ConnectError::Tcp {
+            addr: addr_text.clone(),
+            source,
+        })?;
         let tcp_error = |source| ConnectError::Tcp {
             addr: addr_text.clone(),
             source,
@@ -247,11 +333,11 @@ impl Connector {
 
         let tls = self
             .tls
-            .connect(self.server_name.clone(), ReadAhead::new(tcp))
+            .connect(target.server_name.clone(), ReadAhead::new(tcp))
             .await
             .map_err(|source| ConnectError::Tls { addr: peer, source })?;
 
-        let request = self.request()?;
+        let request = self.request(&target.url, &endpoint.tag())?;
         let (socket, response) =
             tokio_tungstenite::client_async_with_config(request, tls, Some(self.ws_config))
                 .await
@@ -279,18 +365,23 @@ impl Connector {
         })
     }
 
-    fn request(&self) -> Result<tungstenite::handshake::client::Request, ConnectError> {
-        let mut request =
-            self.url
-                .as_str()
-                .into_client_request()
-                .map_err(|err| ConnectError::Http {
-                    status: None,
-                    message: format!("cannot build the upgrade request: {err}"),
-                })?;
+    fn request(
+        &self,
+        url: &str,
+        endpoint_tag: &str,
+    ) -> Result<tungstenite::handshake::client::Request, ConnectError> {
+        let mut request = url
+            .into_client_request()
+            .map_err(|err| ConnectError::Http {
+                status: None,
+                message: format!("cannot build the upgrade request: {err}"),
+            })?;
         let headers = request.headers_mut();
         for (name, value) in &self.headers {
             headers.insert(name.clone(), value.clone());
+        }
+        if let Ok(value) = HeaderValue::from_str(endpoint_tag) {
+            headers.insert(ENDPOINT_HEADER, value);
         }
         Ok(request)
     }

@@ -10,12 +10,15 @@ pub mod admin;
 pub mod config;
 pub mod connector;
 pub mod dial;
+mod discovery;
+mod fleet;
 pub mod gate;
 pub mod handler;
 pub mod metrics;
 pub mod policy;
 pub mod reload;
 pub mod remotedialer_ws;
+mod replica_claims;
 pub mod status;
 mod supervisor;
 pub mod ws_transport;
@@ -34,20 +37,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
-pub use config::{AgentConfig, AgentProtocol, AgentTlsConfig, ReconnectConfig};
-pub use connector::{ConnectError, Connector};
+pub use config::{AgentConfig, AgentProtocol, AgentTlsConfig, DiscoveryConfig, ReconnectConfig};
+pub use connector::{ConnectError, Connector, Endpoint};
 pub use gate::{ActivationConfig, GateState};
 pub use handler::SharedPolicy;
 pub use metrics::{AgentMetrics, DialOutcome};
 pub use reload::AgentReloader;
-pub use status::AgentStatus;
+pub use status::{AgentStatus, ReplicaStatus};
 pub use tether_common::config_diff::ReloadOutcome;
 
 use crate::dial::{Resolver, SystemResolver};
+use crate::fleet::Fleet;
 use crate::gate::{Gate, GateControl};
 use crate::handler::Handler;
 use crate::reload::{ConnectSettings, ReloadTargets};
-use crate::supervisor::Supervisor;
 
 /// How the agent reads environment variables (the activation gate's `from: env` source).
 pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -83,6 +86,7 @@ pub enum AgentError {
 pub struct Agent {
     connect: watch::Sender<Arc<ConnectSettings>>,
     reconnect: Arc<ArcSwap<ReconnectConfig>>,
+    discovery: Arc<ArcSwap<config::DiscoveryConfig>>,
     dial_timeout: Arc<ArcSwap<Duration>>,
     gate: GateControl,
     env: EnvLookup,
@@ -138,6 +142,7 @@ impl Agent {
         }
         let (status, _) = watch::channel(AgentStatus {
             instance_id: instance_id.clone(),
+            min_connected: config.discovery.min_connected,
             ..AgentStatus::default()
         });
         let connect = watch::channel(Arc::new(ConnectSettings {
@@ -146,6 +151,7 @@ impl Agent {
         }))
         .0;
         let reconnect = Arc::new(ArcSwap::from_pointee(config.reconnect.clone()));
+        let discovery = Arc::new(ArcSwap::from_pointee(config.discovery.clone()));
         let dial_timeout = Arc::new(ArcSwap::from_pointee(config.dial_timeout.0));
         let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(policy));
         let gate = GateControl::new(config.activation.clone());
@@ -155,6 +161,7 @@ impl Agent {
                 policy: policy.clone(),
                 dial_timeout: dial_timeout.clone(),
                 reconnect: reconnect.clone(),
+                discovery: discovery.clone(),
                 gate: gate.clone(),
                 connect: connect.clone(),
                 metrics: metrics.reloads.clone(),
@@ -164,6 +171,7 @@ impl Agent {
         Ok(Agent {
             connect,
             reconnect,
+            discovery,
             dial_timeout,
             gate,
             env: Arc::new(|var| std::env::var(var).ok()),
@@ -264,7 +272,7 @@ impl Agent {
             let gate = Gate::new(self.gate, self.metrics.gate.clone(), self.env);
             let gate_state = gate.subscribe();
             tracker.spawn(gate.run(shutdown.clone()).in_current_span());
-            let supervisor = Supervisor {
+            let fleet = Fleet {
                 connect: self.connect.subscribe(),
                 handler: Handler {
                     policy: self.policy,
@@ -275,6 +283,7 @@ impl Agent {
                     denials: Arc::new(LogThrottle::new(DENIAL_LOG_WINDOW)),
                 },
                 reconnect: self.reconnect,
+                discovery: self.discovery,
                 gate: gate_state,
                 status: self.status,
                 instance_id: self.instance_id,
@@ -285,7 +294,7 @@ impl Agent {
             if let Err(err) = notifier.ready() {
                 warn!(error = %err, "systemd notification failed");
             }
-            let supervised = supervisor.run(shutdown.clone());
+            let supervised = fleet.run(shutdown.clone());
             tokio::pin!(supervised);
             let finished = tokio::select! {
                 () = shutdown.cancelled() => false,

@@ -77,6 +77,9 @@ pub struct AgentMetrics {
     pub gate: IntGaugeVec,
     /// `tether_config_reloads_total{result}`.
     pub reloads: ReloadMetrics,
+    /// `tether_agent_replicas{state}`: server replicas (endpoints) `discovered` and
+    /// `connected`.
+    pub replicas: IntGaugeVec,
 }
 
 impl AgentMetrics {
@@ -91,6 +94,7 @@ impl AgentMetrics {
         registry.register(Box::new(metrics.build_info.clone()))?;
         registry.register(Box::new(metrics.cert_expiry.gauge.clone()))?;
         registry.register(Box::new(metrics.gate.clone()))?;
+        registry.register(Box::new(metrics.replicas.clone()))?;
         let reloads = ReloadMetrics::register(registry)?;
         Ok(AgentMetrics { reloads, ..metrics })
     }
@@ -143,7 +147,18 @@ impl AgentMetrics {
             ),
             &["state"],
         )?;
+        let replicas = IntGaugeVec::new(
+            Opts::new(
+                "tether_agent_replicas",
+                "Server replicas (endpoints of the server URLs): discovered, and connected",
+            ),
+            &["state"],
+        )?;
+        for state in ["discovered", "connected"] {
+            replicas.with_label_values(&[state]);
+        }
         Ok(AgentMetrics {
+            replicas,
             gate,
             reloads: ReloadMetrics::unregistered()?,
             mux,
@@ -163,6 +178,18 @@ impl AgentMetrics {
         if outcome == DialOutcome::Denied {
             self.policy_denials.inc();
         }
+    }
+
+    /// Sets `tether_agent_connected` and `tether_agent_replicas` from `status`.
+    pub fn replica_state(&self, status: &crate::status::AgentStatus) {
+        let connected = status.connected_replicas();
+        self.connected.set(i64::from(connected > 0));
+        self.replicas
+            .with_label_values(&["discovered"])
+            .set(status.replicas.len() as i64);
+        self.replicas
+            .with_label_values(&["connected"])
+            .set(connected as i64);
     }
 
     /// Counts one failed connection attempt.
@@ -189,6 +216,7 @@ mod tests {
             .collect();
         for name in [
             "tether_agent_connected",
+            "tether_agent_replicas",
             "tether_agent_reconnects_total",
             "tether_agent_connect_failures_total",
             "tether_agent_dials_total",

@@ -14,7 +14,7 @@ use tether_common::tls;
 use tether_mux::MuxConfig;
 use tokio::sync::watch;
 
-use crate::config::{AgentConfig, ReconnectConfig};
+use crate::config::{AgentConfig, DiscoveryConfig, ReconnectConfig};
 use crate::connector::Connector;
 use crate::gate::GateControl;
 use crate::handler::SharedPolicy;
@@ -28,6 +28,7 @@ pub(crate) struct ConnectSettings {
 /// Keys whose change needs a new session.
 const RECONNECT_KEYS: &[&str] = &[
     "server_url",
+    "servers",
     "server_name",
     "tls",
     "labels",
@@ -56,6 +57,7 @@ struct Inner {
     policy: SharedPolicy,
     dial_timeout: Arc<ArcSwap<Duration>>,
     reconnect: Arc<ArcSwap<ReconnectConfig>>,
+    discovery: Arc<ArcSwap<DiscoveryConfig>>,
     gate: GateControl,
     connect: watch::Sender<Arc<ConnectSettings>>,
     metrics: ReloadMetrics,
@@ -73,6 +75,7 @@ pub(crate) struct ReloadTargets {
     pub(crate) policy: SharedPolicy,
     pub(crate) dial_timeout: Arc<ArcSwap<Duration>>,
     pub(crate) reconnect: Arc<ArcSwap<ReconnectConfig>>,
+    pub(crate) discovery: Arc<ArcSwap<DiscoveryConfig>>,
     pub(crate) gate: GateControl,
     pub(crate) connect: watch::Sender<Arc<ConnectSettings>>,
     pub(crate) metrics: ReloadMetrics,
@@ -89,6 +92,7 @@ impl AgentReloader {
                 policy: targets.policy,
                 dial_timeout: targets.dial_timeout,
                 reconnect: targets.reconnect,
+                discovery: targets.discovery,
                 gate: targets.gate,
                 connect: targets.connect,
                 metrics: targets.metrics,
@@ -176,6 +180,9 @@ impl AgentReloader {
         inner.dial_timeout.store(Arc::new(config.dial_timeout.0));
         if running.config.reconnect != config.reconnect {
             inner.reconnect.store(Arc::new(config.reconnect.clone()));
+        }
+        if running.config.discovery != config.discovery {
+            inner.discovery.store(Arc::new(config.discovery.clone()));
         }
         if running.config.activation != config.activation {
             inner.gate.set(config.activation.clone());

@@ -1,13 +1,19 @@
-//! `AgentStatus`: what the agent is doing right now (connected or not, why not), published on a
-//! `watch` channel for `/readyz`, `tether status` and tests.
+//! `AgentStatus`: what the agent is doing right now (connected or not, why not, to which
+//! server replicas), published on a `watch` channel for `/readyz`, `tether status` and tests.
+
+use std::collections::BTreeMap;
 
 /// A snapshot of the agent's connection state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentStatus {
     /// This process's random instance id (`X-Tether-Instance`).
     pub instance_id: String,
-    /// Whether a session to the server is up.
+    /// Whether a session to the server (to at least one replica) is up.
     pub connected: bool,
+    /// Every endpoint (server URL and address) discovered, by its display form.
+    pub replicas: BTreeMap<String, ReplicaStatus>,
+    /// Replicas that must be connected for the agent to be ready (`discovery.min_connected`).
+    pub min_connected: usize,
     /// The local id of the current (or last) session: `<instance>.<n>`.
     pub session_id: Option<String>,
     /// The server's `X-Tether-Server` id of the current (or last) session.
@@ -27,15 +33,57 @@ pub struct AgentStatus {
     pub gate_disabled: Option<String>,
 }
 
+/// One discovered endpoint of the replica set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// Whether a session through this endpoint is up.
+    pub connected: bool,
+    /// The replica's `X-Tether-Server` id, once it answered.
+    pub server_id: Option<String>,
+    /// Another endpoint that already holds a session to the same replica: this one stays idle
+    /// while that session lives.
+    pub duplicate_of: Option<String>,
+    /// Failed attempts since its last session.
+    pub attempts: u32,
+    /// Its last failure or session end, for humans.
+    pub last_error: Option<String>,
+}
+
 impl AgentStatus {
-    /// Why the agent is not ready, or `None` when it is (a session is up).
+    /// Replicas with a session up.
+    pub fn connected_replicas(&self) -> usize {
+        self.replicas.values().filter(|r| r.connected).count()
+    }
+
+    /// The entry of endpoint `key`, created if missing.
+    pub(crate) fn replica_mut(&mut self, key: &str) -> &mut ReplicaStatus {
+        self.replicas.entry(key.to_owned()).or_default()
+    }
+
+    /// Recomputes `connected` from the replicas.
+    pub(crate) fn recount(&mut self) {
+        self.connected = self.connected_replicas() > 0;
+    }
+
+    /// Why the agent is not ready, or `None` when it is (`min_connected` replicas are up).
     /// A gated-off agent is ready: idle is its correct state (see [`idle_reason`](Self::idle_reason)).
     pub fn not_ready_reason(&self) -> Option<String> {
         if self.stopping {
             return Some("shutting down".to_owned());
         }
-        if self.connected || self.gate_disabled.is_some() {
+        if self.gate_disabled.is_some() {
             return None;
+        }
+        let connected = self.connected_replicas();
+        let needed = self.min_connected.max(1);
+        if self.connected && connected >= needed {
+            return None;
+        }
+        if self.connected {
+            return Some(format!(
+                "{connected} of {} server replicas connected; {needed} needed",
+                self.replicas.len()
+            ));
         }
         Some(match self.last_error_kind {
             Some(kind) => format!(

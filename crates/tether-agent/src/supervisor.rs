@@ -1,35 +1,37 @@
-//! The reconnect loop: wait for the activation gate, connect, run the session and its stream
-//! handlers until it ends (or the gate closes, or a reload changes the connection settings),
-//! wait a jittered backoff delay, repeat; publishes the connection state and logs a failure streak
-//! once per backoff step, never once per attempt.
+//! The reconnect loop of one endpoint of the replica set: wait for the activation gate,
+//! connect, run the session and its stream handlers until it ends (or the gate closes, or a
+//! reload changes the connection settings), wait a jittered backoff delay, repeat; publishes
+//! the endpoint's state and logs a failure streak once per backoff step, never per attempt.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tether_common::backoff::Backoff;
 use tether_mux::{Role, Session, SessionEnd};
 use tether_proto::GoAwayCode;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentProtocol;
 use crate::config::ReconnectConfig;
-use crate::connector::Connection;
+use crate::connector::{Connection, Endpoint};
 use crate::gate::GateState;
 use crate::handler::Handler;
 use crate::reload::ConnectSettings;
 use crate::remotedialer_ws::RdWsClient;
-use crate::status::AgentStatus;
+use crate::replica_claims::ReplicaClaims;
+use crate::status::{AgentStatus, ReplicaStatus};
 use tether_mux::remotedialer::{self, RdTransport};
 use tether_proto::remotedialer::RdLimits;
 
 /// How long a closing session may take to flush its GOAWAY and close the WebSocket.
 const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(3);
 
-/// Runs sessions to the server one after the other, while the activation gate allows it.
+/// Runs sessions to one endpoint one after the other, while the activation gate allows it.
 pub(crate) struct Supervisor {
     /// What sessions are built from; a new value (a reload) makes the live session reconnect.
     pub(crate) connect: watch::Receiver<Arc<ConnectSettings>>,
@@ -39,6 +41,14 @@ pub(crate) struct Supervisor {
     pub(crate) gate: watch::Receiver<GateState>,
     pub(crate) status: watch::Sender<AgentStatus>,
     pub(crate) instance_id: String,
+    /// Where this supervisor's sessions go.
+    pub(crate) endpoint: Endpoint,
+    /// Which endpoint holds the session to each replica id.
+    pub(crate) claims: Arc<ReplicaClaims>,
+    /// Notified when a session ends, so the replica set is resolved again at once.
+    pub(crate) session_ended: Arc<Notify>,
+    /// Sessions established by every endpoint (session ids are `<instance>.<n>`).
+    pub(crate) sessions: Arc<AtomicU64>,
 }
 
 /// Why a live session was closed by the agent itself.
@@ -54,8 +64,8 @@ enum Stop {
 
 /// How a session ended.
 enum SessionResult {
-    /// On its own (`why`, the server's GOAWAY message).
-    Ended(SessionEnd, Option<String>),
+    /// On its own (with the server's GOAWAY, if it sent one).
+    Ended(SessionEnd, Option<(GoAwayCode, String)>),
     /// Closed by the agent (GOAWAY sent).
     Stopped(Stop),
 }
@@ -75,15 +85,18 @@ enum Loudness {
 struct RetryLog {
     streak: u32,
     last_kind: Option<&'static str>,
+    /// The streak follows a replica's announced restart: its first failure is news, not a
+    /// warning.
+    planned: bool,
 }
 
 impl RetryLog {
     fn failure(&mut self, kind: &'static str) -> Loudness {
         self.streak = self.streak.saturating_add(1);
         let changed = self.last_kind.replace(kind) != Some(kind);
-        if self.streak == 1 {
+        if self.streak == 1 && !self.planned {
             Loudness::Warn
-        } else if changed || self.streak.is_power_of_two() {
+        } else if self.streak == 1 || changed || self.streak.is_power_of_two() {
             Loudness::Info
         } else {
             Loudness::Debug
@@ -93,6 +106,7 @@ impl RetryLog {
     /// Ends the streak; returns how many failures it had.
     fn reset(&mut self) -> u32 {
         self.last_kind = None;
+        self.planned = false;
         std::mem::take(&mut self.streak)
     }
 }
@@ -126,7 +140,7 @@ impl Supervisor {
         let mut reconnect = self.reconnect.load_full();
         let mut backoff = Backoff::new(reconnect.min_delay.0, reconnect.max_delay.0);
         let mut retry_log = RetryLog::default();
-        let mut sessions: u64 = 0;
+        let mut own_sessions: u64 = 0;
         let metrics = self.handler.metrics.clone();
         loop {
             let latest = self.reconnect.load_full();
@@ -149,7 +163,7 @@ impl Supervisor {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = gate_closes(&mut gate) => continue,
-                attempt = settings.connector.connect() => attempt,
+                attempt = settings.connector.connect_to(&self.endpoint) => attempt,
             };
             // What went wrong this round, for the log line after the delay is known.
             let (kind, error) = match attempt {
@@ -157,19 +171,34 @@ impl Supervisor {
                     metrics.connect_failure(&err);
                     let kind = err.label();
                     let error = err.to_string();
-                    self.status.send_modify(|s| {
+                    self.update(|s, r| {
                         s.attempts = s.attempts.saturating_add(1);
                         s.last_error = Some(error.clone());
                         s.last_error_kind = Some(kind);
+                        r.attempts = r.attempts.saturating_add(1);
+                        r.last_error = Some(error.clone());
                     });
                     (kind, error)
                 }
                 Ok(connection) => {
-                    sessions += 1;
-                    if sessions > 1 {
+                    if let Some(server_id) = connection.server_id.clone()
+                        && let Err(holder) = self.claims.claim(&server_id, &self.endpoint)
+                    {
+                        // Another address reaches the same replica: one session per replica.
+                        drop(connection);
+                        if !self.idle_as_duplicate(&server_id, &holder, &shutdown).await {
+                            break;
+                        }
+                        backoff.reset();
+                        retry_log.reset();
+                        continue;
+                    }
+                    own_sessions += 1;
+                    if own_sessions > 1 {
                         metrics.reconnects.inc();
                     }
-                    let session_id = format!("{}.{sessions}", self.instance_id);
+                    let n = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+                    let session_id = format!("{}.{n}", self.instance_id);
                     let streak = retry_log.streak;
                     // A recovery is news; a flapping server (sessions that die young) is logged
                     // once per backoff step like any other failure streak.
@@ -189,21 +218,27 @@ impl Supervisor {
                         failed_attempts = streak,
                         "connected to the server"
                     );
-                    self.status.send_modify(|s| {
-                        s.connected = true;
+                    let server_id = connection.server_id.clone();
+                    self.update(|s, r| {
+                        r.connected = true;
+                        r.server_id = server_id.clone();
+                        r.duplicate_of = None;
+                        r.attempts = 0;
                         s.session_id = Some(session_id.clone());
-                        s.server_id = connection.server_id.clone();
+                        s.server_id = server_id.clone();
                         s.attempts = 0;
-                        s.sessions = sessions;
+                        s.sessions = n;
                     });
-                    metrics.connected.set(1);
                     let (result, lived) = self
                         .run_session(connection, &settings, &session_id, &shutdown)
                         .await;
-                    metrics.connected.set(0);
+                    if let Some(id) = &server_id {
+                        self.claims.release(id, &self.endpoint);
+                    }
+                    self.update(|_, r| r.connected = false);
+                    self.session_ended.notify_one();
                     let (end, peer_goaway) = match result {
                         SessionResult::Stopped(stop) => {
-                            self.status.send_modify(|s| s.connected = false);
                             match stop {
                                 Stop::Shutdown => {
                                     info!(session.id = %session_id, "session closed for shutdown");
@@ -229,17 +264,41 @@ impl Supervisor {
                         SessionResult::Ended(end, peer_goaway) => (end, peer_goaway),
                     };
                     let kind = session_end_kind(&end);
+                    let restarting = peer_goaway
+                        .as_ref()
+                        .is_some_and(|(code, _)| *code == GoAwayCode::Restart);
+                    let peer_goaway =
+                        peer_goaway.map(|(code, message)| format!("{}: {message}", code.label()));
                     let error = match &peer_goaway {
                         Some(message) => {
                             format!("session ended after the server's GOAWAY ({message}): {end}")
                         }
                         None => format!("session ended: {end}"),
                     };
-                    self.status.send_modify(|s| {
-                        s.connected = false;
+                    self.update(|s, r| {
                         s.last_error = Some(error.clone());
                         s.last_error_kind = Some(kind);
+                        r.last_error = Some(error.clone());
                     });
+                    if restarting {
+                        // The replica announced it is going away: not a failure. Come back
+                        // when it is up again; until then failures are expected news.
+                        backoff.reset();
+                        retry_log.reset();
+                        retry_log.planned = true;
+                        let delay = backoff.next_delay();
+                        info!(
+                            session.id = %session_id,
+                            lived = ?lived,
+                            next_delay = ?delay,
+                            "server replica is restarting; keeping the other replicas, \
+                             reconnecting to this one when it is back"
+                        );
+                        if !self.pause(delay, &shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
                     if lived >= reconnect.reset_after.0 {
                         // A session that lived long enough ends any streak: start over.
                         backoff.reset();
@@ -276,17 +335,54 @@ impl Supervisor {
                 reason = kind,
                 error = %error,
                 next_delay = ?delay,
-                server_url = settings.connector.url(),
+                endpoint = %self.endpoint,
                 "cannot keep a session to the server; retrying"
             );
             if !self.pause(delay, &shutdown).await {
                 break;
             }
         }
+        self.update(|_, r| r.connected = false);
+    }
+
+    /// Changes the agent's status and this endpoint's entry in it, then the metrics.
+    fn update(&self, change: impl FnOnce(&mut AgentStatus, &mut ReplicaStatus)) {
+        let key = self.endpoint.to_string();
         self.status.send_modify(|s| {
-            s.connected = false;
-            s.stopping = true;
+            let mut replica = s.replicas.remove(&key).unwrap_or_default();
+            change(s, &mut replica);
+            s.replicas.insert(key, replica);
+            s.recount();
         });
+        self.handler.metrics.replica_state(&self.status.borrow());
+    }
+
+    /// This endpoint reached replica `server_id`, which `holder` already has a session to:
+    /// stays idle until that session ends (or the endpoint is stopped: `false`).
+    async fn idle_as_duplicate(
+        &self,
+        server_id: &str,
+        holder: &Endpoint,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        info!(
+            server.id = %server_id,
+            holder = %holder,
+            "this address reaches a replica that is already connected; idle while that \
+             session lasts"
+        );
+        let holder_text = holder.to_string();
+        self.update(|_, r| {
+            r.server_id = Some(server_id.to_owned());
+            r.duplicate_of = Some(holder_text);
+        });
+        let mut connect = self.connect.clone();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => false,
+            () = self.claims.wait_released(server_id, &self.endpoint) => true,
+            _ = connect.changed() => true,
+        }
     }
 
     /// Returns at once when the gate is enabled (`Some(false)`); otherwise publishes why the
@@ -391,9 +487,7 @@ impl Supervisor {
                 let end = end.unwrap_or_else(|err| {
                     SessionEnd::Transport(format!("session task failed: {err}"))
                 });
-                let goaway = session
-                    .peer_goaway()
-                    .map(|(code, message)| format!("{}: {message}", code.label()));
+                let goaway = session.peer_goaway();
                 streams.cancel();
                 return (SessionResult::Ended(end, goaway), started.elapsed());
             }
@@ -448,6 +542,20 @@ mod tests {
         assert_eq!(log.failure("tls"), Debug);
         assert_eq!(log.reset(), 11);
         assert_eq!(log.failure("tls"), Warn);
+    }
+
+    #[test]
+    fn a_streak_after_an_announced_restart_starts_at_info() {
+        let mut log = RetryLog {
+            planned: true,
+            ..RetryLog::default()
+        };
+        use Loudness::*;
+        assert_eq!(log.failure("tcp"), Info);
+        assert_eq!(log.failure("tcp"), Info);
+        assert_eq!(log.failure("tcp"), Debug);
+        log.reset();
+        assert_eq!(log.failure("tcp"), Warn, "reset forgets the restart");
     }
 
     #[test]

@@ -156,10 +156,45 @@ fn unknown_keys_are_parse_errors_naming_the_key() {
         assert!(text.contains(&format!("unknown field `{key}`")), "{text}");
         assert!(text.starts_with("agent.yaml:"), "{text}");
     }
-    let err = parse("version: 1\ntls: { cert: a, key: b, server_ca: c }\n").unwrap_err();
-    assert!(
-        err.to_string().contains("missing field `server_url`"),
-        "{err}"
+}
+
+#[test]
+fn server_url_or_servers_is_required_and_not_both() {
+    let pki = TestPki::new();
+    let valid = valid_yaml(&pki);
+    let without_url: String = valid
+        .lines()
+        .filter(|l| !l.starts_with("server_url:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let errors = load(&without_url, pki.dir()).unwrap_err();
+    assert_eq!(paths(&errors), ["server_url"], "{errors}");
+    assert!(errors.to_string().contains("servers"), "{errors}");
+
+    let both = format!("{valid}servers: [\"wss://a.example:8443/v1/connect\"]\n");
+    let errors = load(&both, pki.dir()).unwrap_err();
+    assert_eq!(paths(&errors), ["servers"], "{errors}");
+
+    let list = format!(
+        "{without_url}servers: [\"wss://a.example:8443/v1/connect\", \"ws://b.example/v1/connect\"]\n"
+    );
+    let errors = load(&list, pki.dir()).unwrap_err();
+    assert_eq!(paths(&errors), ["servers[1]"], "{errors}");
+
+    let ok = format!(
+        "{without_url}servers: [\"wss://a.example:8443/v1/connect\", \"wss://10.0.0.2:8443/v1/connect\"]\n\
+         discovery: {{ interval: 5s, min_connected: 2 }}\n"
+    );
+    let config = load(&ok, pki.dir()).unwrap();
+    assert_eq!(config.urls().len(), 2);
+    assert_eq!(config.discovery.min_connected, 2);
+
+    let bad = format!("{valid}discovery: {{ interval: 0s, min_connected: 0 }}\n");
+    let errors = load(&bad, pki.dir()).unwrap_err();
+    assert_eq!(
+        paths(&errors),
+        ["discovery.interval", "discovery.min_connected"],
+        "{errors}"
     );
 }
 

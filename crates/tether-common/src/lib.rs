@@ -7,6 +7,7 @@ pub mod config_error;
 pub mod config_layers;
 pub mod duration;
 pub mod heap_trim;
+pub mod host;
 pub mod identity;
 pub mod listen;
 pub mod log_throttle;

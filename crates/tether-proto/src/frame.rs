@@ -158,6 +158,9 @@ wire_code! {
         Timeout = 4 => "timeout",
         /// The agent's activation gate closed.
         Disabled = 5 => "disabled",
+        /// This server replica is going away (restart, scale-down); the fleet is not: keep
+        /// the sessions to other replicas and come back to this one when it is up again.
+        Restart = 6 => "restart",
     }
 }
 

@@ -25,6 +25,11 @@ pub const CONFIG_VERSION: u32 = 1;
 pub struct ServerConfig {
     /// Format version of this file; must be `1`.
     pub version: u32,
+    /// This replica's id: announced to agents in `X-Tether-Server` (an agent keeps one session
+    /// per replica id), shown in `/v1/clients`, `tether_build_info` and dial errors. Empty (the
+    /// default): the host name (a pod's name under Kubernetes, the container id under docker
+    /// compose). 1-64 characters of `A-Z a-z 0-9 - _ .`; changing it needs a restart.
+    pub server_id: String,
     /// Tunnel listener (mutual TLS, WebSocket upgrade on `/v1/connect`), `ip:port`.
     /// Default `0.0.0.0:8443`.
     pub listen: String,
@@ -75,6 +80,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             version: CONFIG_VERSION,
+            server_id: String::new(),
             listen: "0.0.0.0:8443".into(),
             admin_listen: "127.0.0.1:9090".into(),
             tls: TlsConfig::default(),
@@ -340,6 +346,15 @@ impl ForwardConfig {
 // === impl ServerConfig ===
 
 impl ServerConfig {
+    /// The effective config: fallbacks resolved (an empty `server_id` is the host name), so
+    /// that two configs that mean the same thing compare equal.
+    pub fn effective(mut self) -> ServerConfig {
+        if self.server_id.is_empty() {
+            self.server_id = tether_common::host::host_name();
+        }
+        self
+    }
+
     /// Reads `path`, parses it, resolves relative paths against its directory and validates it.
     pub fn load(path: &Path) -> Result<ServerConfig, ConfigLoadError> {
         let source_name = path.display().to_string();
@@ -404,6 +419,11 @@ impl ServerConfig {
             if let Err(message) = parse_socket_addr(addr) {
                 errors.push(path, message);
             }
+        }
+        if !self.server_id.is_empty()
+            && let Err(message) = tether_common::host::validate_server_id(&self.server_id)
+        {
+            errors.push("server_id", message);
         }
         self.validate_tls(&mut errors);
         for (i, id) in self.allowed_agents.iter().enumerate() {

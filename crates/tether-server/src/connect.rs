@@ -30,6 +30,8 @@ pub(crate) const CONNECT_PATH: &str = "/v1/connect";
 pub(crate) const SERVER_ID_HEADER: HeaderName = HeaderName::from_static("x-tether-server");
 /// Request header with the agent's per-process instance id.
 pub(crate) const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-tether-instance");
+/// Request header with the agent's endpoint tag (server URL and address it dialed).
+pub(crate) const ENDPOINT_HEADER: HeaderName = HeaderName::from_static("x-tether-endpoint");
 /// Request header with the agent's version.
 pub(crate) const VERSION_HEADER: HeaderName = HeaderName::from_static("x-tether-version");
 
@@ -92,6 +94,8 @@ pub(crate) struct UpgradedAgent {
     pub(crate) agent_id: Arc<str>,
     /// `X-Tether-Instance`, sanitized (may be empty).
     pub(crate) instance: String,
+    /// `X-Tether-Endpoint`, sanitized (may be empty).
+    pub(crate) endpoint: String,
     /// `X-Tether-Version`, sanitized (may be empty).
     pub(crate) version: String,
     /// The `max_agents` permit, held for the life of the session.
@@ -217,6 +221,7 @@ async fn connect(
         return (StatusCode::BAD_REQUEST, "one upgrade per connection\n").into_response();
     };
     let instance = header_text(&headers, &INSTANCE_HEADER, sanitize_instance);
+    let endpoint = header_text(&headers, &ENDPOINT_HEADER, sanitize_instance);
     let version = header_text(&headers, &VERSION_HEADER, sanitize_version);
     let mut response =
         sized(ws, state.max_frame + WS_MESSAGE_OVERHEAD).on_upgrade(move |socket| async move {
@@ -225,6 +230,7 @@ async fn connect(
                 socket,
                 agent_id,
                 instance,
+                endpoint,
                 version,
                 slot,
                 protocol: crate::registry::Protocol::Tether,

@@ -178,6 +178,7 @@ mod tests {
             .finish();
         let err = DialError::NoSession(NoSession {
             client: "edge-1".into(),
+            replica: String::new(),
         });
         tracing::subscriber::with_default(subscriber, || {
             for _ in 0..50 {

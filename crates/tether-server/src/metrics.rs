@@ -42,7 +42,7 @@ pub struct ServerMetrics {
     pub dial_errors: IntCounterVec,
     /// `tether_preauth_handshakes_inflight`: connections in the TLS/upgrade phase.
     pub preauth_inflight: IntGauge,
-    /// `tether_build_info{version}`: always 1.
+    /// `tether_build_info{version, server_id}`: always 1.
     pub build_info: IntGaugeVec,
     /// `tether_session_rtt_seconds{client}`: the last health-probe round-trip time of the
     /// client's newest probed session; absent while the client has no probed session.
@@ -70,6 +70,14 @@ pub struct ServerMetrics {
 }
 
 impl ServerMetrics {
+    /// Sets `tether_build_info{version, server_id}` for this replica.
+    pub fn set_server_id(&self, server_id: &str) {
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), server_id])
+            .set(1);
+    }
+
     /// Creates the metrics and registers them (and the multiplexer's) in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let metrics = Self::build(MuxMetrics::register(registry)?)?;
@@ -156,8 +164,11 @@ impl ServerMetrics {
                 "Tunnel connections in the TLS handshake or HTTP upgrade.",
             )?,
             build_info: IntGaugeVec::new(
-                Opts::new("tether_build_info", "Build information; the value is 1."),
-                &["version"],
+                Opts::new(
+                    "tether_build_info",
+                    "Build information and this replica's id; the value is 1.",
+                ),
+                &["version", "server_id"],
             )?,
             session_rtt: GaugeVec::new(
                 Opts::new(
@@ -226,10 +237,6 @@ impl ServerMetrics {
                     .with_label_values(&[frontend, reason]);
             }
         }
-        metrics
-            .build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
         Ok(metrics)
     }
 }

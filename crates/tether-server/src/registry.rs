@@ -24,10 +24,20 @@ pub const DEFAULT_SUBSCRIBER_CAPACITY: usize = 1024;
 
 /// No live session for a client: an ordinary state, reported to the consumer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no agent connected for client \"{client}\"")]
+#[error("no agent connected for client \"{client}\"{}", on_replica(replica))]
 pub struct NoSession {
     /// The agent id that was asked for.
     pub client: String,
+    /// The replica (`server_id`) that has no session of it; empty when not known.
+    pub replica: String,
+}
+
+fn on_replica(replica: &str) -> String {
+    if replica.is_empty() {
+        String::new()
+    } else {
+        format!(" on replica \"{replica}\"")
+    }
 }
 
 /// The wire protocol of a session.
@@ -64,6 +74,11 @@ pub struct SessionEntry {
     pub session_id: u64,
     /// The agent process instance (`X-Tether-Instance`, sanitized); may be empty.
     pub instance: String,
+    /// Which of the instance's endpoints (server URL and address) the session came through
+    /// (`X-Tether-Endpoint`, sanitized); may be empty. A reconnect replaces an older session
+    /// of the same instance and endpoint only: an agent reaching this replica through two
+    /// addresses keeps (and itself closes) the second session without losing the first.
+    pub endpoint: String,
     /// When the session was registered (monotonic).
     pub connected_at: Instant,
     /// When the session was registered (wall clock, for listings).
@@ -252,6 +267,7 @@ pub struct SessionRegistry {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     metrics: ServerMetrics,
+    replica: String,
 }
 
 impl SessionRegistry {
@@ -261,7 +277,14 @@ impl SessionRegistry {
             inner: Mutex::new(Inner::default()),
             next_id: AtomicU64::new(1),
             metrics,
+            replica: String::new(),
         }
+    }
+
+    /// Names this replica (`server_id`) in [`NoSession`] errors.
+    pub fn with_replica(mut self, server_id: &str) -> Self {
+        self.replica = server_id.to_owned();
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -289,7 +312,7 @@ impl SessionRegistry {
         peer_addr: SocketAddr,
         session: Session,
     ) -> SessionGuard {
-        self.insert_with_protocol(client, instance, peer_addr, session, Protocol::Tether)
+        self.insert_with_protocol(client, instance, "", peer_addr, session, Protocol::Tether)
     }
 
     /// [`insert`](Self::insert) for a session of the given wire `protocol`.
@@ -297,6 +320,7 @@ impl SessionRegistry {
         self: &Arc<Self>,
         client: &str,
         instance: &str,
+        endpoint: &str,
         peer_addr: SocketAddr,
         session: Session,
         protocol: Protocol,
@@ -307,6 +331,7 @@ impl SessionRegistry {
             session,
             session_id,
             instance: instance.to_owned(),
+            endpoint: endpoint.to_owned(),
             connected_at: Instant::now(),
             connected_wall: SystemTime::now(),
             peer_addr,
@@ -321,7 +346,7 @@ impl SessionRegistry {
             } else {
                 let (stale, keep) = std::mem::take(sessions)
                     .into_iter()
-                    .partition(|e| e.instance == instance);
+                    .partition(|e| e.instance == instance && e.endpoint == endpoint);
                 *sessions = keep;
                 stale
             };
@@ -471,6 +496,7 @@ impl SessionRegistry {
             .cloned()
             .ok_or_else(|| NoSession {
                 client: client.to_owned(),
+                replica: self.replica.clone(),
             })
     }
 
@@ -713,8 +739,19 @@ mod tests {
 
     #[test]
     fn no_session_message() {
-        let err = NoSession { client: "x".into() };
+        let err = NoSession {
+            client: "x".into(),
+            replica: String::new(),
+        };
         assert_eq!(err.to_string(), "no agent connected for client \"x\"");
+        let err = NoSession {
+            client: "x".into(),
+            replica: "replica-2".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "no agent connected for client \"x\" on replica \"replica-2\""
+        );
     }
 
     #[test]

@@ -212,8 +212,9 @@ impl ServerReloader {
         outcome
     }
 
-    async fn try_reload(&self, mut config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
+    async fn try_reload(&self, config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
         config.validate()?;
+        let mut config = config.effective();
         let old = self.current();
         let changed = changed_fields(&old, &config);
         if changed.is_empty() {

@@ -18,7 +18,8 @@ use tether_common::identity::validate_agent_id;
 
 use crate::config::RemotedialerConfig;
 use crate::connect::{
-    ConnContext, ConnectState, INSTANCE_HEADER, NO_CLIENT_CERT, SUBPROTOCOL, UpgradedAgent,
+    ConnContext, ConnectState, ENDPOINT_HEADER, INSTANCE_HEADER, NO_CLIENT_CERT, SUBPROTOCOL,
+    UpgradedAgent,
 };
 use crate::registry::{Protocol, sanitize_instance};
 
@@ -291,11 +292,17 @@ fn admit(
         .and_then(|v| v.to_str().ok())
         .map(sanitize_instance)
         .unwrap_or_default();
+    let endpoint = headers
+        .get(&ENDPOINT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(sanitize_instance)
+        .unwrap_or_default();
     crate::connect::sized(ws, MAX_RD_MESSAGE).on_upgrade(move |socket| async move {
         let _ = handoff.send(UpgradedAgent {
             socket,
             agent_id,
             instance,
+            endpoint,
             version: String::new(),
             slot,
             protocol: Protocol::Remotedialer,

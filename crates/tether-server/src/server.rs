@@ -204,11 +204,15 @@ impl Server {
         tls: Arc<rustls::ServerConfig>,
         registry: &prometheus::Registry,
     ) -> Result<Server, ServerError> {
+        config.validate()?;
+        let config = config.effective();
+        let server_id = config.server_id.clone();
         let mut metrics = ServerMetrics::register(registry)?;
+        metrics.set_server_id(&server_id);
         if config.metrics.remotedialer_compat {
             metrics = metrics.with_remotedialer_compat(registry)?;
         }
-        let sessions = Arc::new(SessionRegistry::new(metrics.clone()));
+        let sessions = Arc::new(SessionRegistry::new(metrics.clone()).with_replica(&server_id));
         for client in config
             .allowed_agents
             .iter()
@@ -243,7 +247,7 @@ impl Server {
             metrics,
             prometheus: registry.clone(),
             registry: sessions,
-            server_id: format!("{:016x}", fastrand::u64(..)),
+            server_id,
             #[cfg(unix)]
             notifier: tether_common::sd_notify::Notifier::disabled(),
         })
@@ -466,8 +470,10 @@ impl Server {
             drain_timeout = ?drain,
             "shutting down: GOAWAY to agents, draining streams"
         );
+        // `restart`: this replica goes away, the fleet does not; agents keep their sessions to
+        // the other replicas and come back here when it is up again.
         self.registry
-            .goaway_all(GoAwayCode::Shutdown, "server shutting down");
+            .goaway_all(GoAwayCode::Restart, "server replica shutting down");
         let left = drain_streams(&self.registry, drain).await;
         if left > 0 {
             warn!(

@@ -247,6 +247,7 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
         socket,
         agent_id: _,
         instance,
+        endpoint,
         version,
         slot,
         protocol,
@@ -282,10 +283,14 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
     // The server takes no streams from agents: without a receiver the mux answers every OPEN
     // with OPEN_ERR(unsupported).
     drop(incoming);
-    let guard =
-        tunnel
-            .registry
-            .insert_with_protocol(&agent_id, &instance, peer, session.clone(), protocol);
+    let guard = tunnel.registry.insert_with_protocol(
+        &agent_id,
+        &instance,
+        &endpoint,
+        peer,
+        session.clone(),
+        protocol,
+    );
     Span::current().record("session.id", guard.session_id());
     info!(
         instance = %instance,

@@ -108,7 +108,7 @@ async fn allow_list_and_forwards_change_in_place() {
         1.0
     );
     assert_eq!(server.reloader.forward_addrs().len(), 1);
-    assert_eq!(server.reloader.current(), next);
+    assert_eq!(server.reloader.current(), next.clone().effective());
 
     // The agent session was never touched.
     assert!(!agent_session.session.is_closed());

@@ -110,7 +110,11 @@ async fn forward_reaches_the_target_through_the_agent() {
     let r = admin_get(server.admin, "/metrics").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4"));
-    assert!(r.body.contains("tether_build_info{version="), "{}", r.body);
+    assert!(
+        r.body.contains("tether_build_info{server_id=\"") && r.body.contains(",version=\""),
+        "{}",
+        r.body
+    );
     assert!(r.body.contains("tether_streams_opened_total"), "{}", r.body);
     let r = admin_get(server.admin, "/v1/clients").await;
     assert_eq!(r.status, 200);
@@ -123,7 +127,8 @@ async fn forward_reaches_the_target_through_the_agent() {
     assert_eq!(sessions[0].instance, "inst-1");
     assert!(sessions[0].bytes_tx >= payload.len() as u64, "{sessions:?}");
 
-    // Shutdown: the agent hears GOAWAY(shutdown), then the session closes; everything ends.
+    // Shutdown: the agent hears GOAWAY(restart: this replica goes away), then the session
+    // closes; everything ends.
     let registry = server.registry.clone();
     server.stop().await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), agent_session.closed())
@@ -131,7 +136,7 @@ async fn forward_reaches_the_target_through_the_agent() {
         .expect("agent session closed by the server");
     assert_eq!(
         agent_session.peer_goaway().map(|(code, _)| code),
-        Some(GoAwayCode::Shutdown)
+        Some(GoAwayCode::Restart)
     );
     assert_eq!(registry.session_count(), 0);
     let _ = agent.driver.await;
@@ -271,7 +276,7 @@ async fn shutdown_lets_open_streams_finish() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(
         setup.agent.peer_goaway().map(|(code, _)| code),
-        Some(GoAwayCode::Shutdown)
+        Some(GoAwayCode::Restart)
     );
 }
 

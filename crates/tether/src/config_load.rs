@@ -49,6 +49,10 @@ pub(crate) const SERVER_ENV: &[EnvKey] = &[
         var: "TETHER_TLS_CLIENT_CA",
         path: "tls.client_ca",
     },
+    EnvKey {
+        var: "TETHER_SERVER_ID",
+        path: "server_id",
+    },
 ];
 
 /// Environment variables that override agent.yaml keys (an empty one is not set).

@@ -369,6 +369,7 @@ mod tests {
     fn dial_failures_map_to_rfc1928_replies() {
         let no_session = DialError::NoSession(NoSession {
             client: "edge-1".into(),
+            replica: String::new(),
         });
         assert_eq!(dial_reply(&no_session), Reply::NetworkUnreachable);
         for (code, reply) in [

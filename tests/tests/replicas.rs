@@ -1,0 +1,338 @@
+//! Server replicas as real processes on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (one port), an
+//! agent with the static `servers:` list: a session to every replica, dials through each,
+//! `kill -9` of one replica mid-transfer (only its streams fail; the agent keeps the other
+//! sessions and is back on the killed replica soon after it restarts), and two addresses of
+//! one replica (a direct address and a relay in front of it) yielding one session.
+
+#![allow(clippy::unwrap_used)] // test helpers panic on failure by design
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tether_e2e::process::ServerProcess;
+use tether_e2e::tether_testkit::{TestPki, echo::echo_server};
+use tether_e2e::{TestAgent, WAIT, allow_only, http_get, metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A port free on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (checked by binding all three).
+fn common_port() -> u16 {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if (2..=3).all(|i| std::net::TcpListener::bind((loopback(i), port)).is_ok()) {
+            return port;
+        }
+    }
+    panic!("no port free on all three loopback addresses");
+}
+
+fn loopback(i: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))
+}
+
+/// server.yaml of replica `i` on `127.0.0.i:port`, with a forward to `target` for `edge-1`.
+fn replica_yaml(pki: &TestPki, i: u8, port: u16, target: SocketAddr) -> PathBuf {
+    pki.write_file(
+        &format!("replica-{i}.yaml"),
+        &format!(
+            "version: 1\n\
+             server_id: replica-{i}\n\
+             listen: \"127.0.0.{i}:{port}\"\n\
+             admin_listen: \"127.0.0.{i}:0\"\n\
+             drain_timeout: 2s\n\
+             tls: {{ cert: \"{}\", key: \"{}\", client_ca: \"{}\" }}\n\
+             forwards:\n  - {{ name: echo, listen: \"127.0.0.{i}:0\", client: edge-1, target: \"{target}\" }}\n",
+            pki.server_cert_path().display(),
+            pki.server_key_path().display(),
+            pki.ca_path().display(),
+        ),
+    )
+}
+
+/// An agent with `servers:` listing `urls`, short backoff and discovery.
+fn agent_with_servers(pki: &TestPki, urls: &[String], target: SocketAddr) -> TestAgent {
+    let cert = pki.agent("edge-1");
+    let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    TestAgent::from_yaml(
+        &format!(
+            "version: 1\n\
+             servers: [{}]\n\
+             server_name: localhost\n\
+             tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
+             admin_listen: \"\"\n\
+             connect_timeout: 2s\n\
+             reconnect: {{ min_delay: 50ms, max_delay: 500ms }}\n\
+             discovery: {{ interval: 1s }}\n\
+             policy:\n{}",
+            list.join(", "),
+            cert.cert_path.display(),
+            cert.key_path.display(),
+            pki.ca_path().display(),
+            allow_only(target),
+        ),
+        pki,
+    )
+}
+
+async fn wait_replicas(agent: &mut TestAgent, connected: usize) {
+    let mut status = agent.status.clone();
+    let reached = tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| s.connected_replicas() == connected),
+    )
+    .await
+    // Not the borrow: holding it would block the agent's next status update.
+    .map(|reached| reached.map(drop));
+    assert!(
+        matches!(reached, Ok(Ok(_))),
+        "{connected} replicas connected in time; status: {:#?}",
+        agent.status.borrow().replicas
+    );
+}
+
+/// Sends `len` bytes of a sequence through `addr` and checks the echo byte for byte.
+async fn echo_exact(addr: SocketAddr, len: usize) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let (mut read, mut write) = stream.split();
+    let send = async {
+        write.write_all(&payload).await.unwrap();
+        write.shutdown().await.unwrap();
+    };
+    let mut echoed = Vec::with_capacity(len);
+    let receive = read.read_to_end(&mut echoed);
+    let ((), received) = tokio::time::timeout(WAIT, async { tokio::join!(send, receive) })
+        .await
+        .expect("echo in time");
+    received.unwrap();
+    assert!(echoed == payload, "echo through {addr} differs");
+}
+
+/// Session ids of `edge-1` on a replica's `/v1/clients`.
+async fn sessions_on(admin: SocketAddr) -> (String, Vec<u64>) {
+    let (status, body) = http_get(admin, "/v1/clients").await;
+    assert_eq!(status, 200, "{body}");
+    let listing: tether_server::ClientsResponse = serde_json::from_str(&body).unwrap();
+    let ids = listing
+        .clients
+        .iter()
+        .filter(|c| c.client == "edge-1")
+        .flat_map(|c| c.sessions.iter().map(|s| s.session_id))
+        .collect();
+    (listing.server_id, ids)
+}
+
+/// A sequence-checked echo stream kept moving in steps.
+struct LiveStream {
+    stream: TcpStream,
+    sent: u64,
+}
+
+impl LiveStream {
+    async fn open(addr: SocketAddr) -> LiveStream {
+        LiveStream {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            sent: 0,
+        }
+    }
+
+    /// Sends and reads back 64 KiB; `Err` when the stream fails (or ends early).
+    async fn step(&mut self) -> std::io::Result<()> {
+        let chunk: Vec<u8> = (self.sent..self.sent + 65536)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut back = vec![0u8; chunk.len()];
+        let (mut read, mut write) = self.stream.split();
+        let (written, received) = tokio::join!(write.write_all(&chunk), read.read_exact(&mut back));
+        written?;
+        received?;
+        assert!(back == chunk, "sequence differs after {} bytes", self.sent);
+        self.sent += chunk.len() as u64;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_keeps_a_session_to_every_replica_and_survives_a_kill() {
+    let pki = TestPki::new();
+    let (target, _echo) = echo_server().await;
+    let port = common_port();
+    let configs: Vec<PathBuf> = (1..=3)
+        .map(|i| replica_yaml(&pki, i, port, target))
+        .collect();
+    let mut replicas = Vec::new();
+    for config in &configs {
+        replicas.push(ServerProcess::start(config, 1).await);
+    }
+    let urls: Vec<String> = (1..=3)
+        .map(|i| format!("wss://127.0.0.{i}:{port}/v1/connect"))
+        .collect();
+    let mut agent = agent_with_servers(&pki, &urls, target);
+    wait_replicas(&mut agent, 3).await;
+    let ids: std::collections::BTreeSet<String> = agent
+        .status
+        .borrow()
+        .replicas
+        .values()
+        .filter_map(|r| r.server_id.clone())
+        .collect();
+    assert_eq!(
+        ids,
+        ["replica-1", "replica-2", "replica-3"]
+            .map(String::from)
+            .into(),
+        "one session per replica, each announcing its server_id"
+    );
+    tether_e2e::eventually("tether_agent_replicas{state=connected} 3", || {
+        metric(
+            &agent.registry,
+            "tether_agent_replicas",
+            &[("state", "connected")],
+        ) == Some(3.0)
+            && metric(
+                &agent.registry,
+                "tether_agent_replicas",
+                &[("state", "discovered")],
+            ) == Some(3.0)
+    })
+    .await;
+    for replica in &replicas {
+        echo_exact(replica.forward_addrs[0], 256 * 1024).await;
+        let (server_id, sessions) = sessions_on(replica.admin_addr).await;
+        assert_eq!(
+            sessions.len(),
+            1,
+            "{server_id}: exactly one session of edge-1"
+        );
+    }
+
+    // Streams through every replica, then kill -9 of replica 2 mid-transfer.
+    let mut streams = Vec::new();
+    for replica in &replicas {
+        let mut stream = LiveStream::open(replica.forward_addrs[0]).await;
+        stream.step().await.unwrap();
+        streams.push(stream);
+    }
+    let before: Vec<Vec<u64>> = vec![
+        sessions_on(replicas[0].admin_addr).await.1,
+        sessions_on(replicas[2].admin_addr).await.1,
+    ];
+    let killed = replicas.remove(1);
+    let mut killed_stream = streams.remove(1);
+    killed.kill().await;
+    // The stream through the dead replica fails with an error, never a clean end.
+    let failed = tokio::time::timeout(WAIT, async {
+        loop {
+            if killed_stream.step().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        failed.is_ok(),
+        "the stream through the killed replica fails"
+    );
+    // The others keep moving, byte-exact, on the same sessions.
+    for stream in &mut streams {
+        for _ in 0..8 {
+            stream.step().await.unwrap();
+        }
+    }
+    wait_replicas(&mut agent, 2).await;
+    let after: Vec<Vec<u64>> = vec![
+        sessions_on(replicas[0].admin_addr).await.1,
+        sessions_on(replicas[1].admin_addr).await.1,
+    ];
+    assert_eq!(before, after, "the sessions to the live replicas were kept");
+
+    // Replica 2 comes back on the same address: the agent is back within a backoff step.
+    let restarted = ServerProcess::start(&configs[1], 1).await;
+    let up = tokio::time::Instant::now();
+    wait_replicas(&mut agent, 3).await;
+    let took = up.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "back on the restarted replica after {took:?} (max_delay 500ms)"
+    );
+    echo_exact(restarted.forward_addrs[0], 64 * 1024).await;
+    for stream in &mut streams {
+        stream.step().await.unwrap();
+    }
+    agent.stop().await.unwrap();
+}
+
+/// A TCP relay from `listener` to `upstream`: a second address of one replica, as a load
+/// balancer in front of it would be.
+async fn relay(listener: TcpListener, upstream: SocketAddr) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_addresses_of_one_replica_keep_one_session() {
+    let pki = TestPki::new();
+    let (target, _echo) = echo_server().await;
+    let port = common_port();
+    let config = replica_yaml(&pki, 1, port, target);
+    let replica = ServerProcess::start(&config, 1).await;
+    let front = TcpListener::bind((loopback(2), 0)).await.unwrap();
+    let front_port = front.local_addr().unwrap().port();
+    let relay_task = tokio::spawn(relay(front, replica.tunnel_addr));
+    let urls = vec![
+        format!("wss://127.0.0.1:{port}/v1/connect"),
+        format!("wss://127.0.0.2:{front_port}/v1/connect"),
+    ];
+    let mut agent = agent_with_servers(&pki, &urls, target);
+    wait_replicas(&mut agent, 1).await;
+    // The second address is found to reach the same replica and stays idle.
+    let mut status = agent.status.clone();
+    let reached = tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| s.replicas.values().any(|r| r.duplicate_of.is_some())),
+    )
+    .await
+    .map(|reached| reached.map(drop));
+    assert!(
+        matches!(reached, Ok(Ok(_))),
+        "a duplicate; {:#?}",
+        agent.status.borrow().replicas
+    );
+    let first = sessions_on(replica.admin_addr).await.1;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let kept = loop {
+        let (_, sessions) = sessions_on(replica.admin_addr).await;
+        if sessions.len() == 1 {
+            break sessions;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "one session on the replica in time: {sessions:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        first.contains(&kept[0]),
+        "the first session was kept: {first:?} -> {kept:?}"
+    );
+    // Across three discovery rounds (1 s each) nothing flaps: still that one session, and it
+    // carries traffic. (An observation window: "nothing happens" has no event to wait for.)
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(sessions_on(replica.admin_addr).await.1, kept);
+    }
+    assert_eq!(agent.status.borrow().connected_replicas(), 1);
+    echo_exact(replica.forward_addrs[0], 64 * 1024).await;
+    agent.stop().await.unwrap();
+    relay_task.abort();
+}
