@@ -473,7 +473,7 @@ impl Server {
         // `restart`: this replica goes away, the fleet does not; agents keep their sessions to
         // the other replicas and come back here when it is up again.
         self.registry
-            .goaway_all(GoAwayCode::Restart, "server replica shutting down");
+            .goaway_all(GoAwayCode::Restart, "server shutting down");
         let left = drain_streams(&self.registry, drain).await;
         if left > 0 {
             warn!(
