@@ -7,9 +7,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -508,7 +508,9 @@ impl Writer {
                 info!(path = %path.display(), "audit log reopened");
             }
             // Keep writing to the old file: nothing is lost, and the next SIGHUP retries.
-            Err(err) => warn!(error = %err, "cannot reopen the audit log; still writing to the old file"),
+            Err(err) => {
+                warn!(error = %err, "cannot reopen the audit log; still writing to the old file")
+            }
         }
     }
 }
@@ -587,7 +589,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failing_file_counts_write_failures_and_recovers_on_reopen() {
+    async fn a_full_disk_counts_write_failures_without_failing_the_caller() {
         // /dev/full fails every write with ENOSPC, as a full disk does.
         let registry = Registry::new();
         let log = AuditLog::start(&file_config(Path::new("/dev/full"), 64), &registry).unwrap();

@@ -141,7 +141,10 @@ const MAX_AUDIT_QUEUE: usize = 1 << 20;
 impl AuditLogConfig {
     fn validate(&self, errors: &mut ConfigErrors) {
         if self.output == AuditOutput::File && self.path.as_os_str().is_empty() {
-            errors.push("audit_log.path", "is required when audit_log.output is `file`");
+            errors.push(
+                "audit_log.path",
+                "is required when audit_log.output is `file`",
+            );
         }
         if !(1..=MAX_AUDIT_QUEUE).contains(&self.queue) {
             errors.push(

@@ -31,8 +31,8 @@ mod ws_transport;
 pub use admin::ClientsResponse;
 pub use audit::AuditLog;
 pub use config::{
-    AuditLogConfig, AuditOutput, ConsumerConfig, ForwardConfig, FrontendsConfig, HealthConfig, MetricsConfig,
-    RemotedialerConfig, ServerConfig, TlsConfig, TokenHash,
+    AuditLogConfig, AuditOutput, ConsumerConfig, ForwardConfig, FrontendsConfig, HealthConfig,
+    MetricsConfig, RemotedialerConfig, ServerConfig, TlsConfig, TokenHash,
 };
 pub use frontend::{FRONTEND_LABELS, FrontendControl, FrontendReload, REFUSAL_REASONS};
 pub use health::HealthChecker;

@@ -413,6 +413,7 @@ fn restore_key(config: &mut ServerConfig, running: &ServerConfig, path: &str) {
         "health" => config.health = running.health.clone(),
         "metrics" => config.metrics = running.metrics.clone(),
         "remotedialer" => config.remotedialer = running.remotedialer.clone(),
+        "audit_log" => config.audit_log = running.audit_log.clone(),
         _ => {}
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::admin::{self, AdminState, Readiness};
+use crate::audit::AuditLog;
 use crate::config::ServerConfig;
 use crate::connect::{self, ConnectState};
 use crate::frontend::{self, Frontend, FrontendControl, Kind};
@@ -33,7 +34,6 @@ use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 use crate::reload::{ForwardSet, ServerReloader};
 use crate::tunnel::{self, Tunnel};
-use crate::audit::AuditLog;
 use crate::tunnel_dial::TunnelDialer;
 use tether_common::log_throttle::LogThrottle;
 
