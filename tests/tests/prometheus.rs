@@ -40,7 +40,10 @@ struct Setup {
 }
 
 async fn setup(server_extra_yaml: &str) -> Setup {
-    let pki = TestPki::new();
+    setup_with(TestPki::new(), server_extra_yaml).await
+}
+
+async fn setup_with(pki: TestPki, server_extra_yaml: &str) -> Setup {
     let http = HttpTarget::start().await.unwrap();
     let closed_port = {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -355,6 +358,18 @@ impl Prometheus {
             .unwrap_or_default()
     }
 
+    /// How many series an instant query of `promql` returns, or Prometheus's error.
+    async fn series(&self, promql: &str) -> Result<usize, String> {
+        let path = format!("/api/v1/query?query={}", percent_encode(promql));
+        let response = get(self.addr, &path).await.map_err(|e| e.to_string())?;
+        let value: serde_json::Value =
+            serde_json::from_str(&response.body).map_err(|e| format!("{e}: {}", response.body))?;
+        if value["status"] != "success" {
+            return Err(format!("{}: {}", value["errorType"], value["error"]));
+        }
+        Ok(value["data"]["result"].as_array().map_or(0, Vec::len))
+    }
+
     /// Polls `promql` until it has exactly one series with value `expected`.
     async fn wait_for(&self, promql: &str, expected: f64) {
         let deadline = tokio::time::Instant::now() + WAIT * 2;
@@ -491,6 +506,307 @@ async fn a_real_prometheus_scrapes_server_and_agent() {
     }
 
     prometheus.kill().await;
+    s.agent.stop().await.unwrap();
+    s.server.stop().await.unwrap();
+}
+
+fn recording_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/prometheus/recording.yml")
+}
+
+fn dashboard_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/grafana/dashboards/tether.json")
+}
+
+/// Every PromQL expression of the dashboard, with Grafana's variables replaced by what "All"
+/// and the default interval give (`$instance` -> `.+`, `$__rate_interval` -> `1m`); the
+/// `instance` variable's `label_values(selector, label)` contributes its selector.
+fn dashboard_expressions() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(dashboard_file()).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let grafana = |expr: &str| {
+        expr.replace("$instance", ".+")
+            .replace("$__rate_interval", "1m")
+    };
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let title = panel["title"].as_str().unwrap();
+            out.push((format!("dashboard panel {title:?}"), grafana(expr)));
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(query) = variable["query"]["query"].as_str() {
+            let inner = query
+                .strip_prefix("label_values(")
+                .and_then(|q| q.rsplit_once(','))
+                .map(|(selector, _)| selector.to_owned())
+                .unwrap_or_else(|| panic!("unexpected variable query {query}"));
+            out.push((format!("dashboard variable {}", variable["name"]), inner));
+        }
+    }
+    out
+}
+
+/// The series selectors of a PromQL expression: each tether, process or `up` metric name
+/// (recording rule names included) with its `{...}` matchers. Label names, strings and
+/// function names are skipped. Enough for the expressions this repository ships.
+fn selectors(expr: &str) -> Vec<String> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut depth = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' {
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+            continue;
+        }
+        if c == '{' {
+            depth += 1;
+        } else if c == '}' {
+            depth -= 1;
+        }
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+        if depth == 0 && ident(c) && (i == 0 || !ident(chars[i - 1])) {
+            let start = i;
+            while i < chars.len() && ident(chars[i]) {
+                i += 1;
+            }
+            let name: String = chars[start..i].iter().collect();
+            let wanted = name.contains("tether_") || name.starts_with("process_") || name == "up";
+            let mut j = i;
+            while j < chars.len() && chars[j] == ' ' {
+                j += 1;
+            }
+            if wanted && chars.get(j) != Some(&'(') {
+                let mut selector = name;
+                if chars.get(j) == Some(&'{') {
+                    let close = matchers_end(&chars, j);
+                    selector.extend(&chars[j..=close]);
+                    i = close + 1;
+                }
+                out.push(selector);
+            }
+            continue;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The index of the `}` closing the matchers that open at `open`, past quoted values.
+fn matchers_end(chars: &[char], open: usize) -> usize {
+    let mut k = open;
+    let mut quoted = false;
+    while k < chars.len() {
+        match chars[k] {
+            '\\' if quoted => k += 1,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return k,
+            _ => {}
+        }
+        k += 1;
+    }
+    panic!("unclosed matchers in {}", chars.iter().collect::<String>());
+}
+
+#[test]
+fn selectors_are_extracted() {
+    assert_eq!(
+        selectors(
+            "sum by (job, instance) (rate(tether_x_total{a=\"b\", c=~\"d|{e}\"}[5m])) \
+             - on (job) instance:tether_y:rate5m > 0 and up{job=~\"t\"} offset 6h"
+        ),
+        [
+            "tether_x_total{a=\"b\", c=~\"d|{e}\"}",
+            "instance:tether_y:rate5m",
+            "up{job=~\"t\"}"
+        ]
+    );
+}
+
+/// The dashboard's and the rules' expressions against a real Prometheus that scraped a server
+/// and an agent carrying traffic. Dashboard panels and recording rules must return series;
+/// alert rules (conditions, empty while nothing is wrong) must evaluate without error and
+/// every series they select must exist. Series that exist only after a failure are provoked
+/// before Prometheus starts:
+/// - `tether_dial_errors_total{code="refused"}` (dial errors panel, its recording rule): a
+///   forward to a closed port (in `setup`);
+/// - `tether_frontend_refusals_total > 0` (frontend refusals panel): a CONNECT without
+///   credentials;
+/// - `tether_tls_handshake_failures_total`: garbage on the tunnel port;
+/// - `tether_auth_failures_total`: an agent outside `allowed_agents`;
+/// - `tether_config_reloads_total` moves: a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_and_rule_expression_returns_series() {
+    let pki = TestPki::new();
+    let audit = pki.dir().join("audit.jsonl");
+    let extra = format!(
+        "allowed_agents: [edge-1]\n\
+         health: {{ interval: 200ms, timeout: 1s }}\n\
+         audit_log: {{ output: file, path: \"{}\" }}\n\
+         frontends: {{ http_connect_listen: \"127.0.0.1:0\" }}\n",
+        audit.display()
+    );
+    let s = setup_with(pki, &extra).await;
+
+    // Failures that some series need.
+    let mut garbage = tokio::net::TcpStream::connect(s.server.tunnel_addr)
+        .await
+        .unwrap();
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let stranger = TestAgent::start(
+        &s.pki,
+        &s.pki.agent("edge-2"),
+        s.server.tunnel_addr,
+        &allow_only(s._http.addr),
+        "",
+    )
+    .await;
+    tether_e2e::eventually("a TLS failure and a refused agent counted", || {
+        tether_e2e::metric_sum(&s.server.registry, "tether_tls_handshake_failures_total") >= 1.0
+            && metric(
+                &s.server.registry,
+                "tether_auth_failures_total",
+                &[("reason", "not_allowed")],
+            )
+            .is_some()
+    })
+    .await;
+    drop(garbage);
+    let current = s.server.reloader.current();
+    s.server.reloader.reload(current).await.unwrap();
+    tether_e2e::eventually("audit lines written", || {
+        std::fs::read_to_string(&audit).is_ok_and(|t| t.lines().count() > REQUESTS)
+    })
+    .await;
+    tether_e2e::eventually("a health probe measured the RTT", || {
+        metric(
+            &s.server.registry,
+            "tether_session_rtt_seconds",
+            &[("client", "edge-1")],
+        )
+        .is_some()
+    })
+    .await;
+
+    let config = s.pki.write_file(
+        "prometheus-all.yml",
+        &format!(
+            "global: {{ scrape_interval: 200ms, evaluation_interval: 200ms }}\n\
+             rule_files: [\"{}\", \"{}\"]\n\
+             scrape_configs:\n\
+             \x20 - job_name: tether-server\n\
+             \x20   static_configs: [{{ targets: [\"{}\"] }}]\n\
+             \x20 - job_name: tether-agent\n\
+             \x20   static_configs: [{{ targets: [\"{}\"] }}]\n",
+            alerts_file().display(),
+            recording_file().display(),
+            s.server.admin_addr,
+            s.agent_admin,
+        ),
+    );
+    let prometheus = Prometheus::start(&config).await;
+    // Traffic while Prometheus scrapes, so that rates see it, and a refused consumer (the
+    // refusals panel shows only rates above 0), after a first scrape of both daemons.
+    prometheus
+        .wait_for("count(up{job=~\"tether-server|tether-agent\"} == 1)", 2.0)
+        .await;
+    for _ in 0..REQUESTS {
+        request_through(s.server.forward_addrs[0]).await.unwrap();
+    }
+    let proxy = s.server.http_connect_addr.unwrap();
+    let mut consumer = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    consumer
+        .write_all(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut consumer, &mut answer)
+        .await
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 407"));
+
+    // The rules as Prometheus loaded them.
+    let rules = prometheus.api("rules").await;
+    let rules: Vec<serde_json::Value> = rules["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().clone())
+        .collect();
+    let alerts = rules.iter().filter(|r| r["type"] == "alerting").count();
+    let recordings = rules.iter().filter(|r| r["type"] == "recording").count();
+    assert!(
+        alerts >= 11 && recordings >= 11,
+        "{alerts} alerts, {recordings} recordings"
+    );
+
+    let mut must_have_series: Vec<(String, String)> = dashboard_expressions();
+    let mut must_evaluate: Vec<(String, String)> = Vec::new();
+    for rule in &rules {
+        let name = rule["name"].as_str().unwrap();
+        let query = rule["query"].as_str().unwrap().to_owned();
+        if rule["type"] == "recording" {
+            must_have_series.push((format!("recording rule {name}"), query));
+            must_have_series.push((format!("recorded series {name}"), name.to_owned()));
+        } else {
+            for selector in selectors(&query) {
+                must_have_series.push((format!("alert {name} selects"), selector));
+            }
+            must_evaluate.push((format!("alert {name}"), query));
+        }
+    }
+    for (what, expr) in dashboard_expressions() {
+        for selector in selectors(&expr) {
+            must_have_series.push((format!("{what} selects"), selector));
+        }
+    }
+    assert!(must_have_series.len() > 80, "{}", must_have_series.len());
+
+    // Rates need two scrapes and rules an evaluation after them: poll until everything has
+    // series, then report what still has none.
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    let failures = loop {
+        let mut failures = Vec::new();
+        for (what, expr) in &must_have_series {
+            match prometheus.series(expr).await {
+                Ok(0) => failures.push(format!("{what}: no series for {expr}")),
+                Ok(_) => {}
+                Err(err) => failures.push(format!("{what}: {expr}: {err}")),
+            }
+        }
+        for (what, expr) in &must_evaluate {
+            if let Err(err) = prometheus.series(expr).await {
+                failures.push(format!("{what}: {expr}: {err}"));
+            }
+        }
+        if failures.is_empty() || tokio::time::Instant::now() >= deadline {
+            break failures;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // And Prometheus evaluated every rule without an error.
+    let rules = prometheus.api("rules").await;
+    for rule in rules["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+    {
+        assert_eq!(rule["health"], "ok", "{rule}");
+    }
+
+    prometheus.kill().await;
+    stranger.kill().await;
     s.agent.stop().await.unwrap();
     s.server.stop().await.unwrap();
 }

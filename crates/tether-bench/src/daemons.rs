@@ -243,8 +243,19 @@ pub(crate) struct TetherPair {
 impl TetherPair {
     /// Starts both and waits until the agent's session is registered.
     pub(crate) async fn start(binary: &Path, pki: &Pki, targets: &[SocketAddr]) -> Result<Self> {
+        Self::start_with(binary, pki, targets, "").await
+    }
+
+    /// [`start`](Self::start) with `server_extra` YAML in the server's config.
+    pub(crate) async fn start_with(
+        binary: &Path,
+        pki: &Pki,
+        targets: &[SocketAddr],
+        server_extra: &str,
+    ) -> Result<Self> {
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        let server = ServerProcess::start(binary, pki, listen, "bench", targets, "").await?;
+        let server =
+            ServerProcess::start(binary, pki, listen, "bench", targets, server_extra).await?;
         let agent = AgentProcess::start(binary, pki, "bench", server.tunnel, targets)?;
         server.wait_for_agents(1, START_WAIT).await?;
         Ok(TetherPair { server, agent })

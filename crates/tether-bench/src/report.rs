@@ -11,6 +11,8 @@ use crate::process_stats;
 
 /// Markers of the `tunnels` section.
 pub(crate) const TUNNELS_MARKER: &str = "tunnels";
+/// Markers of the `tunnels --audit-log` section.
+pub(crate) const TUNNELS_AUDIT_MARKER: &str = "tunnels-audit";
 /// Markers of the `agents` section.
 pub(crate) const AGENTS_MARKER: &str = "agents";
 

@@ -35,6 +35,11 @@ pub(crate) struct TunnelsArgs {
     /// Leave out peers found on PATH.
     #[arg(long)]
     no_peers: bool,
+    /// Measure the cost of the server's audit log instead: tether with `audit_log` off and
+    /// tether with it writing to a file, interleaved (throughput, RTT, connection rate; no
+    /// idle levels, no peers), in the section marked `tunnels-audit`.
+    #[arg(long)]
+    audit_log: bool,
 }
 
 /// A system under test.
@@ -42,6 +47,8 @@ pub(crate) struct TunnelsArgs {
 enum System {
     Direct,
     Tether,
+    /// tether with the server's audit log writing to a file.
+    TetherAudit,
     Rathole,
 }
 
@@ -50,6 +57,7 @@ impl System {
         match self {
             System::Direct => "direct",
             System::Tether => "tether",
+            System::TetherAudit => "tether, audit log on",
             System::Rathole => "rathole",
         }
     }
@@ -118,6 +126,10 @@ pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
     if rathole.is_some() {
         systems.push(System::Rathole);
     }
+    if args.audit_log {
+        systems = vec![System::Tether, System::TetherAudit];
+        args.idle_levels = String::new();
+    }
     let levels: Vec<u32> = args
         .idle_levels
         .split(',')
@@ -129,6 +141,10 @@ pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let pki = Pki::new(&["bench"])?;
+    let audit_yaml = format!(
+        "audit_log: {{ output: file, path: \"{}\" }}",
+        pki.dir().join("audit.jsonl").display()
+    );
     let jsonl = pki.dir().join("tunnels.jsonl");
     let warmup_jsonl = pki.dir().join("warmup.jsonl");
     let targets = Targets::start(&script).await?;
@@ -168,6 +184,10 @@ pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
                         System::Tether => {
                             Running::Tether(TetherPair::start(&binary, &pki, &target_addrs).await?)
                         }
+                        System::TetherAudit => Running::Tether(
+                            TetherPair::start_with(&binary, &pki, &target_addrs, &audit_yaml)
+                                .await?,
+                        ),
                         System::Rathole => Running::Rathole(
                             Rathole::start(
                                 rathole.as_deref().context("rathole")?,
@@ -224,12 +244,30 @@ pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
     std::fs::create_dir_all(&saved)?;
     std::fs::copy(&jsonl, saved.join("tunnels.jsonl"))?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let section = report::tunnels(&records, &command, args.rounds);
+    let mut section = report::tunnels(&records, &command, args.rounds);
+    let mut marker = report::TUNNELS_MARKER;
+    if args.audit_log {
+        section = section.replacen(
+            "## End to end against peers (`tether-bench tunnels`)",
+            "## The audit log's cost (`tether-bench tunnels --audit-log`)",
+            1,
+        );
+        marker = report::TUNNELS_AUDIT_MARKER;
+        // The peers' targets do not apply to an on/off comparison of tether with itself.
+        if let Some(at) = section.find("| target | goal |") {
+            section.truncate(at);
+        }
+        let lines = std::fs::read_to_string(pki.dir().join("audit.jsonl"))
+            .map_or(0, |text| text.lines().count());
+        section.push_str(&format!(
+            "\nThe audit log held {lines} lines at the end (one per tunnelled connection).\n"
+        ));
+    }
     println!("{section}");
     if args.common.smoke {
         report::require_all_ok(&records)?;
     }
-    report::write_section(args.common.out_path()?, report::TUNNELS_MARKER, &section)
+    report::write_section(args.common.out_path()?, marker, &section)
 }
 
 /// One harness `idle` test of `count` connections through `running`, recorded in `out`.

@@ -18,7 +18,7 @@ use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
 use crate::MuxStream;
-use crate::pipe::{LocalRead, PipeError, PipeTotals, pipe};
+use crate::pipe::{LocalRead, PipeEnd, PipeError, PipeTotals, pipe_until};
 
 /// The socket shared by a stream's pump and the session's reader.
 #[derive(Debug)]
@@ -172,22 +172,30 @@ impl AsyncWrite for DirectTcp {
     }
 }
 
-/// [`pipe`] with direct delivery: while it runs, the session's reader may write `stream`'s
+/// [`pipe`](crate::pipe::pipe) with direct delivery: while it runs, the session's reader may write `stream`'s
 /// received bytes straight into `local`. `to_local` counts both kinds of delivery.
 pub async fn pipe_direct(
     stream: &mut MuxStream,
     local: &mut DirectTcp,
 ) -> Result<PipeTotals, PipeError> {
+    let end = pipe_direct_until(stream, local, std::future::pending()).await;
+    end.result.map(|()| end.totals)
+}
+
+/// [`pipe_direct`] that also ends when `stop` completes, with the bytes moved on every
+/// outcome ([`pipe_until`]).
+pub async fn pipe_direct_until<S>(stream: &mut MuxStream, local: &mut DirectTcp, stop: S) -> PipeEnd
+where
+    S: Future<Output = PipeError>,
+{
     let attached = Attached {
         stream: stream.attach_sink(local.sink.clone()),
     };
-    let result = pipe(stream, local).await;
+    let mut end = pipe_until(stream, local, stop).await;
     let direct = attached.stream.detach_sink();
-    result.map(|mut totals| {
-        totals.to_local += direct;
-        totals.to_local_direct = direct;
-        totals
-    })
+    end.totals.to_local += direct;
+    end.totals.to_local_direct = direct;
+    end
 }
 
 /// Detaches the socket from the stream when the pipe ends or is dropped, so that the reader

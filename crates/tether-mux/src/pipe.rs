@@ -5,7 +5,7 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -111,6 +111,16 @@ pub struct PipeTotals {
     pub to_local_direct: u64,
 }
 
+/// How a pipe ended, with the bytes it moved either way until then (also when it failed or was
+/// stopped, for accounting such as the server's audit log).
+#[derive(Debug)]
+pub struct PipeEnd {
+    /// Bytes moved until the end.
+    pub totals: PipeTotals,
+    /// `Ok` when both directions finished; the failure (or the stop's error) otherwise.
+    pub result: Result<(), PipeError>,
+}
+
 /// Pumps bytes both ways until both directions have finished (EOF then shutdown), or one side
 /// fails. On failure the other direction is abandoned at once and the failed side is reported.
 ///
@@ -122,23 +132,40 @@ where
     T: TunnelIo,
     L: LocalRead + AsyncWrite,
 {
+    let end = pipe_until(tunnel, local, std::future::pending()).await;
+    end.result.map(|()| end.totals)
+}
+
+/// [`pipe`] that also ends when `stop` completes (with the error it yields), and reports the
+/// bytes moved on every outcome.
+pub async fn pipe_until<T, L, S>(tunnel: &mut T, local: &mut L, stop: S) -> PipeEnd
+where
+    T: TunnelIo,
+    L: LocalRead + AsyncWrite,
+    S: Future<Output = PipeError>,
+{
     let mut up = Up::default();
     let mut down = Down::default();
-    poll_fn(|cx| {
+    let mut stop = pin!(stop);
+    let result = poll_fn(|cx| {
         // Both directions are polled every time; a failure on either ends the pipe.
         let up_done = up.poll(cx, local, tunnel)?.is_ready();
         let down_done = down.poll(cx, tunnel, local)?.is_ready();
         if up_done && down_done {
-            Poll::Ready(Ok(PipeTotals {
-                to_tunnel: up.total,
-                to_local: down.total,
-                to_local_direct: 0,
-            }))
+            Poll::Ready(Ok(()))
         } else {
-            Poll::Pending
+            stop.as_mut().poll(cx).map(Err)
         }
     })
-    .await
+    .await;
+    PipeEnd {
+        totals: PipeTotals {
+            to_tunnel: up.total,
+            to_local: down.total,
+            to_local_direct: 0,
+        },
+        result,
+    }
 }
 
 fn failed(side: PipeSide) -> impl FnOnce(io::Error) -> PipeError {

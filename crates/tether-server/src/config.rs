@@ -74,6 +74,8 @@ pub struct ServerConfig {
     /// Log filter (tracing `EnvFilter` syntax) used when neither `--log` nor `TETHER_LOG` is
     /// given; applied in place on reload. Empty: `info`.
     pub log: String,
+    /// One JSON line per tunnelled connection when it closes (the `audit_log:` section).
+    pub audit_log: AuditLogConfig,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +100,63 @@ impl Default for ServerConfig {
             remotedialer: RemotedialerConfig::default(),
             frontends: FrontendsConfig::default(),
             log: String::new(),
+            audit_log: AuditLogConfig::default(),
+        }
+    }
+}
+
+/// Where the audit log goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditOutput {
+    /// No audit log (the default).
+    #[default]
+    Off,
+    /// Standard error, beside the daemon's own logs.
+    Stderr,
+    /// Appended to `path`; reopened on SIGHUP (for logrotate).
+    File,
+}
+
+/// The `audit_log:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditLogConfig {
+    /// `off` (default), `stderr` or `file`.
+    pub output: AuditOutput,
+    /// The file for `output: file`; relative paths are relative to the config file.
+    pub path: PathBuf,
+    /// Lines that may wait for the writer; past it lines are dropped and counted in
+    /// `tether_audit_lines_total{result="dropped"}` (default `8192`).
+    pub queue: usize,
+}
+
+impl Default for AuditLogConfig {
+    fn default() -> Self {
+        Self {
+            output: AuditOutput::Off,
+            path: PathBuf::new(),
+            queue: 8192,
+        }
+    }
+}
+
+/// Largest `audit_log.queue` accepted.
+const MAX_AUDIT_QUEUE: usize = 1 << 20;
+
+impl AuditLogConfig {
+    fn validate(&self, errors: &mut ConfigErrors) {
+        if self.output == AuditOutput::File && self.path.as_os_str().is_empty() {
+            errors.push(
+                "audit_log.path",
+                "is required when audit_log.output is `file`",
+            );
+        }
+        if !(1..=MAX_AUDIT_QUEUE).contains(&self.queue) {
+            errors.push(
+                "audit_log.queue",
+                format!("{} is outside 1..={MAX_AUDIT_QUEUE} lines", self.queue),
+            );
         }
     }
 }
@@ -398,6 +457,9 @@ impl ServerConfig {
         if let Some(token) = &mut self.remotedialer.token_file {
             resolve(token);
         }
+        if !self.audit_log.path.as_os_str().is_empty() {
+            resolve(&mut self.audit_log.path);
+        }
     }
 
     /// Checks everything that parsing cannot; collects every problem with its key path.
@@ -447,6 +509,7 @@ impl ServerConfig {
         self.health.validate(&mut errors);
         self.remotedialer.validate(&mut errors);
         self.frontends.validate(&mut errors);
+        self.audit_log.validate(&mut errors);
         errors.into_result(())
     }
 

@@ -1,6 +1,7 @@
 //! Static port forwards: each local listener tunnels every consumer connection to a fixed
 //! target through the newest session of a fixed agent; failures reach the consumer as a reset.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, field, info, warn};
 
 use crate::accept::accept;
+use crate::audit::{AuditLog, Via};
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 use crate::tunnel_dial::{DialError, TunnelDialer, reset, splice};
@@ -32,6 +34,7 @@ pub(crate) struct Forward {
     pub(crate) hard_stop: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) log: LogThrottle,
+    pub(crate) audit: AuditLog,
     /// Whether the last dial failed: failures are logged at warn once per episode.
     failing: AtomicBool,
 }
@@ -48,6 +51,7 @@ impl Forward {
         shutdown: CancellationToken,
         hard_stop: CancellationToken,
         tracker: TaskTracker,
+        audit: AuditLog,
     ) -> Self {
         Self {
             name,
@@ -60,6 +64,7 @@ impl Forward {
             hard_stop,
             tracker,
             log: LogThrottle::new(Duration::from_secs(60)),
+            audit,
             failing: AtomicBool::new(false),
         }
     }
@@ -104,30 +109,41 @@ pub(crate) async fn accept_loop(forward: Arc<Forward>, listener: TcpListener) {
         );
         forward
             .tracker
-            .spawn(serve_consumer(forward.clone(), tcp).instrument(span));
+            .spawn(serve_consumer(forward.clone(), tcp, peer).instrument(span));
     }
     debug!(forward = %forward.name, "forward stopped accepting");
 }
 
-async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream) {
+async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let dialer = TunnelDialer {
         registry: forward.registry.clone(),
         metrics: forward.metrics.clone(),
         dial_timeout: forward.dial_timeout,
+        audit: forward.audit.clone(),
     };
+    let mut audit = forward.audit.connection(
+        Via::Forward(&forward.name),
+        peer,
+        None,
+        &forward.client,
+        &forward.target,
+    );
     let conn = match dialer.dial(&forward.client, &forward.target).await {
         Ok(conn) => conn,
         Err(err) => {
             forward.dial_failed(&err);
             reset(&tcp);
+            audit.dial_failed(&err);
             return;
         }
     };
     forward.dial_succeeded();
+    audit.dialed(&conn, &forward.target);
     tracing::Span::current().record("stream.id", conn.stream.id());
     debug!("stream open");
-    splice(conn, tcp, &forward.hard_stop).await;
+    let end = splice(conn, tcp, &forward.hard_stop).await;
+    audit.spliced(&end);
 }
 
 #[cfg(test)]
@@ -168,6 +184,7 @@ mod tests {
             CancellationToken::new(),
             CancellationToken::new(),
             TaskTracker::new(),
+            AuditLog::off(),
         );
         let lines = Lines::default();
         let writer = lines.clone();

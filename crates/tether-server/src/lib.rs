@@ -11,6 +11,7 @@
 
 mod accept;
 pub mod admin;
+pub mod audit;
 pub mod config;
 mod connect;
 mod forward;
@@ -28,9 +29,10 @@ mod tunnel_dial;
 mod ws_transport;
 
 pub use admin::ClientsResponse;
+pub use audit::AuditLog;
 pub use config::{
-    ConsumerConfig, ForwardConfig, FrontendsConfig, HealthConfig, MetricsConfig,
-    RemotedialerConfig, ServerConfig, TlsConfig, TokenHash,
+    AuditLogConfig, AuditOutput, ConsumerConfig, ForwardConfig, FrontendsConfig, HealthConfig,
+    MetricsConfig, RemotedialerConfig, ServerConfig, TlsConfig, TokenHash,
 };
 pub use frontend::{FRONTEND_LABELS, FrontendControl, FrontendReload, REFUSAL_REASONS};
 pub use health::HealthChecker;

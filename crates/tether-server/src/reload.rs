@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::audit::AuditLog;
 use crate::config::{ForwardConfig, ServerConfig};
 use crate::forward::{self, Forward};
 use crate::frontend::FrontendControl;
@@ -57,6 +58,7 @@ pub(crate) struct ForwardSet {
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     tracker: TaskTracker,
+    audit: AuditLog,
 }
 
 impl ForwardSet {
@@ -67,8 +69,10 @@ impl ForwardSet {
         shutdown: CancellationToken,
         hard_stop: CancellationToken,
         tracker: TaskTracker,
+        audit: AuditLog,
     ) -> ForwardSet {
         ForwardSet {
+            audit,
             running: BTreeMap::new(),
             dial_timeout,
             registry,
@@ -107,6 +111,7 @@ impl ForwardSet {
             stop.clone(),
             self.hard_stop.clone(),
             self.tracker.clone(),
+            self.audit.clone(),
         ));
         let span = info_span!("forward", forward = %config.name);
         let task = self
@@ -146,6 +151,8 @@ struct Inner {
     frontends: FrontendControl,
     registry: Arc<SessionRegistry>,
     metrics: ReloadMetrics,
+    /// Reopened by every reload attempt (SIGHUP after logrotate moved the file).
+    audit: AuditLog,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,6 +168,7 @@ impl ServerReloader {
         frontends: FrontendControl,
         registry: Arc<SessionRegistry>,
         metrics: ReloadMetrics,
+        audit: AuditLog,
     ) -> ServerReloader {
         ServerReloader {
             inner: Arc::new(Inner {
@@ -172,6 +180,7 @@ impl ServerReloader {
                 frontends,
                 registry,
                 metrics,
+                audit,
             }),
         }
     }
@@ -194,8 +203,9 @@ impl ServerReloader {
     }
 
     /// Counts and logs a new config that could not even be loaded (unreadable file, bad YAML);
-    /// the running config stays in force.
+    /// the running config stays in force. The audit log is reopened all the same.
     pub fn reject(&self, error: &dyn std::fmt::Display) {
+        self.inner.audit.reopen();
         self.inner.metrics.reject(error);
     }
 
@@ -205,8 +215,10 @@ impl ServerReloader {
     }
 
     /// Reloads with `config` (paths resolved, layers merged). Logs and counts the result.
+    /// Every call reopens the audit log file first, so SIGHUP after logrotate works.
     pub async fn reload(&self, config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
         let _serial = self.inner.serial.lock().await;
+        self.inner.audit.reopen();
         let outcome = self.try_reload(config).await;
         self.inner.metrics.report(&outcome);
         outcome
@@ -402,6 +414,7 @@ fn restore_key(config: &mut ServerConfig, running: &ServerConfig, path: &str) {
         "health" => config.health = running.health.clone(),
         "metrics" => config.metrics = running.metrics.clone(),
         "remotedialer" => config.remotedialer = running.remotedialer.clone(),
+        "audit_log" => config.audit_log = running.audit_log.clone(),
         _ => {}
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::admin::{self, AdminState, Readiness};
+use crate::audit::AuditLog;
 use crate::config::ServerConfig;
 use crate::connect::{self, ConnectState};
 use crate::frontend::{self, Frontend, FrontendControl, Kind};
@@ -74,6 +75,9 @@ pub enum ServerError {
         /// What is missing.
         why: &'static str,
     },
+    /// The audit log could not start.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// `Listeners::forwards` does not match `ServerConfig::forwards`.
     #[error("{got} forward listeners were given for {expected} configured forwards")]
     ForwardListeners {
@@ -170,6 +174,7 @@ pub struct Server {
     registry: Arc<SessionRegistry>,
     server_id: String,
     frontends: FrontendControl,
+    audit: AuditLog,
     /// systemd notifications: READY once every listener serves, STOPPING when the drain starts.
     #[cfg(unix)]
     notifier: tether_common::sd_notify::Notifier,
@@ -221,6 +226,7 @@ impl Server {
             sessions.declare_client(client);
         }
         let frontends = FrontendControl::new(&config.frontends);
+        let audit = AuditLog::start(&config.audit_log, registry)?;
         let allowed = Arc::new(ArcSwap::from_pointee(
             config
                 .allowed_agents
@@ -236,9 +242,11 @@ impl Server {
             frontends.clone(),
             sessions.clone(),
             ReloadMetrics::register(registry)?,
+            audit.clone(),
         );
         Ok(Server {
             frontends,
+            audit,
             config,
             allowed,
             agent_slots,
@@ -292,6 +300,11 @@ impl Server {
     /// The metrics.
     pub fn metrics(&self) -> &ServerMetrics {
         &self.metrics
+    }
+
+    /// The audit log (reopen it on SIGHUP so logrotate works).
+    pub fn audit_log(&self) -> AuditLog {
+        self.audit.clone()
     }
 
     /// The handle that reloads the frontends' consumers and settings in place (take it before
@@ -392,6 +405,7 @@ impl Server {
             shutdown.clone(),
             hard_stop.clone(),
             tracker.clone(),
+            self.audit.clone(),
         );
         for (f, listener) in config.forwards.iter().zip(listeners.forwards) {
             forward_set.start(f.clone(), listener);
@@ -403,6 +417,7 @@ impl Server {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             dial_timeout: config.dial_timeout.0,
+            audit: self.audit.clone(),
         };
         for (kind, listener) in [
             (Kind::HttpConnect, listeners.frontends.http_connect),
@@ -494,6 +509,8 @@ impl Server {
                 "tasks still running after the shutdown grace period; abandoning them"
             );
         }
+        // The connections' last audit lines are queued by now; let the writer catch up.
+        self.audit.flush(TASK_GRACE).await;
         info!("server stopped");
         Ok(())
     }

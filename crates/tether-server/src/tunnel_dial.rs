@@ -5,8 +5,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_mux::direct::{DirectTcp, pipe_direct};
-use tether_mux::pipe::{PipeError, PipeSide};
+use tether_mux::direct::{DirectTcp, pipe_direct_until};
+use tether_mux::pipe::{PipeError, PipeSide, PipeTotals};
 use tether_mux::{MuxStream, OpenError};
 use tether_proto::{OpenErrorCode, ResetCode, TargetAddr};
 use tokio::net::TcpStream;
@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::audit::AuditLog;
 use crate::metrics::{NO_SESSION, ServerMetrics};
 use crate::registry::{NoSession, SessionRegistry};
 use crate::remotedialer_metrics::ConnectionGuard;
@@ -66,12 +67,18 @@ pub(crate) struct TunnelDialer {
     pub(crate) registry: Arc<SessionRegistry>,
     pub(crate) metrics: ServerMetrics,
     pub(crate) dial_timeout: Duration,
+    /// Where each connection's audit line goes (a no-op when `audit_log` is off).
+    pub(crate) audit: AuditLog,
 }
 
 /// An open stream and what must live as long as it.
 #[derive(Debug)]
 pub(crate) struct TunnelConn {
     pub(crate) stream: MuxStream,
+    /// The registry's id of the session that carries the stream.
+    pub(crate) session_id: u64,
+    /// The agent process instance of that session (may be empty).
+    pub(crate) instance: String,
     /// Counts the remotedialer-compatible removal when the connection ends.
     _compat: Option<ConnectionGuard>,
 }
@@ -84,7 +91,7 @@ impl TunnelDialer {
         client: &str,
         target: &TargetAddr,
     ) -> Result<TunnelConn, DialError> {
-        let session = self.registry.pick(client).inspect_err(|_| {
+        let entry = self.registry.pick_entry(client).inspect_err(|_| {
             self.metrics
                 .dial_errors
                 .with_label_values(&[NO_SESSION])
@@ -97,7 +104,8 @@ impl TunnelDialer {
             .as_ref()
             .map(|compat| compat.connection(client));
         let started = Instant::now();
-        let opened = session
+        let opened = entry
+            .session
             .open_with_timeout(target.clone(), self.dial_timeout)
             .await;
         self.metrics
@@ -106,6 +114,8 @@ impl TunnelDialer {
         match opened {
             Ok(stream) => Ok(TunnelConn {
                 stream,
+                session_id: entry.session_id,
+                instance: entry.instance,
                 _compat: compat,
             }),
             Err(source) => {
@@ -122,34 +132,73 @@ impl TunnelDialer {
     }
 }
 
+/// How a splice ended: the bytes moved and a close reason for the audit log.
+#[derive(Debug)]
+pub(crate) struct SpliceEnd {
+    pub(crate) totals: PipeTotals,
+    /// `closed` (both directions finished), `consumer_error`, `tunnel_error` or `shutdown`.
+    pub(crate) reason: &'static str,
+    /// The failure, if any.
+    pub(crate) error: Option<String>,
+}
+
 /// Pumps bytes between `tcp` and the tunnel stream until both directions end, one side fails,
 /// or `hard_stop` fires. A failure on one side becomes a reset on the other, never a clean EOF.
-pub(crate) async fn splice(mut conn: TunnelConn, tcp: TcpStream, hard_stop: &CancellationToken) {
+pub(crate) async fn splice(
+    mut conn: TunnelConn,
+    tcp: TcpStream,
+    hard_stop: &CancellationToken,
+) -> SpliceEnd {
     let mut tcp = DirectTcp::new(tcp);
-    let result = tokio::select! {
-        result = pipe_direct(&mut conn.stream, &mut tcp) => result,
-        _ = hard_stop.cancelled() => Err(PipeError {
+    let stop = async {
+        hard_stop.cancelled().await;
+        PipeError {
             side: PipeSide::Tunnel,
-            source: io::Error::new(io::ErrorKind::ConnectionAborted, "server shutting down"),
-        }),
+            source: io::Error::new(io::ErrorKind::ConnectionAborted, SHUTTING_DOWN),
+        }
     };
-    match result {
-        Ok(totals) => debug!(
-            to_tunnel = totals.to_tunnel,
-            to_local = totals.to_local,
-            "stream finished"
-        ),
+    let end = pipe_direct_until(&mut conn.stream, &mut tcp, stop).await;
+    let totals = end.totals;
+    match end.result {
+        Ok(()) => {
+            debug!(
+                to_tunnel = totals.to_tunnel,
+                to_local = totals.to_local,
+                "stream finished"
+            );
+            SpliceEnd {
+                totals,
+                reason: "closed",
+                error: None,
+            }
+        }
         Err(err) => {
             debug!(side = ?err.side, error = %err.source, "stream failed");
+            let reason = if hard_stop.is_cancelled() {
+                "shutdown"
+            } else {
+                match err.side {
+                    PipeSide::Tunnel => "tunnel_error",
+                    PipeSide::Local => "consumer_error",
+                }
+            };
             match err.side {
                 PipeSide::Tunnel => reset(tcp.get_ref()),
                 PipeSide::Local => conn
                     .stream
                     .reset(ResetCode::TargetReset, "consumer connection failed"),
             }
+            SpliceEnd {
+                totals,
+                reason,
+                error: Some(err.source.to_string()),
+            }
         }
     }
 }
+
+/// The error a splice ends with at the server's hard stop.
+const SHUTTING_DOWN: &str = "server shutting down";
 
 /// Makes closing the consumer's socket (when it is dropped) send RST, so the consumer sees an
 /// error rather than a clean EOF.

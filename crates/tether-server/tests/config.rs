@@ -268,3 +268,34 @@ fn allow_without_client_cert_needs_the_token_and_the_tunnel_id_header() {
     let config = ServerConfig::parse(&ok, "server.yaml", pki.dir()).unwrap();
     assert_eq!(config.client_cert_policy(), ClientCertPolicy::Optional);
 }
+
+#[test]
+fn audit_log_section_resolves_its_path_and_is_validated() {
+    let pki = TestPki::new();
+    let config = ServerConfig::parse(TLS_YAML, "server.yaml", pki.dir()).unwrap();
+    assert_eq!(config.audit_log.output, tether_server::AuditOutput::Off);
+    let yaml = format!("{TLS_YAML}audit_log: {{ output: file, path: audit.jsonl, queue: 16 }}\n");
+    let config = ServerConfig::parse(&yaml, "server.yaml", pki.dir()).unwrap();
+    assert_eq!(config.audit_log.output, tether_server::AuditOutput::File);
+    assert_eq!(config.audit_log.path, pki.dir().join("audit.jsonl"));
+    assert_eq!(config.audit_log.queue, 16);
+
+    let yaml = format!("{TLS_YAML}audit_log: {{ output: file, queue: 0 }}\n");
+    let err = ServerConfig::parse(&yaml, "server.yaml", pki.dir()).unwrap_err();
+    let errors = invalid(err);
+    assert!(
+        errors
+            .iter()
+            .any(|(p, m)| p == "audit_log.path" && m.contains("required")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|(p, m)| p == "audit_log.queue" && m.contains("outside")),
+        "{errors:?}"
+    );
+    let yaml = format!("{TLS_YAML}audit_log: {{ output: syslog }}\n");
+    let err = ServerConfig::parse(&yaml, "server.yaml", pki.dir()).unwrap_err();
+    assert!(err.to_string().contains("syslog"), "{err}");
+}

@@ -277,29 +277,35 @@ pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketA
     };
     drop(settings);
     record_request(&consumer, &client, &request.target);
+    let mut audit = frontend.audit(peer, &consumer, &client, &request.target);
     let mut conn = match frontend.dialer.dial(&client, &request.target).await {
         Ok(conn) => conn,
         Err(err) => {
             let failure = dial_failure(&client, &err);
+            audit.dial_failed(&err);
             return refuse(frontend, tcp, Some(&consumer), &client, failure).await;
         }
     };
+    audit.dialed(&conn, &request.target);
     tracing::Span::current().record("stream.id", conn.stream.id());
     if let Err(err) = tcp
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
     {
         debug!(error = %err, "consumer left before the tunnel opened");
-        return;
+        return audit.ended("consumer_left", &err);
     }
-    if !request.leftover.is_empty()
-        && let Err(err) = conn.stream.write_all(&request.leftover).await
-    {
-        debug!(error = %err, "stream failed before the consumer's first bytes");
-        return crate::tunnel_dial::reset(&tcp);
+    if !request.leftover.is_empty() {
+        if let Err(err) = conn.stream.write_all(&request.leftover).await {
+            debug!(error = %err, "stream failed before the consumer's first bytes");
+            crate::tunnel_dial::reset(&tcp);
+            return audit.ended("tunnel_error", &err);
+        }
+        audit.sent(request.leftover.len() as u64);
     }
     debug!("stream open");
-    splice(conn, tcp, &frontend.hard_stop).await;
+    let end = splice(conn, tcp, &frontend.hard_stop).await;
+    audit.spliced(&end);
 }
 
 /// Counts and logs the refusal, writes the answer, and closes after draining briefly (so the

@@ -242,6 +242,25 @@ impl Frontend {
     }
 }
 
+impl Frontend {
+    /// Starts the audit record of an authorized consumer's connection.
+    pub(crate) fn audit(
+        &self,
+        peer: SocketAddr,
+        consumer: &str,
+        client: &str,
+        target: &tether_proto::TargetAddr,
+    ) -> crate::audit::AuditEntry {
+        self.dialer.audit.connection(
+            crate::audit::Via::Frontend(self.kind.label()),
+            peer,
+            Some(consumer),
+            client,
+            target,
+        )
+    }
+}
+
 /// Accepts consumer connections until shutdown; each one runs in its own tracked task.
 pub(crate) async fn accept_loop(frontend: Arc<Frontend>, listener: TcpListener) {
     while let Some((tcp, peer)) = accept(&listener, &frontend.shutdown, &frontend.log).await {

@@ -299,6 +299,7 @@ pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketA
     };
     drop(settings);
     record_request(&consumer, &client, &request.target);
+    let mut audit = frontend.audit(peer, &consumer, &client, &request.target);
     let conn = match frontend.dialer.dial(&client, &request.target).await {
         Ok(conn) => conn,
         Err(err) => {
@@ -307,16 +308,19 @@ pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketA
                 _ => "dial_failed",
             };
             let failure = Failure::reply(reason, err.to_string(), dial_reply(&err));
+            audit.dial_failed(&err);
             return refuse(frontend, tcp, Some(&consumer), &client, failure).await;
         }
     };
+    audit.dialed(&conn, &request.target);
     tracing::Span::current().record("stream.id", conn.stream.id());
     if let Err(err) = tcp.write_all(&reply_bytes(Reply::Succeeded)).await {
         debug!(error = %err, "consumer left before the tunnel opened");
-        return;
+        return audit.ended("consumer_left", &err);
     }
     debug!("stream open");
-    splice(conn, tcp, &frontend.hard_stop).await;
+    let end = splice(conn, tcp, &frontend.hard_stop).await;
+    audit.spliced(&end);
 }
 
 async fn refuse(
