@@ -130,9 +130,17 @@ impl AgentProcess {
     /// Starts `tether agent --config <config>` (whose `admin_listen` must be set) and waits
     /// until it logs "admin listener serving".
     pub async fn start(config: &Path) -> Self {
-        let mut child = Command::new(tether_binary())
+        let mut command = Command::new(tether_binary());
+        command
             .args(["--log-format", "json", "--log", "info", "agent", "--config"])
-            .arg(config)
+            .arg(config);
+        Self::spawn(command).await
+    }
+
+    /// Runs `command`, which must end up executing `tether --log-format json agent ...` (a
+    /// wrapper such as `unshare` that `exec`s it), and waits for its admin listener.
+    pub async fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .env_remove("TETHER_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

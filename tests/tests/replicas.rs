@@ -336,3 +336,122 @@ async fn two_addresses_of_one_replica_keep_one_session() {
     agent.stop().await.unwrap();
     relay_task.abort();
 }
+
+/// Whether this process may make mount namespaces (root, with `unshare` on PATH).
+fn can_unshare() -> bool {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    root && std::process::Command::new("unshare")
+        .args(["--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `tether_agent_replicas{state}` on an agent's `/metrics`.
+async fn agent_replicas(admin: SocketAddr, state: &str) -> Option<f64> {
+    let (_, body) = http_get(admin, "/metrics").await;
+    tether_e2e::exposition::sample(
+        &body,
+        &format!("tether_agent_replicas{{state=\"{state}\"}}"),
+    )
+}
+
+/// Waits until the agent reports `discovered` and `connected` replicas.
+async fn wait_agent_replicas(admin: SocketAddr, discovered: f64, connected: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = (
+            agent_replicas(admin, "discovered").await,
+            agent_replicas(admin, "connected").await,
+        );
+        if now == (Some(discovered), Some(connected)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent replicas (discovered, connected) = {now:?}, want ({discovered}, {connected})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The system resolver, reading a hosts file of the test's own (bind-mounted over /etc/hosts
+/// in a mount namespace made for the agent alone), gives `replicas.test` the addresses of
+/// the replicas: the agent connects to each; an address removed from the file is drained at
+/// the next resolution, one added back is dialed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_with_several_addresses_is_a_replica_set() {
+    if !can_unshare() {
+        eprintln!("skipped: needs root and unshare(1) for a private /etc/hosts");
+        return;
+    }
+    let pki = TestPki::new();
+    let (target, _echo) = echo_server().await;
+    let port = common_port();
+    let mut replicas = Vec::new();
+    for i in 1..=3 {
+        replicas.push(ServerProcess::start(&replica_yaml(&pki, i, port, target), 1).await);
+    }
+    let hosts_for = |addrs: &[u8]| {
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for i in addrs {
+            text.push_str(&format!("127.0.0.{i} replicas.test\n"));
+        }
+        text
+    };
+    let hosts = pki.write_file("hosts", &hosts_for(&[1, 2, 3]));
+    let cert = pki.agent("edge-1");
+    let config = pki.write_file(
+        "agent-dns.yaml",
+        &format!(
+            "version: 1\n\
+             server_url: \"wss://replicas.test:{port}/v1/connect\"\n\
+             server_name: localhost\n\
+             tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
+             admin_listen: \"127.0.0.1:0\"\n\
+             connect_timeout: 2s\n\
+             reconnect: {{ min_delay: 50ms, max_delay: 500ms }}\n\
+             discovery: {{ interval: 1s }}\n\
+             policy:\n{}",
+            cert.cert_path.display(),
+            cert.key_path.display(),
+            pki.ca_path().display(),
+            allow_only(target),
+        ),
+    );
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind \"$0\" /etc/hosts && exec \"$1\" --log-format json --log info agent --config \"$2\""
+        ))
+        .arg(&hosts)
+        .arg(tether_e2e::process::tether_binary())
+        .arg(&config);
+    let agent = tether_e2e::process::AgentProcess::spawn(command).await;
+    wait_agent_replicas(agent.admin_addr, 3.0, 3.0).await;
+    for replica in &replicas {
+        echo_exact(replica.forward_addrs[0], 64 * 1024).await;
+    }
+
+    // 127.0.0.3 leaves the name (written in place: the bind mount follows the inode).
+    std::fs::write(&hosts, hosts_for(&[1, 2])).unwrap();
+    wait_agent_replicas(agent.admin_addr, 2.0, 2.0).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !sessions_on(replicas[2].admin_addr).await.1.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session to the removed address is drained"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    echo_exact(replicas[0].forward_addrs[0], 64 * 1024).await;
+
+    // It comes back: dialed after the next resolution.
+    std::fs::write(&hosts, hosts_for(&[1, 2, 3])).unwrap();
+    wait_agent_replicas(agent.admin_addr, 3.0, 3.0).await;
+    echo_exact(replicas[2].forward_addrs[0], 64 * 1024).await;
+    agent.kill().await;
+}

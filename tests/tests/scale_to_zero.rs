@@ -81,10 +81,18 @@ async fn all_agents_leave_with_open_streams_then_one_returns() {
 
     // Dials fail fast with the message (known and unknown clients alike), well inside the
     // 2 s dial timeout.
+    // The message names the replica (server_id: the host name by default).
+    let replica = tether_common::host::host_name();
     let err = server.sessions.pick("edge-1").unwrap_err();
-    assert_eq!(err.to_string(), "no agent connected for client \"edge-1\"");
+    assert_eq!(
+        err.to_string(),
+        format!("no agent connected for client \"edge-1\" on replica \"{replica}\"")
+    );
     let err = server.sessions.pick("nobody").unwrap_err();
-    assert_eq!(err.to_string(), "no agent connected for client \"nobody\"");
+    assert_eq!(
+        err.to_string(),
+        format!("no agent connected for client \"nobody\" on replica \"{replica}\"")
+    );
     let no_session = || {
         metric_or_zero(
             &server.registry,
