@@ -424,9 +424,10 @@ async fn a_name_with_several_addresses_is_a_replica_set() {
     let mut command = tokio::process::Command::new("unshare");
     command
         .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(format!(
-            "mount --bind \"$0\" /etc/hosts && exec \"$1\" --log-format json --log info agent --config \"$2\""
-        ))
+        .arg(
+            "mount --bind \"$0\" /etc/hosts && \
+             exec \"$1\" --log-format json --log info agent --config \"$2\"",
+        )
         .arg(&hosts)
         .arg(tether_e2e::process::tether_binary())
         .arg(&config);
