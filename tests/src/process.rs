@@ -102,6 +102,22 @@ impl ServerProcess {
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill the server");
     }
+
+    /// SIGTERM (a graceful drain), then waits up to `limit` for the process to exit; its exit
+    /// status.
+    pub async fn terminate(mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("the server is running");
+        // The shell's built-in `kill`: no procps needed on a minimal CI image.
+        let sent = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "SIGTERM to {pid}");
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("the server exits in time after SIGTERM")
+            .expect("wait for the server")
+    }
 }
 
 async fn drain_lines(mut lines: tokio::io::Lines<BufReader<ChildStderr>>) {
