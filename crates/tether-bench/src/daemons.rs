@@ -108,6 +108,20 @@ impl ServerProcess {
         targets: &[SocketAddr],
         extra: &str,
     ) -> Result<ServerProcess> {
+        Self::start_named(binary, pki, "server", listen, client, targets, extra).await
+    }
+
+    /// [`start`](Self::start) with its config and log files named `<name>.yaml` and
+    /// `<name>.log` (several servers sharing one PKI folder).
+    pub(crate) async fn start_named(
+        binary: &Path,
+        pki: &Pki,
+        name: &str,
+        listen: SocketAddr,
+        client: &str,
+        targets: &[SocketAddr],
+        extra: &str,
+    ) -> Result<ServerProcess> {
         let mut yaml = format!(
             "version: 1\n\
              listen: \"{listen}\"\n\
@@ -124,9 +138,9 @@ impl ServerProcess {
                 ));
             }
         }
-        let config = pki.dir().join("server.yaml");
-        std::fs::write(&config, yaml).context("writing server.yaml")?;
-        let log = pki.dir().join("server.log");
+        let config = pki.dir().join(format!("{name}.yaml"));
+        std::fs::write(&config, yaml).with_context(|| format!("writing {name}.yaml"))?;
+        let log = pki.dir().join(format!("{name}.log"));
         let child = spawn(binary, "server", &config, &log)?;
         let deadline = Instant::now() + START_WAIT;
         loop {

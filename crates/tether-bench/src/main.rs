@@ -7,6 +7,7 @@ mod http_get;
 mod many_agents;
 mod peers;
 mod process_stats;
+mod replica_mesh;
 mod report;
 mod tunnels;
 

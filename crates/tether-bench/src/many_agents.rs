@@ -1,6 +1,7 @@
 //! `tether-bench agents`: N agent sessions, run in this process by the agent library, against
-//! one real `tether server`: its RSS per agent, and how long all of them take to connect and to
-//! reconnect after the server restarts.
+//! one real `tether server` (or `--replicas R` of them, every agent connected to every
+//! replica): RSS per agent, and how long all of them take to connect and to reconnect after a
+//! server (replica) restarts.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -29,6 +30,10 @@ pub(crate) struct AgentsArgs {
     /// How long connecting (and reconnecting) all of them may take before the run fails.
     #[arg(long, default_value = "180")]
     wait_secs: u64,
+    /// Server replicas on 127.0.0.1, 127.0.0.2, ... (one port); each agent lists them all in
+    /// `servers:` and keeps a session to each. 1: the single-server benchmark.
+    #[arg(long, default_value_t = 1)]
+    replicas: u8,
 }
 
 /// Runs the benchmark and writes its section.
@@ -38,6 +43,9 @@ pub(crate) async fn run(mut args: AgentsArgs) -> Result<()> {
         args.wait_secs = args.wait_secs.min(60);
     }
     let wait = Duration::from_secs(args.wait_secs);
+    if args.replicas > 1 {
+        return crate::replica_mesh::run(&args.common, args.count, args.replicas, wait).await;
+    }
     let binary = tether_binary(&args.common)?;
     let pki = Pki::new(&[])?;
     eprintln!("issuing {} agent certificates", args.count);
@@ -141,7 +149,7 @@ impl Measured {
 }
 
 /// Issues `count` agent certificates (`agent-a<i>.pem`) with the CA in `dir`.
-fn issue_agents(dir: &Path, count: usize) -> Result<Vec<String>> {
+pub(crate) fn issue_agents(dir: &Path, count: usize) -> Result<Vec<String>> {
     let ca_cert = std::fs::read_to_string(dir.join("ca.pem"))?;
     let ca_key = std::fs::read_to_string(dir.join("ca-key.pem"))?;
     let ca = Ca::from_pem(&ca_cert, &ca_key)?;

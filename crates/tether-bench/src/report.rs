@@ -15,6 +15,8 @@ pub(crate) const TUNNELS_MARKER: &str = "tunnels";
 pub(crate) const TUNNELS_AUDIT_MARKER: &str = "tunnels-audit";
 /// Markers of the `agents` section.
 pub(crate) const AGENTS_MARKER: &str = "agents";
+/// The section of `tether-bench agents --replicas`.
+pub(crate) const REPLICAS_MARKER: &str = "agents-replicas";
 
 /// The harness's reference figures for peers that cannot be built here (its README, measured
 /// on this machine kind): wstunnel 10.6 with mTLS, and the direct loopback of that run.
