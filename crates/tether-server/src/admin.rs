@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::{ClientSnapshot, SessionRegistry};
+use crate::reload::ServerReloader;
 
 /// The body of `GET /v1/clients`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,6 +21,36 @@ pub struct ClientsResponse {
     pub server_id: String,
     /// Known clients, sorted by agent id, each with its live sessions.
     pub clients: Vec<ClientSnapshot>,
+    /// The running forwards, sorted by name (absent in listings of older servers).
+    #[serde(default)]
+    pub forwards: Vec<ForwardSnapshot>,
+    /// The consumer frontends that are on (absent in listings of older servers).
+    #[serde(default)]
+    pub frontends: Vec<FrontendSnapshot>,
+}
+
+/// One running forward, for listings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardSnapshot {
+    /// The forward's name.
+    pub name: String,
+    /// The bound listen address (the configured one when it is not known).
+    pub listen: String,
+    /// The agent id whose session carries the connections.
+    pub client: String,
+    /// Where the agent connects.
+    pub target: String,
+}
+
+/// One consumer frontend that is on, for listings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendSnapshot {
+    /// `http_connect` or `socks5`.
+    pub kind: String,
+    /// The listen address.
+    pub listen: String,
+    /// Names of the consumers that authenticate with a token.
+    pub consumers: Vec<String>,
 }
 
 /// Lifecycle phase reported by `/readyz`.
@@ -53,6 +84,8 @@ pub(crate) struct AdminState {
     pub(crate) prometheus: prometheus::Registry,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) server_id: String,
+    /// The running config and forwards, for the listing's `forwards` and `frontends`.
+    pub(crate) reloader: ServerReloader,
 }
 
 pub(crate) fn router(state: Arc<AdminState>) -> Router {
@@ -85,8 +118,48 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn clients(State(state): State<Arc<AdminState>>) -> Json<ClientsResponse> {
-    Json(ClientsResponse {
+    Json(listing(&state))
+}
+
+/// The listing `GET /v1/clients` answers with.
+pub(crate) fn listing(state: &AdminState) -> ClientsResponse {
+    let config = state.reloader.current();
+    let bound = state.reloader.forward_addrs();
+    let mut forwards: Vec<ForwardSnapshot> = config
+        .forwards
+        .iter()
+        .map(|f| ForwardSnapshot {
+            name: f.name.clone(),
+            listen: bound
+                .get(&f.name)
+                .map_or_else(|| f.listen.clone(), ToString::to_string),
+            client: f.client.clone(),
+            target: f.target.clone(),
+        })
+        .collect();
+    forwards.sort_by(|a, b| a.name.cmp(&b.name));
+    let consumers: Vec<String> = config
+        .frontends
+        .consumers
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let frontends = [
+        ("http_connect", &config.frontends.http_connect_listen),
+        ("socks5", &config.frontends.socks5_listen),
+    ]
+    .into_iter()
+    .filter(|(_, listen)| !listen.is_empty())
+    .map(|(kind, listen)| FrontendSnapshot {
+        kind: kind.to_owned(),
+        listen: listen.clone(),
+        consumers: consumers.clone(),
+    })
+    .collect();
+    ClientsResponse {
         server_id: state.server_id.clone(),
         clients: state.registry.snapshot(),
-    })
+        forwards,
+        frontends,
+    }
 }

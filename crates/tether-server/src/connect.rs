@@ -28,6 +28,8 @@ pub(crate) const SUBPROTOCOL: &str = "tether.v1";
 pub(crate) const CONNECT_PATH: &str = "/v1/connect";
 /// Response header naming this server process (for agents that connect to every replica).
 pub(crate) const SERVER_ID_HEADER: HeaderName = HeaderName::from_static("x-tether-server");
+/// Request header with the agent's labels (`key=value,...`).
+pub(crate) const LABELS_HEADER: HeaderName = HeaderName::from_static("x-tether-labels");
 /// Request header with the agent's per-process instance id.
 pub(crate) const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-tether-instance");
 /// Request header with the agent's version.
@@ -94,6 +96,8 @@ pub(crate) struct UpgradedAgent {
     pub(crate) instance: String,
     /// `X-Tether-Version`, sanitized (may be empty).
     pub(crate) version: String,
+    /// `X-Tether-Labels`, parsed and sanitized (may be empty).
+    pub(crate) labels: std::collections::BTreeMap<String, String>,
     /// The `max_agents` permit, held for the life of the session.
     pub(crate) slot: OwnedSemaphorePermit,
     /// Which protocol the upgrade speaks.
@@ -218,6 +222,11 @@ async fn connect(
     };
     let instance = header_text(&headers, &INSTANCE_HEADER, sanitize_instance);
     let version = header_text(&headers, &VERSION_HEADER, sanitize_version);
+    let labels = headers
+        .get(&LABELS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(crate::registry::parse_labels)
+        .unwrap_or_default();
     let mut response =
         sized(ws, state.max_frame + WS_MESSAGE_OVERHEAD).on_upgrade(move |socket| async move {
             // If the connection task is gone, the socket and the slot drop here.
@@ -226,6 +235,7 @@ async fn connect(
                 agent_id,
                 instance,
                 version,
+                labels,
                 slot,
                 protocol: crate::registry::Protocol::Tether,
             });

@@ -297,6 +297,7 @@ fn admit(
             agent_id,
             instance,
             version: String::new(),
+            labels: Default::default(),
             slot,
             protocol: Protocol::Remotedialer,
         });

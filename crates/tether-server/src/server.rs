@@ -434,6 +434,7 @@ impl Server {
             prometheus: self.prometheus.clone(),
             readiness: readiness.clone(),
             server_id: self.server_id.clone(),
+            reloader: self.reloader.clone(),
         }));
         let admin_serve = axum::serve(listeners.admin, admin_router)
             .with_graceful_shutdown(admin_stop.clone().cancelled_owned());

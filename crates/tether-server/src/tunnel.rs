@@ -243,6 +243,7 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
         agent_id: _,
         instance,
         version,
+        labels,
         slot,
         protocol,
     } = up;
@@ -277,10 +278,14 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
     // The server takes no streams from agents: without a receiver the mux answers every OPEN
     // with OPEN_ERR(unsupported).
     drop(incoming);
-    let guard =
-        tunnel
-            .registry
-            .insert_with_protocol(&agent_id, &instance, peer, session.clone(), protocol);
+    let guard = tunnel.registry.insert_labelled(
+        &agent_id,
+        &instance,
+        peer,
+        session.clone(),
+        protocol,
+        labels,
+    );
     Span::current().record("session.id", guard.session_id());
     info!(
         instance = %instance,

@@ -9,15 +9,22 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "tether", version, about, propagate_version = true)]
 pub(crate) struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_server=debug`; beats the
-    /// config's `log` key. Default: the config's `log`, else `info`.
-    #[arg(long, global = true, env = "TETHER_LOG")]
-    pub(crate) log: Option<String>,
-    /// Log format.
-    #[arg(long, global = true, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub(crate) log_format: LogFormat,
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// The log flags of the commands that run daemons (`server`, `agent`, `demo`); the other
+/// commands print their results and take no log flags.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct LogArgs {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether=debug`; beats the
+    /// config's `log` key. Default: the config's `log`, else `info`.
+    #[arg(long, env = "TETHER_LOG")]
+    pub(crate) log: Option<String>,
+    /// Log format: `text` (coloured only when stderr is a terminal and NO_COLOR is unset) or
+    /// `json` (one JSON object per line, never coloured).
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -37,6 +44,8 @@ pub(crate) enum Command {
         /// `TETHER_*` variables; an empty value keeps the less specific layer).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Run the agent daemon: dials the server and opens streams to allowed targets.
     Agent {
@@ -47,6 +56,8 @@ pub(crate) enum Command {
         /// `TETHER_*` variables; an empty value keeps the less specific layer).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Create a CA and certificates for mutual TLS.
     Certs {
@@ -69,9 +80,9 @@ pub(crate) enum Command {
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Give up when the server has not answered within this many seconds.
-        #[arg(long, default_value_t = 5)]
-        timeout_secs: u64,
+        /// Give up when the server has not answered within this duration (`5s`, `500ms`).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Run a throwaway CA, a server, an agent and a target on loopback, and send traffic.
     Demo {
@@ -81,6 +92,8 @@ pub(crate) enum Command {
         /// Bytes to send through the tunnel.
         #[arg(long, default_value_t = 8 * 1024 * 1024)]
         bytes: usize,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Read a consumer token from stdin (one line) and print its SHA-256 for
     /// `frontends.consumers[].token_sha256`.
@@ -94,12 +107,15 @@ pub(crate) enum CertsCommand {
         /// Output directory (created if missing).
         #[arg(long)]
         dir: PathBuf,
-        /// DNS names for the server certificate (repeatable).
-        #[arg(long = "dns", default_values_t = vec!["localhost".to_string()])]
+        /// DNS names for the server certificate (repeatable), added to `localhost`.
+        #[arg(long = "dns")]
         dns: Vec<String>,
-        /// IP addresses for the server certificate (repeatable).
-        #[arg(long = "ip", default_values_t = vec![IpAddr::from([127, 0, 0, 1])])]
+        /// IP addresses for the server certificate (repeatable), added to 127.0.0.1.
+        #[arg(long = "ip")]
         ip: Vec<IpAddr>,
+        /// Leave out `localhost` and 127.0.0.1 (then at least one --dns or --ip is needed).
+        #[arg(long)]
+        no_localhost: bool,
     },
     /// Issue an agent certificate (URI SAN `tether://agent/<ID>`) with the CA in a directory.
     Issue {
@@ -116,4 +132,9 @@ pub(crate) enum CertsCommand {
 pub(crate) enum ConfigKind {
     Server,
     Agent,
+}
+
+/// A duration flag in the config files' syntax (`5s`, `500ms`, `2m`).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    tether_common::duration::parse_duration(text)
 }

@@ -30,13 +30,15 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own report; keep daemon logs to warnings unless asked otherwise.
-    let demo = matches!(cli.command, Command::Demo { .. });
-    let logs = logging::init(
-        cli.log.clone(),
-        if demo { "warn" } else { "info" },
-        cli.log_format,
-    );
+    // The demo prints its own report; keep daemon logs to warnings unless asked otherwise. The
+    // commands without log flags print their results and log only warnings.
+    let logs = match &cli.command {
+        Command::Server { log, .. } | Command::Agent { log, .. } => {
+            logging::init(log.log.clone(), "info", log.log_format)
+        }
+        Command::Demo { log, .. } => logging::init(log.log.clone(), "warn", log.log_format),
+        _ => logging::init(None, "warn", cli::LogFormat::Text),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // An idle worker hands its cached freed memory back (throttled; docs/BENCHMARKS.md).
@@ -66,7 +68,9 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result<()> {
     match command {
-        Command::Server { config: path, set } => {
+        Command::Server {
+            config: path, set, ..
+        } => {
             let flags = parse_flags(&set)?;
             let config = config_load::load_server(
                 &path,
@@ -105,7 +109,9 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             server.run(listeners, shutdown).await?;
             Ok(())
         }
-        Command::Agent { config: path, set } => {
+        Command::Agent {
+            config: path, set, ..
+        } => {
             let flags = parse_flags(&set)?;
             let config = config_load::load_agent(
                 &path,
@@ -138,7 +144,12 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             Ok(())
         }
         Command::Certs { command } => match command {
-            CertsCommand::Init { dir, dns, ip } => certs_cmd::init(&dir, &dns, &ip),
+            CertsCommand::Init {
+                dir,
+                dns,
+                ip,
+                no_localhost,
+            } => certs_cmd::init(&dir, &dns, &ip, !no_localhost),
             CertsCommand::Issue { dir, agent } => certs_cmd::issue(&dir, &agent),
         },
         Command::CheckConfig { kind, path } => {
@@ -149,9 +160,9 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
         Command::Status {
             admin,
             json,
-            timeout_secs,
-        } => status_cmd::run(&admin, json, std::time::Duration::from_secs(timeout_secs)).await,
-        Command::Demo { once, bytes } => {
+            timeout,
+        } => status_cmd::run(&admin, json, timeout).await,
+        Command::Demo { once, bytes, .. } => {
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
             demo::run(once, bytes, shutdown).await

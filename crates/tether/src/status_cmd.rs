@@ -194,33 +194,81 @@ fn split_response(raw: &[u8]) -> anyhow::Result<(u16, &[u8])> {
 }
 
 /// The listing as a table: one row per session; a client without sessions gets one row
-/// with `0` sessions.
+/// with `0` sessions. The forwards and frontends follow, then a summary line.
 pub(crate) fn render(listing: &ClientsResponse) -> String {
     let header = [
         "CLIENT", "SESSIONS", "SESSION", "INSTANCE", "SINCE", "RTT", "HEALTH", "STREAMS", "BYTES",
+        "LABELS",
     ];
-    let mut rows: Vec<[String; 9]> = Vec::new();
+    let mut rows: Vec<Vec<String>> = Vec::new();
     for client in &listing.clients {
         let count = client.sessions.len().to_string();
         if client.sessions.is_empty() {
-            let dash = || "-".to_owned();
-            rows.push([
-                client.client.clone(),
-                count.clone(),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-            ]);
+            let mut row = vec![client.client.clone(), count.clone()];
+            row.resize(header.len(), "-".to_owned());
+            rows.push(row);
         }
         for session in &client.sessions {
             rows.push(session_row(&client.client, &count, session));
         }
     }
-    let mut widths = header.map(str::len);
+    let mut out = table(&header, rows);
+    if !listing.forwards.is_empty() {
+        out.push('\n');
+        let rows = listing
+            .forwards
+            .iter()
+            .map(|f| {
+                vec![
+                    f.name.clone(),
+                    f.listen.clone(),
+                    f.client.clone(),
+                    f.target.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["FORWARD", "LISTEN", "CLIENT", "TARGET"], rows));
+    }
+    if !listing.frontends.is_empty() {
+        out.push('\n');
+        let rows = listing
+            .frontends
+            .iter()
+            .map(|f| {
+                vec![
+                    f.kind.clone(),
+                    f.listen.clone(),
+                    if f.consumers.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        f.consumers.join(",")
+                    },
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["FRONTEND", "LISTEN", "CONSUMERS"], rows));
+    }
+    let sessions: usize = listing.clients.iter().map(|c| c.sessions.len()).sum();
+    let _ = writeln!(
+        out,
+        "{}, {}, {}, {} (server {})",
+        counted(listing.clients.len(), "client", "clients"),
+        counted(sessions, "session", "sessions"),
+        counted(listing.forwards.len(), "forward", "forwards"),
+        counted(listing.frontends.len(), "frontend", "frontends"),
+        listing.server_id
+    );
+    out
+}
+
+/// `1 client`, `0 clients`, `2 clients`.
+pub(crate) fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// A header and rows as left-aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -231,18 +279,11 @@ pub(crate) fn render(listing: &ClientsResponse) -> String {
     for row in rows {
         write_row(&mut out, &widths, row.into_iter());
     }
-    let sessions: usize = listing.clients.iter().map(|c| c.sessions.len()).sum();
-    let _ = writeln!(
-        out,
-        "{} clients, {sessions} sessions (server {})",
-        listing.clients.len(),
-        listing.server_id
-    );
     out
 }
 
-fn session_row(client: &str, count: &str, session: &SessionSnapshot) -> [String; 9] {
-    [
+fn session_row(client: &str, count: &str, session: &SessionSnapshot) -> Vec<String> {
+    vec![
         client.to_owned(),
         count.to_owned(),
         session.session_id.to_string(),
@@ -270,10 +311,20 @@ fn session_row(client: &str, count: &str, session: &SessionSnapshot) -> [String;
             bytes(session.bytes_rx),
             bytes(session.bytes_tx)
         ),
+        labels(&session.labels),
     ]
 }
 
-fn write_row(out: &mut String, widths: &[usize; 9], cells: impl Iterator<Item = String>) {
+/// `role=db,site=eu-west`, or `-` without labels.
+fn labels(labels: &std::collections::BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".to_owned();
+    }
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.join(",")
+}
+
+fn write_row(out: &mut String, widths: &[usize], cells: impl Iterator<Item = String>) {
     let line: Vec<String> = cells
         .zip(widths)
         .map(|(cell, width)| format!("{cell:<width$}"))
@@ -381,6 +432,7 @@ mod tests {
                         bytes_rx: 1536,
                         bytes_tx: 10,
                         protocol: "tether.v1".into(),
+                        labels: [("site".to_owned(), "eu-west".to_owned())].into(),
                     }],
                 },
                 ClientSnapshot {
@@ -388,6 +440,8 @@ mod tests {
                     sessions: vec![],
                 },
             ],
+            forwards: Vec::new(),
+            frontends: Vec::new(),
         };
         let table = render(&listing);
         let lines: Vec<&str> = table.lines().collect();
@@ -412,15 +466,21 @@ mod tests {
                 "12.3ms",
                 "UNHEALTHY",
                 "3",
-                "rx 1.5 KiB / tx 10 B"
+                "rx 1.5 KiB / tx 10 B",
+                "site=eu-west"
             ]
         );
         let cells: Vec<&str> = lines[2].split_whitespace().collect();
         assert_eq!(
             cells,
-            vec!["edge-2", "0", "-", "-", "-", "-", "-", "-", "-"]
+            vec!["edge-2", "0", "-", "-", "-", "-", "-", "-", "-", "-"]
         );
-        assert_eq!(lines[3], "2 clients, 1 sessions (server abc)");
+        assert_eq!(
+            lines[3],
+            "2 clients, 1 session, 0 forwards, 0 frontends (server abc)"
+        );
+        assert_eq!(counted(1, "client", "clients"), "1 client");
+        assert_eq!(counted(0, "client", "clients"), "0 clients");
     }
 
     #[test]

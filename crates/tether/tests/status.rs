@@ -44,6 +44,7 @@ async fn pki(dir: &Path) {
 
 struct Running {
     admin: String,
+    server_id: String,
     sessions: std::sync::Arc<tether_server::SessionRegistry>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -57,18 +58,24 @@ async fn start(dir: &Path) -> Running {
     let admin_addr = admin.local_addr().unwrap();
     let server_yaml = format!(
         "listen: \"{tunnel_addr}\"\nadmin_listen: \"{admin_addr}\"\n\
-         allowed_agents: [edge-1, edge-2]\nhealth: {{ interval: 100ms, timeout: 1s }}\n"
+         allowed_agents: [edge-1, edge-2]\nhealth: {{ interval: 100ms, timeout: 1s }}\n\
+         forwards: [{{ name: edge-1-db, listen: \"127.0.0.1:0\", client: edge-1, target: \"db.internal:5432\" }}]\n\
+         frontends: {{ socks5_listen: \"127.0.0.1:0\" }}\n"
     );
     let config = tether_server::ServerConfig::parse(&server_yaml, "server.yaml", dir).unwrap();
+    let frontends = tether_server::FrontendListeners::bind(&config)
+        .await
+        .unwrap();
     let prometheus = prometheus::Registry::new();
     let server = tether_server::Server::new(config, &prometheus).unwrap();
     let sessions = server.registry();
+    let server_id = server.server_id().to_owned();
     let stop = CancellationToken::new();
     let listeners = tether_server::Listeners {
         tunnel,
         admin,
-        forwards: Vec::new(),
-        frontends: Default::default(),
+        forwards: vec![TcpListener::bind("127.0.0.1:0").await.unwrap()],
+        frontends,
     };
     let server_stop = stop.clone();
     let server_task = tokio::spawn(async move {
@@ -78,7 +85,7 @@ async fn start(dir: &Path) -> Running {
     let agent_yaml = format!(
         "server_url: \"wss://127.0.0.1:{}/v1/connect\"\n\
          tls: {{ cert: agent-edge-1.pem, key: agent-edge-1-key.pem, server_ca: ca.pem }}\n\
-         admin_listen: \"\"\n",
+         admin_listen: \"\"\nlabels: {{ site: eu-west, role: db }}\n",
         tunnel_addr.port()
     );
     let mut agent_config: tether_agent::AgentConfig =
@@ -94,6 +101,7 @@ async fn start(dir: &Path) -> Running {
     });
     Running {
         admin: format!("http://{admin_addr}"),
+        server_id,
         sessions,
         stop,
         tasks: vec![server_task, agent_task],
@@ -128,13 +136,13 @@ async fn status_prints_clients_and_sessions() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines.len(), 10, "{stdout}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
         vec![
             "CLIENT", "SESSIONS", "SESSION", "INSTANCE", "SINCE", "RTT", "HEALTH", "STREAMS",
-            "BYTES"
+            "BYTES", "LABELS"
         ]
     );
     let edge1: Vec<&str> = lines[1].split_whitespace().collect();
@@ -149,12 +157,27 @@ async fn status_prints_clients_and_sessions() {
     assert!(edge1[6].ends_with("ms"), "rtt: {stdout}");
     assert_eq!(edge1[7], "healthy");
     assert_eq!(edge1[8], "0");
+    assert_eq!(edge1.last(), Some(&"role=db,site=eu-west"), "{stdout}");
     let edge2: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(
         edge2,
-        vec!["edge-2", "0", "-", "-", "-", "-", "-", "-", "-"]
+        vec!["edge-2", "0", "-", "-", "-", "-", "-", "-", "-", "-"]
     );
-    assert!(lines[3].starts_with("2 clients, 1 sessions"), "{stdout}");
+    assert_eq!(lines[3], "", "{stdout}");
+    let forward: Vec<&str> = lines[5].split_whitespace().collect();
+    assert_eq!(forward[0], "edge-1-db", "{stdout}");
+    assert!(forward[1].starts_with("127.0.0.1:"), "{stdout}");
+    assert_eq!(forward[2..], ["edge-1", "db.internal:5432"], "{stdout}");
+    assert!(lines[6].is_empty() && lines[7].starts_with("FRONTEND"), "{stdout}");
+    assert!(lines[8].starts_with("socks5 "), "{stdout}");
+    assert_eq!(
+        lines[9],
+        format!(
+            "2 clients, 1 session, 1 forward, 1 frontend (server {})",
+            running.server_id
+        ),
+        "{stdout}"
+    );
 
     // --json: the server's listing as is.
     let out = tether(&["status", "--admin", &running.admin, "--json"]).await;
@@ -168,7 +191,10 @@ async fn status_prints_clients_and_sessions() {
     assert!(session.healthy);
     assert!(session.rtt_seconds.is_some());
     assert!(session.peer_addr.starts_with("127.0.0.1:"));
+    assert_eq!(session.labels["site"], "eu-west");
     assert!(listing.clients[1].sessions.is_empty());
+    assert_eq!(listing.forwards.len(), 1);
+    assert_eq!(listing.frontends[0].kind, "socks5");
 
     running.stop.cancel();
     for task in running.tasks {
