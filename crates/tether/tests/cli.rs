@@ -250,6 +250,41 @@ where
 }
 
 #[test]
+fn server_yaml_header_lists_the_keys_applied_in_place() {
+    let text = std::fs::read_to_string(example_config("server.yaml")).unwrap();
+    let header: String = text
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let list = header
+        .split("Applied in place:")
+        .nth(1)
+        .and_then(|rest| rest.split("Every other key").next())
+        .expect("the header says what a reload applies in place");
+    for key in tether_server::reload::IN_PLACE_KEYS {
+        assert!(list.contains(key), "header omits `{key}`: {list}");
+    }
+    assert!(
+        !text.contains("Control::"),
+        "no internal API names in the example"
+    );
+}
+
+#[test]
+fn certs_init_keeps_localhost_next_to_given_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_str().unwrap();
+    let run = tether(["certs", "init", "--dir", d, "--dns", "tether.example.com"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("server certificate names: localhost, tether.example.com, 127.0.0.1"),
+        "{run}"
+    );
+}
+
+#[test]
 fn example_configs_spell_out_every_key() {
     assert_every_key_written::<tether_server::ServerConfig>("server.yaml");
     assert_every_key_written::<tether_agent::AgentConfig>("agent.yaml");
