@@ -9,6 +9,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "tether", version, about, propagate_version = true)]
 pub(crate) struct Cli {
+    /// `--log` before the subcommand (older scripts); the daemon commands take it themselves.
+    #[arg(long, hide = true)]
+    pub(crate) log: Option<String>,
+    /// `--log-format` before the subcommand (older scripts).
+    #[arg(long, hide = true, value_enum)]
+    pub(crate) log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -23,8 +29,19 @@ pub(crate) struct LogArgs {
     pub(crate) log: Option<String>,
     /// Log format: `text` (coloured only when stderr is a terminal and NO_COLOR is unset) or
     /// `json` (one JSON object per line, never coloured).
-    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub(crate) log_format: LogFormat,
+    /// [default: text]
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum)]
+    pub(crate) log_format: Option<LogFormat>,
+}
+
+impl LogArgs {
+    /// These flags, falling back to the ones given before the subcommand.
+    pub(crate) fn or_top(&self, cli: &Cli) -> (Option<String>, LogFormat) {
+        (
+            self.log.clone().or_else(|| cli.log.clone()),
+            self.log_format.or(cli.log_format).unwrap_or(LogFormat::Text),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

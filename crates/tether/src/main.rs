@@ -34,10 +34,18 @@ fn main() -> ExitCode {
     // commands without log flags print their results and log only warnings.
     let logs = match &cli.command {
         Command::Server { log, .. } | Command::Agent { log, .. } => {
-            logging::init(log.log.clone(), "info", log.log_format)
+            let (filter, format) = log.or_top(&cli);
+            logging::init(filter, "info", format)
         }
-        Command::Demo { log, .. } => logging::init(log.log.clone(), "warn", log.log_format),
-        _ => logging::init(None, "warn", cli::LogFormat::Text),
+        Command::Demo { log, .. } => {
+            let (filter, format) = log.or_top(&cli);
+            logging::init(filter, "warn", format)
+        }
+        _ => logging::init(
+            cli.log.clone(),
+            "warn",
+            cli.log_format.unwrap_or(cli::LogFormat::Text),
+        ),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

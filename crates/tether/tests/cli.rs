@@ -430,6 +430,54 @@ fn agent_validation_errors_are_reported_together() {
     }
 }
 
+/// One file, five different mistakes: all five are listed in one run, each with its line and
+/// key path, in file order.
+#[test]
+fn check_config_lists_five_different_mistakes_at_once() {
+    let dir = pki_dir();
+    let path = write(
+        dir.path(),
+        "server.yaml",
+        "listen: \"127.0.0.1:8443\"\n\
+         admin_listen: \"localhost:9090\"\n\
+         max_agnets: 5\n\
+         max_pending_handshakes: lots\n\
+         drain_timeout: 10 parsecs\n\
+         tls:\n  cert: server.pem\n  key: no-such-key.pem\n\
+         allowed_agents: edge-1\n",
+    );
+    let run = tether(["check-config", path.to_str().unwrap()]);
+    run.assert_code(EXIT_CONFIG);
+    let file = path.display().to_string();
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert!(
+        lines[0].ends_with("server.yaml: 6 problems:"),
+        "a count first\n{run}"
+    );
+    let expected = [
+        (2, "`admin_listen`", "localhost:9090"),
+        (3, "`max_agnets`", "did you mean `max_agents`?"),
+        (4, "`max_pending_handshakes`", "expected a whole number"),
+        (5, "`drain_timeout`", "10 parsecs"),
+        (8, "`tls.key`", "no-such-key.pem"),
+        (9, "`allowed_agents`", "expected a list"),
+    ];
+    for (i, (line, key, words)) in expected.iter().enumerate() {
+        let got = lines.get(i + 1).copied().unwrap_or_default();
+        assert!(
+            got.starts_with(&format!("{file}:{line}:")) && got.contains(key) && got.contains(words),
+            "line {} of the report should name {key} at line {line} with `{words}`\n{run}",
+            i + 2
+        );
+    }
+    // The missing file is named by the path that was tried (the config's directory).
+    let tried = dir.path().join("no-such-key.pem");
+    assert!(
+        run.stderr.contains(&tried.display().to_string()),
+        "resolved path\n{run}"
+    );
+}
+
 #[test]
 fn duplicate_keys_are_errors() {
     let dir = pki_dir();
