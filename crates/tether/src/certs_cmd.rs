@@ -9,7 +9,11 @@ use tether_common::pki;
 /// `localhost` and 127.0.0.1 (unless `local` is false) followed by the given names, without
 /// repeats: the example agent config dials `wss://localhost:8443`, so a certificate made for
 /// `--dns tether.example.com` must still be valid for it.
-fn server_names(dns: &[String], ips: &[IpAddr], local: bool) -> (Vec<String>, Vec<IpAddr>) {
+pub(crate) fn server_names(
+    dns: &[String],
+    ips: &[IpAddr],
+    local: bool,
+) -> (Vec<String>, Vec<IpAddr>) {
     let mut names: Vec<String> = Vec::new();
     let mut addrs: Vec<IpAddr> = Vec::new();
     let local_names = local.then(|| "localhost".to_owned());

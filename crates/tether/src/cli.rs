@@ -76,6 +76,32 @@ pub(crate) enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Start a setup in one step: a CA, the server and agent certificates, and a minimal
+    /// server.yaml and agent.yaml that match (one forward, and the policy that allows it).
+    #[command(after_help = "Example (one machine):\n  \
+        tether init --dir pki --server-name localhost --agent edge-1 --target 127.0.0.1:8080\n  \
+        tether server --config pki/server.yaml &\n  \
+        tether agent --config pki/agent.yaml &\n  \
+        curl http://127.0.0.1:18080/")]
+    Init {
+        /// Output directory (created if missing; refused if it holds a CA key or configs).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The name (or IP) agents dial; the server certificate holds it next to `localhost`
+        /// and 127.0.0.1.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// The agent id (letters, digits, `.`, `_`, `-`).
+        #[arg(long)]
+        agent: String,
+        /// The forward's target, `host:port` as the agent sees it; the agent's policy allows
+        /// exactly this.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        target: String,
+        /// The forward's local listen address on the server, `ip:port`.
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        forward_listen: String,
+    },
     /// Create a CA and certificates for mutual TLS.
     Certs {
         #[command(subcommand)]

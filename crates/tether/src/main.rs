@@ -5,6 +5,7 @@ mod cli;
 mod config_load;
 mod config_reload;
 mod demo;
+mod init_cmd;
 mod logging;
 mod signals;
 mod status_cmd;
@@ -151,6 +152,19 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 .await?;
             Ok(())
         }
+        Command::Init {
+            dir,
+            server_name,
+            agent,
+            target,
+            forward_listen,
+        } => init_cmd::run(&init_cmd::InitArgs {
+            dir: &dir,
+            server_name: &server_name,
+            agent: &agent,
+            target: &target,
+            forward_listen: &forward_listen,
+        }),
         Command::Certs { command } => match command {
             CertsCommand::Init {
                 dir,
