@@ -135,6 +135,10 @@ pub(crate) enum Command {
         /// Bytes to send through the tunnel.
         #[arg(long, default_value_t = 8 * 1024 * 1024)]
         bytes: usize,
+        /// Keep the CA, the certificates and the working server.yaml and agent.yaml in this
+        /// directory (created; must not hold a setup already) instead of a throwaway one.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
         #[command(flatten)]
         log: LogArgs,
     },

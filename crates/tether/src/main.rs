@@ -184,10 +184,12 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             json,
             timeout,
         } => status_cmd::run(&admin, json, timeout).await,
-        Command::Demo { once, bytes, .. } => {
+        Command::Demo {
+            once, bytes, keep, ..
+        } => {
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
-            demo::run(once, bytes, shutdown).await
+            demo::run(once, bytes, keep.as_deref(), shutdown).await
         }
         Command::HashToken => {
             // From stdin, not an argument: arguments show in `ps` and shell history.

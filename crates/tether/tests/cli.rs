@@ -561,6 +561,23 @@ async fn demo_once_moves_bytes_exactly() {
 }
 
 #[test]
+fn demo_keep_leaves_its_working_configs_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let d = dir.to_str().unwrap();
+    let run = tether(["demo", "--once", "--bytes", "65536", "--keep", d]);
+    run.assert_code(0);
+    assert!(run.stdout.contains(&format!("kept in {d}")), "{run}");
+    for name in ["server.yaml", "agent.yaml"] {
+        let path = dir.join(name);
+        tether(["check-config", path.to_str().unwrap()]).assert_code(0);
+    }
+    assert!(dir.join("ca-key.pem").exists() && dir.join("agent-demo-agent.pem").exists());
+    // A directory that already holds a setup is refused.
+    tether(["demo", "--once", "--keep", d]).assert_code(1);
+}
+
+#[test]
 fn version_flag_prints_the_version() {
     let run = tether(["--version"]);
     run.assert_code(0);

@@ -192,6 +192,8 @@ fn init_writes_matching_configs_that_carry_traffic_byte_exact() {
         &[],
     );
     agent.json_field("connected to the server", "server.id");
+    // The server logs this once the session is registered: the forward finds it from then on.
+    server.json_field("agent connected", "protocol");
 
     let payload: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
     let mut stream = TcpStream::connect(&forward).unwrap();
