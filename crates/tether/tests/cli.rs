@@ -572,7 +572,7 @@ fn demo_keep_leaves_its_working_configs_behind() {
         let path = dir.join(name);
         tether(["check-config", path.to_str().unwrap()]).assert_code(0);
     }
-    assert!(dir.join("ca-key.pem").exists() && dir.join("agent-demo-agent.pem").exists());
+    assert!(dir.join("ca.pem").exists() && dir.join("agent-demo-agent.pem").exists());
     // A directory that already holds a setup is refused.
     tether(["demo", "--once", "--keep", d]).assert_code(1);
 }
