@@ -251,7 +251,11 @@ fn explain(raw: &str, segments: &mut Vec<Segment>) -> (String, Remove) {
     if let Some(rest) = raw.strip_prefix("invalid type: ") {
         if let Some((found, expected)) = rest.split_once(", expected ") {
             return (
-                format!("expected {}, found {}", in_words(expected), found_words(found)),
+                format!(
+                    "expected {}, found {}",
+                    in_words(expected),
+                    found_words(found)
+                ),
                 Remove::Key,
             );
         }
@@ -432,11 +436,9 @@ impl<'de> Visitor<'de> for Probe<'_> {
         let mut index = 0;
         loop {
             let found = match self.rest.first() {
-                Some(Segment::Index(i)) if *i == index => {
-                    seq.next_element_seed(Probe {
-                        rest: &self.rest[1..],
-                    })?
-                }
+                Some(Segment::Index(i)) if *i == index => seq.next_element_seed(Probe {
+                    rest: &self.rest[1..],
+                })?,
                 _ => seq.next_element::<IgnoredAny>()?.map(|_| ()),
             };
             if found.is_none() {
@@ -632,8 +634,7 @@ forwards:
             "{text}"
         );
         assert_eq!(
-            lines[5],
-            "s.yaml:10:5: `forwards[1]`: required key `target` is missing",
+            lines[5], "s.yaml:10:5: `forwards[1]`: required key `target` is missing",
             "{text}"
         );
     }
@@ -660,9 +661,7 @@ forwards:
 
     #[test]
     fn typos_get_suggestions() {
-        let keys: Vec<String> = ["max_agents", "listen", "tls"]
-            .map(str::to_owned)
-            .to_vec();
+        let keys: Vec<String> = ["max_agents", "listen", "tls"].map(str::to_owned).to_vec();
         assert_eq!(did_you_mean("max_agnets", &keys), Some("max_agents"));
         assert_eq!(did_you_mean("lsiten", &keys), Some("listen"));
         assert_eq!(did_you_mean("zzz", &keys), None);

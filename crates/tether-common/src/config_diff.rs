@@ -165,7 +165,9 @@ impl ReloadMetrics {
             Ok(done) => {
                 self.count(done.result);
                 match done.result {
-                    ReloadResult::Unchanged => info!(result = done.result.label(), "config unchanged"),
+                    ReloadResult::Unchanged => {
+                        info!(result = done.result.label(), "config unchanged")
+                    }
                     ReloadResult::RestartRequired => warn!(
                         result = done.result.label(),
                         fields = ?done.restart_required,

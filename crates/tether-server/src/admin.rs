@@ -29,6 +29,21 @@ pub struct ClientsResponse {
     pub frontends: Vec<FrontendSnapshot>,
 }
 
+/// The body of `GET /v1/clients/{id}`: the client's live sessions, and why it last failed to
+/// connect or lost its session (remembered per client id, bounded).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientDetail {
+    /// The client id.
+    pub client: String,
+    /// Whether the server expects this id (in allowed_agents or a forward's client).
+    pub declared: bool,
+    /// Live sessions, oldest first.
+    pub sessions: Vec<crate::registry::SessionSnapshot>,
+    /// The last refused connection attempt and the last session end.
+    #[serde(flatten)]
+    pub history: crate::client_history::ClientRecord,
+}
+
 /// One running forward, for listings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForwardSnapshot {
@@ -94,6 +109,7 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/clients", get(clients))
+        .route("/v1/clients/{id}", get(client))
         .with_state(state)
 }
 
@@ -119,6 +135,42 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 
 async fn clients(State(state): State<Arc<AdminState>>) -> Json<ClientsResponse> {
     Json(listing(&state))
+}
+
+async fn client(
+    State(state): State<Arc<AdminState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match client_detail(&state, &id) {
+        Some(detail) => Json(detail).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!(
+                "client \"{}\" is unknown: never connected, never refused, not declared\n",
+                id.escape_default()
+            ),
+        )
+            .into_response(),
+    }
+}
+
+/// What the server knows about `id`, or `None` when it knows nothing.
+pub(crate) fn client_detail(state: &AdminState, id: &str) -> Option<ClientDetail> {
+    let listed = state
+        .registry
+        .snapshot()
+        .into_iter()
+        .find(|c| c.client == id);
+    let history = state.registry.history().get(id);
+    if listed.is_none() && history.is_none() {
+        return None;
+    }
+    Some(ClientDetail {
+        client: id.to_owned(),
+        declared: listed.is_some(),
+        sessions: listed.map(|c| c.sessions).unwrap_or_default(),
+        history: history.unwrap_or_default(),
+    })
 }
 
 /// The listing `GET /v1/clients` answers with.

@@ -72,6 +72,8 @@ pub(crate) struct ConnectState {
     pub(crate) log: LogThrottle,
     /// The remotedialer route's path and checks; `None` when `remotedialer.enabled` is off.
     pub(crate) remotedialer: Option<(String, crate::remotedialer_connect::RdAuth)>,
+    /// Where refused attempts are remembered per client id.
+    pub(crate) history: Arc<crate::client_history::ClientHistory>,
 }
 
 /// Per-connection facts the connection task puts into every request's extensions.
@@ -166,11 +168,14 @@ async fn connect(
             ),
             None => debug!(reason = "not_allowed", "agent refused"),
         }
-        return (
-            StatusCode::FORBIDDEN,
-            format!("agent \"{agent_id}\" is not allowed to connect\n"),
-        )
-            .into_response();
+        let detail = format!("agent \"{agent_id}\" is not allowed to connect");
+        state.history.refused(
+            &agent_id,
+            "not_allowed",
+            &format!("{detail} (not in allowed_agents)"),
+            &ctx.peer_addr.to_string(),
+        );
+        return (StatusCode::FORBIDDEN, format!("{detail}\n")).into_response();
     }
     let ws = match ws {
         Ok(ws) => ws,
@@ -204,6 +209,12 @@ async fn connect(
         return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n").into_response();
     }
     let Ok(slot) = state.agent_slots.clone().try_acquire_owned() else {
+        state.history.refused(
+            &agent_id,
+            "max_agents",
+            "the server is at its agent limit (max_agents)",
+            &ctx.peer_addr.to_string(),
+        );
         if let Some(suppressed) = state.log.check("max_agents") {
             warn!(
                 suppressed,

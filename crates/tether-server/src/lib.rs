@@ -11,6 +11,7 @@
 
 mod accept;
 pub mod admin;
+pub mod client_history;
 pub mod config;
 mod connect;
 mod forward;

@@ -257,6 +257,7 @@ pub struct SessionRegistry {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     metrics: ServerMetrics,
+    history: Arc<crate::client_history::ClientHistory>,
 }
 
 impl SessionRegistry {
@@ -266,7 +267,13 @@ impl SessionRegistry {
             inner: Mutex::new(Inner::default()),
             next_id: AtomicU64::new(1),
             metrics,
+            history: Arc::default(),
         }
+    }
+
+    /// Per client id, the last refused attempt and the last session end.
+    pub fn history(&self) -> &Arc<crate::client_history::ClientHistory> {
+        &self.history
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

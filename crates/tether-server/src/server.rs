@@ -359,6 +359,7 @@ impl Server {
             max_frame: config.session.max_frame as usize,
             log: LogThrottle::new(LOG_WINDOW),
             remotedialer,
+            history: self.registry.history().clone(),
         });
         let tunnel = Arc::new(Tunnel {
             acceptor: TlsAcceptor::from(self.tls.clone()),

@@ -141,6 +141,10 @@ async fn allow_list_and_forwards_change_in_place() {
         server.metric("tether_config_reloads_total{result=\"restart_required\"}"),
         1.0
     );
-    assert_eq!(server.reloader.current().listen, next.listen, "still the running value");
+    assert_eq!(
+        server.reloader.current().listen,
+        next.listen,
+        "still the running value"
+    );
     server.stop().await.unwrap();
 }

@@ -39,7 +39,9 @@ impl LogArgs {
     pub(crate) fn or_top(&self, cli: &Cli) -> (Option<String>, LogFormat) {
         (
             self.log.clone().or_else(|| cli.log.clone()),
-            self.log_format.or(cli.log_format).unwrap_or(LogFormat::Text),
+            self.log_format
+                .or(cli.log_format)
+                .unwrap_or(LogFormat::Text),
         )
     }
 }
@@ -115,8 +117,12 @@ pub(crate) enum Command {
         /// The config file.
         path: PathBuf,
     },
-    /// Show the clients and sessions of a running server (its `GET /v1/clients`).
+    /// Show the clients, sessions, forwards and frontends of a running server (its
+    /// `GET /v1/clients`), or with CLIENT why that client is or is not connected.
     Status {
+        /// One client id: its sessions, its last refused attempt and its last session end
+        /// (`GET /v1/clients/CLIENT`).
+        client: Option<String>,
         /// The server's admin listener (`admin_listen`), as `http://host:port`.
         #[arg(long, env = "TETHER_ADMIN", default_value = "http://127.0.0.1:9090")]
         admin: String,

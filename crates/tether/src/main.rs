@@ -180,10 +180,11 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             Ok(())
         }
         Command::Status {
+            client,
             admin,
             json,
             timeout,
-        } => status_cmd::run(&admin, json, timeout).await,
+        } => status_cmd::run(&admin, client.as_deref(), json, timeout).await,
         Command::Demo {
             once, bytes, keep, ..
         } => {

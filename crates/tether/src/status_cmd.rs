@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tether_server::ClientsResponse;
+use tether_server::admin::ClientDetail;
 use tether_server::registry::SessionSnapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -18,10 +19,19 @@ const CLIENTS_PATH: &str = "/v1/clients";
 /// Largest answer accepted.
 const MAX_RESPONSE: u64 = 32 * 1024 * 1024;
 
-/// Fetches the listing from `admin` (`http://host:port`) within `timeout` and prints it.
-pub(crate) async fn run(admin: &str, json: bool, timeout: Duration) -> anyhow::Result<()> {
+/// Fetches the listing (or, with `client`, what the server knows about that client) from
+/// `admin` (`http://host:port`) within `timeout` and prints it.
+pub(crate) async fn run(
+    admin: &str,
+    client: Option<&str>,
+    json: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let url = AdminUrl::parse(admin)?;
-    let body = tokio::time::timeout(timeout, fetch(&url))
+    if let Some(client) = client {
+        return run_client(&url, client, json, timeout).await;
+    }
+    let body = tokio::time::timeout(timeout, fetch(&url, CLIENTS_PATH))
         .await
         .map_err(|_| {
             anyhow::anyhow!(
@@ -42,6 +52,86 @@ pub(crate) async fn run(admin: &str, json: bool, timeout: Duration) -> anyhow::R
     })?;
     print!("{}", render(&listing));
     Ok(())
+}
+
+/// `tether status CLIENT`: `GET /v1/clients/{CLIENT}`.
+async fn run_client(
+    url: &AdminUrl,
+    client: &str,
+    json: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if client.is_empty()
+        || !client
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        bail!("`{client}` is not a client id (letters, digits, `.`, `_`, `-`)");
+    }
+    let path = format!("{CLIENTS_PATH}/{client}");
+    let body = tokio::time::timeout(timeout, fetch(url, &path))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the admin listener at {} within {timeout:?}",
+                url.display()
+            )
+        })??;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let detail: ClientDetail = serde_json::from_str(&body)
+        .with_context(|| format!("{}{path} did not answer with a client", url.display()))?;
+    print!("{}", render_client(&detail));
+    Ok(())
+}
+
+/// One client: its sessions, its last refused attempt and its last session end.
+pub(crate) fn render_client(detail: &ClientDetail) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "client {}: {}",
+        detail.client,
+        match detail.sessions.len() {
+            0 => "not connected".to_owned(),
+            n => format!("connected, {}", counted(n, "session", "sessions")),
+        }
+    );
+    for session in &detail.sessions {
+        let row = session_row(&detail.client, "", session);
+        let _ = writeln!(
+            out,
+            "  session {} instance {} since {} rtt {} {} streams {} {} labels {}",
+            row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9]
+        );
+    }
+    match &detail.history.last_refusal {
+        Some(r) => {
+            let _ = writeln!(
+                out,
+                "last refused: {} from {}: {} ({})",
+                r.at, r.peer_addr, r.detail, r.reason
+            );
+        }
+        None => out.push_str("last refused: never (since the server started)\n"),
+    }
+    match &detail.history.last_session_end {
+        Some(e) => {
+            let _ = writeln!(
+                out,
+                "last session end: {} session {} after {}: {} ({})",
+                e.at,
+                e.session_id,
+                age(e.lived_seconds),
+                e.detail,
+                e.reason
+            );
+        }
+        None => out.push_str("last session end: none (since the server started)\n"),
+    }
+    out
 }
 
 /// A parsed `--admin` value.
@@ -119,8 +209,8 @@ impl AdminUrl {
     }
 }
 
-/// One `GET {prefix}/v1/clients`; the body when the status is 200.
-async fn fetch(url: &AdminUrl) -> anyhow::Result<String> {
+/// One `GET {prefix}{path}`; the body when the status is 200.
+async fn fetch(url: &AdminUrl, path: &str) -> anyhow::Result<String> {
     let mut tcp = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .with_context(|| {
@@ -132,7 +222,7 @@ async fn fetch(url: &AdminUrl) -> anyhow::Result<String> {
         })?;
     // HTTP/1.0: the answer is delimited by the server closing the connection, never chunked.
     let request = format!(
-        "GET {}{CLIENTS_PATH} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\
+        "GET {}{path} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\
          User-Agent: tether-status/{}\r\n\r\n",
         url.prefix,
         url.authority(),
@@ -159,7 +249,7 @@ async fn fetch(url: &AdminUrl) -> anyhow::Result<String> {
     if status != 200 {
         let excerpt: String = body.trim().chars().take(200).collect();
         bail!(
-            "{}{CLIENTS_PATH} answered HTTP {status}{}",
+            "{}{path} answered HTTP {status}{}",
             url.display(),
             if excerpt.is_empty() {
                 String::new()

@@ -120,7 +120,10 @@ fn init(dir: &Path, target: &str) {
     ]);
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("server.yaml") && stdout.contains("agent.yaml"), "{stdout}");
+    assert!(
+        stdout.contains("server.yaml") && stdout.contains("agent.yaml"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -144,13 +147,7 @@ fn init_writes_matching_configs_that_carry_traffic_byte_exact() {
     assert!(!keys.contains("0.0.0.0:"), "{server_text}");
     assert!(!keys.contains("frontends"), "{server_text}");
     // A second init into the same directory refuses to overwrite.
-    let again = tether(&[
-        "init",
-        "--dir",
-        dir.to_str().unwrap(),
-        "--agent",
-        "edge-1",
-    ]);
+    let again = tether(&["init", "--dir", dir.to_str().unwrap(), "--agent", "edge-1"]);
     assert!(!again.status.success(), "{again:?}");
 
     let server_config = dir.join("server.yaml");
@@ -209,7 +206,12 @@ fn init_writes_matching_configs_that_carry_traffic_byte_exact() {
     let mut back = Vec::new();
     stream.read_to_end(&mut back).unwrap();
     writer.join().unwrap();
-    assert!(back == payload, "{} bytes back of {}", back.len(), payload.len());
+    assert!(
+        back == payload,
+        "{} bytes back of {}",
+        back.len(),
+        payload.len()
+    );
 }
 
 #[test]
