@@ -12,6 +12,7 @@ pub mod connector;
 pub mod dial;
 pub mod gate;
 pub mod handler;
+pub mod index_page;
 pub mod metrics;
 pub mod policy;
 pub mod reload;

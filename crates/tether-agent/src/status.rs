@@ -1,8 +1,8 @@
 //! `AgentStatus`: what the agent is doing right now (connected or not, why not), published on a
 //! `watch` channel for `/readyz`, `tether status` and tests.
 
-/// A snapshot of the agent's connection state.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A snapshot of the agent's connection state (also the body of the admin `GET /v1/status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AgentStatus {
     /// This process's random instance id (`X-Tether-Instance`).
     pub instance_id: String,

@@ -1,5 +1,5 @@
-//! The admin listener (plain HTTP): `/healthz`, `/readyz`, `/metrics` and `GET /v1/clients`
-//! (the listing `tether status` reads).
+//! The admin listener (plain HTTP): `/` (an index page, `index_page`), `/healthz`, `/readyz`,
+//! `/metrics`, `GET /v1/clients` (the listing `tether status` reads) and `GET /v1/clients/{id}`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -105,12 +105,17 @@ pub(crate) struct AdminState {
 
 pub(crate) fn router(state: Arc<AdminState>) -> Router {
     Router::new()
+        .route("/", get(index))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/clients", get(clients))
         .route("/v1/clients/{id}", get(client))
         .with_state(state)
+}
+
+async fn index(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> Response {
+    crate::index_page::index(&state, &headers)
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {

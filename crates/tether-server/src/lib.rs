@@ -17,6 +17,7 @@ mod connect;
 mod forward;
 mod frontend;
 pub mod health;
+pub mod index_page;
 pub mod metrics;
 pub mod registry;
 pub mod reload;

@@ -1,7 +1,9 @@
 //! `tether init` from a clean directory: the configs it writes pass check-config, and a server
 //! and an agent started from them carry traffic through the forward byte-exact (the fixed
 //! ports of the generated files are moved to ephemeral ones with `--set`, read back from the
-//! daemons' JSON logs). Also: colour never reaches a pipe, and JSON logs are plain JSON.
+//! daemons' JSON logs). Also: colour never reaches a pipe, and JSON logs are plain JSON; and the
+//! admin index pages (`/`) of both daemons render their live data in a real headless browser
+//! (Debian's `chromium`, installed by .ci/run and scripts/install-test-deps).
 
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::disallowed_types)]
@@ -73,11 +75,20 @@ impl Daemon {
 
     /// The `field` of the first JSON log line whose message is `message`.
     fn json_field(&self, message: &str, field: &str) -> String {
+        self.json_fields(message, &[field]).remove(0)
+    }
+
+    /// The `fields` of the first JSON log line whose message is `message`.
+    fn json_fields(&self, message: &str, fields: &[&str]) -> Vec<String> {
         self.wait_for(message, |line| {
             let value: serde_json::Value = serde_json::from_str(line).ok()?;
-            (value["fields"]["message"] == message)
-                .then(|| value["fields"][field].as_str().map(str::to_owned))
-                .flatten()
+            if value["fields"]["message"] != message {
+                return None;
+            }
+            fields
+                .iter()
+                .map(|f| value["fields"][*f].as_str().map(str::to_owned))
+                .collect()
         })
     }
 }
@@ -255,4 +266,136 @@ fn text_logs_to_a_pipe_have_no_colour_codes_and_json_logs_are_json() {
     let value: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(value["fields"]["message"], "server running");
     assert!(!line.contains('\u{1b}'), "{line:?}");
+}
+
+/// The DOM of `url` after its script ran, from headless chromium.
+fn rendered_dom(url: &str, profile: &Path) -> String {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--dump-dom", url])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot run chromium ({err}); install the Debian package `chromium` \
+                 (apt-get install --no-install-recommends chromium), as .ci/run does"
+            )
+        });
+    assert!(out.status.success(), "chromium failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fetches `url` until the rendered DOM holds every one of `needles` (the page refreshes from
+/// live data; a session may still be coming up).
+fn wait_for_dom(url: &str, profile: &Path, needles: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dom = rendered_dom(url, profile);
+        if needles.iter().all(|n| dom.contains(n)) {
+            return dom;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} never rendered {needles:?}; last DOM:\n{dom}"
+        );
+    }
+}
+
+#[test]
+fn admin_index_pages_render_live_data_in_a_headless_browser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let target = echo_target();
+    init(&dir, &target.to_string());
+    let server_config = dir.join("server.yaml");
+    let text = std::fs::read_to_string(&server_config)
+        .unwrap()
+        .replace("127.0.0.1:18080", "127.0.0.1:0");
+    std::fs::write(&server_config, text).unwrap();
+    let agent_config = dir.join("agent.yaml");
+    let text = std::fs::read_to_string(&agent_config)
+        .unwrap()
+        .replace("labels: {}", "labels: { site: eu-west, role: db }");
+    std::fs::write(&agent_config, text).unwrap();
+
+    let server = Daemon::start(
+        &[
+            "server",
+            "--config",
+            server_config.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "--set",
+            "listen=127.0.0.1:0",
+            "--set",
+            "admin_listen=127.0.0.1:0",
+        ],
+        &[],
+    );
+    let running = server.json_fields("server running", &["admin", "listen"]);
+    let (admin, tunnel) = (&running[0], &running[1]);
+    let url = format!(
+        "server_url=wss://localhost:{}/v1/connect",
+        tunnel.rsplit(':').next().unwrap()
+    );
+    let agent = Daemon::start(
+        &[
+            "agent",
+            "--config",
+            agent_config.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "--set",
+            &url,
+            "--set",
+            "admin_listen=127.0.0.1:0",
+        ],
+        &[],
+    );
+    let agent_admin = agent.json_field("admin listener serving", "addr");
+    let agent_admin = agent_admin
+        .trim_start_matches("Some(")
+        .trim_end_matches(')')
+        .to_owned();
+    server.json_field("agent connected", "protocol");
+
+    let profile = tmp.path().join("chromium");
+    let dom = wait_for_dom(
+        &format!("http://{admin}/"),
+        &profile,
+        &[
+            "1 client, 1 session",
+            "edge-1",
+            "role=db, site=eu-west",
+            "healthy",
+        ],
+    );
+    assert!(
+        dom.contains("edge-1-target"),
+        "the forward is listed:\n{dom}"
+    );
+    for link in ["metrics", "v1/clients", "readyz", "healthz"] {
+        assert!(
+            dom.contains(&format!("href=\"{link}\"")),
+            "links {link}:\n{dom}"
+        );
+    }
+    let dom = wait_for_dom(
+        &format!("http://{agent_admin}/"),
+        &profile,
+        &[
+            "<th>connection</th><td>connected</td>",
+            "<th>gate</th><td>enabled</td>",
+            "tether_agent_dials_total{outcome=\"ok\"}",
+        ],
+    );
+    assert!(dom.contains("href=\"v1/status\""), "{dom}");
 }
