@@ -303,7 +303,7 @@ fn found_words(found: &str) -> String {
         return format!("the number {}", rest.trim_matches('`'));
     }
     if let Some(rest) = found.strip_prefix("boolean ") {
-        return format!("{}", rest.trim_matches('`'));
+        return rest.trim_matches('`').to_owned();
     }
     match found {
         "sequence" => "a list".to_owned(),

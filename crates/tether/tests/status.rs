@@ -277,7 +277,7 @@ async fn status_of_one_client_says_why_it_was_refused_or_lost_its_session() {
     let out = tether(&["status", "--admin", &running.admin, "edge-1"]).await;
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains(&format!("last session end: "))
+        stdout.contains("last session end: ")
             && stdout.contains(&format!("session {} after", entry.session_id)),
         "{stdout}"
     );
