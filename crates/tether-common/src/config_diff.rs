@@ -265,6 +265,7 @@ mod tests {
             .iter()
             .find(|f| f.name() == "tether_config_reloads_total")
             .unwrap();
-        assert_eq!(reloads.get_metric().len(), 4);
+        assert_eq!(reloads.get_metric().len(), ReloadResult::ALL.len());
+        assert_eq!(ReloadResult::RestartRequired.label(), "restart_required");
     }
 }

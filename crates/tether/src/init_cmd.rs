@@ -138,7 +138,7 @@ fn agent_yaml(args: &InitArgs<'_>, host: &str, port: u16) -> String {
          tls:\n  cert: agent-{agent}.pem\n  key: agent-{agent}-key.pem\n  server_ca: ca.pem\n\
          # Shown by the server in /v1/clients and `tether status`.\n\
          labels: {{}}\n\
-         # /healthz, /readyz, /metrics. Loopback only.\n\
+         # /, /healthz, /readyz, /metrics, /v1/status. Loopback only.\n\
          admin_listen: \"127.0.0.1:9091\"\n\
          # What the server may ask this agent to dial; everything else is denied. Loopback,\n\
          # link-local and metadata addresses need a rule like the one below.\n\
