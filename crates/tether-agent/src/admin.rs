@@ -1,6 +1,7 @@
-//! The agent's admin HTTP router: `/healthz` (process up), `/readyz` (a session is up, or
-//! the activation gate keeps the agent correctly idle: 200 with the reason) and
-//! `/metrics` (Prometheus text format).
+//! The agent's admin HTTP router: `/` (an index: a self-refreshing page for a browser, JSON
+//! for `Accept: application/json`), `/healthz` (process up), `/readyz` (a session is up, or
+//! the activation gate keeps the agent correctly idle: 200 with the reason), `/metrics`
+//! (Prometheus text format) and `/v1/status` (the connection state as JSON).
 
 use axum::Router;
 use axum::extract::State;
@@ -21,10 +22,39 @@ struct AdminState {
 /// The admin routes, reading `status` and gathering `registry`.
 pub fn router(status: watch::Receiver<AgentStatus>, registry: Registry) -> Router {
     Router::new()
+        .route("/", get(index))
+        .route("/v1/status", get(status_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(AdminState { status, registry })
+}
+
+async fn status_json(State(state): State<AdminState>) -> Response {
+    let status = state.status.borrow().clone();
+    axum::Json(status).into_response()
+}
+
+async fn index(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
+    let json = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json") && !accept.contains("text/html"));
+    if json {
+        let status = state.status.borrow().clone();
+        let endpoints: Vec<serde_json::Value> = crate::index_page::ENDPOINTS
+            .iter()
+            .map(|(path, what)| serde_json::json!({ "path": path, "what": what }))
+            .collect();
+        return axum::Json(serde_json::json!({
+            "service": "tether-agent",
+            "version": env!("CARGO_PKG_VERSION"),
+            "status": status,
+            "endpoints": endpoints,
+        }))
+        .into_response();
+    }
+    axum::response::Html(crate::index_page::page()).into_response()
 }
 
 async fn healthz() -> &'static str {

@@ -387,6 +387,21 @@ impl Connector {
     }
 }
 
+/// A server's error body as one printable line: control characters (newlines, escape
+/// sequences a hostile server could send to a terminal) are escaped, everything else, quotes
+/// included, is kept as the server wrote it.
+fn quote_body(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn upgrade_error(err: WsError) -> ConnectError {
     match err {
         WsError::Http(response) => {
@@ -396,7 +411,7 @@ fn upgrade_error(err: WsError) -> ConnectError {
                 .as_deref()
                 .map(|b| {
                     let text = String::from_utf8_lossy(&b[..b.len().min(MAX_BODY_QUOTE)]);
-                    text.trim().escape_debug().to_string()
+                    quote_body(text.trim())
                 })
                 .unwrap_or_default();
             let message = if body.is_empty() {
@@ -473,5 +488,14 @@ mod tests {
             sanitize_server_id(&"x".repeat(500)).len(),
             MAX_SERVER_ID_LEN
         );
+    }
+
+    #[test]
+    fn bodies_keep_quotes_and_escape_control_characters() {
+        assert_eq!(
+            quote_body("agent \"edge-2\" is not allowed"),
+            "agent \"edge-2\" is not allowed"
+        );
+        assert_eq!(quote_body("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
     }
 }

@@ -14,6 +14,7 @@ mod discovery;
 mod fleet;
 pub mod gate;
 pub mod handler;
+pub mod index_page;
 pub mod metrics;
 pub mod policy;
 pub mod reload;

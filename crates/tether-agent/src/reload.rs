@@ -154,6 +154,9 @@ impl AgentReloader {
             .filter(|f| under(RESTART_KEYS, f))
             .cloned()
             .collect();
+        // The running config takes the new values (admin_listen included, though it acts only
+        // at the next start), so a later reload does not announce the same change again.
+        let only_restart = restart_required.len() == changed.len();
         // Build everything that can fail before touching anything.
         let policy = config.policy.compile().map_err(|errors| {
             ConfigErrors(
@@ -194,6 +197,8 @@ impl AgentReloader {
         Ok(ReloadOutcome {
             result: if reconnect {
                 ReloadResult::Reconnected
+            } else if only_restart {
+                ReloadResult::RestartRequired
             } else {
                 ReloadResult::Applied
             },

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-/// A snapshot of the agent's connection state.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A snapshot of the agent's connection state (also the body of the admin `GET /v1/status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AgentStatus {
     /// This process's random instance id (`X-Tether-Instance`).
     pub instance_id: String,
@@ -34,7 +34,7 @@ pub struct AgentStatus {
 }
 
 /// One discovered endpoint of the replica set.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReplicaStatus {
     /// Whether a session through this endpoint is up.
     pub connected: bool,

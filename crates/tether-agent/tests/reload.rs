@@ -99,6 +99,14 @@ async fn identical_or_fallback_equivalent_config_changes_nothing() {
     let outcome = agent.reloader.reload(agent_config(&spelled, &pki)).unwrap();
     assert_eq!(outcome.result, ReloadResult::Unchanged, "{outcome:?}");
     assert_eq!(agent.reloads(ReloadResult::Unchanged), 2.0);
+    // admin_listen acts only at the next start: reported as such, once.
+    let mut moved = agent_config(&text, &pki);
+    moved.admin_listen = "127.0.0.1:1".into();
+    let outcome = agent.reloader.reload(moved.clone()).unwrap();
+    assert_eq!(outcome.result, ReloadResult::RestartRequired, "{outcome:?}");
+    assert_eq!(outcome.restart_required, ["admin_listen"]);
+    let outcome = agent.reloader.reload(moved).unwrap();
+    assert_eq!(outcome.result, ReloadResult::Unchanged, "{outcome:?}");
 
     // Same session on both sides; nothing reconnected.
     assert!(!session.is_closed());

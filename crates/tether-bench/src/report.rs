@@ -281,6 +281,23 @@ fn targets(records: &[Record], idle: &[&str]) -> String {
     out
 }
 
+/// The one line a passing smoke run prints instead of the report: how many measurements of
+/// which systems ran, and that a smoke run judges the tool, not the figures.
+pub(crate) fn smoke_summary(mode: &str, records: &[Record]) -> String {
+    let mut systems: Vec<&str> = Vec::new();
+    for record in records {
+        if !systems.contains(&record.label.as_str()) {
+            systems.push(&record.label);
+        }
+    }
+    format!(
+        "{mode} smoke: ok: {} measurements of {} ran (a smoke run checks the tool, not the \
+         figures; `tether-bench {mode}` measures and compares with the targets)",
+        records.len(),
+        systems.join(", ")
+    )
+}
+
 /// Fails if any record of the run is not ok (smoke mode: the tool must not rot silently).
 pub(crate) fn require_all_ok(records: &[Record]) -> Result<()> {
     if records.is_empty() {
@@ -393,5 +410,20 @@ mod tests {
         assert!(require_all_ok(&[rec("tether", "tput1", true, 1.0)]).is_ok());
         assert!(require_all_ok(&[rec("tether", "rtt", false, 0.0)]).is_err());
         assert!(require_all_ok(&[]).is_err());
+    }
+
+    #[test]
+    fn smoke_summary_names_the_systems_once_and_no_targets() {
+        let records = [
+            rec("direct", "tput1", true, 1.0),
+            rec("tether", "tput1", true, 1.0),
+            rec("direct", "rtt", true, 1.0),
+        ];
+        let line = smoke_summary("tunnels", &records);
+        assert!(
+            line.starts_with("tunnels smoke: ok: 3 measurements of direct, tether ran"),
+            "{line}"
+        );
+        assert!(!line.contains("| no |"), "{line}");
     }
 }

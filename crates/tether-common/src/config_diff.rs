@@ -71,16 +71,19 @@ pub enum ReloadResult {
     Applied,
     /// Connection parameters changed: the session was re-established.
     Reconnected,
+    /// Only keys that take effect at the next start changed: nothing was applied.
+    RestartRequired,
     /// The new config was rejected; the old one keeps running.
     Invalid,
 }
 
 impl ReloadResult {
     /// Every result, in label order.
-    pub const ALL: [ReloadResult; 4] = [
+    pub const ALL: [ReloadResult; 5] = [
         ReloadResult::Unchanged,
         ReloadResult::Applied,
         ReloadResult::Reconnected,
+        ReloadResult::RestartRequired,
         ReloadResult::Invalid,
     ];
 
@@ -90,6 +93,7 @@ impl ReloadResult {
             ReloadResult::Unchanged => "unchanged",
             ReloadResult::Applied => "applied",
             ReloadResult::Reconnected => "reconnected",
+            ReloadResult::RestartRequired => "restart_required",
             ReloadResult::Invalid => "invalid",
         }
     }
@@ -98,11 +102,13 @@ impl ReloadResult {
 /// What a reload did (a refused config is an `Err` instead).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadOutcome {
-    /// `unchanged`, `applied` or `reconnected` (the server never reconnects).
+    /// `unchanged`, `applied`, `reconnected` (never on the server) or `restart_required`.
     pub result: ReloadResult,
-    /// The key paths that changed (names only, never values).
+    /// The key paths that changed since the previous accepted config (names only, never
+    /// values).
     pub changed: Vec<String>,
-    /// Changed keys that only take effect at the next start.
+    /// Keys of `changed` that only take effect at the next start. A key announced once is not
+    /// announced again by later reloads that leave it as it is.
     pub restart_required: Vec<String>,
 }
 
@@ -158,17 +164,27 @@ impl ReloadMetrics {
         match outcome {
             Ok(done) => {
                 self.count(done.result);
-                if done.result == ReloadResult::Unchanged {
-                    info!(result = done.result.label(), "config unchanged");
-                } else {
-                    info!(result = done.result.label(), changed = ?done.changed, "config reloaded");
+                match done.result {
+                    ReloadResult::Unchanged => {
+                        info!(result = done.result.label(), "config unchanged")
+                    }
+                    ReloadResult::RestartRequired => warn!(
+                        result = done.result.label(),
+                        fields = ?done.restart_required,
+                        "config changes take effect only after a restart; nothing applied"
+                    ),
+                    _ => {
+                        info!(result = done.result.label(), changed = ?done.changed, "config reloaded");
+                        if !done.restart_required.is_empty() {
+                            warn!(
+                                fields = ?done.restart_required,
+                                "these config changes take effect only after a restart"
+                            );
+                        }
+                    }
                 }
                 if !done.restart_required.is_empty() {
                     self.restart_required.inc();
-                    warn!(
-                        fields = ?done.restart_required,
-                        "these config changes take effect only after a restart"
-                    );
                 }
             }
             Err(errors) => self.reject(errors),
@@ -249,6 +265,7 @@ mod tests {
             .iter()
             .find(|f| f.name() == "tether_config_reloads_total")
             .unwrap();
-        assert_eq!(reloads.get_metric().len(), 4);
+        assert_eq!(reloads.get_metric().len(), ReloadResult::ALL.len());
+        assert_eq!(ReloadResult::RestartRequired.label(), "restart_required");
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod backoff;
 pub mod cert_expiry;
+pub mod config_collect;
 pub mod config_diff;
 pub mod config_error;
 pub mod config_layers;

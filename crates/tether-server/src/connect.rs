@@ -28,6 +28,8 @@ pub(crate) const SUBPROTOCOL: &str = "tether.v1";
 pub(crate) const CONNECT_PATH: &str = "/v1/connect";
 /// Response header naming this server process (for agents that connect to every replica).
 pub(crate) const SERVER_ID_HEADER: HeaderName = HeaderName::from_static("x-tether-server");
+/// Request header with the agent's labels (`key=value,...`).
+pub(crate) const LABELS_HEADER: HeaderName = HeaderName::from_static("x-tether-labels");
 /// Request header with the agent's per-process instance id.
 pub(crate) const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-tether-instance");
 /// Request header with the agent's endpoint tag (server URL and address it dialed).
@@ -72,6 +74,8 @@ pub(crate) struct ConnectState {
     pub(crate) log: LogThrottle,
     /// The remotedialer route's path and checks; `None` when `remotedialer.enabled` is off.
     pub(crate) remotedialer: Option<(String, crate::remotedialer_connect::RdAuth)>,
+    /// Where refused attempts are remembered per client id.
+    pub(crate) history: Arc<crate::client_history::ClientHistory>,
 }
 
 /// Per-connection facts the connection task puts into every request's extensions.
@@ -98,6 +102,8 @@ pub(crate) struct UpgradedAgent {
     pub(crate) endpoint: String,
     /// `X-Tether-Version`, sanitized (may be empty).
     pub(crate) version: String,
+    /// `X-Tether-Labels`, parsed and sanitized (may be empty).
+    pub(crate) labels: std::collections::BTreeMap<String, String>,
     /// The `max_agents` permit, held for the life of the session.
     pub(crate) slot: OwnedSemaphorePermit,
     /// Which protocol the upgrade speaks.
@@ -166,11 +172,14 @@ async fn connect(
             ),
             None => debug!(reason = "not_allowed", "agent refused"),
         }
-        return (
-            StatusCode::FORBIDDEN,
-            format!("agent \"{agent_id}\" is not allowed to connect\n"),
-        )
-            .into_response();
+        let detail = format!("agent \"{agent_id}\" is not allowed to connect");
+        state.history.refused(
+            &agent_id,
+            "not_allowed",
+            &format!("{detail} (not in allowed_agents)"),
+            &ctx.peer_addr.to_string(),
+        );
+        return (StatusCode::FORBIDDEN, format!("{detail}\n")).into_response();
     }
     let ws = match ws {
         Ok(ws) => ws,
@@ -204,6 +213,12 @@ async fn connect(
         return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n").into_response();
     }
     let Ok(slot) = state.agent_slots.clone().try_acquire_owned() else {
+        state.history.refused(
+            &agent_id,
+            "max_agents",
+            "the server is at its agent limit (max_agents)",
+            &ctx.peer_addr.to_string(),
+        );
         if let Some(suppressed) = state.log.check("max_agents") {
             warn!(
                 suppressed,
@@ -223,6 +238,11 @@ async fn connect(
     let instance = header_text(&headers, &INSTANCE_HEADER, sanitize_instance);
     let endpoint = header_text(&headers, &ENDPOINT_HEADER, sanitize_instance);
     let version = header_text(&headers, &VERSION_HEADER, sanitize_version);
+    let labels = headers
+        .get(&LABELS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(crate::registry::parse_labels)
+        .unwrap_or_default();
     let mut response =
         sized(ws, state.max_frame + WS_MESSAGE_OVERHEAD).on_upgrade(move |socket| async move {
             // If the connection task is gone, the socket and the slot drop here.
@@ -232,6 +252,7 @@ async fn connect(
                 instance,
                 endpoint,
                 version,
+                labels,
                 slot,
                 protocol: crate::registry::Protocol::Tether,
             });

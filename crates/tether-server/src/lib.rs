@@ -12,11 +12,13 @@
 mod accept;
 pub mod admin;
 pub mod audit;
+pub mod client_history;
 pub mod config;
 mod connect;
 mod forward;
 mod frontend;
 pub mod health;
+pub mod index_page;
 pub mod metrics;
 pub mod registry;
 pub mod reload;

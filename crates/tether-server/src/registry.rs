@@ -40,6 +40,19 @@ fn on_replica(replica: &str) -> String {
     }
 }
 
+/// What an agent's upgrade says about its session, for [`SessionRegistry::insert_labelled`].
+#[derive(Debug, Clone, Default)]
+pub struct SessionMeta {
+    /// `X-Tether-Instance`, sanitized (may be empty).
+    pub instance: String,
+    /// `X-Tether-Endpoint`, sanitized (may be empty).
+    pub endpoint: String,
+    /// The wire protocol.
+    pub protocol: Protocol,
+    /// `X-Tether-Labels`, parsed.
+    pub labels: BTreeMap<String, String>,
+}
+
 /// The wire protocol of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Protocol {
@@ -89,6 +102,8 @@ pub struct SessionEntry {
     pub health: Arc<SessionHealth>,
     /// The session's wire protocol.
     pub protocol: Protocol,
+    /// The agent's labels (`X-Tether-Labels`, sanitized; informational only).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Health of one session as the health checker sees it. A session nobody has probed yet is
@@ -242,6 +257,9 @@ pub struct SessionSnapshot {
     /// Wire protocol: `tether.v1` or `remotedialer` (absent in listings of older servers).
     #[serde(default)]
     pub protocol: String,
+    /// The agent's labels (`X-Tether-Labels`); informational, identity is the certificate's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What the registry lock protects: the sessions and the subscribers that must see every
@@ -268,6 +286,7 @@ pub struct SessionRegistry {
     next_id: AtomicU64,
     metrics: ServerMetrics,
     replica: String,
+    history: Arc<crate::client_history::ClientHistory>,
 }
 
 impl SessionRegistry {
@@ -278,6 +297,7 @@ impl SessionRegistry {
             next_id: AtomicU64::new(1),
             metrics,
             replica: String::new(),
+            history: Arc::default(),
         }
     }
 
@@ -285,6 +305,11 @@ impl SessionRegistry {
     pub fn with_replica(mut self, server_id: &str) -> Self {
         self.replica = server_id.to_owned();
         self
+    }
+
+    /// Per client id, the last refused attempt and the last session end.
+    pub fn history(&self) -> &Arc<crate::client_history::ClientHistory> {
+        &self.history
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -325,6 +350,35 @@ impl SessionRegistry {
         session: Session,
         protocol: Protocol,
     ) -> SessionGuard {
+        self.insert_labelled(
+            client,
+            peer_addr,
+            session,
+            SessionMeta {
+                instance: instance.to_owned(),
+                endpoint: endpoint.to_owned(),
+                protocol,
+                labels: BTreeMap::new(),
+            },
+        )
+    }
+
+    /// [`insert`](Self::insert) with everything the agent's upgrade said about the session.
+    pub fn insert_labelled(
+        self: &Arc<Self>,
+        client: &str,
+        peer_addr: SocketAddr,
+        session: Session,
+        meta: SessionMeta,
+    ) -> SessionGuard {
+        let SessionMeta {
+            instance,
+            endpoint,
+            protocol,
+            labels,
+        } = meta;
+        let instance = instance.as_str();
+        let endpoint = endpoint.as_str();
         let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = SessionEntry {
             client: client.to_owned(),
@@ -337,6 +391,7 @@ impl SessionRegistry {
             peer_addr,
             health: Arc::new(SessionHealth::default()),
             protocol,
+            labels,
         };
         let stale: Vec<SessionEntry> = {
             let mut inner = self.lock();
@@ -570,6 +625,7 @@ fn snapshot_session(entry: &SessionEntry) -> SessionSnapshot {
         bytes_rx: stats.bytes_rx,
         bytes_tx: stats.bytes_tx,
         protocol: entry.protocol.label().to_owned(),
+        labels: entry.labels.clone(),
     }
 }
 
@@ -725,9 +781,47 @@ pub fn sanitize_instance(raw: &str) -> String {
         .collect()
 }
 
+/// Most labels kept from one `X-Tether-Labels` header (the agent sends at most 32).
+pub const MAX_LABELS: usize = 32;
+/// Longest label key or value kept.
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// Parses a peer-supplied `X-Tether-Labels` value (`key=value,key=value`): keeps at most
+/// [`MAX_LABELS`] pairs whose key and value are 1..=[`MAX_LABEL_LEN`] characters of
+/// `[A-Za-z0-9._/-]` (the agent's own rule); drops every other pair.
+pub fn parse_labels(raw: &str) -> BTreeMap<String, String> {
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= MAX_LABEL_LEN
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+    };
+    raw.split(',')
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(k, v)| valid(k) && valid(v))
+        .take(MAX_LABELS)
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_parsed_and_sanitized() {
+        let labels = parse_labels("site=eu-west, role=db,bad key=x,empty=,=v,k=v\u{1b}[31m");
+        assert_eq!(
+            labels.into_iter().collect::<Vec<_>>(),
+            [
+                ("role".to_owned(), "db".to_owned()),
+                ("site".to_owned(), "eu-west".to_owned())
+            ]
+        );
+        let many: Vec<String> = (0..40).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(parse_labels(&many.join(",")).len(), MAX_LABELS);
+        assert!(parse_labels(&format!("k={}", "v".repeat(64))).is_empty());
+    }
 
     #[test]
     fn instance_ids_are_sanitized() {

@@ -28,8 +28,9 @@ use crate::frontend::FrontendControl;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 
-/// Keys applied in place; every other changed key needs a restart.
-const IN_PLACE_KEYS: &[&str] = &[
+/// Keys applied in place; every other changed key needs a restart (config/server.yaml lists
+/// them in its header; a test holds the two together).
+pub const IN_PLACE_KEYS: &[&str] = &[
     "allowed_agents",
     "max_agents",
     "forwards",
@@ -143,6 +144,9 @@ impl std::fmt::Debug for ServerReloader {
 
 struct Inner {
     running: Mutex<ServerConfig>,
+    /// The last accepted config as given, restart-only keys included: reloads are compared
+    /// with it, so that a restart-only change is announced once, not by every later reload.
+    accepted: Mutex<ServerConfig>,
     /// One reload at a time (held while old forwards release their listeners).
     serial: tokio::sync::Mutex<()>,
     allowed: Arc<ArcSwap<HashSet<String>>>,
@@ -172,6 +176,7 @@ impl ServerReloader {
     ) -> ServerReloader {
         ServerReloader {
             inner: Arc::new(Inner {
+                accepted: Mutex::new(config.clone()),
                 running: Mutex::new(config),
                 serial: tokio::sync::Mutex::new(()),
                 allowed,
@@ -228,7 +233,8 @@ impl ServerReloader {
         config.validate()?;
         let mut config = config.effective();
         let old = self.current();
-        let changed = changed_fields(&old, &config);
+        let accepted = lock(&self.inner.accepted).clone();
+        let changed = changed_fields(&accepted, &config);
         if changed.is_empty() {
             return Ok(ReloadOutcome {
                 result: ReloadResult::Unchanged,
@@ -241,8 +247,16 @@ impl ServerReloader {
                 .iter()
                 .any(|k| field == *k || field.starts_with(&format!("{k}.")))
         };
-        let restart_required: Vec<String> =
-            changed.iter().filter(|f| !in_place(f)).cloned().collect();
+        // Restart-only keys that changed now and differ from what runs (a key set back to its
+        // running value needs nothing).
+        let pending = changed_fields(&old, &config);
+        let restart_required: Vec<String> = changed
+            .iter()
+            .filter(|f| !in_place(f) && pending.contains(f))
+            .cloned()
+            .collect();
+        let only_restart = changed.iter().all(|f| !in_place(f));
+        let given = config.clone();
         if old.forwards != config.forwards {
             self.apply_forwards(&old.forwards, &config.forwards).await?;
         }
@@ -255,12 +269,17 @@ impl ServerReloader {
         self.apply_max_agents(old.max_agents, config.max_agents);
         // Keys that need a restart keep their running values, so that the next reload still
         // sees (and reports) the difference.
-        for key in &restart_required {
+        for key in pending.iter().filter(|f| !in_place(f)) {
             restore_key(&mut config, &old, key);
         }
         *lock(&self.inner.running) = config;
+        *lock(&self.inner.accepted) = given;
         Ok(ReloadOutcome {
-            result: ReloadResult::Applied,
+            result: if only_restart && !restart_required.is_empty() {
+                ReloadResult::RestartRequired
+            } else {
+                ReloadResult::Applied
+            },
             changed,
             restart_required,
         })

@@ -304,6 +304,7 @@ fn admit(
             instance,
             endpoint,
             version: String::new(),
+            labels: Default::default(),
             slot,
             protocol: Protocol::Remotedialer,
         });

@@ -376,6 +376,7 @@ impl Server {
             max_frame: config.session.max_frame as usize,
             log: LogThrottle::new(LOG_WINDOW),
             remotedialer,
+            history: self.registry.history().clone(),
         });
         let tunnel = Arc::new(Tunnel {
             acceptor: TlsAcceptor::from(self.tls.clone()),
@@ -453,6 +454,7 @@ impl Server {
             prometheus: self.prometheus.clone(),
             readiness: readiness.clone(),
             server_id: self.server_id.clone(),
+            reloader: self.reloader.clone(),
         }));
         let admin_serve = axum::serve(listeners.admin, admin_router)
             .with_graceful_shutdown(admin_stop.clone().cancelled_owned());

@@ -249,6 +249,7 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
         instance,
         endpoint,
         version,
+        labels,
         slot,
         protocol,
     } = up;
@@ -283,13 +284,16 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
     // The server takes no streams from agents: without a receiver the mux answers every OPEN
     // with OPEN_ERR(unsupported).
     drop(incoming);
-    let guard = tunnel.registry.insert_with_protocol(
+    let guard = tunnel.registry.insert_labelled(
         &agent_id,
-        &instance,
-        &endpoint,
         peer,
         session.clone(),
-        protocol,
+        crate::registry::SessionMeta {
+            instance: instance.clone(),
+            endpoint,
+            protocol,
+            labels,
+        },
     );
     Span::current().record("session.id", guard.session_id());
     info!(
@@ -301,6 +305,7 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
     if tunnel.shutdown.is_cancelled() {
         session.goaway(GoAwayCode::Shutdown, "server shutting down");
     }
+    let connected_at = Instant::now();
     let run = driver.run();
     tokio::pin!(run);
     let end = tokio::select! {
@@ -312,8 +317,16 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
     };
     // Free the max_agents slot first: once the session is gone from the registry, a new one
     // is admitted.
+    let session_id = guard.session_id();
     drop(slot);
     drop(guard);
+    tunnel.registry.history().session_ended(
+        &agent_id,
+        session_id,
+        end.label(),
+        &end.to_string(),
+        connected_at.elapsed().as_secs_f64(),
+    );
     match end {
         SessionEnd::Protocol(_) => warn!(reason = end.label(), error = %end, "agent disconnected"),
         _ => info!(reason = end.label(), "agent disconnected"),

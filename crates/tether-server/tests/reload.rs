@@ -120,5 +120,31 @@ async fn allow_list_and_forwards_change_in_place() {
         server.metric("tether_config_reloads_total{result=\"applied\"}"),
         2.0
     );
+
+    // A restart-only change is reported as such, once: a later reload of the same file is
+    // `unchanged` and does not count (or warn) again; an in-place change next to it does not
+    // announce it again either.
+    let mut restart = next.clone();
+    restart.listen = "127.0.0.1:2".into();
+    let outcome = server.reloader.reload(restart.clone()).await.unwrap();
+    assert_eq!(outcome.result.label(), "restart_required", "{outcome:?}");
+    assert_eq!(outcome.restart_required, ["listen"]);
+    assert_eq!(server.metric("tether_config_restart_required_total"), 2.0);
+    let outcome = server.reloader.reload(restart.clone()).await.unwrap();
+    assert_eq!(outcome.result.label(), "unchanged", "{outcome:?}");
+    restart.max_agents += 1;
+    let outcome = server.reloader.reload(restart.clone()).await.unwrap();
+    assert_eq!(outcome.result.label(), "applied", "{outcome:?}");
+    assert!(outcome.restart_required.is_empty(), "{outcome:?}");
+    assert_eq!(server.metric("tether_config_restart_required_total"), 2.0);
+    assert_eq!(
+        server.metric("tether_config_reloads_total{result=\"restart_required\"}"),
+        1.0
+    );
+    assert_eq!(
+        server.reloader.current().listen,
+        next.listen,
+        "still the running value"
+    );
     server.stop().await.unwrap();
 }

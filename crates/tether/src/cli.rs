@@ -9,15 +9,41 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "tether", version, about, propagate_version = true)]
 pub(crate) struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_server=debug`; beats the
-    /// config's `log` key. Default: the config's `log`, else `info`.
-    #[arg(long, global = true, env = "TETHER_LOG")]
+    /// `--log` before the subcommand (older scripts); the daemon commands take it themselves.
+    #[arg(long, hide = true)]
     pub(crate) log: Option<String>,
-    /// Log format.
-    #[arg(long, global = true, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub(crate) log_format: LogFormat,
+    /// `--log-format` before the subcommand (older scripts).
+    #[arg(long, hide = true, value_enum)]
+    pub(crate) log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// The log flags of the commands that run daemons (`server`, `agent`, `demo`); the other
+/// commands print their results and take no log flags.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct LogArgs {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether=debug`; beats the
+    /// config's `log` key. Default: the config's `log`, else `info`.
+    #[arg(long, env = "TETHER_LOG")]
+    pub(crate) log: Option<String>,
+    /// Log format: `text` (coloured only when stderr is a terminal and NO_COLOR is unset) or
+    /// `json` (one JSON object per line, never coloured).
+    /// [default: text]
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum)]
+    pub(crate) log_format: Option<LogFormat>,
+}
+
+impl LogArgs {
+    /// These flags, falling back to the ones given before the subcommand.
+    pub(crate) fn or_top(&self, cli: &Cli) -> (Option<String>, LogFormat) {
+        (
+            self.log.clone().or_else(|| cli.log.clone()),
+            self.log_format
+                .or(cli.log_format)
+                .unwrap_or(LogFormat::Text),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -37,6 +63,8 @@ pub(crate) enum Command {
         /// `TETHER_*` variables; an empty value keeps the less specific layer).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Run the agent daemon: dials the server and opens streams to allowed targets.
     Agent {
@@ -47,6 +75,34 @@ pub(crate) enum Command {
         /// `TETHER_*` variables; an empty value keeps the less specific layer).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        #[command(flatten)]
+        log: LogArgs,
+    },
+    /// Start a setup in one step: a CA, the server and agent certificates, and a minimal
+    /// server.yaml and agent.yaml that match (one forward, and the policy that allows it).
+    #[command(after_help = "Example (one machine):\n  \
+        tether init --dir pki --server-name localhost --agent edge-1 --target 127.0.0.1:8080\n  \
+        tether server --config pki/server.yaml &\n  \
+        tether agent --config pki/agent.yaml &\n  \
+        curl http://127.0.0.1:18080/")]
+    Init {
+        /// Output directory (created if missing; refused if it holds a CA key or configs).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The name (or IP) agents dial; the server certificate holds it next to `localhost`
+        /// and 127.0.0.1.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// The agent id (letters, digits, `.`, `_`, `-`).
+        #[arg(long)]
+        agent: String,
+        /// The forward's target, `host:port` as the agent sees it; the agent's policy allows
+        /// exactly this.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        target: String,
+        /// The forward's local listen address on the server, `ip:port`.
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        forward_listen: String,
     },
     /// Create a CA and certificates for mutual TLS.
     Certs {
@@ -61,17 +117,21 @@ pub(crate) enum Command {
         /// The config file.
         path: PathBuf,
     },
-    /// Show the clients and sessions of a running server (its `GET /v1/clients`).
+    /// Show the clients, sessions, forwards and frontends of a running server (its
+    /// `GET /v1/clients`), or with CLIENT why that client is or is not connected.
     Status {
+        /// One client id: its sessions, its last refused attempt and its last session end
+        /// (`GET /v1/clients/CLIENT`).
+        client: Option<String>,
         /// The server's admin listener (`admin_listen`), as `http://host:port`.
         #[arg(long, env = "TETHER_ADMIN", default_value = "http://127.0.0.1:9090")]
         admin: String,
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Give up when the server has not answered within this many seconds.
-        #[arg(long, default_value_t = 5)]
-        timeout_secs: u64,
+        /// Give up when the server has not answered within this duration (`5s`, `500ms`).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Run a throwaway CA, a server, an agent and a target on loopback, and send traffic.
     Demo {
@@ -81,6 +141,12 @@ pub(crate) enum Command {
         /// Bytes to send through the tunnel.
         #[arg(long, default_value_t = 8 * 1024 * 1024)]
         bytes: usize,
+        /// Keep the CA, the certificates and the working server.yaml and agent.yaml in this
+        /// directory (created; must not hold a setup already) instead of a throwaway one.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Read a consumer token from stdin (one line) and print its SHA-256 for
     /// `frontends.consumers[].token_sha256`.
@@ -94,12 +160,15 @@ pub(crate) enum CertsCommand {
         /// Output directory (created if missing).
         #[arg(long)]
         dir: PathBuf,
-        /// DNS names for the server certificate (repeatable).
-        #[arg(long = "dns", default_values_t = vec!["localhost".to_string()])]
+        /// DNS names for the server certificate (repeatable), added to `localhost`.
+        #[arg(long = "dns")]
         dns: Vec<String>,
-        /// IP addresses for the server certificate (repeatable).
-        #[arg(long = "ip", default_values_t = vec![IpAddr::from([127, 0, 0, 1])])]
+        /// IP addresses for the server certificate (repeatable), added to 127.0.0.1.
+        #[arg(long = "ip")]
         ip: Vec<IpAddr>,
+        /// Leave out `localhost` and 127.0.0.1 (then at least one --dns or --ip is needed).
+        #[arg(long)]
+        no_localhost: bool,
     },
     /// Issue an agent certificate (URI SAN `tether://agent/<ID>`) with the CA in a directory.
     Issue {
@@ -116,4 +185,9 @@ pub(crate) enum CertsCommand {
 pub(crate) enum ConfigKind {
     Server,
     Agent,
+}
+
+/// A duration flag in the config files' syntax (`5s`, `500ms`, `2m`).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    tether_common::duration::parse_duration(text)
 }

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use tether_agent::AgentConfig;
-use tether_common::config_error::parse_yaml;
+use tether_common::config_collect::{ConfigReport, parse_collect};
+use tether_common::config_error::{ConfigErrors, parse_yaml};
 use tether_common::config_layers::{self, EnvKey, FlagOverride};
 use tether_server::ServerConfig;
 
@@ -105,28 +106,49 @@ pub(crate) fn process_env(var: &str) -> Option<String> {
     std::env::var(var).ok()
 }
 
-/// Parses `text` and writes the layers over it. The file alone is parsed first so that its
-/// mistakes are reported with their line; the merged tree is then parsed again.
+/// Parses `text` and writes the layers over it. The file alone is read first, collecting every
+/// structural problem with its line (`config_collect`); the merged tree is then parsed again.
+/// Returns the config (as far as it could be read) and the problems found so far.
 fn layered<T: DeserializeOwned>(
     text: &str,
     source: &str,
     env_keys: &[EnvKey],
     overrides: &Overrides<'_>,
-) -> anyhow::Result<T> {
-    let config: T = parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
-    if !config_layers::has_overrides(env_keys, overrides.env, overrides.flags) {
-        return Ok(config);
+) -> anyhow::Result<(Option<T>, ConfigReport)> {
+    let (config, report) = parse_collect::<T>(text, source);
+    if !report.problems.is_empty()
+        || !config_layers::has_overrides(env_keys, overrides.env, overrides.flags)
+    {
+        return Ok((config, report));
     }
     let tree: serde_yaml_ng::Value =
         parse_yaml(text, source).map_err(|e| InvalidConfig(e.to_string()))?;
     let merged = config_layers::overlay(tree, env_keys, overrides.env, overrides.flags)
         .map_err(|errors| InvalidConfig(format!("{source}: invalid overrides:\n{errors}")))?;
-    serde_yaml_ng::from_value(merged).map_err(|e| {
+    let config = serde_yaml_ng::from_value(merged).map_err(|e| {
         InvalidConfig(format!(
             "{source} with environment and --set overrides: {e}"
         ))
-        .into()
-    })
+    })?;
+    Ok((Some(config), report))
+}
+
+/// Every problem of the file at once (structure and values), or the config.
+fn finish<T>(
+    text: &str,
+    config: Option<T>,
+    mut report: ConfigReport,
+    validate: impl FnOnce(&T) -> Result<(), ConfigErrors>,
+) -> anyhow::Result<T> {
+    let Some(config) = config else {
+        return Err(InvalidConfig(report.to_string()).into());
+    };
+    if let Err(errors) = validate(&config) {
+        report.add_value_errors(text, &errors);
+    }
+    report
+        .into_result(config)
+        .map_err(|report| InvalidConfig(report.to_string()).into())
 }
 
 /// Parses and validates a server config; `source` names it in messages.
@@ -145,12 +167,12 @@ pub(crate) fn server_layered(
     source: &str,
     overrides: &Overrides<'_>,
 ) -> anyhow::Result<ServerConfig> {
-    let mut config: ServerConfig = layered(text, source, SERVER_ENV, overrides)?;
-    config.resolve_paths(base);
-    config
-        .validate()
-        .map_err(|errors| InvalidConfig(format!("{source}: invalid server config:\n{errors}")))?;
-    Ok(config)
+    let (config, report) = layered::<ServerConfig>(text, source, SERVER_ENV, overrides)?;
+    let config = config.map(|mut config| {
+        config.resolve_paths(base);
+        config
+    });
+    finish(text, config, report, ServerConfig::validate)
 }
 
 /// Parses and validates an agent config; `source` names it in messages.
@@ -166,19 +188,25 @@ pub(crate) fn agent_layered(
     source: &str,
     overrides: &Overrides<'_>,
 ) -> anyhow::Result<AgentConfig> {
-    let mut config: AgentConfig = layered(text, source, AGENT_ENV, overrides)?;
-    config.resolve_paths(base);
-    let config = config.effective();
-    config
-        .validate()
-        .map_err(|errors| InvalidConfig(format!("{source}: invalid agent config:\n{errors}")))?;
-    Ok(config)
+    let (config, report) = layered::<AgentConfig>(text, source, AGENT_ENV, overrides)?;
+    let config = config.map(|mut config: AgentConfig| {
+        config.resolve_paths(base);
+        config.effective()
+    });
+    finish(text, config, report, AgentConfig::validate)
+}
+
+/// The directory relative paths in the file at `path` are resolved against, made absolute so
+/// that messages name the file that was tried.
+fn absolute_base(path: &Path) -> std::path::PathBuf {
+    let base = base_dir(path);
+    std::path::absolute(base).unwrap_or_else(|_| base.to_owned())
 }
 
 pub(crate) fn load_server(path: &Path, overrides: &Overrides<'_>) -> anyhow::Result<ServerConfig> {
     server_layered(
         &read(path)?,
-        base_dir(path),
+        &absolute_base(path),
         &path.display().to_string(),
         overrides,
     )
@@ -187,7 +215,7 @@ pub(crate) fn load_server(path: &Path, overrides: &Overrides<'_>) -> anyhow::Res
 pub(crate) fn load_agent(path: &Path, overrides: &Overrides<'_>) -> anyhow::Result<AgentConfig> {
     agent_layered(
         &read(path)?,
-        base_dir(path),
+        &absolute_base(path),
         &path.display().to_string(),
         overrides,
     )
@@ -242,6 +270,8 @@ mod tests {
             .collect();
         let overrides = Overrides { env, flags: &flags };
         layered::<AgentConfig>(FILE, "agent.yaml", AGENT_ENV, &overrides)
+            .unwrap()
+            .0
             .unwrap()
             .effective()
     }

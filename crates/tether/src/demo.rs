@@ -21,12 +21,10 @@ const AGENT_ID: &str = "demo-agent";
 pub(crate) async fn run(
     once: bool,
     bytes: usize,
+    keep: Option<&Path>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("tether-demo-")
-        .tempdir()
-        .context("creating a temporary directory")?;
+    let dir = DemoDir::new(keep)?;
     write_pki(dir.path())?;
 
     let tracker = TaskTracker::new();
@@ -63,10 +61,17 @@ pub(crate) async fn run(
     let server_config =
         config_load::server_from_str(&server_yaml, dir.path(), "demo server config")?;
     let agent_config = config_load::agent_from_str(&agent_yaml, dir.path(), "demo agent config")?;
+    if keep.is_some() {
+        for (name, text) in [("server.yaml", &server_yaml), ("agent.yaml", &agent_yaml)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
 
     let server_registry = daemon_registry()?;
     let agent_registry = daemon_registry()?;
     let server = tether_server::Server::new(server_config, &server_registry)?;
+    let sessions = server.registry();
     let agent = tether_agent::Agent::new(agent_config, &agent_registry)?;
     let mut agent_status = agent.status();
     let server_token = shutdown.child_token();
@@ -89,10 +94,17 @@ pub(crate) async fn run(
     tracker.close();
 
     // Addresses, not URLs: with `--once` everything here is gone by the time it is read.
-    println!(
-        "tether demo: throwaway CA and certificates in {}",
-        dir.path().display()
-    );
+    if keep.is_some() {
+        println!(
+            "tether demo: CA, certificates and the working server.yaml and agent.yaml kept in {}",
+            dir.path().display()
+        );
+    } else {
+        println!(
+            "tether demo: throwaway CA and certificates in {}",
+            dir.path().display()
+        );
+    }
     println!("  server   tunnel {tunnel_addr}, admin {server_admin_addr}");
     println!("  agent    \"{AGENT_ID}\", admin {agent_admin_addr}");
     println!(
@@ -107,6 +119,15 @@ pub(crate) async fn run(
     .await
     .context("the agent did not connect within 15 s")?
     .context("the agent stopped")?;
+    // The agent counts itself connected at the upgrade; the server registers the session a
+    // moment later: traffic before that finds no session.
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while sessions.sessions(AGENT_ID).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("the server did not register the agent's session within 15 s")?;
     println!("agent connected; sending traffic through the tunnel...");
 
     let outcome = traffic(forward_addr, bytes).await;
@@ -148,6 +169,44 @@ pub(crate) async fn run(
     agent_result.context("agent task")??;
     server_result.context("server task")??;
     outcome.map(|_| ())
+}
+
+/// Where the demo writes: a temporary directory removed at the end, or `--keep DIR`, left
+/// behind with the configs.
+enum DemoDir {
+    Temp(tempfile::TempDir),
+    Kept(std::path::PathBuf),
+}
+
+impl DemoDir {
+    fn new(keep: Option<&Path>) -> anyhow::Result<DemoDir> {
+        match keep {
+            Some(dir) => {
+                if dir.join("ca-key.pem").exists() || dir.join("server.yaml").exists() {
+                    bail!(
+                        "--keep {}: the directory already holds a setup; pick an empty one",
+                        dir.display()
+                    );
+                }
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                Ok(DemoDir::Kept(dir.to_owned()))
+            }
+            None => Ok(DemoDir::Temp(
+                tempfile::Builder::new()
+                    .prefix("tether-demo-")
+                    .tempdir()
+                    .context("creating a temporary directory")?,
+            )),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            DemoDir::Temp(dir) => dir.path(),
+            DemoDir::Kept(dir) => dir,
+        }
+    }
 }
 
 fn write_pki(dir: &Path) -> anyhow::Result<()> {

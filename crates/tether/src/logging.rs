@@ -1,6 +1,8 @@
 //! Tracing subscriber set-up for the binary: an EnvFilter and text or JSON output on stderr,
-//! with a handle that swaps the filter at runtime (the config's `log` key on reload).
+//! with a handle that swaps the filter at runtime (the config's `log` key on reload). Colour
+//! only when stderr is a terminal and `NO_COLOR` is unset; JSON is never coloured.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 
 use tracing_subscriber::EnvFilter;
@@ -49,6 +51,10 @@ pub(crate) fn init(pinned: Option<String>, fallback: &str, format: LogFormat) ->
         LogFormat::Text => {
             let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(colour(
+                    std::io::stderr().is_terminal(),
+                    std::env::var_os("NO_COLOR"),
+                ))
                 .with_writer(std::io::stderr)
                 .with_filter_reloading();
             let handle = builder.reload_handle();
@@ -58,6 +64,7 @@ pub(crate) fn init(pinned: Option<String>, fallback: &str, format: LogFormat) ->
         LogFormat::Json => {
             let builder = tracing_subscriber::fmt()
                 .json()
+                .with_ansi(false)
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .with_filter_reloading();
@@ -70,4 +77,23 @@ pub(crate) fn init(pinned: Option<String>, fallback: &str, format: LogFormat) ->
         tracing::warn!(%err, "invalid log filter; using `info`");
     }
     LogControl { pinned, swap }
+}
+
+/// Whether text logs are coloured: only on a terminal, and never when `NO_COLOR` is set to a
+/// non-empty value (no-color.org).
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())));
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
 }

@@ -6,6 +6,7 @@ mod config_load;
 mod config_reload;
 mod daemon_registry;
 mod demo;
+mod init_cmd;
 mod logging;
 mod signals;
 mod status_cmd;
@@ -31,13 +32,23 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own report; keep daemon logs to warnings unless asked otherwise.
-    let demo = matches!(cli.command, Command::Demo { .. });
-    let logs = logging::init(
-        cli.log.clone(),
-        if demo { "warn" } else { "info" },
-        cli.log_format,
-    );
+    // The demo prints its own report; keep daemon logs to warnings unless asked otherwise. The
+    // commands without log flags print their results and log only warnings.
+    let logs = match &cli.command {
+        Command::Server { log, .. } | Command::Agent { log, .. } => {
+            let (filter, format) = log.or_top(&cli);
+            logging::init(filter, "info", format)
+        }
+        Command::Demo { log, .. } => {
+            let (filter, format) = log.or_top(&cli);
+            logging::init(filter, "warn", format)
+        }
+        _ => logging::init(
+            cli.log.clone(),
+            "warn",
+            cli.log_format.unwrap_or(cli::LogFormat::Text),
+        ),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // An idle worker hands its cached freed memory back (throttled; docs/BENCHMARKS.md).
@@ -67,7 +78,9 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result<()> {
     match command {
-        Command::Server { config: path, set } => {
+        Command::Server {
+            config: path, set, ..
+        } => {
             let flags = parse_flags(&set)?;
             let config = config_load::load_server(
                 &path,
@@ -106,7 +119,9 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             server.run(listeners, shutdown).await?;
             Ok(())
         }
-        Command::Agent { config: path, set } => {
+        Command::Agent {
+            config: path, set, ..
+        } => {
             let flags = parse_flags(&set)?;
             let config = config_load::load_agent(
                 &path,
@@ -138,8 +153,26 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 .await?;
             Ok(())
         }
+        Command::Init {
+            dir,
+            server_name,
+            agent,
+            target,
+            forward_listen,
+        } => init_cmd::run(&init_cmd::InitArgs {
+            dir: &dir,
+            server_name: &server_name,
+            agent: &agent,
+            target: &target,
+            forward_listen: &forward_listen,
+        }),
         Command::Certs { command } => match command {
-            CertsCommand::Init { dir, dns, ip } => certs_cmd::init(&dir, &dns, &ip),
+            CertsCommand::Init {
+                dir,
+                dns,
+                ip,
+                no_localhost,
+            } => certs_cmd::init(&dir, &dns, &ip, !no_localhost),
             CertsCommand::Issue { dir, agent } => certs_cmd::issue(&dir, &agent),
         },
         Command::CheckConfig { kind, path } => {
@@ -148,14 +181,17 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             Ok(())
         }
         Command::Status {
+            client,
             admin,
             json,
-            timeout_secs,
-        } => status_cmd::run(&admin, json, std::time::Duration::from_secs(timeout_secs)).await,
-        Command::Demo { once, bytes } => {
+            timeout,
+        } => status_cmd::run(&admin, client.as_deref(), json, timeout).await,
+        Command::Demo {
+            once, bytes, keep, ..
+        } => {
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
-            demo::run(once, bytes, shutdown).await
+            demo::run(once, bytes, keep.as_deref(), shutdown).await
         }
         Command::HashToken => {
             // From stdin, not an argument: arguments show in `ps` and shell history.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tether_server::ClientsResponse;
+use tether_server::admin::ClientDetail;
 use tether_server::registry::SessionSnapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -18,10 +19,19 @@ const CLIENTS_PATH: &str = "/v1/clients";
 /// Largest answer accepted.
 const MAX_RESPONSE: u64 = 32 * 1024 * 1024;
 
-/// Fetches the listing from `admin` (`http://host:port`) within `timeout` and prints it.
-pub(crate) async fn run(admin: &str, json: bool, timeout: Duration) -> anyhow::Result<()> {
+/// Fetches the listing (or, with `client`, what the server knows about that client) from
+/// `admin` (`http://host:port`) within `timeout` and prints it.
+pub(crate) async fn run(
+    admin: &str,
+    client: Option<&str>,
+    json: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let url = AdminUrl::parse(admin)?;
-    let body = tokio::time::timeout(timeout, fetch(&url))
+    if let Some(client) = client {
+        return run_client(&url, client, json, timeout).await;
+    }
+    let body = tokio::time::timeout(timeout, fetch(&url, CLIENTS_PATH))
         .await
         .map_err(|_| {
             anyhow::anyhow!(
@@ -42,6 +52,86 @@ pub(crate) async fn run(admin: &str, json: bool, timeout: Duration) -> anyhow::R
     })?;
     print!("{}", render(&listing));
     Ok(())
+}
+
+/// `tether status CLIENT`: `GET /v1/clients/{CLIENT}`.
+async fn run_client(
+    url: &AdminUrl,
+    client: &str,
+    json: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if client.is_empty()
+        || !client
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        bail!("`{client}` is not a client id (letters, digits, `.`, `_`, `-`)");
+    }
+    let path = format!("{CLIENTS_PATH}/{client}");
+    let body = tokio::time::timeout(timeout, fetch(url, &path))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the admin listener at {} within {timeout:?}",
+                url.display()
+            )
+        })??;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let detail: ClientDetail = serde_json::from_str(&body)
+        .with_context(|| format!("{}{path} did not answer with a client", url.display()))?;
+    print!("{}", render_client(&detail));
+    Ok(())
+}
+
+/// One client: its sessions, its last refused attempt and its last session end.
+pub(crate) fn render_client(detail: &ClientDetail) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "client {}: {}",
+        detail.client,
+        match detail.sessions.len() {
+            0 => "not connected".to_owned(),
+            n => format!("connected, {}", counted(n, "session", "sessions")),
+        }
+    );
+    for session in &detail.sessions {
+        let row = session_row(&detail.client, "", session);
+        let _ = writeln!(
+            out,
+            "  session {} instance {} since {} rtt {} {} streams {} {} labels {}",
+            row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9]
+        );
+    }
+    match &detail.history.last_refusal {
+        Some(r) => {
+            let _ = writeln!(
+                out,
+                "last refused: {} from {}: {} ({})",
+                r.at, r.peer_addr, r.detail, r.reason
+            );
+        }
+        None => out.push_str("last refused: never (since the server started)\n"),
+    }
+    match &detail.history.last_session_end {
+        Some(e) => {
+            let _ = writeln!(
+                out,
+                "last session end: {} session {} after {}: {} ({})",
+                e.at,
+                e.session_id,
+                age(e.lived_seconds),
+                e.detail,
+                e.reason
+            );
+        }
+        None => out.push_str("last session end: none (since the server started)\n"),
+    }
+    out
 }
 
 /// A parsed `--admin` value.
@@ -119,8 +209,8 @@ impl AdminUrl {
     }
 }
 
-/// One `GET {prefix}/v1/clients`; the body when the status is 200.
-async fn fetch(url: &AdminUrl) -> anyhow::Result<String> {
+/// One `GET {prefix}{path}`; the body when the status is 200.
+async fn fetch(url: &AdminUrl, path: &str) -> anyhow::Result<String> {
     let mut tcp = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .with_context(|| {
@@ -132,7 +222,7 @@ async fn fetch(url: &AdminUrl) -> anyhow::Result<String> {
         })?;
     // HTTP/1.0: the answer is delimited by the server closing the connection, never chunked.
     let request = format!(
-        "GET {}{CLIENTS_PATH} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\
+        "GET {}{path} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\
          User-Agent: tether-status/{}\r\n\r\n",
         url.prefix,
         url.authority(),
@@ -159,7 +249,7 @@ async fn fetch(url: &AdminUrl) -> anyhow::Result<String> {
     if status != 200 {
         let excerpt: String = body.trim().chars().take(200).collect();
         bail!(
-            "{}{CLIENTS_PATH} answered HTTP {status}{}",
+            "{}{path} answered HTTP {status}{}",
             url.display(),
             if excerpt.is_empty() {
                 String::new()
@@ -194,33 +284,81 @@ fn split_response(raw: &[u8]) -> anyhow::Result<(u16, &[u8])> {
 }
 
 /// The listing as a table: one row per session; a client without sessions gets one row
-/// with `0` sessions.
+/// with `0` sessions. The forwards and frontends follow, then a summary line.
 pub(crate) fn render(listing: &ClientsResponse) -> String {
     let header = [
         "CLIENT", "SESSIONS", "SESSION", "INSTANCE", "SINCE", "RTT", "HEALTH", "STREAMS", "BYTES",
+        "LABELS",
     ];
-    let mut rows: Vec<[String; 9]> = Vec::new();
+    let mut rows: Vec<Vec<String>> = Vec::new();
     for client in &listing.clients {
         let count = client.sessions.len().to_string();
         if client.sessions.is_empty() {
-            let dash = || "-".to_owned();
-            rows.push([
-                client.client.clone(),
-                count.clone(),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-            ]);
+            let mut row = vec![client.client.clone(), count.clone()];
+            row.resize(header.len(), "-".to_owned());
+            rows.push(row);
         }
         for session in &client.sessions {
             rows.push(session_row(&client.client, &count, session));
         }
     }
-    let mut widths = header.map(str::len);
+    let mut out = table(&header, rows);
+    if !listing.forwards.is_empty() {
+        out.push('\n');
+        let rows = listing
+            .forwards
+            .iter()
+            .map(|f| {
+                vec![
+                    f.name.clone(),
+                    f.listen.clone(),
+                    f.client.clone(),
+                    f.target.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["FORWARD", "LISTEN", "CLIENT", "TARGET"], rows));
+    }
+    if !listing.frontends.is_empty() {
+        out.push('\n');
+        let rows = listing
+            .frontends
+            .iter()
+            .map(|f| {
+                vec![
+                    f.kind.clone(),
+                    f.listen.clone(),
+                    if f.consumers.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        f.consumers.join(",")
+                    },
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["FRONTEND", "LISTEN", "CONSUMERS"], rows));
+    }
+    let sessions: usize = listing.clients.iter().map(|c| c.sessions.len()).sum();
+    let _ = writeln!(
+        out,
+        "{}, {}, {}, {} (server {})",
+        counted(listing.clients.len(), "client", "clients"),
+        counted(sessions, "session", "sessions"),
+        counted(listing.forwards.len(), "forward", "forwards"),
+        counted(listing.frontends.len(), "frontend", "frontends"),
+        listing.server_id
+    );
+    out
+}
+
+/// `1 client`, `0 clients`, `2 clients`.
+pub(crate) fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// A header and rows as left-aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -231,18 +369,11 @@ pub(crate) fn render(listing: &ClientsResponse) -> String {
     for row in rows {
         write_row(&mut out, &widths, row.into_iter());
     }
-    let sessions: usize = listing.clients.iter().map(|c| c.sessions.len()).sum();
-    let _ = writeln!(
-        out,
-        "{} clients, {sessions} sessions (server {})",
-        listing.clients.len(),
-        listing.server_id
-    );
     out
 }
 
-fn session_row(client: &str, count: &str, session: &SessionSnapshot) -> [String; 9] {
-    [
+fn session_row(client: &str, count: &str, session: &SessionSnapshot) -> Vec<String> {
+    vec![
         client.to_owned(),
         count.to_owned(),
         session.session_id.to_string(),
@@ -270,10 +401,20 @@ fn session_row(client: &str, count: &str, session: &SessionSnapshot) -> [String;
             bytes(session.bytes_rx),
             bytes(session.bytes_tx)
         ),
+        labels(&session.labels),
     ]
 }
 
-fn write_row(out: &mut String, widths: &[usize; 9], cells: impl Iterator<Item = String>) {
+/// `role=db,site=eu-west`, or `-` without labels.
+fn labels(labels: &std::collections::BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".to_owned();
+    }
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.join(",")
+}
+
+fn write_row(out: &mut String, widths: &[usize], cells: impl Iterator<Item = String>) {
     let line: Vec<String> = cells
         .zip(widths)
         .map(|(cell, width)| format!("{cell:<width$}"))
@@ -381,6 +522,7 @@ mod tests {
                         bytes_rx: 1536,
                         bytes_tx: 10,
                         protocol: "tether.v1".into(),
+                        labels: [("site".to_owned(), "eu-west".to_owned())].into(),
                     }],
                 },
                 ClientSnapshot {
@@ -388,6 +530,8 @@ mod tests {
                     sessions: vec![],
                 },
             ],
+            forwards: Vec::new(),
+            frontends: Vec::new(),
         };
         let table = render(&listing);
         let lines: Vec<&str> = table.lines().collect();
@@ -412,15 +556,21 @@ mod tests {
                 "12.3ms",
                 "UNHEALTHY",
                 "3",
-                "rx 1.5 KiB / tx 10 B"
+                "rx 1.5 KiB / tx 10 B",
+                "site=eu-west"
             ]
         );
         let cells: Vec<&str> = lines[2].split_whitespace().collect();
         assert_eq!(
             cells,
-            vec!["edge-2", "0", "-", "-", "-", "-", "-", "-", "-"]
+            vec!["edge-2", "0", "-", "-", "-", "-", "-", "-", "-", "-"]
         );
-        assert_eq!(lines[3], "2 clients, 1 sessions (server abc)");
+        assert_eq!(
+            lines[3],
+            "2 clients, 1 session, 0 forwards, 0 frontends (server abc)"
+        );
+        assert_eq!(counted(1, "client", "clients"), "1 client");
+        assert_eq!(counted(0, "client", "clients"), "0 clients");
     }
 
     #[test]

@@ -250,6 +250,41 @@ where
 }
 
 #[test]
+fn server_yaml_header_lists_the_keys_applied_in_place() {
+    let text = std::fs::read_to_string(example_config("server.yaml")).unwrap();
+    let header: String = text
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let list = header
+        .split("Applied in place:")
+        .nth(1)
+        .and_then(|rest| rest.split("Every other key").next())
+        .expect("the header says what a reload applies in place");
+    for key in tether_server::reload::IN_PLACE_KEYS {
+        assert!(list.contains(key), "header omits `{key}`: {list}");
+    }
+    assert!(
+        !text.contains("Control::"),
+        "no internal API names in the example"
+    );
+}
+
+#[test]
+fn certs_init_keeps_localhost_next_to_given_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_str().unwrap();
+    let run = tether(["certs", "init", "--dir", d, "--dns", "tether.example.com"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("server certificate names: localhost, tether.example.com, 127.0.0.1"),
+        "{run}"
+    );
+}
+
+#[test]
 fn example_configs_spell_out_every_key() {
     assert_every_key_written::<tether_server::ServerConfig>("server.yaml");
     assert_every_key_written::<tether_agent::AgentConfig>("agent.yaml");
@@ -395,6 +430,54 @@ fn agent_validation_errors_are_reported_together() {
     }
 }
 
+/// One file, five different mistakes: all five are listed in one run, each with its line and
+/// key path, in file order.
+#[test]
+fn check_config_lists_five_different_mistakes_at_once() {
+    let dir = pki_dir();
+    let path = write(
+        dir.path(),
+        "server.yaml",
+        "listen: \"127.0.0.1:8443\"\n\
+         admin_listen: \"localhost:9090\"\n\
+         max_agnets: 5\n\
+         max_pending_handshakes: lots\n\
+         drain_timeout: 10 parsecs\n\
+         tls:\n  cert: server.pem\n  key: no-such-key.pem\n\
+         allowed_agents: edge-1\n",
+    );
+    let run = tether(["check-config", path.to_str().unwrap()]);
+    run.assert_code(EXIT_CONFIG);
+    let file = path.display().to_string();
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert!(
+        lines[0].ends_with("server.yaml: 6 problems:"),
+        "a count first\n{run}"
+    );
+    let expected = [
+        (2, "`admin_listen`", "localhost:9090"),
+        (3, "`max_agnets`", "did you mean `max_agents`?"),
+        (4, "`max_pending_handshakes`", "expected a whole number"),
+        (5, "`drain_timeout`", "10 parsecs"),
+        (8, "`tls.key`", "no-such-key.pem"),
+        (9, "`allowed_agents`", "expected a list"),
+    ];
+    for (i, (line, key, words)) in expected.iter().enumerate() {
+        let got = lines.get(i + 1).copied().unwrap_or_default();
+        assert!(
+            got.starts_with(&format!("{file}:{line}:")) && got.contains(key) && got.contains(words),
+            "line {} of the report should name {key} at line {line} with `{words}`\n{run}",
+            i + 2
+        );
+    }
+    // The missing file is named by the path that was tried (the config's directory).
+    let tried = dir.path().join("no-such-key.pem");
+    assert!(
+        run.stderr.contains(&tried.display().to_string()),
+        "resolved path\n{run}"
+    );
+}
+
 #[test]
 fn duplicate_keys_are_errors() {
     let dir = pki_dir();
@@ -473,6 +556,23 @@ async fn demo_once_moves_bytes_exactly() {
     assert!(!run.stdout.contains("http://"), "no dead URLs\n{run}");
     assert!(run.stdout.contains("1048576 bytes"), "{run}");
     assert!(run.stdout.contains("byte-exact"), "{run}");
+}
+
+#[test]
+fn demo_keep_leaves_its_working_configs_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let d = dir.to_str().unwrap();
+    let run = tether(["demo", "--once", "--bytes", "65536", "--keep", d]);
+    run.assert_code(0);
+    assert!(run.stdout.contains(&format!("kept in {d}")), "{run}");
+    for name in ["server.yaml", "agent.yaml"] {
+        let path = dir.join(name);
+        tether(["check-config", path.to_str().unwrap()]).assert_code(0);
+    }
+    assert!(dir.join("ca.pem").exists() && dir.join("agent-demo-agent.pem").exists());
+    // A directory that already holds a setup is refused.
+    tether(["demo", "--once", "--keep", d]).assert_code(1);
 }
 
 #[test]

@@ -44,6 +44,8 @@ async fn pki(dir: &Path) {
 
 struct Running {
     admin: String,
+    tunnel_port: u16,
+    server_id: String,
     sessions: std::sync::Arc<tether_server::SessionRegistry>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -57,47 +59,64 @@ async fn start(dir: &Path) -> Running {
     let admin_addr = admin.local_addr().unwrap();
     let server_yaml = format!(
         "listen: \"{tunnel_addr}\"\nadmin_listen: \"{admin_addr}\"\n\
-         allowed_agents: [edge-1, edge-2]\nhealth: {{ interval: 100ms, timeout: 1s }}\n"
+         allowed_agents: [edge-1, edge-2]\nhealth: {{ interval: 100ms, timeout: 1s }}\n\
+         forwards: [{{ name: edge-1-db, listen: \"127.0.0.1:0\", client: edge-1, target: \"db.internal:5432\" }}]\n\
+         frontends: {{ socks5_listen: \"127.0.0.1:0\" }}\n"
     );
     let config = tether_server::ServerConfig::parse(&server_yaml, "server.yaml", dir).unwrap();
+    let frontends = tether_server::FrontendListeners::bind(&config)
+        .await
+        .unwrap();
     let prometheus = prometheus::Registry::new();
     let server = tether_server::Server::new(config, &prometheus).unwrap();
     let sessions = server.registry();
+    let server_id = server.server_id().to_owned();
     let stop = CancellationToken::new();
     let listeners = tether_server::Listeners {
         tunnel,
         admin,
-        forwards: Vec::new(),
-        frontends: Default::default(),
+        forwards: vec![TcpListener::bind("127.0.0.1:0").await.unwrap()],
+        frontends,
     };
     let server_stop = stop.clone();
     let server_task = tokio::spawn(async move {
         server.run(listeners, server_stop).await.unwrap();
     });
 
+    let agent_task = spawn_agent(dir, "edge-1", tunnel_addr.port(), stop.clone());
+    Running {
+        admin: format!("http://{admin_addr}"),
+        tunnel_port: tunnel_addr.port(),
+        server_id,
+        sessions,
+        stop,
+        tasks: vec![server_task, agent_task],
+    }
+}
+
+/// An in-process agent with the certificate of `id` (labels site=eu-west, role=db).
+fn spawn_agent(
+    dir: &Path,
+    id: &str,
+    port: u16,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let agent_yaml = format!(
-        "server_url: \"wss://127.0.0.1:{}/v1/connect\"\n\
-         tls: {{ cert: agent-edge-1.pem, key: agent-edge-1-key.pem, server_ca: ca.pem }}\n\
-         admin_listen: \"\"\n",
-        tunnel_addr.port()
+        "server_url: \"wss://127.0.0.1:{port}/v1/connect\"\n\
+         tls: {{ cert: agent-{id}.pem, key: agent-{id}-key.pem, server_ca: ca.pem }}\n\
+         admin_listen: \"\"\nlabels: {{ site: eu-west, role: db }}\n\
+         reconnect: {{ min_delay: 50ms, max_delay: 200ms }}\n"
     );
     let mut agent_config: tether_agent::AgentConfig =
         tether_common::config_error::parse_yaml(&agent_yaml, "agent.yaml").unwrap();
     agent_config.resolve_paths(dir);
     let agent = tether_agent::Agent::new(agent_config, &prometheus::Registry::new()).unwrap();
-    let agent_stop = stop.clone();
-    let agent_task = tokio::spawn(async move {
+    tokio::spawn(async move {
         agent
-            .run(tether_agent::AgentListeners { admin: None }, agent_stop)
+            .run(tether_agent::AgentListeners { admin: None }, stop)
             .await
             .unwrap();
-    });
-    Running {
-        admin: format!("http://{admin_addr}"),
-        sessions,
-        stop,
-        tasks: vec![server_task, agent_task],
-    }
+    })
 }
 
 /// Polls until `check` holds (bounded).
@@ -128,13 +147,13 @@ async fn status_prints_clients_and_sessions() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines.len(), 10, "{stdout}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
         vec![
             "CLIENT", "SESSIONS", "SESSION", "INSTANCE", "SINCE", "RTT", "HEALTH", "STREAMS",
-            "BYTES"
+            "BYTES", "LABELS"
         ]
     );
     let edge1: Vec<&str> = lines[1].split_whitespace().collect();
@@ -149,12 +168,30 @@ async fn status_prints_clients_and_sessions() {
     assert!(edge1[6].ends_with("ms"), "rtt: {stdout}");
     assert_eq!(edge1[7], "healthy");
     assert_eq!(edge1[8], "0");
+    assert_eq!(edge1.last(), Some(&"role=db,site=eu-west"), "{stdout}");
     let edge2: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(
         edge2,
-        vec!["edge-2", "0", "-", "-", "-", "-", "-", "-", "-"]
+        vec!["edge-2", "0", "-", "-", "-", "-", "-", "-", "-", "-"]
     );
-    assert!(lines[3].starts_with("2 clients, 1 sessions"), "{stdout}");
+    assert_eq!(lines[3], "", "{stdout}");
+    let forward: Vec<&str> = lines[5].split_whitespace().collect();
+    assert_eq!(forward[0], "edge-1-db", "{stdout}");
+    assert!(forward[1].starts_with("127.0.0.1:"), "{stdout}");
+    assert_eq!(forward[2..], ["edge-1", "db.internal:5432"], "{stdout}");
+    assert!(
+        lines[6].is_empty() && lines[7].starts_with("FRONTEND"),
+        "{stdout}"
+    );
+    assert!(lines[8].starts_with("socks5 "), "{stdout}");
+    assert_eq!(
+        lines[9],
+        format!(
+            "2 clients, 1 session, 1 forward, 1 frontend (server {})",
+            running.server_id
+        ),
+        "{stdout}"
+    );
 
     // --json: the server's listing as is.
     let out = tether(&["status", "--admin", &running.admin, "--json"]).await;
@@ -168,7 +205,91 @@ async fn status_prints_clients_and_sessions() {
     assert!(session.healthy);
     assert!(session.rtt_seconds.is_some());
     assert!(session.peer_addr.starts_with("127.0.0.1:"));
+    assert_eq!(session.labels["site"], "eu-west");
     assert!(listing.clients[1].sessions.is_empty());
+    assert_eq!(listing.forwards.len(), 1);
+    assert_eq!(listing.frontends[0].kind, "socks5");
+
+    running.stop.cancel();
+    for task in running.tasks {
+        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_one_client_says_why_it_was_refused_or_lost_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path()).await;
+    let d = dir.path().to_str().unwrap();
+    assert!(
+        tether(&["certs", "issue", "--dir", d, "--agent", "edge-9"])
+            .await
+            .status
+            .success()
+    );
+    let running = start(dir.path()).await;
+    let tunnel_port = running.tunnel_port;
+    eventually("edge-1 registered", || {
+        !running.sessions.sessions("edge-1").is_empty()
+    })
+    .await;
+
+    // edge-9 is not in allowed_agents: refused, and the server remembers why.
+    let stop9 = CancellationToken::new();
+    let edge9 = spawn_agent(dir.path(), "edge-9", tunnel_port, stop9.clone());
+    eventually("edge-9 refused", || {
+        running.sessions.history().get("edge-9").is_some()
+    })
+    .await;
+    stop9.cancel();
+    tokio::time::timeout(WAIT, edge9).await.unwrap().unwrap();
+    let out = tether(&["status", "--admin", &running.admin, "edge-9"]).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("client edge-9: not connected\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("last refused: ")
+            && stdout.contains(
+                "agent \"edge-9\" is not allowed to connect (not in allowed_agents) (not_allowed)"
+            ),
+        "{stdout}"
+    );
+
+    // edge-1's session is closed by the server side: the end and its reason are kept.
+    let entry = running.sessions.sessions("edge-1").remove(0);
+    entry.session.close();
+    eventually("edge-1's session end remembered", || {
+        running
+            .sessions
+            .history()
+            .get("edge-1")
+            .is_some_and(|r| r.last_session_end.is_some())
+    })
+    .await;
+    let out = tether(&["status", "--admin", &running.admin, "edge-1", "--json"]).await;
+    let detail: tether_server::admin::ClientDetail = serde_json::from_slice(&out.stdout).unwrap();
+    let end = detail.history.last_session_end.unwrap();
+    assert_eq!(end.session_id, entry.session_id);
+    assert!(!end.reason.is_empty());
+    let out = tether(&["status", "--admin", &running.admin, "edge-1"]).await;
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("last session end: ")
+            && stdout.contains(&format!("session {} after", entry.session_id)),
+        "{stdout}"
+    );
+
+    // An id the server never heard of: 404, said plainly.
+    let out = tether(&["status", "--admin", &running.admin, "edge-404"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is unknown"),
+        "{}",
+        text(&out.stderr)
+    );
 
     running.stop.cancel();
     for task in running.tasks {
