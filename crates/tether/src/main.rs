@@ -32,11 +32,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own report; keep daemon logs to warnings unless asked otherwise.
     let demo = matches!(cli.command, Command::Demo { .. });
-    let logs = logging::init(
+    let logs = match logging::init(
         cli.log.clone(),
         if demo { "warn" } else { "info" },
         cli.log_format,
-    );
+    ) {
+        Ok(logs) => logs,
+        Err(err) => {
+            report(format_args!("error: cannot set up logging: {err}"));
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // An idle worker hands its cached freed memory back (throttled; docs/BENCHMARKS.md).
@@ -47,7 +53,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
+            report(format_args!("error: cannot start the async runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
@@ -55,13 +61,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             if let Some(InvalidConfig(message)) = err.downcast_ref::<InvalidConfig>() {
-                eprintln!("error: {message}");
+                report(format_args!("error: {message}"));
                 return ExitCode::from(EXIT_CONFIG);
             }
-            eprintln!("error: {err:#}");
+            report(format_args!("error: {err:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes a final error line to stderr; unlike `eprintln!` it does not panic when stderr is
+/// gone or full, so the exit code stays the one chosen.
+fn report(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result<()> {
@@ -76,7 +89,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 },
             )?;
             logs.apply_config(&config.log);
-            let registry = process_registry()?;
+            let registry = process_registry(&logs)?;
             let listeners = tether_server::Listeners {
                 tunnel: bind(&config.listen, "listen").await?,
                 admin: bind(&config.admin_listen, "admin_listen").await?,
@@ -115,7 +128,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 },
             )?;
             logs.apply_config(&config.log);
-            let registry = process_registry()?;
+            let registry = process_registry(&logs)?;
             let admin = match config.admin_listen.as_str() {
                 "" => None,
                 addr => Some(bind(addr, "admin_listen").await?),
@@ -171,8 +184,11 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
 }
 
 /// The daemon's one registry, with the heap, runtime and `process_*` collectors in it.
-fn process_registry() -> anyhow::Result<prometheus::Registry> {
+fn process_registry(logs: &logging::LogControl) -> anyhow::Result<prometheus::Registry> {
     let registry = prometheus::Registry::new();
+    registry
+        .register(Box::new(logs.write_errors()))
+        .context("registering the log write error counter")?;
     tether_common::runtime_metrics::register(&registry, tokio::runtime::Handle::current())
         .context("registering the runtime metrics")?;
     Ok(registry)
