@@ -46,6 +46,10 @@ pub struct ServerConfig {
     /// Most connections in the TLS/upgrade phase at once; further connections are dropped at
     /// accept (default `1024`).
     pub max_pending_handshakes: usize,
+    /// Most connections from one source address (an IPv6 peer by its /64) in the TLS/upgrade
+    /// phase at once; further connections from it are dropped at accept, so one host cannot
+    /// take every slot (default `64`).
+    pub max_pending_handshakes_per_source: usize,
     /// Most agent sessions at once; upgrades beyond this get HTTP 503 (default `10000`).
     pub max_agents: usize,
     /// How long an agent may take to connect a target for a dial (default `10s`).
@@ -82,6 +86,7 @@ impl Default for ServerConfig {
             allowed_agents: Vec::new(),
             handshake_timeout: HumanDuration::secs(10),
             max_pending_handshakes: 1024,
+            max_pending_handshakes_per_source: 64,
             max_agents: 10_000,
             dial_timeout: HumanDuration::secs(10),
             drain_timeout: HumanDuration::secs(20),
@@ -418,6 +423,9 @@ impl ServerConfig {
         }
         if self.max_pending_handshakes == 0 {
             errors.push("max_pending_handshakes", "must be at least 1");
+        }
+        if self.max_pending_handshakes_per_source == 0 {
+            errors.push("max_pending_handshakes_per_source", "must be at least 1");
         }
         if self.max_agents == 0 {
             errors.push("max_agents", "must be at least 1");

@@ -365,6 +365,8 @@ impl Server {
             identity: config.identity,
             handshake_timeout: config.handshake_timeout.0,
             pending: Arc::new(Semaphore::new(config.max_pending_handshakes)),
+            sources: crate::admission::SlotTable::new(config.max_pending_handshakes_per_source),
+            identities: crate::admission::SlotTable::new(tunnel::MAX_PENDING_PER_IDENTITY),
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             mux_config: config.to_mux_config(),
