@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tether_common::pki::IssueOptions;
 use tether_e2e::tether_testkit::{AgentCert, TestPki};
@@ -65,7 +65,7 @@ async fn a_valid_agent_connects_while_one_host_holds_thousands_of_silent_connect
     })
     .await;
 
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let mut agent = TestAgent::start(
         &pki,
         &pki.agent("edge-1"),
