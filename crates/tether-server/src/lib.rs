@@ -11,6 +11,7 @@
 
 mod accept;
 pub mod admin;
+mod admin_listener;
 mod admission;
 pub mod config;
 mod connect;

@@ -437,14 +437,13 @@ impl Server {
             readiness: readiness.clone(),
             server_id: self.server_id.clone(),
         }));
-        let admin_serve = axum::serve(listeners.admin, admin_router)
-            .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
         tracker.spawn(
-            async move {
-                if let Err(err) = admin_serve.await {
-                    warn!(error = %err, "admin listener failed");
-                }
-            }
+            crate::admin_listener::serve(
+                listeners.admin,
+                admin_router,
+                crate::admin_listener::ADMIN_LIMITS,
+                admin_stop.clone(),
+            )
             .instrument(info_span!("admin_listener")),
         );
 
