@@ -387,6 +387,32 @@ async fn a_malformed_frame_on_a_known_stream_resets_only_that_stream() {
 }
 
 #[tokio::test]
+async fn a_malformed_frame_for_a_stream_that_is_not_open_resets_only_that_stream() {
+    let mut t = scripted();
+    let mut s = peer_opens(&mut t, 2, 1024).await;
+    // FIN with a body, for stream 10 that was never opened: the frame names its stream.
+    t.send_raw(&[6, 10, 0xAA, 0xBB]).await;
+    assert!(matches!(
+        t.recv().await,
+        Frame::Rst {
+            stream: 10,
+            code: ResetCode::UnknownStream,
+            ..
+        }
+    ));
+    // A malformed WINDOW for an unknown stream is dropped, as a valid one would be.
+    t.send_raw(&[5, 12, 10, 0xAA]).await;
+    assert!(t.barrier(1).await.is_empty());
+    assert!(!t.session.is_closed());
+    assert_eq!(protocol_errors(&t, "trailing_bytes"), 2);
+    // The open stream is untouched.
+    s.write_all(b"ok").await.unwrap();
+    assert_eq!(t.recv().await, data(2, b"ok"));
+    drop(s);
+    t.finish().await;
+}
+
+#[tokio::test]
 async fn an_unattributable_frame_ends_the_session() {
     let mut t = scripted();
     // A length prefix over the limit: the byte stream cannot be resynchronised.
