@@ -25,6 +25,7 @@ pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
 /// Counts the slots held per key, each key at most `per_key` at once. The table holds only
 /// keys with a slot, so it never has more entries than slots are held (which the caller's
 /// global bound limits).
+#[derive(Debug)]
 pub(crate) struct SlotTable<K> {
     per_key: usize,
     held: Mutex<HashMap<K, usize>>,

@@ -606,8 +606,9 @@ pub struct FrontendsConfig {
     /// A consumer must finish its proxy handshake (request line and headers, or the SOCKS5
     /// greeting, authentication and request) within this (default `10s`).
     pub handshake_timeout: HumanDuration,
-    /// Most consumer connections at once per frontend; further ones are closed at accept
-    /// (default `1024`).
+    /// Most established (authorized) consumer connections per frontend, and, counted apart,
+    /// most connections still in their handshake (at most 64 of those from one peer address);
+    /// past either, connections are refused (default `1024`).
     pub max_connections: usize,
     /// Consumers that authenticate with a token.
     pub consumers: Vec<ConsumerConfig>,
