@@ -504,6 +504,32 @@ async fn a_silent_peer_ends_the_session_with_idle_timeout() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_peer_that_falls_silent_is_declared_dead_within_a_tenth_past_the_idle_timeout() {
+    let mut t = scripted();
+    let idle = MuxConfig::default().idle_timeout;
+    // The last frame from the peer arrives between two keepalive checks.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    t.send(Frame::Ping { nonce: 7 }).await;
+    let last_frame = tokio::time::Instant::now();
+    let session = t.session.clone();
+    tokio::time::timeout(idle * 2, async {
+        tokio::select! {
+            _ = session.closed() => {}
+            _ = async { loop { let _ = futures::StreamExt::next(&mut t.peer).await; } } => {}
+        }
+    })
+    .await
+    .expect("session ends within twice the idle timeout");
+    let silent = last_frame.elapsed();
+    assert!(silent >= idle, "{silent:?}");
+    assert!(
+        silent <= idle + idle / 10,
+        "declared dead after {silent:?} of silence"
+    );
+    assert!(matches!(t.finish().await, SessionEnd::IdleTimeout));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_peer_that_answers_pings_stays_alive() {
     let mut t = scripted();
     let idle = MuxConfig::default().idle_timeout;
