@@ -12,10 +12,10 @@ use tether_proto::{OpenErrorCode, ResetCode, TargetAddr};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::metrics::{NO_SESSION, ServerMetrics};
-use crate::registry::{NoSession, SessionRegistry};
+use crate::registry::{NoSession, SessionEntry, SessionRegistry};
 use crate::remotedialer_metrics::ConnectionGuard;
 
 /// Why a dial through an agent failed.
@@ -60,6 +60,10 @@ impl DialError {
     }
 }
 
+/// How long an OPEN may go unanswered on one session of a client that has another healthy
+/// session, before it is reset there and tried once on the other.
+pub(crate) const FAILOVER_AFTER: Duration = Duration::from_secs(2);
+
 /// Opens streams through the newest usable session of a client, with the dial metrics.
 #[derive(Debug, Clone)]
 pub(crate) struct TunnelDialer {
@@ -84,7 +88,7 @@ impl TunnelDialer {
         client: &str,
         target: &TargetAddr,
     ) -> Result<TunnelConn, DialError> {
-        let session = self.registry.pick(client).inspect_err(|_| {
+        let entry = self.registry.pick_entry(client).inspect_err(|_| {
             self.metrics
                 .dial_errors
                 .with_label_values(&[NO_SESSION])
@@ -97,9 +101,7 @@ impl TunnelDialer {
             .as_ref()
             .map(|compat| compat.connection(client));
         let started = Instant::now();
-        let opened = session
-            .open_with_timeout(target.clone(), self.dial_timeout)
-            .await;
+        let opened = self.open_with_failover(client, entry, target).await;
         self.metrics
             .dial_duration
             .observe(started.elapsed().as_secs_f64());
@@ -119,6 +121,56 @@ impl TunnelDialer {
                 })
             }
         }
+    }
+}
+
+impl TunnelDialer {
+    /// Opens on `entry`'s session. When the client has another healthy session, an OPEN left
+    /// unanswered for [`FAILOVER_AFTER`] is reset (its future dropped), `entry` is marked
+    /// unhealthy at once (its next health pong heals it) and the dial is tried once more on
+    /// the session `pick` chooses then, with the rest of `dial_timeout`.
+    async fn open_with_failover(
+        &self,
+        client: &str,
+        entry: SessionEntry,
+        target: &TargetAddr,
+    ) -> Result<MuxStream, OpenError> {
+        let has_alternative = self.registry.sessions(client).iter().any(|other| {
+            other.session_id != entry.session_id
+                && !other.session.is_closed()
+                && other.session.peer_goaway().is_none()
+                && other.health.is_healthy()
+        });
+        let first_wait = FAILOVER_AFTER.min(self.dial_timeout);
+        if !has_alternative || first_wait == self.dial_timeout {
+            return entry
+                .session
+                .open_with_timeout(target.clone(), self.dial_timeout)
+                .await;
+        }
+        let first = entry
+            .session
+            .open_with_timeout(target.clone(), self.dial_timeout);
+        if let Ok(result) = tokio::time::timeout(first_wait, first).await {
+            return result;
+        }
+        if entry.health.set_healthy(false) {
+            self.metrics.health_unhealthy.inc();
+        }
+        warn!(
+            agent.id = client,
+            session.id = entry.session_id,
+            waited = ?first_wait,
+            "session did not answer an OPEN; marked unhealthy, dialing on another session"
+        );
+        let retry = match self.registry.pick_entry(client) {
+            Ok(retry) if retry.session_id != entry.session_id => retry,
+            _ => return Err(OpenError::Timeout(first_wait)),
+        };
+        retry
+            .session
+            .open_with_timeout(target.clone(), self.dial_timeout - first_wait)
+            .await
     }
 }
 
