@@ -140,13 +140,24 @@ impl TestServer {
              listen: \"{tunnel_addr}\"\n\
              admin_listen: \"{admin_addr}\"\n\
              tls: {{ cert: \"{}\", key: \"{}\", client_ca: \"{}\" }}\n\
-             handshake_timeout: 2s\n\
-             dial_timeout: 2s\n\
              drain_timeout: 1s\n",
             pki.server_cert_path().display(),
             pki.server_key_path().display(),
             pki.ca_path().display(),
         );
+        // 2s each unless `extra_yaml` sets its own.
+        if !extra_yaml
+            .lines()
+            .any(|line| line.starts_with("handshake_timeout:"))
+        {
+            yaml.push_str("handshake_timeout: 2s\n");
+        }
+        if !extra_yaml
+            .lines()
+            .any(|line| line.starts_with("dial_timeout:"))
+        {
+            yaml.push_str("dial_timeout: 2s\n");
+        }
         if !forwards.is_empty() {
             yaml.push_str("forwards:\n");
             yaml.push_str(&forward_yaml);

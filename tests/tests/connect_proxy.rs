@@ -459,7 +459,8 @@ async fn shutdown_ends_open_tunnels_and_the_connection_cap_holds() {
     server.wait_agents(1).await;
     let proxy = server.http_connect_addr.unwrap();
 
-    // One open tunnel (echoing) and one connection in its handshake fill the cap of 2.
+    // One open tunnel (echoing); established tunnels and handshakes are counted apart, so two
+    // connections in their handshake fill the handshake cap of 2.
     let mut tunnel = TcpStream::connect(proxy).await.unwrap();
     tunnel
         .write_all(&connect(echo, Some(("edge-1", OPS_TOKEN))))
@@ -477,6 +478,7 @@ async fn shutdown_ends_open_tunnels_and_the_connection_cap_holds() {
     tunnel.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"hi");
     let _pending = TcpStream::connect(proxy).await.unwrap();
+    let _pending2 = TcpStream::connect(proxy).await.unwrap();
     // The third is reset at accept (possibly before connect returns).
     assert!(tether_e2e::consumer_gets_error(proxy).await);
     assert_eq!(refusals(&server, "http_connect", "limit"), 1.0);

@@ -6,6 +6,7 @@
 //! metadata, multicast, broadcast) are reachable only through a CIDR rule whose network lies
 //! entirely inside a sensitive range, never through `0.0.0.0/0`, `::/0` or a host name rule.
 
+mod embedded;
 mod literal;
 
 use std::fmt;
@@ -201,10 +202,18 @@ const SENSITIVE: [IpNet; 11] = [
 ];
 
 /// Whether the canonical form of `ip` is loopback, unspecified, link-local, cloud metadata,
-/// multicast or broadcast.
+/// multicast or broadcast, or an IPv6 address that embeds such an IPv4 address (NAT64, 6to4,
+/// Teredo, ISATAP: `embedded.rs`).
 pub fn is_sensitive(ip: IpAddr) -> bool {
     let ip = canonical_ip(ip);
-    SENSITIVE.iter().any(|net| net.contains(&ip))
+    let direct = SENSITIVE.iter().any(|net| net.contains(&ip));
+    direct
+        || match ip {
+            IpAddr::V4(_) => false,
+            IpAddr::V6(v6) => embedded::embedded_ipv4(v6)
+                .into_iter()
+                .any(|v4| SENSITIVE.iter().any(|net| net.contains(&IpAddr::V4(v4)))),
+        }
 }
 
 fn net_inside_sensitive(net: &IpNet) -> bool {
@@ -576,6 +585,36 @@ mod tests {
             p.check(&Host::Ip(ip("100.100.100.201")), 80, ip("100.100.100.201"))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn ipv6_forms_embedding_sensitive_ipv4_are_denied_under_permissive_rules() {
+        let p = permissive();
+        for form in [
+            "64:ff9b::7f00:1", // NAT64 of 127.0.0.1
+            "64:ff9b::169.254.169.254",
+            "64:ff9b:1::a9fe:a9fe", // local-use NAT64, /96 layout
+            "2002:7f00:1::",        // 6to4 of 127.0.0.1
+            "2002:a9fe:a9fe::1",    // 6to4 of the metadata address
+            "2001:0:7f00:1::",      // Teredo server 127.0.0.1
+            "fe80::5efe:127.0.0.1", // ISATAP (link-local anyway)
+            "2001:db8::5efe:a9fe:a9fe",
+            "::ffff:127.0.0.1",  // mapped
+            "::169.254.169.254", // compatible
+        ] {
+            let host = Host::parse(form);
+            let Host::Ip(addr) = host else {
+                panic!("{form} not an IP literal")
+            };
+            let denial = p.check(&host, 80, addr).expect_err(form);
+            assert_eq!(denial.reason(), "sensitive_address", "{form}");
+        }
+        for ordinary in ["64:ff9b::a01:203", "2002:a01:203::1", "2001:db8::1"] {
+            assert!(
+                p.check(&Host::parse(ordinary), 80, ip(ordinary)).is_ok(),
+                "{ordinary}"
+            );
+        }
     }
 
     #[test]

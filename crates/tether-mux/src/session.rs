@@ -347,11 +347,23 @@ async fn read_loop(
     let mut last_rx = Instant::now();
     let mut last_ping = Instant::now();
     let mut last_sync = Instant::now();
+    // Its own deadline, not the keepalive tick: a tick of `idle_timeout / 4` would let a dead
+    // peer live up to a quarter longer. Armed lazily: when it fires early (frames arrived
+    // since), it is moved to the last frame plus `idle_timeout`, so a busy session pays one
+    // timer per idle period, not one per frame.
+    let idle = tokio::time::sleep_until(last_rx + config.idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => {
                 return shared.ended().unwrap_or(SessionEnd::Local);
+            }
+            _ = &mut idle => {
+                if Instant::now().duration_since(last_rx) >= config.idle_timeout {
+                    return SessionEnd::IdleTimeout;
+                }
+                idle.as_mut().reset(last_rx + config.idle_timeout);
             }
             // The timer goes before the transport so that a peer that never pauses cannot
             // starve keepalive and SYNC.

@@ -844,6 +844,18 @@ impl State {
                 );
                 Ok(())
             }
+            // A stream frame that names a stream that is not open: answered as a valid one
+            // would be (RST for DATA and FIN, nothing for the rest), the session goes on.
+            Some(id) if id != 0 && !is_open && is_stream_frame(err.frame_type) => {
+                let answers = [
+                    tether_proto::FrameType::Data as u8,
+                    tether_proto::FrameType::Fin as u8,
+                ];
+                if err.frame_type.is_some_and(|t| answers.contains(&t)) {
+                    self.reply_unknown_stream(id, shared.config.max_control_queue);
+                }
+                Ok(())
+            }
             _ => Err(SessionEnd::Protocol(err.to_string())),
         }
     }
@@ -875,6 +887,24 @@ pub(crate) fn new_shared(
         Arc::new(Shared::new(role, config, metrics, data_tx)),
         data_rx,
     )
+}
+
+/// True for the frame types that belong to one stream (a malformed one of these with a
+/// stream id names the stream it concerns).
+fn is_stream_frame(frame_type: Option<u8>) -> bool {
+    use tether_proto::FrameType;
+    frame_type.is_some_and(|t| {
+        [
+            FrameType::OpenOk,
+            FrameType::OpenErr,
+            FrameType::Data,
+            FrameType::Window,
+            FrameType::Fin,
+            FrameType::Rst,
+        ]
+        .iter()
+        .any(|k| *k as u8 == t)
+    })
 }
 
 #[cfg(test)]

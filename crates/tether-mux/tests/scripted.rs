@@ -387,6 +387,32 @@ async fn a_malformed_frame_on_a_known_stream_resets_only_that_stream() {
 }
 
 #[tokio::test]
+async fn a_malformed_frame_for_a_stream_that_is_not_open_resets_only_that_stream() {
+    let mut t = scripted();
+    let mut s = peer_opens(&mut t, 2, 1024).await;
+    // FIN with a body, for stream 10 that was never opened: the frame names its stream.
+    t.send_raw(&[6, 10, 0xAA, 0xBB]).await;
+    assert!(matches!(
+        t.recv().await,
+        Frame::Rst {
+            stream: 10,
+            code: ResetCode::UnknownStream,
+            ..
+        }
+    ));
+    // A malformed WINDOW for an unknown stream is dropped, as a valid one would be.
+    t.send_raw(&[5, 12, 10, 0xAA]).await;
+    assert!(t.barrier(1).await.is_empty());
+    assert!(!t.session.is_closed());
+    assert_eq!(protocol_errors(&t, "trailing_bytes"), 2);
+    // The open stream is untouched.
+    s.write_all(b"ok").await.unwrap();
+    assert_eq!(t.recv().await, data(2, b"ok"));
+    drop(s);
+    t.finish().await;
+}
+
+#[tokio::test]
 async fn an_unattributable_frame_ends_the_session() {
     let mut t = scripted();
     // A length prefix over the limit: the byte stream cannot be resynchronised.
@@ -474,6 +500,32 @@ async fn a_silent_peer_ends_the_session_with_idle_timeout() {
         t.session.end_reason(),
         Some(SessionEnd::IdleTimeout)
     ));
+    assert!(matches!(t.finish().await, SessionEnd::IdleTimeout));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_falls_silent_is_declared_dead_within_a_tenth_past_the_idle_timeout() {
+    let mut t = scripted();
+    let idle = MuxConfig::default().idle_timeout;
+    // The last frame from the peer arrives between two keepalive checks.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    t.send(Frame::Ping { nonce: 7 }).await;
+    let last_frame = tokio::time::Instant::now();
+    let session = t.session.clone();
+    tokio::time::timeout(idle * 2, async {
+        tokio::select! {
+            _ = session.closed() => {}
+            _ = async { loop { let _ = futures::StreamExt::next(&mut t.peer).await; } } => {}
+        }
+    })
+    .await
+    .expect("session ends within twice the idle timeout");
+    let silent = last_frame.elapsed();
+    assert!(silent >= idle, "{silent:?}");
+    assert!(
+        silent <= idle + idle / 10,
+        "declared dead after {silent:?} of silence"
+    );
     assert!(matches!(t.finish().await, SessionEnd::IdleTimeout));
 }
 

@@ -51,6 +51,10 @@ pub struct ServerConfig {
     /// Most connections in the TLS/upgrade phase at once; further connections are dropped at
     /// accept (default `1024`).
     pub max_pending_handshakes: usize,
+    /// Most connections from one source address (an IPv6 peer by its /64) in the TLS/upgrade
+    /// phase at once; further connections from it are dropped at accept, so one host cannot
+    /// take every slot (default `64`).
+    pub max_pending_handshakes_per_source: usize,
     /// Most agent sessions at once; upgrades beyond this get HTTP 503 (default `10000`).
     pub max_agents: usize,
     /// How long an agent may take to connect a target for a dial (default `10s`).
@@ -90,6 +94,7 @@ impl Default for ServerConfig {
             allowed_agents: Vec::new(),
             handshake_timeout: HumanDuration::secs(10),
             max_pending_handshakes: 1024,
+            max_pending_handshakes_per_source: 64,
             max_agents: 10_000,
             dial_timeout: HumanDuration::secs(10),
             drain_timeout: HumanDuration::secs(20),
@@ -501,6 +506,9 @@ impl ServerConfig {
         if self.max_pending_handshakes == 0 {
             errors.push("max_pending_handshakes", "must be at least 1");
         }
+        if self.max_pending_handshakes_per_source == 0 {
+            errors.push("max_pending_handshakes_per_source", "must be at least 1");
+        }
         if self.max_agents == 0 {
             errors.push("max_agents", "must be at least 1");
         }
@@ -681,8 +689,9 @@ pub struct FrontendsConfig {
     /// A consumer must finish its proxy handshake (request line and headers, or the SOCKS5
     /// greeting, authentication and request) within this (default `10s`).
     pub handshake_timeout: HumanDuration,
-    /// Most consumer connections at once per frontend; further ones are closed at accept
-    /// (default `1024`).
+    /// Most established (authorized) consumer connections per frontend, and, counted apart,
+    /// most connections still in their handshake (at most 64 of those from one peer address);
+    /// past either, connections are refused (default `1024`).
     pub max_connections: usize,
     /// Consumers that authenticate with a token.
     pub consumers: Vec<ConsumerConfig>,

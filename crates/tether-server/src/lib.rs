@@ -11,6 +11,8 @@
 
 mod accept;
 pub mod admin;
+mod admin_listener;
+mod admission;
 pub mod audit;
 pub mod client_history;
 pub mod config;

@@ -427,6 +427,9 @@ fn restore_key(config: &mut ServerConfig, running: &ServerConfig, path: &str) {
         "identity" => config.identity = running.identity,
         "handshake_timeout" => config.handshake_timeout = running.handshake_timeout,
         "max_pending_handshakes" => config.max_pending_handshakes = running.max_pending_handshakes,
+        "max_pending_handshakes_per_source" => {
+            config.max_pending_handshakes_per_source = running.max_pending_handshakes_per_source
+        }
         "dial_timeout" => config.dial_timeout = running.dial_timeout,
         "drain_timeout" => config.drain_timeout = running.drain_timeout,
         "session" => config.session = running.session.clone(),

@@ -383,6 +383,8 @@ impl Server {
             identity: config.identity,
             handshake_timeout: config.handshake_timeout.0,
             pending: Arc::new(Semaphore::new(config.max_pending_handshakes)),
+            sources: crate::admission::SlotTable::new(config.max_pending_handshakes_per_source),
+            identities: crate::admission::SlotTable::new(tunnel::MAX_PENDING_PER_IDENTITY),
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             mux_config: config.to_mux_config(),
@@ -456,14 +458,13 @@ impl Server {
             server_id: self.server_id.clone(),
             reloader: self.reloader.clone(),
         }));
-        let admin_serve = axum::serve(listeners.admin, admin_router)
-            .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
         tracker.spawn(
-            async move {
-                if let Err(err) = admin_serve.await {
-                    warn!(error = %err, "admin listener failed");
-                }
-            }
+            crate::admin_listener::serve(
+                listeners.admin,
+                admin_router,
+                crate::admin_listener::ADMIN_LIMITS,
+                admin_stop.clone(),
+            )
             .instrument(info_span!("admin_listener")),
         );
 

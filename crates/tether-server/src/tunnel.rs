@@ -3,7 +3,7 @@
 //! until it ends.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use tower::ServiceExt;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::accept::accept;
+use crate::admission::{Slot, SlotTable, first_byte, source_key};
 use crate::connect::{ConnContext, UpgradedAgent};
 use crate::metrics::ServerMetrics;
 use crate::registry::Protocol;
@@ -38,6 +39,14 @@ use tether_common::read_ahead::ReadAhead;
 /// Largest HTTP head buffered while reading the upgrade request.
 const MAX_HTTP_BUF: usize = 64 * 1024;
 
+/// How long a new connection may stay silent before its TLS ClientHello (capped by
+/// `handshake_timeout`): an agent sends it at once, a silent socket only holds a slot.
+pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections of one agent identity between its TLS handshake and its upgrade: a valid
+/// certificate that never upgrades holds at most this many pre-auth slots.
+pub(crate) const MAX_PENDING_PER_IDENTITY: usize = 4;
+
 /// Everything a tunnel connection task needs.
 pub(crate) struct Tunnel {
     pub(crate) acceptor: TlsAcceptor,
@@ -45,6 +54,10 @@ pub(crate) struct Tunnel {
     pub(crate) handshake_timeout: Duration,
     /// One permit per connection in the TLS/upgrade phase (`max_pending_handshakes`).
     pub(crate) pending: Arc<Semaphore>,
+    /// Pending handshakes per source address (`max_pending_handshakes_per_source`).
+    pub(crate) sources: Arc<SlotTable<IpAddr>>,
+    /// Authenticated connections not yet upgraded, per agent id ([`MAX_PENDING_PER_IDENTITY`]).
+    pub(crate) identities: Arc<SlotTable<String>>,
     pub(crate) registry: Arc<SessionRegistry>,
     pub(crate) metrics: ServerMetrics,
     pub(crate) mux_config: MuxConfig,
@@ -65,6 +78,21 @@ pub(crate) struct Tunnel {
 /// Accepts tunnel connections until shutdown; each one runs in its own tracked task.
 pub(crate) async fn accept_loop(tunnel: Arc<Tunnel>, listener: TcpListener) {
     while let Some((tcp, peer)) = accept(&listener, &tunnel.shutdown, &tunnel.log).await {
+        let Some(source) = tunnel.sources.try_take(source_key(peer.ip())) else {
+            tunnel.handshake_failed("source_limit");
+            match tunnel.log.check("source_limit") {
+                Some(suppressed) => warn!(
+                    peer.addr = %peer,
+                    suppressed,
+                    "too many connections from one source in the handshake phase \
+                     (max_pending_handshakes_per_source); dropping new ones"
+                ),
+                None => {
+                    debug!(peer.addr = %peer, "dropped: too many pending handshakes from this source")
+                }
+            }
+            continue;
+        };
         let Ok(permit) = tunnel.pending.clone().try_acquire_owned() else {
             tunnel.handshake_failed("too_many_pending");
             match tunnel.log.check("too_many_pending") {
@@ -78,7 +106,8 @@ pub(crate) async fn accept_loop(tunnel: Arc<Tunnel>, listener: TcpListener) {
             }
             continue;
         };
-        let pending = PendingHandshake::new(permit, tunnel.metrics.preauth_inflight.clone());
+        let pending =
+            PendingHandshake::new(permit, source, tunnel.metrics.preauth_inflight.clone());
         let span = info_span!(
             "agent_conn",
             peer.addr = %peer,
@@ -95,14 +124,16 @@ pub(crate) async fn accept_loop(tunnel: Arc<Tunnel>, listener: TcpListener) {
 /// A connection in the TLS/upgrade phase: holds its permit and counts itself in the gauge.
 struct PendingHandshake {
     _permit: OwnedSemaphorePermit,
+    _source: Slot<IpAddr>,
     gauge: IntGauge,
 }
 
 impl PendingHandshake {
-    fn new(permit: OwnedSemaphorePermit, gauge: IntGauge) -> Self {
+    fn new(permit: OwnedSemaphorePermit, source: Slot<IpAddr>, gauge: IntGauge) -> Self {
         gauge.inc();
         Self {
             _permit: permit,
+            _source: source,
             gauge,
         }
     }
@@ -139,6 +170,11 @@ async fn handshake(
     deadline: Instant,
 ) -> Option<(String, UpgradedAgent)> {
     let _ = tcp.set_nodelay(true);
+    if !first_byte(&tcp, FIRST_BYTE_TIMEOUT.min(tunnel.handshake_timeout)).await {
+        tunnel.handshake_failed("first_byte_timeout");
+        debug!("no TLS ClientHello in time; closing");
+        return None;
+    }
     let tls = match timeout_at(deadline, tunnel.acceptor.accept(ReadAhead::new(tcp))).await {
         Err(_) => {
             tunnel.handshake_failed("timeout");
@@ -167,7 +203,8 @@ async fn handshake(
     // No certificate at all passes the handshake only with
     // `remotedialer.allow_without_client_cert`; the routes then decide (connect.rs refuses,
     // remotedialer_connect.rs needs the token and the tunnel-id header).
-    let agent_id = match peer_identity(conn, tunnel.identity) {
+    let identity = peer_identity(conn, tunnel.identity);
+    let agent_id = match identity {
         Ok(id) => Some(id),
         Err(IdentityError::NoPeerCertificate) => None,
         Err(err) => {
@@ -187,12 +224,39 @@ async fn handshake(
                 ),
                 None => debug!(reason, error = %err, "agent certificate refused"),
             }
+            refuse(
+                tls,
+                http::StatusCode::FORBIDDEN,
+                &format!("agent certificate refused: {err}"),
+                tunnel.handshake_timeout,
+            )
+            .await;
             return None;
         }
     };
     if let Some(id) = &agent_id {
         Span::current().record("agent.id", field::display(id));
     }
+    // Held until the upgrade is done (or abandoned): a certificate that never upgrades
+    // holds only a few pre-auth slots.
+    let _identity_slot = match &agent_id {
+        Some(id) => match tunnel.identities.try_take(id.clone()) {
+            Some(slot) => Some(slot),
+            None => {
+                tunnel.handshake_failed("identity_limit");
+                debug!("too many connections of this agent waiting for their upgrade");
+                refuse(
+                    tls,
+                    http::StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections of this agent identity are waiting for their upgrade",
+                    tunnel.handshake_timeout,
+                )
+                .await;
+                return None;
+            }
+        },
+        None => None,
+    };
 
     let (handoff_tx, handoff_rx) = oneshot::channel();
     let ctx = ConnContext {
@@ -239,6 +303,39 @@ async fn handshake(
             None
         }
     }
+}
+
+/// Answers the connection's request with `status` and `reason` as a one-line text body, then
+/// closes it, so the client learns why it was refused; at most `limit`.
+async fn refuse<S>(io: S, status: http::StatusCode, reason: &str, limit: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let body = format!("{reason}\n");
+    let service = hyper::service::service_fn(move |_req: http::Request<_>| {
+        let body = body.clone();
+        async move {
+            let mut response = http::Response::new(axum::body::Body::from(body));
+            *response.status_mut() = status;
+            let headers = response.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            headers.insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limit)
+        .keep_alive(false)
+        .max_buf_size(MAX_HTTP_BUF);
+    let _ = timeout(limit, builder.serve_connection(TokioIo::new(io), service)).await;
 }
 
 /// Runs the agent's session to its end; the registry entry lives exactly as long.

@@ -12,11 +12,11 @@ use tether_proto::{OpenErrorCode, ResetCode, TargetAddr};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::audit::AuditLog;
 use crate::metrics::{NO_SESSION, ServerMetrics};
-use crate::registry::{NoSession, SessionRegistry};
+use crate::registry::{NoSession, SessionEntry, SessionRegistry};
 use crate::remotedialer_metrics::ConnectionGuard;
 
 /// Why a dial through an agent failed.
@@ -61,6 +61,10 @@ impl DialError {
     }
 }
 
+/// How long an OPEN may go unanswered on one session of a client that has another healthy
+/// session, before it is reset there and tried once on the other.
+pub(crate) const FAILOVER_AFTER: Duration = Duration::from_secs(2);
+
 /// Opens streams through the newest usable session of a client, with the dial metrics.
 #[derive(Debug, Clone)]
 pub(crate) struct TunnelDialer {
@@ -104,18 +108,15 @@ impl TunnelDialer {
             .as_ref()
             .map(|compat| compat.connection(client));
         let started = Instant::now();
-        let opened = entry
-            .session
-            .open_with_timeout(target.clone(), self.dial_timeout)
-            .await;
+        let opened = self.open_with_failover(client, entry, target).await;
         self.metrics
             .dial_duration
             .observe(started.elapsed().as_secs_f64());
         match opened {
-            Ok(stream) => Ok(TunnelConn {
+            Ok((stream, used)) => Ok(TunnelConn {
                 stream,
-                session_id: entry.session_id,
-                instance: entry.instance,
+                session_id: used.session_id,
+                instance: used.instance,
                 _compat: compat,
             }),
             Err(source) => {
@@ -140,6 +141,59 @@ pub(crate) struct SpliceEnd {
     pub(crate) reason: &'static str,
     /// The failure, if any.
     pub(crate) error: Option<String>,
+}
+
+impl TunnelDialer {
+    /// Opens on `entry`'s session. When the client has another healthy session, an OPEN left
+    /// unanswered for [`FAILOVER_AFTER`] is reset (its future dropped), `entry` is marked
+    /// unhealthy at once (its next health pong heals it) and the dial is tried once more on
+    /// the session `pick` chooses then, with the rest of `dial_timeout`. Returns the stream
+    /// and the session it opened on.
+    async fn open_with_failover(
+        &self,
+        client: &str,
+        entry: SessionEntry,
+        target: &TargetAddr,
+    ) -> Result<(MuxStream, SessionEntry), OpenError> {
+        let has_alternative = self.registry.sessions(client).iter().any(|other| {
+            other.session_id != entry.session_id
+                && !other.session.is_closed()
+                && other.session.peer_goaway().is_none()
+                && other.health.is_healthy()
+        });
+        let first_wait = FAILOVER_AFTER.min(self.dial_timeout);
+        if !has_alternative || first_wait == self.dial_timeout {
+            let stream = entry
+                .session
+                .open_with_timeout(target.clone(), self.dial_timeout)
+                .await?;
+            return Ok((stream, entry));
+        }
+        let first = entry
+            .session
+            .open_with_timeout(target.clone(), self.dial_timeout);
+        if let Ok(result) = tokio::time::timeout(first_wait, first).await {
+            return result.map(|stream| (stream, entry));
+        }
+        if entry.health.set_healthy(false) {
+            self.metrics.health_unhealthy.inc();
+        }
+        warn!(
+            agent.id = client,
+            session.id = entry.session_id,
+            waited = ?first_wait,
+            "session did not answer an OPEN; marked unhealthy, dialing on another session"
+        );
+        let retry = match self.registry.pick_entry(client) {
+            Ok(retry) if retry.session_id != entry.session_id => retry,
+            _ => return Err(OpenError::Timeout(first_wait)),
+        };
+        let stream = retry
+            .session
+            .open_with_timeout(target.clone(), self.dial_timeout - first_wait)
+            .await?;
+        Ok((stream, retry))
+    }
 }
 
 /// Pumps bytes between `tcp` and the tunnel stream until both directions end, one side fails,

@@ -22,6 +22,7 @@ pub(crate) async fn run(
     once: bool,
     bytes: usize,
     keep: Option<&Path>,
+    logs: &crate::logging::LogControl,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let dir = DemoDir::new(keep)?;
@@ -68,8 +69,8 @@ pub(crate) async fn run(
         }
     }
 
-    let server_registry = daemon_registry()?;
-    let agent_registry = daemon_registry()?;
+    let server_registry = daemon_registry(logs)?;
+    let agent_registry = daemon_registry(logs)?;
     let server = tether_server::Server::new(server_config, &server_registry)?;
     let sessions = server.registry();
     let agent = tether_agent::Agent::new(agent_config, &agent_registry)?;

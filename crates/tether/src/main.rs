@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own report; keep daemon logs to warnings unless asked otherwise. The
     // commands without log flags print their results and log only warnings.
-    let logs = match &cli.command {
+    let initialized = match &cli.command {
         Command::Server { log, .. } | Command::Agent { log, .. } => {
             let (filter, format) = log.or_top(&cli);
             logging::init(filter, "info", format)
@@ -49,6 +49,13 @@ fn main() -> ExitCode {
             cli.log_format.unwrap_or(cli::LogFormat::Text),
         ),
     };
+    let logs = match initialized {
+        Ok(logs) => logs,
+        Err(err) => {
+            report(format_args!("error: cannot set up logging: {err}"));
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // An idle worker hands its cached freed memory back (throttled; docs/BENCHMARKS.md).
@@ -59,7 +66,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
+            report(format_args!("error: cannot start the async runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
@@ -67,13 +74,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             if let Some(InvalidConfig(message)) = err.downcast_ref::<InvalidConfig>() {
-                eprintln!("error: {message}");
+                report(format_args!("error: {message}"));
                 return ExitCode::from(EXIT_CONFIG);
             }
-            eprintln!("error: {err:#}");
+            report(format_args!("error: {err:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes a final error line to stderr; unlike `eprintln!` it does not panic when stderr is
+/// gone or full, so the exit code stays the one chosen.
+fn report(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result<()> {
@@ -90,7 +104,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 },
             )?;
             logs.apply_config(&config.log);
-            let registry = daemon_registry::daemon_registry()?;
+            let registry = daemon_registry::daemon_registry(&logs)?;
             let listeners = tether_server::Listeners {
                 tunnel: bind(&config.listen, "listen").await?,
                 admin: bind(&config.admin_listen, "admin_listen").await?,
@@ -131,7 +145,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 },
             )?;
             logs.apply_config(&config.log);
-            let registry = daemon_registry::daemon_registry()?;
+            let registry = daemon_registry::daemon_registry(&logs)?;
             let admin = match config.admin_listen.as_str() {
                 "" => None,
                 addr => Some(bind(addr, "admin_listen").await?),
@@ -191,7 +205,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
         } => {
             let shutdown = CancellationToken::new();
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
-            demo::run(once, bytes, keep.as_deref(), shutdown).await
+            demo::run(once, bytes, keep.as_deref(), &logs, shutdown).await
         }
         Command::HashToken => {
             // From stdin, not an argument: arguments show in `ps` and shell history.

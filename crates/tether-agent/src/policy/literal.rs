@@ -33,7 +33,8 @@ pub fn parse_ip_literal(s: &str) -> Option<IpAddr> {
 /// (`::a.b.c.d`, except `::` and `::1`) IPv6 addresses become the IPv4 address.
 ///
 /// NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`) embeddings are not translated: whether they reach
-/// an IPv4 host depends on the network, so they are judged as the IPv6 addresses they are.
+/// an IPv4 host depends on the network, so CIDR rules match them as the IPv6 addresses they are;
+/// `is_sensitive` still classifies them by the IPv4 address they embed.
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,

@@ -236,7 +236,12 @@ fn auth_failure(err: &AuthError) -> Failure {
 }
 
 /// Serves one consumer connection.
-pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketAddr) {
+pub(crate) async fn serve(
+    frontend: &Frontend,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    admission: &mut super::Admission,
+) {
     let settings = frontend.control.current();
     let head = tokio::time::timeout(settings.handshake_timeout, read_head(&mut tcp)).await;
     let request = match head {
@@ -276,6 +281,10 @@ pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketA
         }
     };
     drop(settings);
+    if !admission.authorized(frontend) {
+        let failure = Failure::new(503, "limit", "too many consumer connections");
+        return refuse(frontend, tcp, Some(&consumer), &client, failure).await;
+    }
     record_request(&consumer, &client, &request.target);
     let mut audit = frontend.audit(peer, &consumer, &client, &request.target);
     let mut conn = match frontend.dialer.dial(&client, &request.target).await {

@@ -6,7 +6,7 @@ pub(crate) mod consumers;
 pub(crate) mod socks5;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,13 +14,14 @@ use arc_swap::ArcSwap;
 use prometheus::IntGauge;
 use tether_common::config_error::ConfigErrors;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, field, info};
 
 use self::consumers::ConsumerTable;
 use crate::accept::accept;
+use crate::admission::{Slot, SlotTable, source_key};
 use crate::config::FrontendsConfig;
 use crate::metrics::ServerMetrics;
 use crate::tunnel_dial::{TunnelDialer, reset};
@@ -28,6 +29,10 @@ use tether_common::log_throttle::LogThrottle;
 
 /// How often a repeated refusal of one reason may be logged at info per frontend.
 const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// Connections from one peer address (an IPv6 peer by its /64) still in their handshake: one
+/// local process with idle sockets cannot hold every pre-auth slot.
+pub(crate) const PREAUTH_PER_PEER: usize = 64;
 
 /// Which proxy protocol a frontend speaks (the `frontend` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,7 +188,12 @@ pub(crate) struct Frontend {
     /// Cancelled when the drain deadline has passed: abort handshakes and pipes still running.
     pub(crate) hard_stop: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    /// Established (authenticated) connections: `max_connections`.
     pub(crate) slots: Arc<Semaphore>,
+    /// Connections still in their handshake, counted apart: `max_connections` of them too.
+    pub(crate) preauth: Arc<Semaphore>,
+    /// Handshakes per peer address ([`PREAUTH_PER_PEER`]).
+    pub(crate) peers: Arc<SlotTable<IpAddr>>,
     pub(crate) log: LogThrottle,
 }
 
@@ -208,6 +218,8 @@ impl Frontend {
             hard_stop,
             tracker,
             slots: Arc::new(Semaphore::new(max_connections)),
+            preauth: Arc::new(Semaphore::new(max_connections)),
+            peers: SlotTable::new(PREAUTH_PER_PEER),
             log: LogThrottle::new(REFUSAL_LOG_WINDOW),
         }
     }
@@ -264,10 +276,19 @@ impl Frontend {
 /// Accepts consumer connections until shutdown; each one runs in its own tracked task.
 pub(crate) async fn accept_loop(frontend: Arc<Frontend>, listener: TcpListener) {
     while let Some((tcp, peer)) = accept(&listener, &frontend.shutdown, &frontend.log).await {
-        let Ok(permit) = frontend.slots.clone().try_acquire_owned() else {
-            frontend.refused("limit", None, "", &"too many consumer connections");
+        let Some(peer_slot) = frontend.peers.try_take(source_key(peer.ip())) else {
+            frontend.refused("limit", None, "", &"too many handshakes from this peer");
             reset(&tcp);
             continue;
+        };
+        let Ok(permit) = frontend.preauth.clone().try_acquire_owned() else {
+            frontend.refused("limit", None, "", &"too many consumer handshakes");
+            reset(&tcp);
+            continue;
+        };
+        let mut admission = Admission {
+            preauth: Some((permit, peer_slot)),
+            established: None,
         };
         // Per connection, so at debug (see forward.rs); refusals carry their own fields.
         let span = debug_span!(
@@ -288,12 +309,12 @@ pub(crate) async fn accept_loop(frontend: Arc<Frontend>, listener: TcpListener) 
         );
         frontend.tracker.spawn(
             async move {
-                let _held = (permit, active);
+                let _held = active;
                 tokio::select! {
                     // Polled first: once splicing, `serve` ends itself on hard stop with a
                     // reset of the consumer, which dropping it here would turn into an EOF.
                     biased;
-                    _ = serve(&conn, tcp, peer) => {}
+                    _ = serve(&conn, tcp, peer, &mut admission) => {}
                     // Ends handshakes and dials still running at hard stop.
                     _ = conn.hard_stop.cancelled() => {}
                 }
@@ -305,6 +326,28 @@ pub(crate) async fn accept_loop(frontend: Arc<Frontend>, listener: TcpListener) 
         frontend = frontend.kind.label(),
         "frontend stopped accepting"
     );
+}
+
+/// The slots a consumer connection holds: pre-auth ones (global and per peer) during its
+/// handshake, then one of the `max_connections` established ones.
+pub(crate) struct Admission {
+    preauth: Option<(OwnedSemaphorePermit, Slot<IpAddr>)>,
+    established: Option<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    /// The consumer is authorized: trades the pre-auth slots for an established one. False
+    /// when `max_connections` established connections are open (the caller refuses).
+    pub(crate) fn authorized(&mut self, frontend: &Frontend) -> bool {
+        match frontend.slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.established = Some(permit);
+                self.preauth = None;
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// Counts a connection in `tether_frontend_connections_active` until dropped.
@@ -323,11 +366,11 @@ impl Drop for Active {
     }
 }
 
-async fn serve(frontend: &Frontend, tcp: TcpStream, peer: SocketAddr) {
+async fn serve(frontend: &Frontend, tcp: TcpStream, peer: SocketAddr, admission: &mut Admission) {
     let _ = tcp.set_nodelay(true);
     match frontend.kind {
-        Kind::HttpConnect => connect_proxy::serve(frontend, tcp, peer).await,
-        Kind::Socks5 => socks5::serve(frontend, tcp, peer).await,
+        Kind::HttpConnect => connect_proxy::serve(frontend, tcp, peer, admission).await,
+        Kind::Socks5 => socks5::serve(frontend, tcp, peer, admission).await,
     }
 }
 

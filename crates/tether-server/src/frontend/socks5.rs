@@ -252,7 +252,12 @@ async fn handshake(
 }
 
 /// Serves one consumer connection.
-pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketAddr) {
+pub(crate) async fn serve(
+    frontend: &Frontend,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    admission: &mut super::Admission,
+) {
     let settings = frontend.control.current();
     let handshake = tokio::time::timeout(
         settings.handshake_timeout,
@@ -298,6 +303,14 @@ pub(crate) async fn serve(frontend: &Frontend, mut tcp: TcpStream, peer: SocketA
         }
     };
     drop(settings);
+    if !admission.authorized(frontend) {
+        let failure = Failure::reply(
+            "limit",
+            "too many consumer connections",
+            Reply::GeneralFailure,
+        );
+        return refuse(frontend, tcp, Some(&consumer), &client, failure).await;
+    }
     record_request(&consumer, &client, &request.target);
     let mut audit = frontend.audit(peer, &consumer, &client, &request.target);
     let conn = match frontend.dialer.dial(&client, &request.target).await {
