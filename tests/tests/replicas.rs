@@ -110,6 +110,22 @@ async fn echo_exact(addr: SocketAddr, len: usize) {
     assert!(echoed == payload, "echo through {addr} differs");
 }
 
+/// `tether status --admin A --admin B ...`: exit success and standard output.
+fn status_of(admins: &[SocketAddr]) -> (bool, String) {
+    let mut command = std::process::Command::new(tether_e2e::process::tether_binary());
+    command.arg("status");
+    for admin in admins {
+        command.args(["--admin", &format!("http://{admin}")]);
+    }
+    let output = command.env_remove("TETHER_ADMIN").output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
 /// Session ids of `edge-1` on a replica's `/v1/clients`.
 async fn sessions_on(admin: SocketAddr) -> (String, Vec<u64>) {
     let (status, body) = http_get(admin, "/v1/clients").await;
@@ -207,6 +223,28 @@ async fn an_agent_keeps_a_session_to_every_replica_and_survives_a_kill() {
             "{server_id}: exactly one session of edge-1"
         );
     }
+    let admins: Vec<SocketAddr> = replicas.iter().map(|r| r.admin_addr).collect();
+    let (ok, text) = status_of(&admins);
+    assert!(ok, "{text}");
+    let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "CLIENT",
+            "replica-1",
+            "replica-2",
+            "replica-3",
+            "MISSING",
+            "ON"
+        ],
+        "{text}"
+    );
+    let row = text.lines().find(|l| l.starts_with("edge-1")).unwrap();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["edge-1", "1", "1", "1", "-"],
+        "{text}"
+    );
 
     // Streams through every replica, then kill -9 of replica 2 mid-transfer.
     let mut streams = Vec::new();
@@ -242,6 +280,14 @@ async fn an_agent_keeps_a_session_to_every_replica_and_survives_a_kill() {
         }
     }
     wait_replicas(&mut agent, 2).await;
+    // `tether status` over the three: the dead one is named, and the command fails.
+    let (ok, text) = status_of(&admins);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!("replica http://{}", admins[1])),
+        "{text}"
+    );
+    assert!(text.contains("2 replicas answered of 3"), "{text}");
     let after: Vec<Vec<u64>> = vec![
         sessions_on(replicas[0].admin_addr).await.1,
         sessions_on(replicas[1].admin_addr).await.1,

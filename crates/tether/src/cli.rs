@@ -123,9 +123,16 @@ pub(crate) enum Command {
         /// One client id: its sessions, its last refused attempt and its last session end
         /// (`GET /v1/clients/CLIENT`).
         client: Option<String>,
-        /// The server's admin listener (`admin_listen`), as `http://host:port`.
-        #[arg(long, env = "TETHER_ADMIN", default_value = "http://127.0.0.1:9090")]
-        admin: String,
+        /// The server's admin listener (`admin_listen`), as `http://host:port`. Repeat it
+        /// (or give a host name with several addresses) for server replicas: each client's
+        /// sessions per replica, and the replicas it is missing on.
+        #[arg(
+            long,
+            env = "TETHER_ADMIN",
+            default_value = "http://127.0.0.1:9090",
+            value_delimiter = ','
+        )]
+        admin: Vec<String>,
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,

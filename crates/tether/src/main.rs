@@ -10,6 +10,7 @@ mod init_cmd;
 mod logging;
 mod signals;
 mod status_cmd;
+mod status_replicas;
 mod systemd;
 
 use std::process::ExitCode;
@@ -199,7 +200,17 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             admin,
             json,
             timeout,
-        } => status_cmd::run(&admin, client.as_deref(), json, timeout).await,
+        } => {
+            let urls = status_replicas::expand(&admin).await?;
+            match (urls.len(), client) {
+                (1, client) => status_cmd::run(&admin[0], client.as_deref(), json, timeout).await,
+                (_, Some(_)) => anyhow::bail!(
+                    "tether status CLIENT asks one server: give one --admin (it found {})",
+                    urls.len()
+                ),
+                (_, None) => status_replicas::run(&urls, json, timeout).await,
+            }
+        }
         Command::Demo {
             once, bytes, keep, ..
         } => {

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The listing path on the admin listener.
-const CLIENTS_PATH: &str = "/v1/clients";
+pub(crate) const CLIENTS_PATH: &str = "/v1/clients";
 /// Largest answer accepted.
 const MAX_RESPONSE: u64 = 32 * 1024 * 1024;
 
@@ -204,13 +204,13 @@ impl AdminUrl {
         }
     }
 
-    fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         format!("http://{}{}", self.authority(), self.prefix)
     }
 }
 
 /// One `GET {prefix}{path}`; the body when the status is 200.
-async fn fetch(url: &AdminUrl, path: &str) -> anyhow::Result<String> {
+pub(crate) async fn fetch(url: &AdminUrl, path: &str) -> anyhow::Result<String> {
     let mut tcp = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .with_context(|| {
@@ -357,7 +357,7 @@ pub(crate) fn counted(n: usize, one: &str, many: &str) -> String {
 }
 
 /// A header and rows as left-aligned columns.
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -1,0 +1,233 @@
+//! `tether status` over several server replicas: every admin URL given (or every address of an
+//! admin host name), each client's sessions per replica, and the replicas a client is missing
+//! on (an agent keeps a session to every replica, so a gap is news).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tether_server::ClientsResponse;
+
+use crate::status_cmd::{AdminUrl, CLIENTS_PATH, counted, fetch, table};
+
+/// Most replicas one `tether status` queries.
+const MAX_REPLICAS: usize = 64;
+
+/// The admin URLs to query: each of `admins`, and for a host name with several addresses,
+/// one per address (a headless Service's name lists every replica).
+pub(crate) async fn expand(admins: &[String]) -> anyhow::Result<Vec<AdminUrl>> {
+    let mut urls = Vec::new();
+    for admin in admins {
+        let url = AdminUrl::parse(admin)?;
+        if url.host.parse::<IpAddr>().is_ok() || url.host == "localhost" {
+            urls.push(url);
+            continue;
+        }
+        let addrs: BTreeSet<IpAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
+            .await
+            .with_context(|| format!("--admin {admin}: cannot resolve {}", url.host))?
+            .map(|a| a.ip())
+            .collect();
+        if addrs.len() <= 1 {
+            urls.push(url);
+            continue;
+        }
+        for ip in addrs {
+            urls.push(AdminUrl {
+                host: ip.to_string(),
+                ..url.clone()
+            });
+        }
+    }
+    if urls.len() > MAX_REPLICAS {
+        bail!("{} admin addresses; at most {MAX_REPLICAS}", urls.len());
+    }
+    Ok(urls)
+}
+
+/// One replica's answer.
+struct Replica {
+    admin: String,
+    listing: Result<ClientsResponse, String>,
+}
+
+impl Replica {
+    fn name(&self) -> String {
+        match &self.listing {
+            Ok(listing) => listing.server_id.clone(),
+            Err(_) => self.admin.clone(),
+        }
+    }
+}
+
+/// Queries every replica within `timeout` (all at once) and prints the per-replica table (or
+/// the answers as JSON). Fails when a replica did not answer, after printing the others.
+pub(crate) async fn run(urls: &[AdminUrl], json: bool, timeout: Duration) -> anyhow::Result<()> {
+    // All at once; the set is owned here, so leaving early aborts whatever is left.
+    let mut queries = tokio::task::JoinSet::new();
+    for (index, url) in urls.iter().cloned().enumerate() {
+        queries.spawn(async move {
+            let listing = match tokio::time::timeout(timeout, fetch(&url, CLIENTS_PATH)).await {
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+                Ok(Err(err)) => Err(format!("{err:#}")),
+                Ok(Ok(body)) => serde_json::from_str::<ClientsResponse>(&body)
+                    .map_err(|err| format!("not a client listing: {err}")),
+            };
+            (
+                index,
+                Replica {
+                    admin: url.display(),
+                    listing,
+                },
+            )
+        });
+    }
+    let mut answers: Vec<(usize, Replica)> = Vec::with_capacity(urls.len());
+    while let Some(answer) = queries.join_next().await {
+        answers.push(answer.context("a status query failed")?);
+    }
+    answers.sort_by_key(|(index, _)| *index);
+    let answers: Vec<Replica> = answers.into_iter().map(|(_, replica)| replica).collect();
+    if json {
+        let replicas: Vec<serde_json::Value> = answers
+            .iter()
+            .map(|r| match &r.listing {
+                Ok(listing) => serde_json::json!({ "admin": r.admin, "listing": listing }),
+                Err(error) => serde_json::json!({ "admin": r.admin, "error": error }),
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "replicas": replicas }));
+    } else {
+        print!("{}", render(&answers));
+    }
+    let failed = answers.iter().filter(|r| r.listing.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} of {} replicas did not answer", answers.len());
+    }
+    Ok(())
+}
+
+/// One row per client: its sessions on each replica and the replicas it is missing on; then
+/// the replicas that did not answer, and a summary.
+fn render(replicas: &[Replica]) -> String {
+    let clients: BTreeSet<&str> = replicas
+        .iter()
+        .filter_map(|r| r.listing.as_ref().ok())
+        .flat_map(|l| l.clients.iter().map(|c| c.client.as_str()))
+        .collect();
+    let names: Vec<String> = replicas.iter().map(Replica::name).collect();
+    let mut header: Vec<&str> = vec!["CLIENT"];
+    header.extend(names.iter().map(String::as_str));
+    header.push("MISSING ON");
+    let mut incomplete = 0;
+    let rows = clients
+        .iter()
+        .map(|client| {
+            let mut row = vec![(*client).to_owned()];
+            let mut missing = Vec::new();
+            for (replica, name) in replicas.iter().zip(&names) {
+                let cell = match &replica.listing {
+                    Err(_) => "?".to_owned(),
+                    Ok(listing) => {
+                        let n = listing
+                            .clients
+                            .iter()
+                            .find(|c| c.client == *client)
+                            .map_or(0, |c| c.sessions.len());
+                        if n == 0 {
+                            missing.push(name.clone());
+                        }
+                        n.to_string()
+                    }
+                };
+                row.push(cell);
+            }
+            if !missing.is_empty() {
+                incomplete += 1;
+            }
+            row.push(if missing.is_empty() {
+                "-".to_owned()
+            } else {
+                missing.join(",")
+            });
+            row
+        })
+        .collect();
+    let mut out = table(&header, rows);
+    for replica in replicas {
+        if let Err(error) = &replica.listing {
+            out.push_str(&format!("replica {}: {error}\n", replica.admin));
+        }
+    }
+    let answered = replicas.iter().filter(|r| r.listing.is_ok()).count();
+    out.push_str(&format!(
+        "{} answered of {}, {}, {} missing on some replica\n",
+        counted(answered, "replica", "replicas"),
+        replicas.len(),
+        counted(clients.len(), "client", "clients"),
+        incomplete
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(server_id: &str, clients: &[(&str, usize)]) -> ClientsResponse {
+        let clients: Vec<serde_json::Value> = clients
+            .iter()
+            .map(|(id, n)| {
+                let sessions: Vec<serde_json::Value> = (0..*n)
+                    .map(|i| {
+                        serde_json::json!({
+                            "session_id": i, "instance": "i", "peer_addr": "127.0.0.1:1",
+                            "connected_since": "2026-01-01T00:00:00Z", "connected_seconds": 1.0,
+                            "rtt_seconds": null, "healthy": true, "streams": 0,
+                            "bytes_rx": 0, "bytes_tx": 0, "protocol": "tether"
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "client": id, "sessions": sessions })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({ "server_id": server_id, "clients": clients }))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_client_missing_on_a_replica_is_marked() {
+        let replicas = vec![
+            Replica {
+                admin: "http://127.0.0.1:9090".into(),
+                listing: Ok(listing("r1", &[("edge-1", 1), ("edge-2", 1)])),
+            },
+            Replica {
+                admin: "http://127.0.0.2:9090".into(),
+                listing: Ok(listing("r2", &[("edge-1", 1), ("edge-2", 0)])),
+            },
+            Replica {
+                admin: "http://127.0.0.3:9090".into(),
+                listing: Err("no answer within 5s".into()),
+            },
+        ];
+        let text = render(&replicas);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("CLIENT"), "{text}");
+        assert!(lines[0].contains("r1") && lines[0].contains("r2"), "{text}");
+        assert!(lines[0].contains("http://127.0.0.3:9090"), "{text}");
+        let edge1: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(edge1, ["edge-1", "1", "1", "?", "-"], "{text}");
+        let edge2: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(edge2, ["edge-2", "1", "0", "?", "r2"], "{text}");
+        assert!(
+            text.contains("replica http://127.0.0.3:9090: no answer within 5s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2 replicas answered of 3, 2 clients, 1 missing on some replica"),
+            "{text}"
+        );
+    }
+}
