@@ -17,3 +17,4 @@ pub mod runtime_metrics;
 pub mod sd_notify;
 pub mod session_settings;
 pub mod tls;
+pub mod tls_check;

@@ -158,6 +158,9 @@ wire_code! {
         Timeout = 4 => "timeout",
         /// The agent's activation gate closed.
         Disabled = 5 => "disabled",
+        /// The peer's certificate or identity is no longer accepted (revoked, its CA removed,
+        /// its id no longer allowed).
+        Revoked = 6 => "revoked",
     }
 }
 

@@ -23,6 +23,7 @@ mod remotedialer_connect;
 pub mod remotedialer_metrics;
 mod remotedialer_ws;
 mod server;
+pub mod tls_reload;
 mod tunnel;
 mod tunnel_dial;
 mod ws_transport;
@@ -40,5 +41,6 @@ pub use registry::{
     Subscriber,
 };
 pub use reload::ServerReloader;
+pub use tls_reload::TlsReloader;
 pub use server::{FrontendListeners, Listeners, Server, ServerError, run};
 pub use tether_common::config_diff::ReloadOutcome;

@@ -1,8 +1,9 @@
 //! Server config reloads: diff the new effective config against the running one field by field,
 //! apply in place what can be (the allow-list, `max_agents`, the log filter (applied by the
 //! binary, which owns the subscriber), forwards: added, removed and changed ones restarted
-//! without touching the others), and log and count the keys that need a restart
-//! (listener addresses, TLS, session settings). One section, one `apply_*` step: the
+//! without touching the others, the TLS material (`tls_reload.rs`), after which live sessions
+//! that would now be refused are closed), and log and count the keys that need a restart
+//! (listener addresses, session settings). One section, one `apply_*` step: the
 //! HTTP CONNECT / SOCKS5 frontends' consumers and handshake settings go through
 //! `FrontendControl::reload`; their listener keys need a restart.
 
@@ -26,6 +27,7 @@ use crate::forward::{self, Forward};
 use crate::frontend::FrontendControl;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
+use crate::tls_reload::TlsReloader;
 
 /// Keys applied in place; every other changed key needs a restart.
 const IN_PLACE_KEYS: &[&str] = &[
@@ -146,6 +148,8 @@ struct Inner {
     frontends: FrontendControl,
     registry: Arc<SessionRegistry>,
     metrics: ReloadMetrics,
+    /// The TLS material in force; installed by `Server::new`.
+    tls: Mutex<Option<TlsReloader>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -172,8 +176,28 @@ impl ServerReloader {
                 frontends,
                 registry,
                 metrics,
+                tls: Mutex::new(None),
             }),
         }
+    }
+
+    pub(crate) fn install_tls(&self, tls: TlsReloader) {
+        *lock(&self.inner.tls) = Some(tls);
+    }
+
+    /// The files to watch besides the config file: the TLS material in force (empty when it
+    /// was given in memory).
+    pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        let file_backed = lock(&self.inner.tls)
+            .as_ref()
+            .is_some_and(TlsReloader::file_backed);
+        if !file_backed {
+            return Vec::new();
+        }
+        let files = self.current().tls_files();
+        let mut paths = vec![files.cert, files.key, files.client_ca];
+        paths.extend(files.crls);
+        paths
     }
 
     pub(crate) fn install_forwards(&self, set: ForwardSet) {
@@ -215,7 +239,21 @@ impl ServerReloader {
     async fn try_reload(&self, mut config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
         config.validate()?;
         let old = self.current();
-        let changed = changed_fields(&old, &config);
+        let tls_handle = lock(&self.inner.tls).clone();
+        let tls = tls_handle.clone().filter(TlsReloader::file_backed);
+        // The TLS files are read and checked before anything is applied; bad material rejects
+        // the whole reload. The client-certificate policy follows `remotedialer`, which needs a
+        // restart, so the running one is kept.
+        let prepared = match &tls {
+            Some(tls) => tls
+                .prepare(&config.tls_files(), old.client_cert_policy())
+                .map_err(|e| ConfigErrors(vec![FieldError::new("tls", e.to_string())]))?,
+            None => None,
+        };
+        let mut changed = changed_fields(&old, &config);
+        if prepared.is_some() && !changed.iter().any(|k| k.starts_with("tls.")) {
+            changed.push("tls.material".to_owned());
+        }
         if changed.is_empty() {
             return Ok(ReloadOutcome {
                 result: ReloadResult::Unchanged,
@@ -223,9 +261,11 @@ impl ServerReloader {
                 restart_required: Vec::new(),
             });
         }
+        let tls_in_place = tls.is_some();
         let in_place = |field: &str| {
             IN_PLACE_KEYS
                 .iter()
+                .chain(tls_in_place.then_some(&"tls"))
                 .any(|k| field == *k || field.starts_with(&format!("{k}.")))
         };
         let restart_required: Vec<String> =
@@ -240,6 +280,16 @@ impl ServerReloader {
         }
         self.apply_allowed(&config);
         self.apply_max_agents(old.max_agents, config.max_agents);
+        let tls_changed = prepared.is_some();
+        if let (Some(tls), Some(prepared)) = (&tls, prepared) {
+            tls.commit(prepared);
+        }
+        if tls_changed || old.allowed_agents != config.allowed_agents {
+            // Live sessions that the new material or allow-list would refuse are closed.
+            if let Some(tls) = &tls_handle {
+                tls.sweep();
+            }
+        }
         // Keys that need a restart keep their running values, so that the next reload still
         // sees (and reports) the difference.
         for key in &restart_required {

@@ -29,7 +29,8 @@ use crate::accept::accept;
 use crate::connect::{ConnContext, UpgradedAgent};
 use crate::metrics::ServerMetrics;
 use crate::registry::Protocol;
-use crate::registry::SessionRegistry;
+use crate::registry::{PeerChain, SessionRegistry};
+use crate::tls_reload::TlsReloader;
 use crate::remotedialer_ws::RdWsTransport;
 use crate::ws_transport::WsTransport;
 use tether_common::log_throttle::LogThrottle;
@@ -40,7 +41,8 @@ const MAX_HTTP_BUF: usize = 64 * 1024;
 
 /// Everything a tunnel connection task needs.
 pub(crate) struct Tunnel {
-    pub(crate) acceptor: TlsAcceptor,
+    /// The TLS material in force: each handshake takes the newest.
+    pub(crate) tls: TlsReloader,
     pub(crate) identity: IdentityMode,
     pub(crate) handshake_timeout: Duration,
     /// One permit per connection in the TLS/upgrade phase (`max_pending_handshakes`).
@@ -126,8 +128,8 @@ async fn serve_connection(
         upgraded = handshake(&tunnel, tcp, peer, deadline) => upgraded,
     };
     drop(pending);
-    if let Some((agent_id, upgraded)) = upgraded {
-        run_session(&tunnel, agent_id, peer, upgraded).await;
+    if let Some((agent_id, upgraded, chain)) = upgraded {
+        run_session(&tunnel, agent_id, peer, upgraded, chain).await;
     }
 }
 
@@ -137,9 +139,10 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     deadline: Instant,
-) -> Option<(String, UpgradedAgent)> {
+) -> Option<(String, UpgradedAgent, Option<PeerChain>)> {
     let _ = tcp.set_nodelay(true);
-    let tls = match timeout_at(deadline, tunnel.acceptor.accept(ReadAhead::new(tcp))).await {
+    let acceptor = TlsAcceptor::from(tunnel.tls.config());
+    let tls = match timeout_at(deadline, acceptor.accept(ReadAhead::new(tcp))).await {
         Err(_) => {
             tunnel.handshake_failed("timeout");
             debug!("TLS handshake timed out");
@@ -154,6 +157,10 @@ async fn handshake(
         Ok(Ok(tls)) => tls,
     };
     let conn = tls.get_ref().1;
+    // Kept in the registry so that a reload of the CA bundle or CRLs can verify it again.
+    let chain: Option<PeerChain> = conn
+        .peer_certificates()
+        .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect());
     if !alpn_ok(conn.alpn_protocol()) {
         tunnel.handshake_failed("alpn");
         debug!("peer did not negotiate ALPN http/1.1; closing");
@@ -227,7 +234,7 @@ async fn handshake(
             if agent_id.is_none() {
                 Span::current().record("agent.id", field::display(&upgraded.agent_id));
             }
-            Some((upgraded.agent_id.to_string(), upgraded))
+            Some((upgraded.agent_id.to_string(), upgraded, chain))
         }
         _ => {
             debug!("HTTP connection closed without an upgrade");
@@ -237,7 +244,13 @@ async fn handshake(
 }
 
 /// Runs the agent's session to its end; the registry entry lives exactly as long.
-async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: UpgradedAgent) {
+async fn run_session(
+    tunnel: &Tunnel,
+    agent_id: String,
+    peer: SocketAddr,
+    up: UpgradedAgent,
+    chain: Option<PeerChain>,
+) {
     let UpgradedAgent {
         socket,
         agent_id: _,
@@ -277,10 +290,14 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
     // The server takes no streams from agents: without a receiver the mux answers every OPEN
     // with OPEN_ERR(unsupported).
     drop(incoming);
-    let guard =
-        tunnel
-            .registry
-            .insert_with_protocol(&agent_id, &instance, peer, session.clone(), protocol);
+    let guard = tunnel.registry.insert_with_chain(
+        &agent_id,
+        &instance,
+        peer,
+        session.clone(),
+        protocol,
+        chain,
+    );
     Span::current().record("session.id", guard.session_id());
     info!(
         instance = %instance,
