@@ -28,6 +28,7 @@ use crate::frontend::FrontendControl;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 use crate::tls_reload::TlsReloader;
+use tether_common::tls::TlsError;
 
 /// Keys applied in place; every other changed key needs a restart.
 const IN_PLACE_KEYS: &[&str] = &[
@@ -223,6 +224,28 @@ impl ServerReloader {
         self.inner.metrics.reject(error);
     }
 
+    /// Reloads only the TLS material, from the files the config in force names (used when the
+    /// config file itself cannot be loaded: a CRL update still applies, and a TLS file that
+    /// went bad is refused and reported as such).
+    pub async fn reload_tls(&self) -> Result<bool, TlsError> {
+        let _serial = self.inner.serial.lock().await;
+        let Some(tls) = lock(&self.inner.tls)
+            .clone()
+            .filter(TlsReloader::file_backed)
+        else {
+            return Ok(false);
+        };
+        let running = self.current();
+        match tls.prepare(&running.tls_files(), running.client_cert_policy())? {
+            Some(prepared) => {
+                tls.commit(prepared);
+                tls.sweep();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// The config in force.
     pub fn current(&self) -> ServerConfig {
         lock(&self.inner.running).clone()
@@ -237,10 +260,18 @@ impl ServerReloader {
     }
 
     async fn try_reload(&self, mut config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
-        config.validate()?;
-        let old = self.current();
         let tls_handle = lock(&self.inner.tls).clone();
         let tls = tls_handle.clone().filter(TlsReloader::file_backed);
+        if let Err(errors) = config.validate() {
+            // A TLS file that is missing or not a file is refused material too.
+            if let Some(tls) = &tls
+                && let Some(bad) = errors.0.iter().find(|e| e.path.starts_with("tls."))
+            {
+                tls.reject(&format!("{}: {}", bad.path, bad.message));
+            }
+            return Err(errors);
+        }
+        let old = self.current();
         // The TLS files are read and checked before anything is applied; bad material rejects
         // the whole reload. The client-certificate policy follows `remotedialer`, which needs a
         // restart, so the running one is kept.

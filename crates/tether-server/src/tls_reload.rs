@@ -161,11 +161,20 @@ impl TlsReloader {
             }
             Ok(loaded) => Ok(Some(Prepared { loaded, policy })),
             Err(err) => {
-                count("rejected");
-                warn!(error = %err, "new TLS material refused; the material in force stays");
+                self.reject(&err);
                 Err(err)
             }
         }
+    }
+
+    /// Counts and logs refused material; the material in force stays.
+    pub(crate) fn reject(&self, error: &dyn std::fmt::Display) {
+        self.inner
+            .metrics
+            .reloads
+            .with_label_values(&["rejected"])
+            .inc();
+        warn!(error = %error, "new TLS material refused; the material in force stays");
     }
 
     /// Swaps in prepared material: the next handshake uses it. Live sessions are untouched

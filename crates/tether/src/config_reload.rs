@@ -235,6 +235,11 @@ async fn reload_server(
                 Err(errors) => debug!(errors = errors.len(), "server reload rejected"),
             }
         }
-        Err(err) => reloader.reject(&err),
+        Err(err) => {
+            reloader.reject(&err);
+            // The TLS files named by the running config may still have changed (a new CRL);
+            // the reloader logs and counts the outcome.
+            let _ = reloader.reload_tls().await;
+        }
     }
 }
