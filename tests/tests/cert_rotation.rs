@@ -274,3 +274,63 @@ async fn server_cert_is_replaced_without_dropping_sessions_and_bad_material_is_r
     assert_eq!(response.status, 200, "the server keeps running");
     server.kill().await;
 }
+
+const CLOSED_UNKNOWN_ISSUER: &str = "tether_sessions_revoked_total{reason=\"unknown_issuer\"}";
+const CLOSED_REVOKED: &str = "tether_sessions_revoked_total{reason=\"revoked\"}";
+
+async fn wait_no_session(admin: SocketAddr, client: &str) {
+    tokio::time::timeout(WAIT, async {
+        while !sessions(admin, client).await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{client}'s session closed in time"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rotation_with_overlap_then_removing_the_old_ca_closes_exactly_its_agents() {
+    let pki = TestPki::new();
+    let (server, files) = start_server(&pki).await;
+    let (tunnel, admin) = (server.tunnel_addr, server.admin_addr);
+    let old_agent = pki.agent("edge-old");
+    let _a = start_agent(&pki, &old_agent, tunnel);
+    let old_session = one_session(admin, "edge-old").await;
+
+    // Overlap: both CAs in the bundle admit agents of both. The server checks revocation for
+    // every agent, so the new CA's CRL goes in first.
+    write(
+        &files.crl,
+        &format!(
+            "{}{}",
+            pki.ca().crl_pem(&[]).unwrap(),
+            pki.other_ca().crl_pem(&[]).unwrap()
+        ),
+    );
+    wait_metric(admin, APPLIED, 1.0).await;
+    write(
+        &files.ca,
+        &format!("{}{}", pki.ca_pem(), pki.other_ca().cert_pem()),
+    );
+    wait_metric(admin, APPLIED, 2.0).await;
+    let new_agent = pki.agent_from_other_ca("edge-new");
+    let _b = start_agent(&pki, &new_agent, tunnel);
+    let new_session = one_session(admin, "edge-new").await;
+    assert_eq!(sessions(admin, "edge-old").await, vec![old_session]);
+
+    // The old CA goes: exactly its agent's session is closed, with its own reason.
+    write(&files.ca, pki.other_ca().cert_pem());
+    wait_metric(admin, APPLIED, 3.0).await;
+    wait_no_session(admin, "edge-old").await;
+    assert_eq!(metric(admin, CLOSED_UNKNOWN_ISSUER).await, 1.0);
+    assert_eq!(
+        metric(admin, "tether_session_events_total{event=\"revoked\"}").await,
+        1.0
+    );
+    assert_eq!(sessions(admin, "edge-new").await, vec![new_session]);
+    // The old agent keeps trying and is refused at the handshake.
+    let failures = "tether_tls_handshake_failures_total{reason=\"bad_certificate\"}";
+    wait_metric(admin, failures, metric(admin, failures).await + 1.0).await;
+    assert!(sessions(admin, "edge-old").await.is_empty());
+    server.kill().await;
+}

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod listen;
 pub mod log_throttle;
 pub mod pki;
+pub mod pki_ops;
 pub mod read_ahead;
 pub mod runtime_metrics;
 #[cfg(unix)]
