@@ -334,3 +334,91 @@ async fn ca_rotation_with_overlap_then_removing_the_old_ca_closes_exactly_its_ag
     assert!(sessions(admin, "edge-old").await.is_empty());
     server.kill().await;
 }
+
+/// Runs `tether certs ARGS`; panics with its output unless it succeeds.
+fn certs(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(tether_binary())
+        .arg("certs")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "tether certs {args:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certs_revoke_closes_exactly_the_revoked_agents_session_and_refuses_its_reconnect() {
+    let pki = TestPki::new();
+    // `tether certs` works on a CA directory: ca.pem and ca-key.pem.
+    pki.write_file("ca-key.pem", &pki.ca().key_pem());
+    let (server, files) = start_server(&pki).await;
+    let (tunnel, admin) = (server.tunnel_addr, server.admin_addr);
+    let bad = pki.agent("edge-bad");
+    let good = pki.agent("edge-good");
+    let _a = start_agent(&pki, &bad, tunnel);
+    let _b = start_agent(&pki, &good, tunnel);
+    one_session(admin, "edge-bad").await;
+    let good_session = one_session(admin, "edge-good").await;
+
+    let out = certs(&[
+        "revoke".as_ref(),
+        "--dir".as_ref(),
+        pki.dir().as_os_str(),
+        "--cert".as_ref(),
+        bad.cert_path.as_os_str(),
+        "--crl".as_ref(),
+        files.crl.as_os_str(),
+    ]);
+    assert!(out.contains("now revokes 1 certificate"), "{out}");
+    wait_metric(admin, APPLIED, 1.0).await;
+    wait_no_session(admin, "edge-bad").await;
+    assert_eq!(metric(admin, CLOSED_REVOKED).await, 1.0);
+    assert_eq!(sessions(admin, "edge-good").await, vec![good_session]);
+    // Its reconnects are refused at the handshake.
+    let failures = "tether_tls_handshake_failures_total{reason=\"bad_certificate\"}";
+    wait_metric(admin, failures, metric(admin, failures).await + 2.0).await;
+    assert!(sessions(admin, "edge-bad").await.is_empty());
+    assert_eq!(sessions(admin, "edge-good").await, vec![good_session]);
+
+    // `inspect` against the server's config says why it would be refused.
+    let out = std::process::Command::new(tether_binary())
+        .args(["certs", "inspect"])
+        .arg(&bad.cert_path)
+        .arg("--config")
+        .arg(pki.dir().join("server.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("agent id:   edge-bad"), "{text}");
+    assert!(text.contains("the server refuses it (revoked)"), "{text}");
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_agent_from_allowed_agents_closes_its_session() {
+    let pki = TestPki::new();
+    let (server, _files) = start_server(&pki).await;
+    let (tunnel, admin) = (server.tunnel_addr, server.admin_addr);
+    let one = pki.agent("edge-1");
+    let two = pki.agent("edge-2");
+    let _a = start_agent(&pki, &one, tunnel);
+    let _b = start_agent(&pki, &two, tunnel);
+    one_session(admin, "edge-1").await;
+    let kept = one_session(admin, "edge-2").await;
+    let config = pki.dir().join("server.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    write(&config, &format!("{text}allowed_agents: [edge-2]\n"));
+    wait_no_session(admin, "edge-1").await;
+    assert_eq!(
+        metric(admin, "tether_sessions_revoked_total{reason=\"not_allowed\"}").await,
+        1.0
+    );
+    assert_eq!(sessions(admin, "edge-2").await, vec![kept]);
+    server.kill().await;
+}

@@ -47,10 +47,38 @@ impl CertInfo {
             .find_map(|u| u.strip_prefix(AGENT_URI_PREFIX))
     }
 
+    /// `notBefore` and `notAfter` as RFC 3339 UTC text.
+    pub fn validity_text(&self) -> (String, String) {
+        (rfc3339(self.not_before), rfc3339(self.not_after))
+    }
+
     /// Seconds until `notAfter` (negative once expired).
     pub fn remaining_secs(&self) -> i64 {
         self.not_after - time::OffsetDateTime::now_utc().unix_timestamp()
     }
+}
+
+fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// Why the private key at `key` is not the key of the certificate chain at `cert`, or `None`
+/// when they belong together.
+pub fn key_mismatch(cert: &Path, key: &Path) -> Result<Option<String>, PkiError> {
+    let chain = tls::load_certs(cert).map_err(|e| bad(&cert.display().to_string(), e))?;
+    let key_der = tls::load_private_key(key).map_err(|e| bad(&key.display().to_string(), e))?;
+    let provider = tls::crypto_provider();
+    Ok(
+        rustls::sign::CertifiedKey::from_der(chain, key_der, &provider)
+            .err()
+            .map(|e| format!("the key {} is not this certificate's key ({e})", key.display())),
+    )
 }
 
 fn bad(origin: &str, problem: impl std::fmt::Display) -> PkiError {

@@ -1,6 +1,7 @@
 //! The `tether` binary: parses flags, loads config, binds listeners and calls the daemon libraries.
 
 mod certs_cmd;
+mod certs_lifecycle;
 mod cli;
 mod config_load;
 mod config_reload;
@@ -138,8 +139,29 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             Ok(())
         }
         Command::Certs { command } => match command {
-            CertsCommand::Init { dir, dns, ip } => certs_cmd::init(&dir, &dns, &ip),
-            CertsCommand::Issue { dir, agent } => certs_cmd::issue(&dir, &agent),
+            CertsCommand::Init {
+                dir,
+                dns,
+                ip,
+                valid_for,
+            } => certs_cmd::init(&dir, &dns, &ip, &certs_lifecycle::options(valid_for)?),
+            CertsCommand::Issue {
+                dir,
+                agent,
+                valid_for,
+            } => certs_cmd::issue(&dir, &agent, &certs_lifecycle::options(valid_for)?),
+            CertsCommand::Renew {
+                dir,
+                cert,
+                key,
+                valid_for,
+            } => certs_lifecycle::renew(&dir, &cert, &key, &valid_for),
+            CertsCommand::Inspect { file, config } => {
+                certs_lifecycle::inspect(&file, config.as_deref())
+            }
+            CertsCommand::Revoke { dir, cert, crl } => {
+                certs_lifecycle::revoke(&dir, &cert, crl.as_deref())
+            }
         },
         Command::CheckConfig { kind, path } => {
             let kind = config_load::check(kind, &path)?;
