@@ -1,5 +1,6 @@
 //! The agent's admin HTTP router: `/healthz` (process up), `/readyz` (a session is up, or
-//! the activation gate keeps the agent correctly idle: 200 with the reason) and
+//! the activation gate keeps the agent correctly idle: 200 with the reason; 503 saying so
+//! once the agent certificate has expired) and
 //! `/metrics` (Prometheus text format).
 
 use axum::Router;
@@ -10,21 +11,38 @@ use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::sync::watch;
 
+use std::sync::Arc;
+
+use crate::cert_watch::CertWatch;
 use crate::status::AgentStatus;
 
 #[derive(Clone)]
 struct AdminState {
     status: watch::Receiver<AgentStatus>,
     registry: Registry,
+    cert: Arc<CertWatch>,
 }
 
 /// The admin routes, reading `status` and gathering `registry`.
 pub fn router(status: watch::Receiver<AgentStatus>, registry: Registry) -> Router {
+    router_with_cert(status, registry, CertWatch::new())
+}
+
+/// [`router`], with `/readyz` also saying when the certificate in `cert` has expired.
+pub fn router_with_cert(
+    status: watch::Receiver<AgentStatus>,
+    registry: Registry,
+    cert: Arc<CertWatch>,
+) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState { status, registry })
+        .with_state(AdminState {
+            status,
+            registry,
+            cert,
+        })
 }
 
 async fn healthz() -> &'static str {
@@ -32,6 +50,9 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
+    if let Some(expired) = state.cert.expired_reason() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{expired}\n")).into_response();
+    }
     let (reason, idle) = {
         let status = state.status.borrow();
         (status.not_ready_reason(), status.idle_reason())

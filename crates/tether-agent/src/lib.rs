@@ -7,6 +7,7 @@
 //! ([`admin`]); [`Agent::reloader`] applies new configs while it runs ([`reload`]).
 
 pub mod admin;
+pub mod cert_watch;
 pub mod config;
 pub mod connector;
 pub mod dial;
@@ -47,6 +48,7 @@ use crate::dial::{Resolver, SystemResolver};
 use crate::gate::{Gate, GateControl};
 use crate::handler::Handler;
 use crate::reload::{ConnectSettings, ReloadTargets};
+use crate::cert_watch::CertWatch;
 use crate::supervisor::Supervisor;
 
 /// How the agent reads environment variables (the activation gate's `from: env` source).
@@ -93,6 +95,8 @@ pub struct Agent {
     registry: prometheus::Registry,
     status: watch::Sender<AgentStatus>,
     instance_id: String,
+    /// The agent certificate's lifetime (expiry warning, `/readyz`).
+    cert_watch: Arc<CertWatch>,
     /// systemd notifications: READY once the connector starts, STOPPING when shutdown begins.
     #[cfg(unix)]
     notifier: tether_common::sd_notify::Notifier,
@@ -124,6 +128,8 @@ impl Agent {
         })?;
         let files = config.tls_files();
         let tls = tls::client_config(&files)?;
+        let cert_watch = CertWatch::new();
+        cert_watch.set(&tls::load_certs(&files.cert)?);
         let instance_id = connector::new_instance_id();
         let connector = Connector::new(&config, tls, &instance_id)?;
         let metrics = AgentMetrics::register(registry)?;
@@ -159,6 +165,8 @@ impl Agent {
                 connect: connect.clone(),
                 metrics: metrics.reloads.clone(),
                 instance_id: instance_id.clone(),
+                cert_expiry: metrics.cert_expiry.clone(),
+                cert_watch: cert_watch.clone(),
             },
         );
         Ok(Agent {
@@ -168,6 +176,7 @@ impl Agent {
             gate,
             env: Arc::new(|var| std::env::var(var).ok()),
             reloader,
+            cert_watch,
             policy,
             resolver: Arc::new(SystemResolver),
             metrics,
@@ -238,7 +247,11 @@ impl Agent {
             let tracker = TaskTracker::new();
             if let Some(listener) = listeners.admin {
                 let addr = listener.local_addr().ok();
-                let router = admin::router(self.status.subscribe(), self.registry.clone());
+                let router = admin::router_with_cert(
+                    self.status.subscribe(),
+                    self.registry.clone(),
+                    self.cert_watch.clone(),
+                );
                 let stop = shutdown.clone();
                 tracker.spawn(
                     async move {
@@ -261,6 +274,12 @@ impl Agent {
             let gate = Gate::new(self.gate, self.metrics.gate.clone(), self.env);
             let gate_state = gate.subscribe();
             tracker.spawn(gate.run(shutdown.clone()).in_current_span());
+            tracker.spawn(
+                self.cert_watch
+                    .clone()
+                    .run(shutdown.clone())
+                    .in_current_span(),
+            );
             let supervisor = Supervisor {
                 connect: self.connect.subscribe(),
                 handler: Handler {

@@ -15,6 +15,7 @@ use crate::pki::{
     write_file_public,
 };
 use crate::tls;
+use crate::tls_check::rfc3339;
 
 /// What a certificate says, for `tether certs inspect`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,16 +57,6 @@ impl CertInfo {
     pub fn remaining_secs(&self) -> i64 {
         self.not_after - time::OffsetDateTime::now_utc().unix_timestamp()
     }
-}
-
-fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
 }
 
 /// Why the private key at `key` is not the key of the certificate chain at `cert`, or `None`

@@ -162,6 +162,26 @@ fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<x509_parser::certificate::X5
         .map_err(|e| TlsError::BadCertificate(e.to_string()))
 }
 
+/// `notBefore` and `notAfter` of a DER certificate, Unix seconds.
+pub fn cert_validity(der: &CertificateDer<'_>) -> Result<(i64, i64), TlsError> {
+    let cert = parse(der)?;
+    Ok((
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    ))
+}
+
+/// A Unix time as RFC 3339 UTC text (the number itself if it is out of range).
+pub fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
 /// Refuses a certificate whose validity has ended.
 pub fn check_leaf(der: &CertificateDer<'_>, origin: &str) -> Result<(), TlsError> {
     let cert = parse(der)?;
