@@ -113,6 +113,12 @@ impl AgentReloader {
         self.inner.metrics.reject(error);
     }
 
+    /// The files to watch besides the config file: the TLS material in force.
+    pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        let files = self.lock().config.tls_files();
+        vec![files.cert, files.key, files.server_ca]
+    }
+
     /// The effective config in force.
     pub fn current(&self) -> AgentConfig {
         self.lock().config.clone()

@@ -140,11 +140,13 @@ pub(crate) fn agent_reloads(
     notifier: Notifier,
 ) -> impl Future<Output = ()> + Send {
     let mut triggers = Triggers::new(&path);
+    triggers.watch(reloader.watched_files());
     async move {
         loop {
             let trigger = triggers.next().await;
             notify(&notifier, Notifier::reloading, "RELOADING");
             reload_agent(&path, &flags, &reloader, &logs, trigger);
+            triggers.watch(reloader.watched_files());
             notify(&notifier, Notifier::ready, "READY");
         }
     }
