@@ -252,7 +252,6 @@ async fn server_cert_is_replaced_without_dropping_sessions_and_bad_material_is_r
         ),
     ];
     for (what, break_it, repair) in &breaks {
-        eprintln!("breaking with {what}");
         break_it();
         wait_metric(admin, REJECTED, rejected + 1.0).await;
         assert_eq!(
@@ -421,4 +420,88 @@ async fn removing_an_agent_from_allowed_agents_closes_its_session() {
     );
     assert_eq!(sessions(admin, "edge-2").await, vec![kept]);
     server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_an_agents_cert_keeps_its_session_and_its_next_handshake_presents_the_new_one()
+{
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let pki = TestPki::new();
+    let (server, files) = start_server(&pki).await;
+    let (tunnel, admin) = (server.tunnel_addr, server.admin_addr);
+    let agent_cert = pki.agent("edge-1");
+    let mut agent = start_agent_with_log(&pki, &agent_cert, tunnel);
+    let mut log = BufReader::new(agent.stderr.take().unwrap()).lines();
+    let session = one_session(admin, "edge-1").await;
+
+    // Renew in place with the CLI: same identity, new key, new serial.
+    pki.write_file("ca-key.pem", &pki.ca().key_pem());
+    let out = certs(&[
+        "renew".as_ref(),
+        "--dir".as_ref(),
+        pki.dir().as_os_str(),
+        "--cert".as_ref(),
+        agent_cert.cert_path.as_os_str(),
+        "--key".as_ref(),
+        agent_cert.key_path.as_os_str(),
+        "--valid-for".as_ref(),
+        "30d".as_ref(),
+    ]);
+    assert!(out.contains("agent id:   edge-1"), "{out}");
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("TLS material reloaded") {
+                return;
+            }
+        }
+        panic!("the agent exited");
+    })
+    .await
+    .expect("the agent reloads its certificate");
+    assert_eq!(sessions(admin, "edge-1").await, vec![session], "no session drop");
+
+    // Revoking the OLD certificate closes the session; the agent's next handshake presents the
+    // renewed one, which the server admits.
+    let old_cert = pki.write_file("edge-1-old.pem", &agent_cert.cert_pem);
+    certs(&[
+        "revoke".as_ref(),
+        "--dir".as_ref(),
+        pki.dir().as_os_str(),
+        "--cert".as_ref(),
+        old_cert.as_os_str(),
+        "--crl".as_ref(),
+        files.crl.as_os_str(),
+    ]);
+    wait_metric(admin, CLOSED_REVOKED, 1.0).await;
+    let renewed_session = one_session(admin, "edge-1").await;
+    assert_ne!(renewed_session, session);
+    server.kill().await;
+}
+
+/// [`start_agent`] with its log on a pipe.
+fn start_agent_with_log(pki: &TestPki, cert: &AgentCert, tunnel: SocketAddr) -> Child {
+    let config = pki.write_file(
+        &format!("agent-{}.yaml", cert.id),
+        &format!(
+            "version: 1\n\
+             server_url: \"wss://{tunnel}/v1/connect\"\n\
+             server_name: \"localhost\"\n\
+             tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
+             admin_listen: \"\"\n\
+             reconnect: {{ min_delay: 50ms, max_delay: 200ms }}\n",
+            cert.cert_path.display(),
+            cert.key_path.display(),
+            pki.ca_path().display(),
+        ),
+    );
+    Command::new(tether_binary())
+        .args(["--log", "info", "agent", "--config"])
+        .arg(config)
+        .env_remove("TETHER_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
