@@ -185,8 +185,15 @@ async fn server_cert_is_replaced_without_dropping_sessions_and_bad_material_is_r
     write(&files.key, &fresh.key_pem);
     write(&files.cert, &fresh.cert_pem);
     wait_metric(admin, APPLIED, 1.0).await;
-    assert_eq!(presented_cert(&pki, &edge1, tunnel).await, der(&fresh.cert_pem));
-    assert_eq!(sessions(admin, "edge-1").await, vec![session], "no session drop");
+    assert_eq!(
+        presented_cert(&pki, &edge1, tunnel).await,
+        der(&fresh.cert_pem)
+    );
+    assert_eq!(
+        sessions(admin, "edge-1").await,
+        vec![session],
+        "no session drop"
+    );
     // A new agent connects with the new certificate in place.
     let edge2 = pki.agent("edge-2");
     let _agent2 = start_agent(&pki, &edge2, tunnel);
@@ -268,7 +275,11 @@ async fn server_cert_is_replaced_without_dropping_sessions_and_bad_material_is_r
         rejected = metric(admin, REJECTED).await;
     }
     drop(breaks);
-    assert_eq!(sessions(admin, "edge-1").await, vec![session], "no session drop");
+    assert_eq!(
+        sessions(admin, "edge-1").await,
+        vec![session],
+        "no session drop"
+    );
     let response = tether_e2e::http::get(admin, "/healthz").await.unwrap();
     assert_eq!(response.status, 200, "the server keeps running");
     server.kill().await;
@@ -415,7 +426,11 @@ async fn removing_an_agent_from_allowed_agents_closes_its_session() {
     write(&config, &format!("{text}allowed_agents: [edge-2]\n"));
     wait_no_session(admin, "edge-1").await;
     assert_eq!(
-        metric(admin, "tether_sessions_revoked_total{reason=\"not_allowed\"}").await,
+        metric(
+            admin,
+            "tether_sessions_revoked_total{reason=\"not_allowed\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(sessions(admin, "edge-2").await, vec![kept]);
@@ -423,8 +438,7 @@ async fn removing_an_agent_from_allowed_agents_closes_its_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replacing_an_agents_cert_keeps_its_session_and_its_next_handshake_presents_the_new_one()
-{
+async fn replacing_an_agents_cert_keeps_its_session_and_its_next_handshake_presents_the_new_one() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let pki = TestPki::new();
     let (server, files) = start_server(&pki).await;
@@ -458,7 +472,11 @@ async fn replacing_an_agents_cert_keeps_its_session_and_its_next_handshake_prese
     })
     .await
     .expect("the agent reloads its certificate");
-    assert_eq!(sessions(admin, "edge-1").await, vec![session], "no session drop");
+    assert_eq!(
+        sessions(admin, "edge-1").await,
+        vec![session],
+        "no session drop"
+    );
 
     // Revoking the OLD certificate closes the session; the agent's next handshake presents the
     // renewed one, which the server admits.

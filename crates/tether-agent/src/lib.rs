@@ -44,11 +44,11 @@ pub use reload::AgentReloader;
 pub use status::AgentStatus;
 pub use tether_common::config_diff::ReloadOutcome;
 
+use crate::cert_watch::CertWatch;
 use crate::dial::{Resolver, SystemResolver};
 use crate::gate::{Gate, GateControl};
 use crate::handler::Handler;
 use crate::reload::{ConnectSettings, ReloadTargets};
-use crate::cert_watch::CertWatch;
 use crate::supervisor::Supervisor;
 
 /// How the agent reads environment variables (the activation gate's `from: env` source).

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tether_common::cert_expiry::{CertExpiry, CertRole};
 use tether_common::config_diff::{ReloadMetrics, ReloadOutcome, ReloadResult, changed_fields};
 use tether_common::config_error::{ConfigErrors, FieldError};
-use tether_common::cert_expiry::{CertExpiry, CertRole};
 use tether_common::tls;
 use tether_common::tls_check;
 use tether_mux::MuxConfig;
@@ -212,7 +212,11 @@ impl AgentReloader {
         if let Some(loaded) = &new_tls {
             if connect.is_none() {
                 // The live session stays; the next handshake presents the new material.
-                inner.connect.borrow().connector.set_tls(loaded.config.clone());
+                inner
+                    .connect
+                    .borrow()
+                    .connector
+                    .set_tls(loaded.config.clone());
             }
             inner.cert_watch.set(&loaded.cert_chain);
             for (role, certs) in [

@@ -222,7 +222,11 @@ impl Ca {
         Self::from_pem_named(cert_pem, key_pem, "PEM input")
     }
 
-    pub(crate) fn from_pem_named(cert_pem: &str, key_pem: &str, origin: &str) -> Result<Ca, PkiError> {
+    pub(crate) fn from_pem_named(
+        cert_pem: &str,
+        key_pem: &str,
+        origin: &str,
+    ) -> Result<Ca, PkiError> {
         let load_err = |problem: String| PkiError::LoadCa {
             origin: origin.to_owned(),
             problem,
@@ -303,7 +307,7 @@ impl Ca {
     /// A CRL (PEM) signed by this CA that revokes the given certificates (PEM), valid for
     /// 30 days. Used to test revocation; production CRLs usually come from elsewhere.
     pub fn crl_pem(&self, revoked_cert_pems: &[&str]) -> Result<String, PkiError> {
-                let revoked_certs = revoked_cert_pems
+        let revoked_certs = revoked_cert_pems
             .iter()
             .map(|pem| {
                 let der = first_pem_der(pem).ok_or_else(|| PkiError::LoadCa {

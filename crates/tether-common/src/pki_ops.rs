@@ -68,7 +68,12 @@ pub fn key_mismatch(cert: &Path, key: &Path) -> Result<Option<String>, PkiError>
     Ok(
         rustls::sign::CertifiedKey::from_der(chain, key_der, &provider)
             .err()
-            .map(|e| format!("the key {} is not this certificate's key ({e})", key.display())),
+            .map(|e| {
+                format!(
+                    "the key {} is not this certificate's key ({e})",
+                    key.display()
+                )
+            }),
     )
 }
 
@@ -217,13 +222,18 @@ struct CaId {
 impl CaId {
     fn load(path: &Path) -> Result<CaId, PkiError> {
         let origin = path.display().to_string();
-        let der = tls::load_certs(path).map_err(|e| bad(&origin, e))?.remove(0);
+        let der = tls::load_certs(path)
+            .map_err(|e| bad(&origin, e))?
+            .remove(0);
         let (_, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| bad(&origin, format!("cannot parse the CA certificate: {e}")))?;
-        let key_id = cert.extensions().iter().find_map(|e| match e.parsed_extension() {
-            ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
-            _ => None,
-        });
+        let key_id = cert
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+                _ => None,
+            });
         Ok(CaId {
             subject: cert.subject().to_string(),
             key_id,
@@ -346,11 +356,21 @@ mod tests {
 
     #[test]
     fn validity_parses_days_and_units_and_refuses_nonsense() {
-        assert_eq!(parse_validity("90d").unwrap(), Duration::from_secs(90 * 86_400));
-        assert_eq!(parse_validity("12h").unwrap(), Duration::from_secs(12 * 3600));
+        assert_eq!(
+            parse_validity("90d").unwrap(),
+            Duration::from_secs(90 * 86_400)
+        );
+        assert_eq!(
+            parse_validity("12h").unwrap(),
+            Duration::from_secs(12 * 3600)
+        );
         assert!(parse_validity("10s").unwrap_err().contains("shorter"));
         assert!(parse_validity("xd").is_err());
-        assert!(parse_validity("9999999d").unwrap_err().contains("100 years"));
+        assert!(
+            parse_validity("9999999d")
+                .unwrap_err()
+                .contains("100 years")
+        );
         assert!(parse_validity("5y").is_err());
     }
 
@@ -368,7 +388,10 @@ mod tests {
         let info = inspect_file(&cert).unwrap().remove(0);
         assert_eq!(info.agent_id(), Some("edge-1"));
         assert!(!info.is_ca);
-        assert!((3 * 3600 - 60..=3 * 3600).contains(&info.remaining_secs()), "{info:?}");
+        assert!(
+            (3 * 3600 - 60..=3 * 3600).contains(&info.remaining_secs()),
+            "{info:?}"
+        );
         let server = inspect_file(&d.join("server.pem")).unwrap().remove(0);
         assert_eq!(server.dns, vec!["localhost"]);
         assert_eq!(server.ips, vec!["127.0.0.1"]);
@@ -380,9 +403,13 @@ mod tests {
         assert_ne!(renewed.info.serial, info.serial);
         assert_ne!(std::fs::read_to_string(&key).unwrap(), old_key);
         assert!(renewed.info.remaining_secs() > 9 * 86_400);
-        let server_renewed =
-            renew(d, &d.join("server.pem"), &d.join("server-key.pem"), Duration::from_secs(86_400))
-                .unwrap();
+        let server_renewed = renew(
+            d,
+            &d.join("server.pem"),
+            &d.join("server-key.pem"),
+            Duration::from_secs(86_400),
+        )
+        .unwrap();
         assert_eq!(server_renewed.info.dns, vec!["localhost"]);
 
         // Revocation accumulates in the CRL, and the server's verifier refuses exactly those.
@@ -403,7 +430,9 @@ mod tests {
         .unwrap();
         let chain = |p: &Path| tls::load_certs(p).unwrap();
         assert_eq!(
-            reverify(tls.verifier.as_ref(), &chain(&cert)).unwrap_err().reason,
+            reverify(tls.verifier.as_ref(), &chain(&cert))
+                .unwrap_err()
+                .reason,
             "revoked"
         );
         assert!(reverify(tls.verifier.as_ref(), &chain(&d.join("agent-edge-2.pem"))).is_ok());

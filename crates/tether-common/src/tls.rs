@@ -172,7 +172,10 @@ fn parse_all<T: PemObject>(
     Ok(items)
 }
 
-pub(crate) fn parse_certs(text: &[u8], origin: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn parse_certs(
+    text: &[u8],
+    origin: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     parse_all(text, origin, "certificate", "CERTIFICATE")
 }
 

@@ -156,7 +156,9 @@ fn fingerprint(texts: &[&Vec<u8>]) -> u64 {
     hasher.finish()
 }
 
-fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<x509_parser::certificate::X509Certificate<'a>, TlsError> {
+fn parse<'a>(
+    der: &'a CertificateDer<'_>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, TlsError> {
     x509_parser::parse_x509_certificate(der)
         .map(|(_, cert)| cert)
         .map_err(|e| TlsError::BadCertificate(e.to_string()))

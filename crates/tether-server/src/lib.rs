@@ -41,6 +41,6 @@ pub use registry::{
     Subscriber,
 };
 pub use reload::ServerReloader;
-pub use tls_reload::TlsReloader;
 pub use server::{FrontendListeners, Listeners, Server, ServerError, run};
 pub use tether_common::config_diff::ReloadOutcome;
+pub use tls_reload::TlsReloader;

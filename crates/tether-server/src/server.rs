@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
+use rustls::server::danger::ClientCertVerifier;
 use tether_common::cert_expiry::CertRole;
 use tether_common::config_diff::ReloadMetrics;
 use tether_common::config_error::ConfigErrors;
-use rustls::server::danger::ClientCertVerifier;
 use tether_common::tls::{self, TlsError};
 use tether_common::tls_check;
 use tether_proto::GoAwayCode;
@@ -188,7 +188,13 @@ impl Server {
         let policy = config.client_cert_policy();
         let tls = tls::server_tls(&files, policy)?;
         let fingerprint = tls_check::server_files_fingerprint(&files).map(|f| (f, policy));
-        let server = Self::build(config, tls.config, Some(tls.verifier), fingerprint, registry)?;
+        let server = Self::build(
+            config,
+            tls.config,
+            Some(tls.verifier),
+            fingerprint,
+            registry,
+        )?;
         for (role, path) in [
             (CertRole::Server, &files.cert),
             (CertRole::ClientCa, &files.client_ca),

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::server::danger::ClientCertVerifier;
 use prometheus::{IntCounterVec, Opts, Registry};
+use rustls::server::danger::ClientCertVerifier;
 use tether_common::cert_expiry::{CertExpiry, CertRole};
 use tether_common::tls::{ClientCertPolicy, ServerTls, ServerTlsFiles, TlsError};
 use tether_common::tls_check::{self, LoadedServerTls};
@@ -153,7 +153,13 @@ impl TlsReloader {
         let Some(current) = self.inner.active.load().fingerprint else {
             return Ok(None);
         };
-        let count = |result: &str| self.inner.metrics.reloads.with_label_values(&[result]).inc();
+        let count = |result: &str| {
+            self.inner
+                .metrics
+                .reloads
+                .with_label_values(&[result])
+                .inc()
+        };
         match tls_check::load_server_tls(files, policy) {
             Ok(loaded) if (loaded.fingerprint, policy) == current => {
                 count("unchanged");

@@ -17,8 +17,8 @@ pub(crate) fn options(valid_for: Option<String>) -> anyhow::Result<IssueOptions>
     match valid_for {
         None => Ok(IssueOptions::default()),
         Some(text) => {
-            let validity = pki_ops::parse_validity(&text)
-                .map_err(|e| anyhow::anyhow!("--valid-for: {e}"))?;
+            let validity =
+                pki_ops::parse_validity(&text).map_err(|e| anyhow::anyhow!("--valid-for: {e}"))?;
             Ok(IssueOptions::valid_for(validity))
         }
     }
@@ -142,8 +142,7 @@ fn check_server(file: &Path, info: &CertInfo, config: &Path) -> anyhow::Result<V
                     refusal.reason, refusal.detail
                 ));
             }
-            if !config.allowed_agents.is_empty() && !config.allowed_agents.iter().any(|a| a == id)
-            {
+            if !config.allowed_agents.is_empty() && !config.allowed_agents.iter().any(|a| a == id) {
                 problems.push(format!("agent \"{id}\" is not in allowed_agents"));
             }
         }
