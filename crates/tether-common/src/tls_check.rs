@@ -251,3 +251,145 @@ pub fn reverify(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::pki::{Ca, IssueOptions};
+    use std::path::Path;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn reload_loading_refuses_bad_material_naming_the_file_and_the_reason() {
+        let ca = Ca::generate("test CA").unwrap();
+        let server = ca
+            .issue_server(&["localhost".into()], &[], &IssueOptions::default())
+            .unwrap();
+        let agent = ca.issue_agent("edge-1", &IssueOptions::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        write(&p("server.pem"), &server.cert_pem);
+        write(&p("server-key.pem"), &server.key_pem);
+        write(&p("ca.pem"), ca.cert_pem());
+        let files = ServerTlsFiles {
+            cert: p("server.pem"),
+            key: p("server-key.pem"),
+            client_ca: p("ca.pem"),
+            crls: Vec::new(),
+        };
+        let policy = ClientCertPolicy::Required;
+        let good = load_server_tls(&files, policy).unwrap();
+        assert_eq!(server_files_fingerprint(&files), Some(good.fingerprint));
+
+        let refused =
+            |files: &ServerTlsFiles| load_server_tls(files, policy).unwrap_err().to_string();
+        // A CA file holding a leaf.
+        write(&p("leaf-ca.pem"), &agent.cert_pem);
+        let err = refused(&ServerTlsFiles {
+            client_ca: p("leaf-ca.pem"),
+            ..files.clone()
+        });
+        assert!(
+            err.contains("leaf-ca.pem") && err.contains("is not a CA certificate"),
+            "{err}"
+        );
+        // An expired certificate.
+        let old = ca
+            .issue_server(&["localhost".into()], &[], &IssueOptions::expired())
+            .unwrap();
+        write(&p("old.pem"), &old.cert_pem);
+        write(&p("old-key.pem"), &old.key_pem);
+        let err = refused(&ServerTlsFiles {
+            cert: p("old.pem"),
+            key: p("old-key.pem"),
+            ..files.clone()
+        });
+        assert!(err.contains("old.pem") && err.contains("expired"), "{err}");
+        // A key for another certificate.
+        write(&p("agent-key.pem"), &agent.key_pem);
+        let err = refused(&ServerTlsFiles {
+            key: p("agent-key.pem"),
+            ..files.clone()
+        });
+        assert!(err.contains("agent-key.pem"), "{err}");
+        // Truncated PEM.
+        write(
+            &p("half.pem"),
+            &server.cert_pem[..server.cert_pem.len() / 2],
+        );
+        let err = refused(&ServerTlsFiles {
+            cert: p("half.pem"),
+            ..files.clone()
+        });
+        assert!(err.contains("half.pem"), "{err}");
+        // A directory, a missing file, an empty CA bundle.
+        std::fs::create_dir(p("dir.pem")).unwrap();
+        let err = refused(&ServerTlsFiles {
+            cert: p("dir.pem"),
+            ..files.clone()
+        });
+        assert!(err.contains("dir.pem"), "{err}");
+        let err = refused(&ServerTlsFiles {
+            key: p("gone.pem"),
+            ..files.clone()
+        });
+        assert!(err.contains("gone.pem"), "{err}");
+        write(&p("empty.pem"), "");
+        let err = refused(&ServerTlsFiles {
+            client_ca: p("empty.pem"),
+            ..files.clone()
+        });
+        assert!(
+            err.contains("empty.pem") && err.contains("no certificate"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reverify_names_the_reason() {
+        let ca = Ca::generate("test CA").unwrap();
+        let other = Ca::generate("other CA").unwrap();
+        let server = ca
+            .issue_server(&["localhost".into()], &[], &IssueOptions::default())
+            .unwrap();
+        let revoked = ca.issue_agent("edge-1", &IssueOptions::default()).unwrap();
+        let fine = ca.issue_agent("edge-2", &IssueOptions::default()).unwrap();
+        let stranger = other
+            .issue_agent("edge-3", &IssueOptions::default())
+            .unwrap();
+        let crl = ca.crl_pem(&[&revoked.cert_pem]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("s.pem"), &server.cert_pem).unwrap();
+        std::fs::write(p("k.pem"), &server.key_pem).unwrap();
+        std::fs::write(p("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(p("crl.pem"), crl).unwrap();
+        let loaded = load_server_tls(
+            &ServerTlsFiles {
+                cert: p("s.pem"),
+                key: p("k.pem"),
+                client_ca: p("ca.pem"),
+                crls: vec![p("crl.pem")],
+            },
+            ClientCertPolicy::Required,
+        )
+        .unwrap();
+        let v = loaded.tls.verifier.as_ref();
+        let chain = |pem: &str| tls::certs_from_pem(pem).unwrap();
+        assert!(reverify(v, &chain(&fine.cert_pem)).is_ok());
+        assert_eq!(
+            reverify(v, &chain(&revoked.cert_pem)).unwrap_err().reason,
+            "revoked"
+        );
+        assert_eq!(
+            reverify(v, &chain(&stranger.cert_pem)).unwrap_err().reason,
+            "unknown_issuer"
+        );
+        assert_eq!(reverify(v, &[]).unwrap_err().reason, "bad_certificate");
+    }
+}
