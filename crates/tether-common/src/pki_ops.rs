@@ -266,8 +266,9 @@ pub struct RevokeReport {
 
 /// Adds the certificates of the PEM file `cert` to the CRL at `crl` (created if missing),
 /// signed by the CA in `ca_dir`; the CRL's existing entries are kept. The certificates must
-/// have been issued by that CA, and an existing CRL must be that CA's.
-pub fn revoke(ca_dir: &Path, cert: &Path, crl: &Path) -> Result<RevokeReport, PkiError> {
+/// have been issued by that CA, and an existing CRL must be that CA's. Without `cert`, the CRL
+/// is only re-signed (a fresh 30-day validity), or created empty.
+pub fn revoke(ca_dir: &Path, cert: Option<&Path>, crl: &Path) -> Result<RevokeReport, PkiError> {
     let ca = load_ca(ca_dir)?;
     let ca_id = CaId::load(&ca_dir.join(CA_CERT_FILE))?;
     let mut serials: Vec<Vec<u8>> = Vec::new();
@@ -292,9 +293,13 @@ pub fn revoke(ca_dir: &Path, cert: &Path, crl: &Path) -> Result<RevokeReport, Pk
             );
         }
     }
-    let origin = cert.display().to_string();
     let mut added = Vec::new();
-    for der in tls::load_certs(cert).map_err(|e| bad(&origin, e))? {
+    let certs = match cert {
+        Some(cert) => tls::load_certs(cert).map_err(|e| bad(&cert.display().to_string(), e))?,
+        None => Vec::new(),
+    };
+    let origin = cert.map(|c| c.display().to_string()).unwrap_or_default();
+    for der in certs {
         let (_, parsed) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| bad(&origin, format!("cannot parse a certificate: {e}")))?;
         if !ca_id.issued(parsed.issuer(), parsed.extensions()) {
@@ -414,9 +419,9 @@ mod tests {
 
         // Revocation accumulates in the CRL, and the server's verifier refuses exactly those.
         let crl = d.join("crl.pem");
-        let first = revoke(d, &cert, &crl).unwrap();
+        let first = revoke(d, Some(&cert), &crl).unwrap();
         assert_eq!((first.added.len(), first.total), (1, 1));
-        let again = revoke(d, &cert, &crl).unwrap();
+        let again = revoke(d, Some(&cert), &crl).unwrap();
         assert_eq!((again.added.len(), again.total), (0, 1));
         let tls = server_tls(
             &ServerTlsFiles {
@@ -436,15 +441,21 @@ mod tests {
             "revoked"
         );
         assert!(reverify(tls.verifier.as_ref(), &chain(&d.join("agent-edge-2.pem"))).is_ok());
-        let second = revoke(d, &d.join("agent-edge-2.pem"), &crl).unwrap();
+        let second = revoke(d, Some(&d.join("agent-edge-2.pem")), &crl).unwrap();
         assert_eq!(second.total, 2);
+        // Re-signing keeps the entries; without a CRL it creates an empty one.
+        let resigned = revoke(d, None, &crl).unwrap();
+        assert_eq!((resigned.added.len(), resigned.total), (0, 2));
+        let fresh = revoke(d, None, &d.join("empty-crl.pem")).unwrap();
+        assert_eq!(fresh.total, 0);
+        assert_eq!(tls::load_crls(&d.join("empty-crl.pem")).unwrap().len(), 1);
 
         // A certificate of another CA, and a CRL of another CA, are refused.
         let other = tempfile::tempdir().unwrap();
         init_dir(other.path(), &["localhost".into()], &[]).unwrap();
-        let err = revoke(other.path(), &cert, &other.path().join("crl.pem")).unwrap_err();
+        let err = revoke(other.path(), Some(&cert), &other.path().join("crl.pem")).unwrap_err();
         assert!(err.to_string().contains("not by this CA"), "{err}");
-        let err = revoke(other.path(), &other.path().join("server.pem"), &crl).unwrap_err();
+        let err = revoke(other.path(), Some(&other.path().join("server.pem")), &crl).unwrap_err();
         assert!(err.to_string().contains("not by this CA"), "{err}");
     }
 }

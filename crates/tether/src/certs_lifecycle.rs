@@ -33,11 +33,11 @@ pub(crate) fn renew(dir: &Path, cert: &Path, key: &Path, valid_for: &str) -> any
     Ok(())
 }
 
-pub(crate) fn revoke(dir: &Path, cert: &Path, crl: Option<&Path>) -> anyhow::Result<()> {
+pub(crate) fn revoke(dir: &Path, cert: Option<&Path>, crl: Option<&Path>) -> anyhow::Result<()> {
     let default_crl = dir.join("crl.pem");
     let crl = crl.unwrap_or(&default_crl);
     let report = pki_ops::revoke(dir, cert, crl)?;
-    if report.added.is_empty() {
+    if let (Some(cert), true) = (cert, report.added.is_empty()) {
         println!("{} was revoked already", cert.display());
     } else {
         for serial in &report.added {

@@ -144,14 +144,14 @@ pub(crate) enum CertsCommand {
     },
     /// Revoke certificates: add them to the CA's CRL file (created if missing; existing
     /// entries kept). A server listing the file in `tls.crls` reloads it and closes the
-    /// revoked agents' sessions.
+    /// revoked agents' sessions. Without `--cert`, only re-sign the CRL (or create it empty).
     Revoke {
         /// Directory holding `ca.pem` and `ca-key.pem`.
         #[arg(long)]
         dir: PathBuf,
         /// The certificate(s) to revoke (PEM).
         #[arg(long)]
-        cert: PathBuf,
+        cert: Option<PathBuf>,
         /// The CRL file; `<dir>/crl.pem` when omitted.
         #[arg(long)]
         crl: Option<PathBuf>,

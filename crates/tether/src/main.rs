@@ -160,7 +160,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 certs_lifecycle::inspect(&file, config.as_deref())
             }
             CertsCommand::Revoke { dir, cert, crl } => {
-                certs_lifecycle::revoke(&dir, &cert, crl.as_deref())
+                certs_lifecycle::revoke(&dir, cert.as_deref(), crl.as_deref())
             }
         },
         Command::CheckConfig { kind, path } => {
