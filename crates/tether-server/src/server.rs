@@ -186,8 +186,10 @@ impl Server {
         config.validate()?;
         let files = config.tls_files();
         let policy = config.client_cert_policy();
-        let tls = tls::server_tls(&files, policy)?;
+        // Fingerprinted before loading: a file replaced in between then shows as changed at
+        // the next reload rather than being missed.
         let fingerprint = tls_check::server_files_fingerprint(&files).map(|f| (f, policy));
+        let tls = tls::server_tls(&files, policy)?;
         let server = Self::build(
             config,
             tls.config,
