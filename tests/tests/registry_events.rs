@@ -193,6 +193,9 @@ async fn same_instance_reconnect_through_a_cut_proxy_replaces_the_half_open_sess
                 replaced_by,
                 ..
             }) => seen.push(format!("stale {session_id} by {replaced_by}")),
+            RegistryNotice::Event(SessionEvent::SessionRevoked { session_id, .. }) => {
+                seen.push(format!("revoked {session_id}"))
+            }
             RegistryNotice::Lagged { .. } => panic!("unexpected lag"),
         }
     }

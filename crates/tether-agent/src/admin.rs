@@ -1,7 +1,8 @@
 //! The agent's admin HTTP router: `/` (an index: a self-refreshing page for a browser, JSON
 //! for `Accept: application/json`), `/healthz` (process up), `/readyz` (a session is up, or
-//! the activation gate keeps the agent correctly idle: 200 with the reason), `/metrics`
-//! (Prometheus text format) and `/v1/status` (the connection state as JSON).
+//! the activation gate keeps the agent correctly idle: 200 with the reason; 503 saying so
+//! once the agent certificate has expired), `/metrics` (Prometheus text format) and
+//! `/v1/status` (the connection state as JSON).
 
 use axum::Router;
 use axum::extract::State;
@@ -11,23 +12,40 @@ use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::sync::watch;
 
+use std::sync::Arc;
+
+use crate::cert_watch::CertWatch;
 use crate::status::AgentStatus;
 
 #[derive(Clone)]
 struct AdminState {
     status: watch::Receiver<AgentStatus>,
     registry: Registry,
+    cert: Arc<CertWatch>,
 }
 
 /// The admin routes, reading `status` and gathering `registry`.
 pub fn router(status: watch::Receiver<AgentStatus>, registry: Registry) -> Router {
+    router_with_cert(status, registry, CertWatch::new())
+}
+
+/// [`router`], with `/readyz` also saying when the certificate in `cert` has expired.
+pub fn router_with_cert(
+    status: watch::Receiver<AgentStatus>,
+    registry: Registry,
+    cert: Arc<CertWatch>,
+) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/v1/status", get(status_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState { status, registry })
+        .with_state(AdminState {
+            status,
+            registry,
+            cert,
+        })
 }
 
 async fn status_json(State(state): State<AdminState>) -> Response {
@@ -62,6 +80,9 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
+    if let Some(expired) = state.cert.expired_reason() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{expired}\n")).into_response();
+    }
     let (reason, idle) = {
         let status = state.status.borrow();
         (status.not_ready_reason(), status.idle_reason())

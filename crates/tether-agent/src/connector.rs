@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::header::SEC_WEBSOCKET_PROTOCOL;
 use http::{HeaderName, HeaderValue, StatusCode};
 use rustls::pki_types::ServerName;
@@ -171,7 +172,8 @@ impl std::fmt::Display for Endpoint {
 #[derive(Clone)]
 pub struct Connector {
     targets: Vec<Target>,
-    tls: TlsConnector,
+    /// The TLS material of the next attempt; replaced in place by a reload (clones share it).
+    tls: Arc<ArcSwap<rustls::ClientConfig>>,
     connect_timeout: Duration,
     headers: Vec<(HeaderName, HeaderValue)>,
     ws_config: WebSocketConfig,
@@ -264,13 +266,18 @@ impl Connector {
             .max_write_buffer_size(WS_WRITE_BUFFER + 2 * max_message);
         Ok(Connector {
             targets,
-            tls: TlsConnector::from(tls),
+            tls: Arc::new(ArcSwap::new(tls)),
             connect_timeout: config.connect_timeout.0,
             headers,
             ws_config,
             limits,
             protocol: config.protocol,
         })
+    }
+
+    /// Replaces the TLS material: the next attempt presents it; the live session is untouched.
+    pub fn set_tls(&self, tls: Arc<rustls::ClientConfig>) {
+        self.tls.store(tls);
     }
 
     /// The first server URL (for logs).
@@ -331,8 +338,7 @@ impl Connector {
         tcp.set_nodelay(true).map_err(tcp_error)?;
         let peer = tcp.peer_addr().map_err(tcp_error)?;
 
-        let tls = self
-            .tls
+        let tls = TlsConnector::from(self.tls.load_full())
             .connect(target.server_name.clone(), ReadAhead::new(tcp))
             .await
             .map_err(|source| ConnectError::Tls { addr: peer, source })?;

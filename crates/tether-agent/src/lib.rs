@@ -7,6 +7,7 @@
 //! ([`admin`]); [`Agent::reloader`] applies new configs while it runs ([`reload`]).
 
 pub mod admin;
+pub mod cert_watch;
 pub mod config;
 pub mod connector;
 pub mod dial;
@@ -47,6 +48,7 @@ pub use reload::AgentReloader;
 pub use status::{AgentStatus, ReplicaStatus};
 pub use tether_common::config_diff::ReloadOutcome;
 
+use crate::cert_watch::CertWatch;
 use crate::dial::{Resolver, SystemResolver};
 use crate::fleet::Fleet;
 use crate::gate::{Gate, GateControl};
@@ -98,6 +100,8 @@ pub struct Agent {
     registry: prometheus::Registry,
     status: watch::Sender<AgentStatus>,
     instance_id: String,
+    /// The agent certificate's lifetime (expiry warning, `/readyz`).
+    cert_watch: Arc<CertWatch>,
     /// systemd notifications: READY once the connector starts, STOPPING when shutdown begins.
     #[cfg(unix)]
     notifier: tether_common::sd_notify::Notifier,
@@ -129,6 +133,8 @@ impl Agent {
         })?;
         let files = config.tls_files();
         let tls = tls::client_config(&files)?;
+        let cert_watch = CertWatch::new();
+        cert_watch.set(&tls::load_certs(&files.cert)?);
         let instance_id = connector::new_instance_id();
         let connector = Connector::new(&config, tls, &instance_id)?;
         let metrics = AgentMetrics::register(registry)?;
@@ -167,6 +173,8 @@ impl Agent {
                 connect: connect.clone(),
                 metrics: metrics.reloads.clone(),
                 instance_id: instance_id.clone(),
+                cert_expiry: metrics.cert_expiry.clone(),
+                cert_watch: cert_watch.clone(),
             },
         );
         Ok(Agent {
@@ -177,6 +185,7 @@ impl Agent {
             gate,
             env: Arc::new(|var| std::env::var(var).ok()),
             reloader,
+            cert_watch,
             policy,
             resolver: Arc::new(SystemResolver),
             metrics,
@@ -250,7 +259,11 @@ impl Agent {
                     .local_addr()
                     .map(|addr| addr.to_string())
                     .unwrap_or_default();
-                let router = admin::router(self.status.subscribe(), self.registry.clone());
+                let router = admin::router_with_cert(
+                    self.status.subscribe(),
+                    self.registry.clone(),
+                    self.cert_watch.clone(),
+                );
                 let stop = shutdown.clone();
                 tracker.spawn(
                     async move {
@@ -273,6 +286,12 @@ impl Agent {
             let gate = Gate::new(self.gate, self.metrics.gate.clone(), self.env);
             let gate_state = gate.subscribe();
             tracker.spawn(gate.run(shutdown.clone()).in_current_span());
+            tracker.spawn(
+                self.cert_watch
+                    .clone()
+                    .run(shutdown.clone())
+                    .in_current_span(),
+            );
             let fleet = Fleet {
                 connect: self.connect.subscribe(),
                 handler: Handler {

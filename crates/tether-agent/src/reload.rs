@@ -1,19 +1,24 @@
 //! Agent config reloads (DESIGN.md lesson 2): diff the new effective config against the running
 //! one field by field and apply the least disruptive action: nothing, in place (policy, dial
-//! timeout, backoff, activation gate, the log filter (applied by the binary)), or a reconnect (server URL, TLS name or material,
-//! connection and session settings). An invalid config is rejected and the old one keeps running.
+//! timeout, backoff, activation gate, the log filter (applied by the binary), the TLS material:
+//! the next handshake presents it, the live session stays), or a reconnect (server URL, TLS
+//! name, connection and session settings). An invalid config or bad TLS material is rejected
+//! and the old one keeps running.
 
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tether_common::cert_expiry::{CertExpiry, CertRole};
 use tether_common::config_diff::{ReloadMetrics, ReloadOutcome, ReloadResult, changed_fields};
 use tether_common::config_error::{ConfigErrors, FieldError};
 use tether_common::tls;
+use tether_common::tls_check;
 use tether_mux::MuxConfig;
 use tokio::sync::watch;
 
+use crate::cert_watch::CertWatch;
 use crate::config::{AgentConfig, DiscoveryConfig, ReconnectConfig};
 use crate::connector::Connector;
 use crate::gate::GateControl;
@@ -30,7 +35,6 @@ const RECONNECT_KEYS: &[&str] = &[
     "server_url",
     "servers",
     "server_name",
-    "tls",
     "labels",
     "connect_timeout",
     "session",
@@ -62,6 +66,8 @@ struct Inner {
     connect: watch::Sender<Arc<ConnectSettings>>,
     metrics: ReloadMetrics,
     instance_id: String,
+    cert_expiry: CertExpiry,
+    cert_watch: Arc<CertWatch>,
 }
 
 impl std::fmt::Debug for AgentReloader {
@@ -80,6 +86,8 @@ pub(crate) struct ReloadTargets {
     pub(crate) connect: watch::Sender<Arc<ConnectSettings>>,
     pub(crate) metrics: ReloadMetrics,
     pub(crate) instance_id: String,
+    pub(crate) cert_expiry: CertExpiry,
+    pub(crate) cert_watch: Arc<CertWatch>,
 }
 
 impl AgentReloader {
@@ -97,6 +105,8 @@ impl AgentReloader {
                 connect: targets.connect,
                 metrics: targets.metrics,
                 instance_id: targets.instance_id,
+                cert_expiry: targets.cert_expiry,
+                cert_watch: targets.cert_watch,
             }),
         }
     }
@@ -105,6 +115,12 @@ impl AgentReloader {
     /// the running config stays in force.
     pub fn reject(&self, error: &dyn std::fmt::Display) {
         self.inner.metrics.reject(error);
+    }
+
+    /// The files to watch besides the config file: the TLS material in force.
+    pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        let files = self.lock().config.tls_files();
+        vec![files.cert, files.key, files.server_ca]
     }
 
     /// The effective config in force.
@@ -166,9 +182,22 @@ impl AgentReloader {
                     .collect(),
             )
         })?;
+        // New TLS material is loaded and checked (expired, a leaf as CA, a key for another
+        // certificate...) before anything is applied.
+        let new_tls = if changed.iter().any(|f| f.starts_with("tls.")) {
+            Some(
+                tls_check::load_client_tls(&config.tls_files())
+                    .map_err(|e| ConfigErrors(vec![FieldError::new("tls", e.to_string())]))?,
+            )
+        } else {
+            None
+        };
         let connect = if reconnect {
-            let tls = tls::client_config(&config.tls_files())
-                .map_err(|e| ConfigErrors(vec![FieldError::new("tls", e.to_string())]))?;
+            let tls = match &new_tls {
+                Some(loaded) => loaded.config.clone(),
+                None => tls::client_config(&config.tls_files())
+                    .map_err(|e| ConfigErrors(vec![FieldError::new("tls", e.to_string())]))?,
+            };
             Some(ConnectSettings {
                 connector: Connector::new(&config, tls, &self.inner.instance_id)?,
                 mux_config: config.to_mux_config(),
@@ -189,6 +218,26 @@ impl AgentReloader {
         }
         if running.config.activation != config.activation {
             inner.gate.set(config.activation.clone());
+        }
+        if let Some(loaded) = &new_tls {
+            if connect.is_none() {
+                // The live session stays; the next handshake presents the new material.
+                inner
+                    .connect
+                    .borrow()
+                    .connector
+                    .set_tls(loaded.config.clone());
+            }
+            inner.cert_watch.set(&loaded.cert_chain);
+            for (role, certs) in [
+                (CertRole::Agent, &loaded.cert_chain),
+                (CertRole::ServerCa, &loaded.server_cas),
+            ] {
+                if let Err(err) = inner.cert_expiry.record(role, certs) {
+                    tracing::warn!(cert = role.label(), error = %err, "cannot read the certificate expiry");
+                }
+            }
+            tracing::info!("TLS material reloaded; the next handshake uses it");
         }
         if let Some(connect) = connect {
             inner.connect.send_replace(Arc::new(connect));

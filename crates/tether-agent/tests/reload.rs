@@ -196,7 +196,7 @@ async fn server_url_change_reconnects_and_invalid_config_keeps_the_old_one() {
 }
 
 #[tokio::test]
-async fn replaced_certificate_files_at_the_same_paths_reconnect() {
+async fn replaced_certificate_files_apply_in_place_and_bad_ones_are_refused() {
     let pki = TestPki::new();
     let cert = pki.agent("edge-1");
     let mut server = TestServer::start(&pki).await;
@@ -205,15 +205,29 @@ async fn replaced_certificate_files_at_the_same_paths_reconnect() {
     let old = server.next_session().await;
     agent.connected().await;
 
-    // A renewed certificate, written over the same files: same config text, new material.
+    // A renewed certificate, written over the same files: same config text, new material,
+    // applied without touching the session.
     let renewed = pki.agent("edge-1");
     std::fs::copy(&renewed.cert_path, &cert.cert_path).unwrap();
     std::fs::copy(&renewed.key_path, &cert.key_path).unwrap();
     let outcome = agent.reloader.reload(agent_config(&text, &pki)).unwrap();
-    assert_eq!(outcome.result, ReloadResult::Reconnected);
+    assert_eq!(outcome.result, ReloadResult::Applied);
     assert_eq!(outcome.changed, ["tls.material"]);
+    assert!(!old.is_closed(), "the session stays");
+
+    // A key for another certificate is refused; the material in force stays.
+    let other = pki.agent("edge-2");
+    let config = agent_config(&text, &pki);
+    std::fs::copy(&other.key_path, &cert.key_path).unwrap();
+    let err = agent.reloader.reload(config).unwrap_err();
+    assert!(err.to_string().contains("tls"), "{err}");
+    assert_eq!(agent.reloads(ReloadResult::Invalid), 1.0);
+    assert!(!old.is_closed(), "the session stays");
+    assert_eq!(server.established.load(Ordering::SeqCst), 1);
+
+    // The next handshake (after the server closes the session) uses the renewed material.
+    old.close();
     let _new = server.next_session().await;
-    tokio::time::timeout(WAIT, old.closed()).await.unwrap();
     assert_eq!(server.established.load(Ordering::SeqCst), 2);
     agent.stop().await;
 }

@@ -13,9 +13,11 @@ pub mod identity;
 pub mod listen;
 pub mod log_throttle;
 pub mod pki;
+pub mod pki_ops;
 pub mod read_ahead;
 pub mod runtime_metrics;
 #[cfg(unix)]
 pub mod sd_notify;
 pub mod session_settings;
 pub mod tls;
+pub mod tls_check;

@@ -139,6 +139,18 @@ pub struct IssueOptions {
     pub extra_uri_sans: Vec<String>,
 }
 
+impl IssueOptions {
+    /// Valid from now (back-dated by an hour for slow clocks) for `validity`.
+    pub fn valid_for(validity: Duration) -> Self {
+        let now = SystemTime::now();
+        Self {
+            not_before: now - CLOCK_SKEW,
+            not_after: now + validity,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for IssueOptions {
     fn default() -> Self {
         let now = SystemTime::now();
@@ -210,7 +222,11 @@ impl Ca {
         Self::from_pem_named(cert_pem, key_pem, "PEM input")
     }
 
-    fn from_pem_named(cert_pem: &str, key_pem: &str, origin: &str) -> Result<Ca, PkiError> {
+    pub(crate) fn from_pem_named(
+        cert_pem: &str,
+        key_pem: &str,
+        origin: &str,
+    ) -> Result<Ca, PkiError> {
         let load_err = |problem: String| PkiError::LoadCa {
             origin: origin.to_owned(),
             problem,
@@ -291,7 +307,6 @@ impl Ca {
     /// A CRL (PEM) signed by this CA that revokes the given certificates (PEM), valid for
     /// 30 days. Used to test revocation; production CRLs usually come from elsewhere.
     pub fn crl_pem(&self, revoked_cert_pems: &[&str]) -> Result<String, PkiError> {
-        let now = SystemTime::now();
         let revoked_certs = revoked_cert_pems
             .iter()
             .map(|pem| {
@@ -304,8 +319,21 @@ impl Ca {
                         origin: "PEM input".into(),
                         problem: format!("a certificate to revoke cannot be parsed: {e}"),
                     })?;
+                Ok(cert.raw_serial().to_vec())
+            })
+            .collect::<Result<Vec<_>, PkiError>>()?;
+        self.crl_pem_for_serials(&revoked_certs)
+    }
+
+    /// A CRL (PEM) signed by this CA that revokes the certificates with the given serial
+    /// numbers (big-endian bytes), valid for 30 days (`tether certs revoke`).
+    pub fn crl_pem_for_serials(&self, serials: &[Vec<u8>]) -> Result<String, PkiError> {
+        let now = SystemTime::now();
+        let revoked_certs = serials
+            .iter()
+            .map(|serial| {
                 Ok(RevokedCertParams {
-                    serial_number: SerialNumber::from_slice(cert.raw_serial()),
+                    serial_number: SerialNumber::from_slice(serial),
                     revocation_time: to_offset(now - CLOCK_SKEW)?,
                     reason_code: None,
                     invalidity_date: None,
@@ -437,6 +465,16 @@ pub fn init_dir(
     server_names: &[String],
     server_ips: &[IpAddr],
 ) -> Result<InitReport, PkiError> {
+    init_dir_with(dir, server_names, server_ips, &IssueOptions::default())
+}
+
+/// [`init_dir`] with the server certificate's validity given by `opts`.
+pub fn init_dir_with(
+    dir: &Path,
+    server_names: &[String],
+    server_ips: &[IpAddr],
+    opts: &IssueOptions,
+) -> Result<InitReport, PkiError> {
     let ca_key_path = dir.join(CA_KEY_FILE);
     // Checked before any work, and again atomically by `create_new` below.
     if fs::symlink_metadata(&ca_key_path).is_ok() {
@@ -446,7 +484,7 @@ pub fn init_dir(
         return Err(PkiError::NoServerNames);
     }
     let ca = Ca::generate("tether CA")?;
-    let server = ca.issue_server(server_names, server_ips, &IssueOptions::default())?;
+    let server = ca.issue_server(server_names, server_ips, opts)?;
     fs::create_dir_all(dir).map_err(|source| PkiError::Write {
         path: dir.to_owned(),
         source,
@@ -472,6 +510,15 @@ pub fn init_dir(
 /// Issues an agent certificate with the CA in `dir` (`ca.pem`, `ca-key.pem`) and writes
 /// `agent-<id>.pem` and `agent-<id>-key.pem` (0600) next to it, replacing older ones.
 pub fn issue_agent_files(dir: &Path, agent_id: &str) -> Result<IssueReport, PkiError> {
+    issue_agent_files_with(dir, agent_id, &IssueOptions::default())
+}
+
+/// [`issue_agent_files`] with the certificate's validity given by `opts`.
+pub fn issue_agent_files_with(
+    dir: &Path,
+    agent_id: &str,
+    opts: &IssueOptions,
+) -> Result<IssueReport, PkiError> {
     validate_agent_id(agent_id)?;
     let ca_cert_path = dir.join(CA_CERT_FILE);
     let ca_key_path = dir.join(CA_KEY_FILE);
@@ -479,7 +526,7 @@ pub fn issue_agent_files(dir: &Path, agent_id: &str) -> Result<IssueReport, PkiE
     let key_pem = read_to_string(&ca_key_path)?;
     let origin = format!("{} and {}", ca_cert_path.display(), ca_key_path.display());
     let ca = Ca::from_pem_named(&cert_pem, &key_pem, &origin)?;
-    let agent = ca.issue_agent(agent_id, &IssueOptions::default())?;
+    let agent = ca.issue_agent(agent_id, opts)?;
     let cert_path = dir.join(format!("agent-{agent_id}.pem"));
     let key_path = dir.join(format!("agent-{agent_id}-key.pem"));
     write_file_private(&key_path, &agent.key_pem)?;
@@ -492,7 +539,7 @@ pub fn issue_agent_files(dir: &Path, agent_id: &str) -> Result<IssueReport, PkiE
 
 // === helpers ===
 
-fn read_to_string(path: &Path) -> Result<String, PkiError> {
+pub(crate) fn read_to_string(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(|source| PkiError::Read {
         path: path.to_owned(),
         source,

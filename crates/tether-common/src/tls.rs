@@ -7,6 +7,7 @@ use std::sync::Arc;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
@@ -76,6 +77,27 @@ pub enum TlsError {
     /// A certificate could not be parsed as X.509.
     #[error("cannot parse certificate: {0}")]
     BadCertificate(String),
+    /// A certificate's validity has ended (refused by reloads, see `tls_check`).
+    #[error("{origin}: certificate \"{subject}\" expired at {not_after} (Unix time)")]
+    Expired {
+        /// The file.
+        origin: String,
+        /// The certificate's subject.
+        subject: String,
+        /// Its `notAfter`, Unix seconds.
+        not_after: i64,
+    },
+    /// A CA bundle holds a certificate that is not a CA (a leaf given as the CA file).
+    #[error(
+        "{origin}: \"{subject}\" is not a CA certificate (basicConstraints CA:FALSE or absent); \
+         a CA bundle holds only CA certificates"
+    )]
+    NotACa {
+        /// The file.
+        origin: String,
+        /// The certificate's subject.
+        subject: String,
+    },
 }
 
 /// The crypto provider used by every tether TLS config: aws-lc-rs, chosen explicitly so that
@@ -121,7 +143,7 @@ pub fn crls_from_pem(pem: &str) -> Result<Vec<CertificateRevocationListDer<'stat
 
 const PEM_INPUT: &str = "PEM input";
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
         source,
@@ -150,18 +172,21 @@ fn parse_all<T: PemObject>(
     Ok(items)
 }
 
-fn parse_certs(text: &[u8], origin: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn parse_certs(
+    text: &[u8],
+    origin: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     parse_all(text, origin, "certificate", "CERTIFICATE")
 }
 
-fn parse_crls(
+pub(crate) fn parse_crls(
     text: &[u8],
     origin: &str,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     parse_all(text, origin, "CRL", "X509 CRL")
 }
 
-fn parse_key(text: &[u8], origin: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn parse_key(text: &[u8], origin: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(text).map_err(|source| match source {
         pem::Error::NoItemsFound => TlsError::Missing {
             origin: origin.to_owned(),
@@ -213,6 +238,27 @@ pub fn server_config_with_policy(
     files: &ServerTlsFiles,
     policy: ClientCertPolicy,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_tls(files, policy).map(|tls| tls.config)
+}
+
+/// A server config and the client-certificate verifier inside it, kept to verify the chains of
+/// live sessions again after a reload of the CA bundle or CRLs.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// The rustls config for new handshakes.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The verifier `config` uses for client certificates.
+    pub verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
+}
+
+/// [`server_config_with_policy`], keeping the verifier.
+pub fn server_tls(files: &ServerTlsFiles, policy: ClientCertPolicy) -> Result<ServerTls, TlsError> {
     let certs = load_certs(&files.cert)?;
     let key = load_private_key(&files.key)?;
     let roots = load_certs(&files.client_ca)?;
@@ -230,7 +276,7 @@ pub fn server_config_with_policy(
             crl_names.join(", ")
         )
     };
-    build_server_config(
+    build_server_tls(
         certs,
         key,
         roots,
@@ -277,9 +323,9 @@ pub fn server_config_from_pem_with_crls(
 }
 
 /// Names used in error messages.
-struct Origins {
-    identity: String,
-    ca: String,
+pub(crate) struct Origins {
+    pub(crate) identity: String,
+    pub(crate) ca: String,
 }
 
 fn root_store(
@@ -304,6 +350,17 @@ fn build_server_config(
     policy: ClientCertPolicy,
     origins: &Origins,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    build_server_tls(certs, key, client_roots, crls, policy, origins).map(|tls| tls.config)
+}
+
+pub(crate) fn build_server_tls(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_roots: Vec<CertificateDer<'static>>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    policy: ClientCertPolicy,
+    origins: &Origins,
+) -> Result<ServerTls, TlsError> {
     let provider = crypto_provider();
     let roots = root_store(client_roots, &origins.ca)?;
     // Revocation status of certificates not covered by any CRL is an error (fail closed),
@@ -327,11 +384,14 @@ fn build_server_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_err)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(certs, key)
         .map_err(config_err)?;
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        verifier,
+    })
 }
 
 // === client ===
@@ -378,7 +438,7 @@ pub fn client_config_from_pem(
     )
 }
 
-fn build_client_config(
+pub(crate) fn build_client_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     server_roots: Vec<CertificateDer<'static>>,

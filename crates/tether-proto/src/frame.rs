@@ -161,6 +161,9 @@ wire_code! {
         /// This server replica is going away (restart, scale-down); the fleet is not: keep
         /// the sessions to other replicas and come back to this one when it is up again.
         Restart = 6 => "restart",
+        /// The peer's certificate or identity is no longer accepted (revoked, its CA removed,
+        /// its id no longer allowed).
+        Revoked = 7 => "revoked",
     }
 }
 

@@ -121,7 +121,8 @@ impl State<'_> {
             RegistryNotice::Event(SessionEvent::SessionAdded(entry)) => self.track(entry),
             RegistryNotice::Event(
                 SessionEvent::SessionRemoved { session_id, .. }
-                | SessionEvent::StaleSessionRemoved { session_id, .. },
+                | SessionEvent::StaleSessionRemoved { session_id, .. }
+                | SessionEvent::SessionRevoked { session_id, .. },
             ) => self.untrack(session_id),
             RegistryNotice::Lagged { missed, snapshot } => {
                 info!(

@@ -28,6 +28,7 @@ mod remotedialer_connect;
 pub mod remotedialer_metrics;
 mod remotedialer_ws;
 mod server;
+pub mod tls_reload;
 mod tunnel;
 mod tunnel_dial;
 mod ws_transport;
@@ -48,3 +49,4 @@ pub use registry::{
 pub use reload::ServerReloader;
 pub use server::{FrontendListeners, Listeners, Server, ServerError, run};
 pub use tether_common::config_diff::ReloadOutcome;
+pub use tls_reload::TlsReloader;

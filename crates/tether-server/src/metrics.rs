@@ -10,7 +10,7 @@ use tether_mux::MuxMetrics;
 use crate::remotedialer_metrics::RemotedialerMetrics;
 
 /// Labels of `tether_session_events_total{event}`.
-pub const SESSION_EVENTS: [&str; 3] = ["added", "removed", "stale_removed"];
+pub const SESSION_EVENTS: [&str; 4] = ["added", "removed", "stale_removed", "revoked"];
 
 /// Labels of `tether_health_probes_total{result}`: answered, not answered within the timeout,
 /// and the session ended while probing.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tether_mux::Session;
 use tether_proto::GoAwayCode;
@@ -51,6 +52,9 @@ pub struct SessionMeta {
     pub protocol: Protocol,
     /// `X-Tether-Labels`, parsed.
     pub labels: BTreeMap<String, String>,
+    /// The certificate chain the agent presented, for [`SessionRegistry::revoke`]; `None` for
+    /// certless (token) sessions.
+    pub peer_chain: Option<PeerChain>,
 }
 
 /// The wire protocol of a session.
@@ -104,6 +108,22 @@ pub struct SessionEntry {
     pub protocol: Protocol,
     /// The agent's labels (`X-Tether-Labels`, sanitized; informational only).
     pub labels: BTreeMap<String, String>,
+    /// The certificate chain the agent presented (end entity first), kept to verify it again
+    /// after a reload of the CA bundle or CRLs; `None` for certless (token) sessions.
+    pub peer_chain: Option<PeerChain>,
+}
+
+/// A peer's certificate chain, end entity first.
+pub type PeerChain = Arc<[CertificateDer<'static>]>;
+
+/// Why a live session is closed by [`SessionRegistry::revoke`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// A closed-set label (`revoked`, `unknown_issuer`, `expired`, `bad_certificate`,
+    /// `not_allowed`).
+    pub reason: &'static str,
+    /// The detail sent in the GOAWAY and logged.
+    pub detail: String,
 }
 
 /// Health of one session as the health checker sees it. A session nobody has probed yet is
@@ -153,7 +173,7 @@ impl SessionHealth {
 }
 
 /// A change of the registry, as delivered to subscribers. Counted in
-/// `tether_session_events_total{event}` (`added`, `removed`, `stale_removed`).
+/// `tether_session_events_total{event}` (`added`, `removed`, `stale_removed`, `revoked`).
 #[derive(Debug, Clone)]
 pub enum SessionEvent {
     /// A session was registered.
@@ -175,6 +195,16 @@ pub enum SessionEvent {
         /// Session id of the session that replaced it.
         replaced_by: u64,
     },
+    /// The session's certificate no longer verifies or its id is no longer allowed (after a
+    /// reload); it was deregistered, sent GOAWAY(revoked) and closed.
+    SessionRevoked {
+        /// Agent id.
+        client: String,
+        /// Session id.
+        session_id: u64,
+        /// The [`Revocation::reason`] label.
+        reason: &'static str,
+    },
 }
 
 impl SessionEvent {
@@ -184,6 +214,7 @@ impl SessionEvent {
             SessionEvent::SessionAdded(_) => "added",
             SessionEvent::SessionRemoved { .. } => "removed",
             SessionEvent::StaleSessionRemoved { .. } => "stale_removed",
+            SessionEvent::SessionRevoked { .. } => "revoked",
         }
     }
 
@@ -192,7 +223,8 @@ impl SessionEvent {
         match self {
             SessionEvent::SessionAdded(entry) => &entry.client,
             SessionEvent::SessionRemoved { client, .. }
-            | SessionEvent::StaleSessionRemoved { client, .. } => client,
+            | SessionEvent::StaleSessionRemoved { client, .. }
+            | SessionEvent::SessionRevoked { client, .. } => client,
         }
     }
 
@@ -201,7 +233,8 @@ impl SessionEvent {
         match self {
             SessionEvent::SessionAdded(entry) => entry.session_id,
             SessionEvent::SessionRemoved { session_id, .. }
-            | SessionEvent::StaleSessionRemoved { session_id, .. } => *session_id,
+            | SessionEvent::StaleSessionRemoved { session_id, .. }
+            | SessionEvent::SessionRevoked { session_id, .. } => *session_id,
         }
     }
 }
@@ -359,6 +392,7 @@ impl SessionRegistry {
                 endpoint: endpoint.to_owned(),
                 protocol,
                 labels: BTreeMap::new(),
+                peer_chain: None,
             },
         )
     }
@@ -376,6 +410,7 @@ impl SessionRegistry {
             endpoint,
             protocol,
             labels,
+            peer_chain,
         } = meta;
         let instance = instance.as_str();
         let endpoint = endpoint.as_str();
@@ -392,6 +427,7 @@ impl SessionRegistry {
             health: Arc::new(SessionHealth::default()),
             protocol,
             labels,
+            peer_chain,
         };
         let stale: Vec<SessionEntry> = {
             let mut inner = self.lock();
@@ -439,6 +475,60 @@ impl SessionRegistry {
         }
     }
 
+    /// Closes every live session for which `check` returns a [`Revocation`]: each is
+    /// deregistered (event `revoked`), sent GOAWAY(revoked) with the detail, and closed.
+    /// `check` runs without the registry lock (it may verify certificate chains). Returns the
+    /// revoked sessions' ids.
+    pub fn revoke(
+        &self,
+        check: impl Fn(&SessionEntry) -> Option<Revocation>,
+    ) -> Vec<(u64, Revocation)> {
+        let all = self.lock().all_sessions();
+        let verdicts: Vec<(SessionEntry, Revocation)> = all
+            .into_iter()
+            .filter_map(|entry| check(&entry).map(|why| (entry, why)))
+            .collect();
+        let mut closed = Vec::new();
+        {
+            let mut inner = self.lock();
+            for (entry, why) in &verdicts {
+                let Some(sessions) = inner.clients.get_mut(&entry.client) else {
+                    continue;
+                };
+                let before = sessions.len();
+                sessions.retain(|e| e.session_id != entry.session_id);
+                if sessions.len() == before {
+                    continue; // ended meanwhile
+                }
+                self.update_gauges(&inner, &entry.client);
+                self.publish(
+                    &inner,
+                    SessionEvent::SessionRevoked {
+                        client: entry.client.clone(),
+                        session_id: entry.session_id,
+                        reason: why.reason,
+                    },
+                );
+                closed.push((entry.clone(), why.clone()));
+            }
+        }
+        closed
+            .into_iter()
+            .map(|(entry, why)| {
+                tracing::warn!(
+                    agent.id = %entry.client,
+                    session.id = entry.session_id,
+                    reason = why.reason,
+                    detail = %why.detail,
+                    "session closed: its certificate or identity is no longer accepted"
+                );
+                entry.session.goaway(GoAwayCode::Revoked, &why.detail);
+                entry.session.close();
+                (entry.session_id, why)
+            })
+            .collect()
+    }
+
     fn remove(&self, client: &str, session_id: u64) {
         let mut inner = self.lock();
         let Some(sessions) = inner.clients.get_mut(client) else {
@@ -480,9 +570,9 @@ impl SessionRegistry {
         if let Some(compat) = &self.metrics.remotedialer {
             match &event {
                 SessionEvent::SessionAdded(_) => compat.session_added(event.client()),
-                SessionEvent::SessionRemoved { .. } | SessionEvent::StaleSessionRemoved { .. } => {
-                    compat.session_removed(event.client())
-                }
+                SessionEvent::SessionRemoved { .. }
+                | SessionEvent::StaleSessionRemoved { .. }
+                | SessionEvent::SessionRevoked { .. } => compat.session_removed(event.client()),
             }
         }
         for subscriber in &inner.subscribers {

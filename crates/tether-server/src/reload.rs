@@ -1,8 +1,9 @@
 //! Server config reloads: diff the new effective config against the running one field by field,
 //! apply in place what can be (the allow-list, `max_agents`, the log filter (applied by the
 //! binary, which owns the subscriber), forwards: added, removed and changed ones restarted
-//! without touching the others), and log and count the keys that need a restart
-//! (listener addresses, TLS, session settings). One section, one `apply_*` step: the
+//! without touching the others, the TLS material (`tls_reload.rs`), after which live sessions
+//! that would now be refused are closed), and log and count the keys that need a restart
+//! (listener addresses, session settings). One section, one `apply_*` step: the
 //! HTTP CONNECT / SOCKS5 frontends' consumers and handshake settings go through
 //! `FrontendControl::reload`; their listener keys need a restart.
 
@@ -27,6 +28,8 @@ use crate::forward::{self, Forward};
 use crate::frontend::FrontendControl;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
+use crate::tls_reload::TlsReloader;
+use tether_common::tls::TlsError;
 
 /// Keys applied in place; every other changed key needs a restart (config/server.yaml lists
 /// them in its header; a test holds the two together).
@@ -157,6 +160,8 @@ struct Inner {
     metrics: ReloadMetrics,
     /// Reopened by every reload attempt (SIGHUP after logrotate moved the file).
     audit: AuditLog,
+    /// The TLS material in force; installed by `Server::new`.
+    tls: Mutex<Option<TlsReloader>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,8 +191,28 @@ impl ServerReloader {
                 registry,
                 metrics,
                 audit,
+                tls: Mutex::new(None),
             }),
         }
+    }
+
+    pub(crate) fn install_tls(&self, tls: TlsReloader) {
+        *lock(&self.inner.tls) = Some(tls);
+    }
+
+    /// The files to watch besides the config file: the TLS material in force (empty when it
+    /// was given in memory).
+    pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        let file_backed = lock(&self.inner.tls)
+            .as_ref()
+            .is_some_and(TlsReloader::file_backed);
+        if !file_backed {
+            return Vec::new();
+        }
+        let files = self.current().tls_files();
+        let mut paths = vec![files.cert, files.key, files.client_ca];
+        paths.extend(files.crls);
+        paths
     }
 
     pub(crate) fn install_forwards(&self, set: ForwardSet) {
@@ -214,6 +239,28 @@ impl ServerReloader {
         self.inner.metrics.reject(error);
     }
 
+    /// Reloads only the TLS material, from the files the config in force names (used when the
+    /// config file itself cannot be loaded: a CRL update still applies, and a TLS file that
+    /// went bad is refused and reported as such).
+    pub async fn reload_tls(&self) -> Result<bool, TlsError> {
+        let _serial = self.inner.serial.lock().await;
+        let Some(tls) = lock(&self.inner.tls)
+            .clone()
+            .filter(TlsReloader::file_backed)
+        else {
+            return Ok(false);
+        };
+        let running = self.current();
+        match tls.prepare(&running.tls_files(), running.client_cert_policy())? {
+            Some(prepared) => {
+                tls.commit(prepared);
+                tls.sweep();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// The config in force.
     pub fn current(&self) -> ServerConfig {
         lock(&self.inner.running).clone()
@@ -230,11 +277,33 @@ impl ServerReloader {
     }
 
     async fn try_reload(&self, config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
-        config.validate()?;
+        let tls_handle = lock(&self.inner.tls).clone();
+        let tls = tls_handle.clone().filter(TlsReloader::file_backed);
+        if let Err(errors) = config.validate() {
+            // A TLS file that is missing or not a file is refused material too.
+            if let Some(tls) = &tls
+                && let Some(bad) = errors.0.iter().find(|e| e.path.starts_with("tls."))
+            {
+                tls.reject(&format!("{}: {}", bad.path, bad.message));
+            }
+            return Err(errors);
+        }
         let mut config = config.effective();
         let old = self.current();
+        // The TLS files are read and checked before anything is applied; bad material rejects
+        // the whole reload. The client-certificate policy follows `remotedialer`, which needs a
+        // restart, so the running one is kept.
+        let prepared = match &tls {
+            Some(tls) => tls
+                .prepare(&config.tls_files(), old.client_cert_policy())
+                .map_err(|e| ConfigErrors(vec![FieldError::new("tls", e.to_string())]))?,
+            None => None,
+        };
         let accepted = lock(&self.inner.accepted).clone();
-        let changed = changed_fields(&accepted, &config);
+        let mut changed = changed_fields(&accepted, &config);
+        if prepared.is_some() && !changed.iter().any(|k| k.starts_with("tls.")) {
+            changed.push("tls.material".to_owned());
+        }
         if changed.is_empty() {
             return Ok(ReloadOutcome {
                 result: ReloadResult::Unchanged,
@@ -242,9 +311,11 @@ impl ServerReloader {
                 restart_required: Vec::new(),
             });
         }
+        let tls_in_place = tls.is_some();
         let in_place = |field: &str| {
             IN_PLACE_KEYS
                 .iter()
+                .chain(tls_in_place.then_some(&"tls"))
                 .any(|k| field == *k || field.starts_with(&format!("{k}.")))
         };
         // Restart-only keys that changed now and differ from what runs (a key set back to its
@@ -267,6 +338,16 @@ impl ServerReloader {
         }
         self.apply_allowed(&config);
         self.apply_max_agents(old.max_agents, config.max_agents);
+        let tls_changed = prepared.is_some();
+        if let (Some(tls), Some(prepared)) = (&tls, prepared) {
+            tls.commit(prepared);
+        }
+        if tls_changed || old.allowed_agents != config.allowed_agents {
+            // Live sessions that the new material or allow-list would refuse are closed.
+            if let Some(tls) = &tls_handle {
+                tls.sweep();
+            }
+        }
         // Keys that need a restart keep their running values, so that the next reload still
         // sees (and reports) the difference.
         for key in pending.iter().filter(|f| !in_place(f)) {

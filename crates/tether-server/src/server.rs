@@ -11,15 +11,16 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
+use rustls::server::danger::ClientCertVerifier;
 use tether_common::cert_expiry::CertRole;
 use tether_common::config_diff::ReloadMetrics;
 use tether_common::config_error::ConfigErrors;
 use tether_common::tls::{self, TlsError};
+use tether_common::tls_check;
 use tether_proto::GoAwayCode;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -33,6 +34,7 @@ use crate::health::HealthChecker;
 use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 use crate::reload::{ForwardSet, ServerReloader};
+use crate::tls_reload::{TlsReloadMetrics, TlsReloader};
 use crate::tunnel::{self, Tunnel};
 use crate::tunnel_dial::TunnelDialer;
 use tether_common::log_throttle::LogThrottle;
@@ -168,7 +170,7 @@ pub struct Server {
     allowed: Arc<ArcSwap<HashSet<String>>>,
     agent_slots: Arc<Semaphore>,
     reloader: ServerReloader,
-    tls: Arc<rustls::ServerConfig>,
+    tls: TlsReloader,
     metrics: ServerMetrics,
     prometheus: prometheus::Registry,
     registry: Arc<SessionRegistry>,
@@ -188,8 +190,18 @@ impl Server {
     ) -> Result<Server, ServerError> {
         config.validate()?;
         let files = config.tls_files();
-        let tls = tls::server_config_with_policy(&files, config.client_cert_policy())?;
-        let server = Self::with_tls_config(config, tls, registry)?;
+        let policy = config.client_cert_policy();
+        // Fingerprinted before loading: a file replaced in between then shows as changed at
+        // the next reload rather than being missed.
+        let fingerprint = tls_check::server_files_fingerprint(&files).map(|f| (f, policy));
+        let tls = tls::server_tls(&files, policy)?;
+        let server = Self::build(
+            config,
+            tls.config,
+            Some(tls.verifier),
+            fingerprint,
+            registry,
+        )?;
         for (role, path) in [
             (CertRole::Server, &files.cert),
             (CertRole::ClientCa, &files.client_ca),
@@ -207,6 +219,16 @@ impl Server {
     pub fn with_tls_config(
         config: ServerConfig,
         tls: Arc<rustls::ServerConfig>,
+        registry: &prometheus::Registry,
+    ) -> Result<Server, ServerError> {
+        Self::build(config, tls, None, None, registry)
+    }
+
+    fn build(
+        config: ServerConfig,
+        tls: Arc<rustls::ServerConfig>,
+        verifier: Option<Arc<dyn ClientCertVerifier>>,
+        fingerprint: Option<(u64, tls::ClientCertPolicy)>,
         registry: &prometheus::Registry,
     ) -> Result<Server, ServerError> {
         config.validate()?;
@@ -244,6 +266,16 @@ impl Server {
             ReloadMetrics::register(registry)?,
             audit.clone(),
         );
+        let tls = TlsReloader::new(
+            tls,
+            verifier,
+            fingerprint,
+            TlsReloadMetrics::register(registry)?,
+            metrics.cert_expiry.clone(),
+            sessions.clone(),
+            allowed.clone(),
+        );
+        reloader.install_tls(tls.clone());
         Ok(Server {
             frontends,
             audit,
@@ -295,6 +327,11 @@ impl Server {
     /// ([`ServerReloader::reload`]).
     pub fn reloader(&self) -> ServerReloader {
         self.reloader.clone()
+    }
+
+    /// The handle on the TLS material in force (reloaded through [`reloader`](Self::reloader)).
+    pub fn tls_reloader(&self) -> TlsReloader {
+        self.tls.clone()
     }
 
     /// The metrics.
@@ -379,7 +416,7 @@ impl Server {
             history: self.registry.history().clone(),
         });
         let tunnel = Arc::new(Tunnel {
-            acceptor: TlsAcceptor::from(self.tls.clone()),
+            tls: self.tls.clone(),
             identity: config.identity,
             handshake_timeout: config.handshake_timeout.0,
             pending: Arc::new(Semaphore::new(config.max_pending_handshakes)),

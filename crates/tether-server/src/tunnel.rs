@@ -30,8 +30,9 @@ use crate::admission::{Slot, SlotTable, first_byte, source_key};
 use crate::connect::{ConnContext, UpgradedAgent};
 use crate::metrics::ServerMetrics;
 use crate::registry::Protocol;
-use crate::registry::SessionRegistry;
+use crate::registry::{PeerChain, SessionRegistry};
 use crate::remotedialer_ws::RdWsTransport;
+use crate::tls_reload::TlsReloader;
 use crate::ws_transport::WsTransport;
 use tether_common::log_throttle::LogThrottle;
 use tether_common::read_ahead::ReadAhead;
@@ -49,7 +50,8 @@ pub(crate) const MAX_PENDING_PER_IDENTITY: usize = 4;
 
 /// Everything a tunnel connection task needs.
 pub(crate) struct Tunnel {
-    pub(crate) acceptor: TlsAcceptor,
+    /// The TLS material in force: each handshake takes the newest.
+    pub(crate) tls: TlsReloader,
     pub(crate) identity: IdentityMode,
     pub(crate) handshake_timeout: Duration,
     /// One permit per connection in the TLS/upgrade phase (`max_pending_handshakes`).
@@ -157,8 +159,8 @@ async fn serve_connection(
         upgraded = handshake(&tunnel, tcp, peer, deadline) => upgraded,
     };
     drop(pending);
-    if let Some((agent_id, upgraded)) = upgraded {
-        run_session(&tunnel, agent_id, peer, upgraded).await;
+    if let Some((agent_id, upgraded, chain)) = upgraded {
+        run_session(&tunnel, agent_id, peer, upgraded, chain).await;
     }
 }
 
@@ -168,14 +170,15 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     deadline: Instant,
-) -> Option<(String, UpgradedAgent)> {
+) -> Option<(String, UpgradedAgent, Option<PeerChain>)> {
     let _ = tcp.set_nodelay(true);
     if !first_byte(&tcp, FIRST_BYTE_TIMEOUT.min(tunnel.handshake_timeout)).await {
         tunnel.handshake_failed("first_byte_timeout");
         debug!("no TLS ClientHello in time; closing");
         return None;
     }
-    let tls = match timeout_at(deadline, tunnel.acceptor.accept(ReadAhead::new(tcp))).await {
+    let acceptor = TlsAcceptor::from(tunnel.tls.config());
+    let tls = match timeout_at(deadline, acceptor.accept(ReadAhead::new(tcp))).await {
         Err(_) => {
             tunnel.handshake_failed("timeout");
             debug!("TLS handshake timed out");
@@ -194,6 +197,10 @@ async fn handshake(
         Ok(Ok(tls)) => tls,
     };
     let conn = tls.get_ref().1;
+    // Kept in the registry so that a reload of the CA bundle or CRLs can verify it again.
+    let chain: Option<PeerChain> = conn
+        .peer_certificates()
+        .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect());
     // No ALPN at all is fine (ordinary WebSocket clients offer none).
     if !alpn_ok(conn.alpn_protocol()) {
         tunnel.handshake_failed("alpn");
@@ -296,7 +303,7 @@ async fn handshake(
             if agent_id.is_none() {
                 Span::current().record("agent.id", field::display(&upgraded.agent_id));
             }
-            Some((upgraded.agent_id.to_string(), upgraded))
+            Some((upgraded.agent_id.to_string(), upgraded, chain))
         }
         _ => {
             debug!("HTTP connection closed without an upgrade");
@@ -339,7 +346,13 @@ where
 }
 
 /// Runs the agent's session to its end; the registry entry lives exactly as long.
-async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: UpgradedAgent) {
+async fn run_session(
+    tunnel: &Tunnel,
+    agent_id: String,
+    peer: SocketAddr,
+    up: UpgradedAgent,
+    chain: Option<PeerChain>,
+) {
     let UpgradedAgent {
         socket,
         agent_id: _,
@@ -390,6 +403,7 @@ async fn run_session(tunnel: &Tunnel, agent_id: String, peer: SocketAddr, up: Up
             endpoint,
             protocol,
             labels,
+            peer_chain: chain,
         },
     );
     Span::current().record("session.id", guard.session_id());

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tether_mux::transport::framed;
 use tether_mux::{MuxConfig, MuxMetrics, Role, Session};
 use tether_proto::GoAwayCode;
+use tether_server::registry::Revocation;
 use tether_server::{RegistryNotice, ServerMetrics, SessionEvent, SessionRegistry};
 
 /// A server-side session whose agent side is kept alive in a task.
@@ -142,6 +143,11 @@ fn describe(notice: RegistryNotice) -> String {
             session_id,
             replaced_by,
         }) => format!("stale {client} {session_id} by {replaced_by}"),
+        RegistryNotice::Event(SessionEvent::SessionRevoked {
+            client,
+            session_id,
+            reason,
+        }) => format!("revoked {client} {session_id} {reason}"),
         RegistryNotice::Lagged { missed, snapshot } => {
             format!("lagged {missed} {:?}", ids(&snapshot))
         }
@@ -304,4 +310,46 @@ async fn dials_prefer_the_newest_healthy_session_and_fall_back_to_the_newest_ope
     );
     let listed = registry.snapshot();
     assert!(listed[0].sessions.iter().all(|s| !s.healthy));
+}
+
+#[tokio::test]
+async fn revoke_closes_exactly_the_refused_sessions_with_their_own_event() {
+    let metrics = ServerMetrics::unregistered().unwrap();
+    let registry = Arc::new(SessionRegistry::new(metrics.clone()));
+    let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let (s1, a1) = session_pair();
+    let (s2, _a2) = session_pair();
+    let g1 = registry.insert("edge-1", "a", peer, s1.clone());
+    let g2 = registry.insert("edge-2", "b", peer, s2.clone());
+    let (_, mut events) = registry.subscribe();
+
+    let closed = registry.revoke(|e| {
+        (e.client == "edge-1").then(|| Revocation {
+            reason: "revoked",
+            detail: "certificate revoked".into(),
+        })
+    });
+    assert_eq!(closed.len(), 1);
+    assert_eq!(closed[0].0, g1.session_id());
+    assert!(s1.is_closed());
+    assert!(!s2.is_closed());
+    assert_eq!(
+        describe(events.try_recv().unwrap()),
+        format!("revoked edge-1 {} revoked", g1.session_id())
+    );
+    assert!(events.try_recv().is_none());
+    assert_eq!(event(&metrics, "revoked"), 1);
+    assert_eq!(metrics.sessions.with_label_values(&["edge-1"]).get(), 0);
+    // The agent heard why.
+    a1.closed().await;
+    assert_eq!(
+        a1.peer_goaway(),
+        Some((GoAwayCode::Revoked, "certificate revoked".to_owned()))
+    );
+    // Its guard finds nothing left: no plain removal on top.
+    drop(g1);
+    assert_eq!(event(&metrics, "removed"), 0);
+    // A second sweep finds nothing.
+    assert!(registry.revoke(|_| None).is_empty());
+    drop(g2);
 }

@@ -1,4 +1,5 @@
-//! `tether certs init|issue`: a CA, a server certificate and agent certificates on disk.
+//! `tether certs init|issue`: a CA, a server certificate and agent certificates on disk
+//! (`renew`, `inspect` and `revoke` are in `certs_lifecycle.rs`).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -31,11 +32,17 @@ pub(crate) fn server_names(
     (names, addrs)
 }
 
-pub(crate) fn init(dir: &Path, dns: &[String], ips: &[IpAddr], local: bool) -> anyhow::Result<()> {
+pub(crate) fn init(
+    dir: &Path,
+    dns: &[String],
+    ips: &[IpAddr],
+    local: bool,
+    opts: &pki::IssueOptions,
+) -> anyhow::Result<()> {
     let (dns, ips) = server_names(dns, ips, local);
     let (dns, ips) = (dns.as_slice(), ips.as_slice());
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let report = pki::init_dir(dir, dns, ips)?;
+    let report = pki::init_dir_with(dir, dns, ips, opts)?;
     println!(
         "created a CA and a server certificate in {}:",
         dir.display()
@@ -56,8 +63,8 @@ pub(crate) fn init(dir: &Path, dns: &[String], ips: &[IpAddr], local: bool) -> a
     Ok(())
 }
 
-pub(crate) fn issue(dir: &Path, agent: &str) -> anyhow::Result<()> {
-    let report = pki::issue_agent_files(dir, agent)?;
+pub(crate) fn issue(dir: &Path, agent: &str, opts: &pki::IssueOptions) -> anyhow::Result<()> {
+    let report = pki::issue_agent_files_with(dir, agent, opts)?;
     println!(
         "issued a certificate for agent \"{}\" (URI SAN tether://agent/{}):",
         report.agent_id, report.agent_id

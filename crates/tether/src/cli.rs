@@ -176,6 +176,9 @@ pub(crate) enum CertsCommand {
         /// Leave out `localhost` and 127.0.0.1 (then at least one --dns or --ip is needed).
         #[arg(long)]
         no_localhost: bool,
+        /// Validity of the server certificate (`90d`, `12h`); one year when omitted.
+        #[arg(long, value_name = "DURATION")]
+        valid_for: Option<String>,
     },
     /// Issue an agent certificate (URI SAN `tether://agent/<ID>`) with the CA in a directory.
     Issue {
@@ -185,6 +188,49 @@ pub(crate) enum CertsCommand {
         /// The agent id (letters, digits, `.`, `_`, `-`).
         #[arg(long)]
         agent: String,
+        /// Validity of the certificate (`90d`, `12h`); one year when omitted.
+        #[arg(long, value_name = "DURATION")]
+        valid_for: Option<String>,
+    },
+    /// Issue a successor of a certificate: same identity (agent id, or server names), a new
+    /// key, a new validity. Replaces the certificate and key files; running daemons pick them
+    /// up without dropping sessions.
+    Renew {
+        /// Directory holding `ca.pem` and `ca-key.pem`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate to renew (PEM); replaced.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key (PEM); replaced by a new key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Validity of the new certificate (`90d`, `12h`).
+        #[arg(long, value_name = "DURATION", default_value = "365d")]
+        valid_for: String,
+    },
+    /// Show a certificate file: identity, names, issuer, validity; with `--config`, whether it
+    /// fits that server or agent config.
+    Inspect {
+        /// The certificate (PEM; a chain or bundle shows every certificate).
+        file: PathBuf,
+        /// A server or agent config to check the certificate against.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Revoke certificates: add them to the CA's CRL file (created if missing; existing
+    /// entries kept). A server listing the file in `tls.crls` reloads it and closes the
+    /// revoked agents' sessions. Without `--cert`, only re-sign the CRL (or create it empty).
+    Revoke {
+        /// Directory holding `ca.pem` and `ca-key.pem`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate(s) to revoke (PEM).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The CRL file; `<dir>/crl.pem` when omitted.
+        #[arg(long)]
+        crl: Option<PathBuf>,
     },
 }
 

@@ -1,6 +1,6 @@
-//! What triggers a config reload in the daemons (SIGHUP, or the config file's contents
-//! changing) and the one function per daemon that reloads: load the effective config again and
-//! hand it to the library's reloader.
+//! What triggers a config reload in the daemons (SIGHUP, or the contents of the config file or
+//! of a TLS file it names changing) and the one function per daemon that reloads: load the
+//! effective config again and hand it to the library's reloader.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -35,10 +35,13 @@ impl Trigger {
     }
 }
 
-/// SIGHUP and changes of one file's contents, as a stream of triggers.
+/// SIGHUP and changes of the config file's or the watched TLS files' contents, as a stream of
+/// triggers.
 struct Triggers {
     path: PathBuf,
     fingerprint: Option<u64>,
+    /// TLS material named by the config in force, with the fingerprints last seen.
+    watched: Vec<(PathBuf, Option<u64>)>,
     #[cfg(unix)]
     sighup: Option<tokio::signal::unix::Signal>,
 }
@@ -48,24 +51,46 @@ impl Triggers {
         Triggers {
             path: path.to_owned(),
             fingerprint: fingerprint(path),
+            watched: Vec::new(),
             #[cfg(unix)]
             sighup: signals::sighup(),
         }
+    }
+
+    /// Watches `paths` from now on (the TLS files of the config in force); a path watched
+    /// already keeps its baseline.
+    fn watch(&mut self, paths: Vec<PathBuf>) {
+        self.watched = paths
+            .into_iter()
+            .map(|path| {
+                let seen = self
+                    .watched
+                    .iter()
+                    .find(|(p, _)| *p == path)
+                    .map_or_else(|| fingerprint(&path), |(_, f)| *f);
+                (path, seen)
+            })
+            .collect();
     }
 
     async fn next(&mut self) -> Trigger {
         loop {
             tokio::select! {
                 _ = recv_sighup(&mut self.sighup) => {
-                    // The file read by this reload is the baseline for change detection.
+                    // The files read by this reload are the baseline for change detection.
                     self.fingerprint = fingerprint(&self.path);
+                    for (path, seen) in &mut self.watched {
+                        *seen = fingerprint(path);
+                    }
                     return Trigger::Sighup;
                 }
                 _ = tokio::time::sleep(FILE_POLL) => {
-                    let now = fingerprint(&self.path);
-                    // A file that vanished (e.g. mid-replace) is not a change to act on.
-                    if now.is_some() && now != self.fingerprint {
-                        self.fingerprint = now;
+                    let mut changed = changed(&self.path, &mut self.fingerprint);
+                    for (path, seen) in &mut self.watched {
+                        // Every changed file takes its new baseline now.
+                        changed |= self::changed(path, seen);
+                    }
+                    if changed {
                         return Trigger::FileChanged;
                     }
                 }
@@ -86,6 +111,17 @@ async fn recv_sighup(sighup: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
+/// Whether `path`'s contents differ from `seen` (then `seen` is updated). A file that vanished
+/// (e.g. mid-replace) is not a change to act on.
+fn changed(path: &Path, seen: &mut Option<u64>) -> bool {
+    let now = fingerprint(path);
+    if now.is_some() && now != *seen {
+        *seen = now;
+        return true;
+    }
+    false
+}
+
 fn fingerprint(path: &Path) -> Option<u64> {
     let bytes = std::fs::read(path).ok()?;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -104,11 +140,13 @@ pub(crate) fn agent_reloads(
     notifier: Notifier,
 ) -> impl Future<Output = ()> + Send {
     let mut triggers = Triggers::new(&path);
+    triggers.watch(reloader.watched_files());
     async move {
         loop {
             let trigger = triggers.next().await;
             notify(&notifier, Notifier::reloading, "RELOADING");
             reload_agent(&path, &flags, &reloader, &logs, trigger);
+            triggers.watch(reloader.watched_files());
             notify(&notifier, Notifier::ready, "READY");
         }
     }
@@ -149,11 +187,13 @@ pub(crate) fn server_reloads(
     notifier: Notifier,
 ) -> impl Future<Output = ()> + Send {
     let mut triggers = Triggers::new(&path);
+    triggers.watch(reloader.watched_files());
     async move {
         loop {
             let trigger = triggers.next().await;
             notify(&notifier, Notifier::reloading, "RELOADING");
             reload_server(&path, &flags, &reloader, &logs, trigger).await;
+            triggers.watch(reloader.watched_files());
             notify(&notifier, Notifier::ready, "READY");
         }
     }
@@ -197,6 +237,11 @@ async fn reload_server(
                 Err(errors) => debug!(errors = errors.len(), "server reload rejected"),
             }
         }
-        Err(err) => reloader.reject(&err),
+        Err(err) => {
+            reloader.reject(&err);
+            // The TLS files named by the running config may still have changed (a new CRL);
+            // the reloader logs and counts the outcome.
+            let _ = reloader.reload_tls().await;
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The `tether` binary: parses flags, loads config, binds listeners and calls the daemon libraries.
 
 mod certs_cmd;
+mod certs_lifecycle;
 mod cli;
 mod config_load;
 mod config_reload;
@@ -187,8 +188,31 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 dns,
                 ip,
                 no_localhost,
-            } => certs_cmd::init(&dir, &dns, &ip, !no_localhost),
-            CertsCommand::Issue { dir, agent } => certs_cmd::issue(&dir, &agent),
+                valid_for,
+            } => certs_cmd::init(
+                &dir,
+                &dns,
+                &ip,
+                !no_localhost,
+                &certs_lifecycle::options(valid_for)?,
+            ),
+            CertsCommand::Issue {
+                dir,
+                agent,
+                valid_for,
+            } => certs_cmd::issue(&dir, &agent, &certs_lifecycle::options(valid_for)?),
+            CertsCommand::Renew {
+                dir,
+                cert,
+                key,
+                valid_for,
+            } => certs_lifecycle::renew(&dir, &cert, &key, &valid_for),
+            CertsCommand::Inspect { file, config } => {
+                certs_lifecycle::inspect(&file, config.as_deref())
+            }
+            CertsCommand::Revoke { dir, cert, crl } => {
+                certs_lifecycle::revoke(&dir, cert.as_deref(), crl.as_deref())
+            }
         },
         Command::CheckConfig { kind, path } => {
             let kind = config_load::check(kind, &path)?;
