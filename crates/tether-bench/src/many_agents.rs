@@ -94,14 +94,7 @@ pub(crate) async fn run(mut args: AgentsArgs) -> Result<()> {
         })
     }
     .await;
-    stop.cancel();
-    let drained = tokio::time::timeout(Duration::from_secs(60), async {
-        while agents.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        agents.abort_all();
-    }
+    stop_agents(&stop, &mut agents).await;
     let measured = measured?;
     if args.common.smoke {
         println!(
@@ -154,6 +147,19 @@ impl Measured {
             self.since_stop.as_secs_f64(),
             self.rss_after / 1024,
         )
+    }
+}
+
+/// Stops the in-process agents: cancels them, waits up to a minute for them to close their
+/// sessions, aborts the rest.
+pub(crate) async fn stop_agents<T: 'static>(stop: &CancellationToken, agents: &mut JoinSet<T>) {
+    stop.cancel();
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        while agents.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        agents.abort_all();
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Common;
 use crate::daemons::{Pki, ServerProcess, tether_binary};
-use crate::many_agents::issue_agents;
+use crate::many_agents::{issue_agents, stop_agents};
 use crate::process_stats;
 use crate::report;
 
@@ -98,14 +98,7 @@ pub(crate) async fn run(common: &Common, count: usize, replicas: u8, wait: Durat
         })
     }
     .await;
-    stop.cancel();
-    let drained = tokio::time::timeout(Duration::from_secs(60), async {
-        while agents.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        agents.abort_all();
-    }
+    stop_agents(&stop, &mut agents).await;
     for server in servers {
         server.stop().await?;
     }
