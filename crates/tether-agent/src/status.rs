@@ -101,3 +101,47 @@ impl AgentStatus {
             .map(|reason| format!("idle: activation gate disabled: {reason}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_replicas(connected: &[bool], min_connected: usize) -> AgentStatus {
+        let mut status = AgentStatus {
+            min_connected,
+            ..AgentStatus::default()
+        };
+        for (i, up) in connected.iter().enumerate() {
+            status.replica_mut(&format!("r{i}")).connected = *up;
+        }
+        status.recount();
+        status
+    }
+
+    #[test]
+    fn ready_once_min_connected_replicas_are_up() {
+        assert_eq!(
+            with_replicas(&[true, false, false], 1).not_ready_reason(),
+            None
+        );
+        let reason = with_replicas(&[true, false, false], 2).not_ready_reason();
+        assert_eq!(
+            reason.as_deref(),
+            Some("1 of 3 server replicas connected; 2 needed")
+        );
+        assert_eq!(
+            with_replicas(&[true, true, false], 2).not_ready_reason(),
+            None
+        );
+        let none = with_replicas(&[false, false], 1);
+        assert!(!none.connected);
+        assert!(
+            none.not_ready_reason()
+                .is_some_and(|r| r.starts_with("not connected to the server"))
+        );
+        // A closed gate is a correct idle state, replicas or not.
+        let mut gated = with_replicas(&[false], 2);
+        gated.gate_disabled = Some("role".into());
+        assert_eq!(gated.not_ready_reason(), None);
+    }
+}
