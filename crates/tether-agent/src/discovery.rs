@@ -3,16 +3,21 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use crate::config::MAX_SERVERS;
 use crate::connector::{Connector, Endpoint};
+
+/// Longest one resolution may take; past it the name counts as not resolving this round.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Resolves every server URL of `connector` into endpoints. A URL whose host is an IP address
 /// is one endpoint. A host name gives one endpoint per address of one family (IPv4 when it
 /// has any, else IPv6: `localhost` and dual-stack names would otherwise list every server
 /// twice); at most [`MAX_SERVERS`] per URL. A name that does not resolve (or resolves to
-/// nothing) keeps the endpoints it had in `previous`, or, if it had none, becomes one
-/// endpoint dialed by name, whose attempts then report the resolution error.
+/// nothing, or takes longer than [`RESOLVE_TIMEOUT`]) keeps the endpoints it had in
+/// `previous`, or, if it had none, becomes one endpoint dialed by name, whose attempts then
+/// report the resolution error.
 pub(crate) async fn resolve(
     connector: &Connector,
     previous: &BTreeSet<Endpoint>,
@@ -21,10 +26,15 @@ pub(crate) async fn resolve(
     for (url, server) in connector.servers() {
         let addrs = match server.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, server.port)],
-            Err(_) => tokio::net::lookup_host((server.host.as_str(), server.port))
-                .await
-                .map(|addrs| addrs.collect())
-                .unwrap_or_default(),
+            Err(_) => tokio::time::timeout(
+                RESOLVE_TIMEOUT,
+                tokio::net::lookup_host((server.host.as_str(), server.port)),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|addrs| addrs.collect())
+            .unwrap_or_default(),
         };
         let addrs = one_family(addrs);
         if addrs.is_empty() {
