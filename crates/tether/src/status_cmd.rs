@@ -31,14 +31,7 @@ pub(crate) async fn run(
     if let Some(client) = client {
         return run_client(&url, client, json, timeout).await;
     }
-    let body = tokio::time::timeout(timeout, fetch(&url, CLIENTS_PATH))
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "no answer from the admin listener at {} within {timeout:?}",
-                url.display()
-            )
-        })??;
+    let body = fetch_within(&url, CLIENTS_PATH, timeout).await?;
     if json {
         println!("{body}");
         return Ok(());
@@ -61,22 +54,11 @@ async fn run_client(
     json: bool,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    if client.is_empty()
-        || !client
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
-        bail!("`{client}` is not a client id (letters, digits, `.`, `_`, `-`)");
+    if let Err(err) = tether_common::identity::validate_agent_id(client) {
+        bail!("`{client}` is not a client id: {err}");
     }
     let path = format!("{CLIENTS_PATH}/{client}");
-    let body = tokio::time::timeout(timeout, fetch(url, &path))
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "no answer from the admin listener at {} within {timeout:?}",
-                url.display()
-            )
-        })??;
+    let body = fetch_within(url, &path, timeout).await?;
     if json {
         println!("{body}");
         return Ok(());
@@ -207,6 +189,22 @@ impl AdminUrl {
     pub(crate) fn display(&self) -> String {
         format!("http://{}{}", self.authority(), self.prefix)
     }
+}
+
+/// [`fetch`] within `timeout`, naming the listener when it does not answer in time.
+pub(crate) async fn fetch_within(
+    url: &AdminUrl,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    tokio::time::timeout(timeout, fetch(url, path))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the admin listener at {} within {timeout:?}",
+                url.display()
+            )
+        })?
 }
 
 /// One `GET {prefix}{path}`; the body when the status is 200.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tether_server::ClientsResponse;
 
-use crate::status_cmd::{AdminUrl, CLIENTS_PATH, counted, fetch, table};
+use crate::status_cmd::{AdminUrl, CLIENTS_PATH, counted, fetch_within, table};
 
 /// Most replicas one `tether status` queries.
 const MAX_REPLICAS: usize = 64;
@@ -68,10 +68,9 @@ pub(crate) async fn run(urls: &[AdminUrl], json: bool, timeout: Duration) -> any
     let mut queries = tokio::task::JoinSet::new();
     for (index, url) in urls.iter().cloned().enumerate() {
         queries.spawn(async move {
-            let listing = match tokio::time::timeout(timeout, fetch(&url, CLIENTS_PATH)).await {
-                Err(_) => Err(format!("no answer within {timeout:?}")),
-                Ok(Err(err)) => Err(format!("{err:#}")),
-                Ok(Ok(body)) => serde_json::from_str::<ClientsResponse>(&body)
+            let listing = match fetch_within(&url, CLIENTS_PATH, timeout).await {
+                Err(err) => Err(format!("{err:#}")),
+                Ok(body) => serde_json::from_str::<ClientsResponse>(&body)
                     .map_err(|err| format!("not a client listing: {err}")),
             };
             (
@@ -209,7 +208,7 @@ mod tests {
             },
             Replica {
                 admin: "http://127.0.0.3:9090".into(),
-                listing: Err("no answer within 5s".into()),
+                listing: Err("no answer from the admin listener within 5s".into()),
             },
         ];
         let text = render(&replicas);
@@ -222,7 +221,7 @@ mod tests {
         let edge2: Vec<&str> = lines[2].split_whitespace().collect();
         assert_eq!(edge2, ["edge-2", "1", "0", "?", "r2"], "{text}");
         assert!(
-            text.contains("replica http://127.0.0.3:9090: no answer within 5s"),
+            text.contains("replica http://127.0.0.3:9090: no answer from the admin listener"),
             "{text}"
         );
         assert!(
