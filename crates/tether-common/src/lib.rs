@@ -21,3 +21,4 @@ pub mod sd_notify;
 pub mod session_settings;
 pub mod tls;
 pub mod tls_check;
+pub mod tls_presented;

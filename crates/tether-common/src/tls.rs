@@ -384,7 +384,10 @@ pub(crate) fn build_server_tls(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_err)?
-        .with_client_cert_verifier(verifier.clone())
+        // Records the presented certificate, so a refused handshake can name its agent.
+        .with_client_cert_verifier(Arc::new(crate::tls_presented::RecordingClientVerifier(
+            verifier.clone(),
+        )))
         .with_single_cert(certs, key)
         .map_err(config_err)?;
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];

@@ -55,6 +55,19 @@ pub struct ForwardSnapshot {
     pub client: String,
     /// Where the agent connects.
     pub target: String,
+    /// The last failed dial through this forward, if any since it started (absent in listings
+    /// of older servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<ForwardError>,
+}
+
+/// A forward's last failed dial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardError {
+    /// When, RFC 3339 UTC.
+    pub at: String,
+    /// What failed, in words, with its code (`no_session`, `denied`, ...).
+    pub error: String,
 }
 
 /// One consumer frontend that is on, for listings.
@@ -182,6 +195,7 @@ pub(crate) fn client_detail(state: &AdminState, id: &str) -> Option<ClientDetail
 pub(crate) fn listing(state: &AdminState) -> ClientsResponse {
     let config = state.reloader.current();
     let bound = state.reloader.forward_addrs();
+    let mut errors = state.reloader.forward_errors();
     let mut forwards: Vec<ForwardSnapshot> = config
         .forwards
         .iter()
@@ -192,6 +206,7 @@ pub(crate) fn listing(state: &AdminState) -> ClientsResponse {
                 .map_or_else(|| f.listen.clone(), ToString::to_string),
             client: f.client.clone(),
             target: f.target.clone(),
+            last_error: errors.remove(&f.name),
         })
         .collect();
     forwards.sort_by(|a, b| a.name.cmp(&b.name));

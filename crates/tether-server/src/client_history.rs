@@ -1,9 +1,13 @@
 //! Per client id, the last refused connection attempt and the last session end, with their
 //! reasons: the answer to "why can't I reach edge-7?" in one place (`GET /v1/clients/{id}`,
 //! `tether status CLIENT`). Bounded: at most [`MAX_CLIENTS`] ids, the least recently updated
-//! one is forgotten first.
+//! one is forgotten first. Refusals of peers whose identity could not be read (no certificate,
+//! an unparsable one, a client that refused the server's certificate) are kept apart, by source
+//! address, in a table of at most [`MAX_SOURCES`]: a scan from many addresses cannot push out
+//! what is known about real clients.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -13,6 +17,8 @@ use crate::registry::rfc3339;
 
 /// Most client ids remembered.
 pub const MAX_CLIENTS: usize = 4096;
+/// Most source addresses remembered (refusals without a readable identity).
+pub const MAX_SOURCES: usize = 1024;
 /// Longest detail text kept.
 const MAX_DETAIL: usize = 300;
 
@@ -59,6 +65,8 @@ pub struct ClientRecord {
 #[derive(Debug, Default)]
 pub struct ClientHistory {
     inner: Mutex<Table>,
+    /// Keyed by source IP address, at most [`MAX_SOURCES`].
+    sources: Mutex<Table>,
 }
 
 #[derive(Debug, Default)]
@@ -68,31 +76,51 @@ struct Table {
     stamp: u64,
 }
 
+fn lock(table: &Mutex<Table>) -> MutexGuard<'_, Table> {
+    // Records are replaced whole: a panic elsewhere cannot leave one half-written.
+    table.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl ClientHistory {
-    fn lock(&self) -> MutexGuard<'_, Table> {
-        // Records are replaced whole: a panic elsewhere cannot leave one half-written.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn update(&self, client: &str, change: impl FnOnce(&mut ClientRecord)) {
-        let mut table = self.lock();
-        table.stamp += 1;
-        let stamp = table.stamp;
-        if !table.records.contains_key(client) && table.records.len() >= MAX_CLIENTS {
-            let oldest = table
-                .records
-                .iter()
-                .min_by_key(|(_, (stamp, _))| *stamp)
-                .map(|(k, _)| k.clone());
-            if let Some(oldest) = oldest {
-                table.records.remove(&oldest);
-            }
-        }
-        let entry = table.records.entry(client.to_owned()).or_default();
-        entry.0 = stamp;
-        change(&mut entry.1);
+        update(&self.inner, MAX_CLIENTS, client, change);
     }
 
+    /// Remembers a refused attempt of a peer whose identity could not be read, under its
+    /// source address (`GET /v1/clients/{address}` shows it).
+    pub fn refused_source(&self, source: IpAddr, reason: &str, detail: &str, peer_addr: &str) {
+        let refusal = Refusal {
+            at: rfc3339(SystemTime::now()),
+            reason: reason.to_owned(),
+            detail: clip(detail),
+            peer_addr: peer_addr.to_owned(),
+        };
+        update(&self.sources, MAX_SOURCES, &source.to_string(), |r| {
+            r.last_refusal = Some(refusal);
+        });
+    }
+}
+
+fn update(table: &Mutex<Table>, max: usize, key: &str, change: impl FnOnce(&mut ClientRecord)) {
+    let mut table = lock(table);
+    table.stamp += 1;
+    let stamp = table.stamp;
+    if !table.records.contains_key(key) && table.records.len() >= max {
+        let oldest = table
+            .records
+            .iter()
+            .min_by_key(|(_, (stamp, _))| *stamp)
+            .map(|(k, _)| k.clone());
+        if let Some(oldest) = oldest {
+            table.records.remove(&oldest);
+        }
+    }
+    let entry = table.records.entry(key.to_owned()).or_default();
+    entry.0 = stamp;
+    change(&mut entry.1);
+}
+
+impl ClientHistory {
     /// Remembers a refused attempt of `client`.
     pub fn refused(&self, client: &str, reason: &str, detail: &str, peer_addr: &str) {
         let refusal = Refusal {
@@ -123,14 +151,25 @@ impl ClientHistory {
         self.update(client, |r| r.last_session_end = Some(end));
     }
 
-    /// What is remembered about `client`.
+    /// What is remembered about `client` (a client id, else a source address).
     pub fn get(&self, client: &str) -> Option<ClientRecord> {
-        self.lock().records.get(client).map(|(_, r)| r.clone())
+        let by_id = lock(&self.inner)
+            .records
+            .get(client)
+            .map(|(_, r)| r.clone());
+        by_id.or_else(|| {
+            let source: IpAddr = client.parse().ok()?;
+            let sources = lock(&self.sources);
+            sources
+                .records
+                .get(&source.to_string())
+                .map(|(_, r)| r.clone())
+        })
     }
 
     /// How many ids are remembered.
     pub fn len(&self) -> usize {
-        self.lock().records.len()
+        lock(&self.inner).records.len()
     }
 
     /// Whether nothing is remembered.
@@ -174,5 +213,24 @@ mod tests {
             "the oldest record went first"
         );
         assert!(history.get(&format!("c{}", MAX_CLIENTS + 9)).is_some());
+    }
+
+    #[test]
+    fn sources_are_kept_apart_and_bounded() {
+        let history = ClientHistory::default();
+        history.refused("edge-1", "expired", "old", "10.0.0.1:1");
+        for i in 0..MAX_SOURCES + 5 {
+            let ip = IpAddr::from([10, 1, (i / 256) as u8, (i % 256) as u8]);
+            history.refused_source(ip, "unknown_issuer", "scan", &format!("{ip}:9"));
+        }
+        assert!(history.get("edge-1").is_some(), "sources never evict ids");
+        assert_eq!(history.len(), 1);
+        assert!(
+            history.get("10.1.0.0").is_none(),
+            "the oldest source went first"
+        );
+        let last = history.get("10.1.4.4").unwrap().last_refusal.unwrap();
+        assert_eq!(last.reason, "unknown_issuer");
+        assert!(history.get("not-an-address").is_none());
     }
 }

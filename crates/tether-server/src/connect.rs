@@ -37,6 +37,10 @@ pub(crate) const ENDPOINT_HEADER: HeaderName = HeaderName::from_static("x-tether
 /// Request header with the agent's version.
 pub(crate) const VERSION_HEADER: HeaderName = HeaderName::from_static("x-tether-version");
 
+/// Request header of `tether doctor`: run every check of the upgrade, then answer 200 with the
+/// verdict instead of upgrading (no session is registered, no slot taken).
+pub(crate) const DOCTOR_HEADER: HeaderName = HeaderName::from_static("x-tether-doctor");
+
 /// `tether_auth_failures_total` reason of a client without a certificate on a route that needs
 /// one.
 pub(crate) const NO_CLIENT_CERT: &str = "no_client_cert";
@@ -212,6 +216,9 @@ async fn connect(
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n").into_response();
     }
+    if headers.contains_key(&DOCTOR_HEADER) {
+        return doctor_verdict(&state, &agent_id);
+    }
     let Ok(slot) = state.agent_slots.clone().try_acquire_owned() else {
         state.history.refused(
             &agent_id,
@@ -257,6 +264,28 @@ async fn connect(
                 protocol: crate::registry::Protocol::Tether,
             });
         });
+    response
+        .headers_mut()
+        .insert(SERVER_ID_HEADER, state.server_id.clone());
+    response
+}
+
+/// The answer to a `tether doctor` dry run that passed the checks so far: what a real
+/// upgrade would get now.
+fn doctor_verdict(state: &ConnectState, agent_id: &str) -> Response {
+    let mut response = if state.agent_slots.available_permits() == 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server is at its agent limit (max_agents)\n".to_owned(),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::OK,
+            format!("agent \"{agent_id}\" is accepted: a session would be admitted now\n"),
+        )
+            .into_response()
+    };
     response
         .headers_mut()
         .insert(SERVER_ID_HEADER, state.server_id.clone());

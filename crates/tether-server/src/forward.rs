@@ -2,8 +2,8 @@
 //! target through the newest session of a fixed agent; failures reach the consumer as a reset.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tether_proto::TargetAddr;
@@ -37,6 +37,31 @@ pub(crate) struct Forward {
     pub(crate) audit: AuditLog,
     /// Whether the last dial failed: failures are logged at warn once per episode.
     failing: AtomicBool,
+    /// The last failed dial, for the admin listing (`tether status`).
+    pub(crate) last_error: Arc<LastError>,
+}
+
+/// The last failed dial of a forward: when, and why in words. Replaced whole under a short
+/// lock, never held across `.await`.
+#[derive(Debug, Default)]
+pub(crate) struct LastError(Mutex<Option<crate::admin::ForwardError>>);
+
+impl LastError {
+    fn set(&self, error: String) {
+        let value = crate::admin::ForwardError {
+            at: crate::registry::rfc3339(std::time::SystemTime::now()),
+            error,
+        };
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
+    }
+
+    /// The last failed dial, if any.
+    pub(crate) fn get(&self) -> Option<crate::admin::ForwardError> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl Forward {
@@ -66,12 +91,14 @@ impl Forward {
             log: LogThrottle::new(Duration::from_secs(60)),
             audit,
             failing: AtomicBool::new(false),
+            last_error: Arc::default(),
         }
     }
 
     /// Logs a failed dial (counted by the dialer): at warn once per episode, then at debug.
     fn dial_failed(&self, err: &DialError) {
         let code = err.label();
+        self.last_error.set(format!("{err} ({code})"));
         if !self.failing.swap(true, Ordering::Relaxed) {
             warn!(
                 forward = %self.name,

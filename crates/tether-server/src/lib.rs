@@ -28,6 +28,7 @@ mod remotedialer_connect;
 pub mod remotedialer_metrics;
 mod remotedialer_ws;
 mod server;
+pub mod tls_refusals;
 pub mod tls_reload;
 mod tunnel;
 mod tunnel_dial;

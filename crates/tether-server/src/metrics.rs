@@ -36,6 +36,9 @@ pub struct ServerMetrics {
     /// outside the allow-list, remotedialer header checks, and clients without a certificate
     /// where one is needed (`no_client_cert`).
     pub auth_failures: IntCounterVec,
+    /// `tether_tls_refusals_total{reason}`: handshakes refused for a certificate reason
+    /// (`tls_refusals::REASONS`), each also remembered per client id.
+    pub tls_refusals: IntCounterVec,
     /// `tether_dial_duration_seconds`: time from OPEN to OPEN_OK or failure.
     pub dial_duration: Histogram,
     /// `tether_dial_errors_total{code}`.
@@ -86,6 +89,7 @@ impl ServerMetrics {
         registry.register(Box::new(metrics.session_events.clone()))?;
         registry.register(Box::new(metrics.tls_handshake_failures.clone()))?;
         registry.register(Box::new(metrics.auth_failures.clone()))?;
+        registry.register(Box::new(metrics.tls_refusals.clone()))?;
         registry.register(Box::new(metrics.dial_duration.clone()))?;
         registry.register(Box::new(metrics.dial_errors.clone()))?;
         registry.register(Box::new(metrics.preauth_inflight.clone()))?;
@@ -142,6 +146,16 @@ impl ServerMetrics {
                 Opts::new(
                     "tether_auth_failures_total",
                     "Agents refused after the TLS handshake, by reason.",
+                ),
+                &["reason"],
+            )?,
+            tls_refusals: IntCounterVec::new(
+                Opts::new(
+                    "tether_tls_refusals_total",
+                    "TLS handshakes refused over a certificate, by reason: expired, \
+                     not_yet_valid, unknown_issuer, revoked, bad_certificate, no_certificate, \
+                     client_refused_server (the client did not accept this server's \
+                     certificate).",
                 ),
                 &["reason"],
             )?,
@@ -229,6 +243,9 @@ impl ServerMetrics {
             metrics.session_events.with_label_values(&[event]);
         }
         metrics.dial_errors.with_label_values(&[NO_SESSION]);
+        for reason in crate::tls_refusals::REASONS {
+            metrics.tls_refusals.with_label_values(&[reason]);
+        }
         for frontend in crate::frontend::FRONTEND_LABELS {
             metrics.frontend_active.with_label_values(&[frontend]);
             for reason in crate::frontend::REFUSAL_REASONS {

@@ -49,6 +49,7 @@ const FORWARD_STOP_GRACE: Duration = Duration::from_secs(5);
 struct RunningForward {
     config: ForwardConfig,
     addr: Option<SocketAddr>,
+    last_error: Arc<forward::LastError>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -117,6 +118,7 @@ impl ForwardSet {
             self.tracker.clone(),
             self.audit.clone(),
         ));
+        let last_error = forward.last_error.clone();
         let span = info_span!("forward", forward = %config.name);
         let task = self
             .tracker
@@ -126,6 +128,7 @@ impl ForwardSet {
             RunningForward {
                 config,
                 addr: bound,
+                last_error,
                 stop,
                 task,
             },
@@ -227,6 +230,19 @@ impl ServerReloader {
                 set.running
                     .iter()
                     .filter_map(|(name, f)| Some((name.clone(), f.addr?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The last failed dial of every running forward that had one, by name.
+    pub fn forward_errors(&self) -> BTreeMap<String, crate::admin::ForwardError> {
+        lock(&self.inner.forwards)
+            .as_ref()
+            .map(|set| {
+                set.running
+                    .iter()
+                    .filter_map(|(name, f)| Some((name.clone(), f.last_error.get()?)))
                     .collect()
             })
             .unwrap_or_default()

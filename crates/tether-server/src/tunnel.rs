@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use tether_common::identity::{IdentityError, IdentityMode};
 use tether_common::tls::{alpn_ok, peer_identity};
+use tether_common::tls_presented;
 use tether_mux::remotedialer::{self, RdSettings, RdTransport};
 use tether_mux::{MuxConfig, Role, Session, SessionEnd};
 use tether_proto::GoAwayCode;
@@ -178,23 +179,25 @@ async fn handshake(
         return None;
     }
     let acceptor = TlsAcceptor::from(tunnel.tls.config());
-    let tls = match timeout_at(deadline, acceptor.accept(ReadAhead::new(tcp))).await {
+    let accept = tls_presented::capture(acceptor.accept(ReadAhead::new(tcp)));
+    let tls = match timeout_at(deadline, accept).await {
         Err(_) => {
             tunnel.handshake_failed("timeout");
             debug!("TLS handshake timed out");
             return None;
         }
-        Ok(Err(err)) => {
+        Ok((Err(err), presented)) => {
             let reason = classify_tls_error(&err);
             tunnel.handshake_failed(reason);
             if reason == "alpn" {
                 tunnel.alpn_refused(peer, "its ALPN list does not include http/1.1");
             } else {
+                tunnel.tls_refused(peer, &err, presented.as_ref());
                 debug!(reason, error = %err, "TLS handshake failed");
             }
             return None;
         }
-        Ok(Ok(tls)) => tls,
+        Ok((Ok(tls), _)) => tls,
     };
     let conn = tls.get_ref().1;
     // Kept in the registry so that a reload of the CA bundle or CRLs can verify it again.
@@ -459,6 +462,41 @@ impl Tunnel {
             .tls_handshake_failures
             .with_label_values(&[reason])
             .inc();
+    }
+
+    /// A handshake refused over a certificate: counted, remembered per client id (or source
+    /// address) for `GET /v1/clients/{id}`, and logged once per throttle window.
+    fn tls_refused(
+        &self,
+        peer: SocketAddr,
+        err: &io::Error,
+        presented: Option<&rustls::pki_types::CertificateDer<'static>>,
+    ) {
+        let Some(refusal) = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+            .and_then(crate::tls_refusals::classify)
+        else {
+            return;
+        };
+        let id = crate::tls_refusals::record(
+            &refusal,
+            presented,
+            self.identity,
+            peer,
+            &self.metrics,
+            self.registry.history(),
+        );
+        if let Some(suppressed) = self.log.check(refusal.reason) {
+            warn!(
+                peer.addr = %peer,
+                agent.id = id.as_deref().unwrap_or("unknown"),
+                reason = refusal.reason,
+                suppressed,
+                "TLS handshake refused: {}",
+                refusal.detail
+            );
+        }
     }
 
     /// A client refused for its ALPN: a warning once per throttle window, debug otherwise.

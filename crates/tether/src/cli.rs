@@ -117,6 +117,30 @@ pub(crate) enum Command {
         /// The config file.
         path: PathBuf,
     },
+    /// Check a setup step by step and explain what fails: for an agent config the config,
+    /// certificates, activation gate, DNS, TCP, TLS, the WebSocket upgrade and the server's
+    /// verdict on this identity; for a server config the certificates, CA, CRLs and listeners.
+    #[command(after_help = "Examples:\n  \
+        tether doctor --config /etc/tether/agent.yaml\n  \
+        tether doctor --config /etc/tether/agent.yaml --target db.internal:5432\n  \
+        tether doctor --config /etc/tether/server.yaml\n\n\
+        Each step prints `ok`, `warn` or `FAIL` with the reason, and a `fix:` line on failure.\n\
+        Exit code 0 when no step failed, 1 otherwise.")]
+    Doctor {
+        /// The server or agent config (YAML).
+        #[arg(long, short, env = "TETHER_CONFIG")]
+        config: PathBuf,
+        /// Which daemon the file is for; guessed from its keys when omitted.
+        #[arg(long, value_enum)]
+        kind: Option<ConfigKind>,
+        /// Override one config key, as the daemon's `--set` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Agent configs: check a target `host:port` against the agent's dial policy (which
+        /// rule allows it, after resolution on this host), then dial it.
+        #[arg(long, value_name = "HOST:PORT")]
+        target: Option<String>,
+    },
     /// Show the clients, sessions, forwards and frontends of a running server (its
     /// `GET /v1/clients`), or with CLIENT why that client is or is not connected.
     Status {

@@ -238,6 +238,11 @@ pub(crate) fn check(kind: Option<ConfigKind>, path: &Path) -> anyhow::Result<Con
     }
 }
 
+/// Guesses the daemon of the file at `path` from its top-level keys (`tether doctor`).
+pub(crate) fn guess_kind_of_file(path: &Path) -> anyhow::Result<Option<ConfigKind>> {
+    guess_kind(&read(path)?, &path.display().to_string())
+}
+
 /// Guesses the daemon from the top-level keys. A file that is not valid YAML is reported as
 /// such (with its line), not as "cannot tell".
 fn guess_kind(text: &str, source: &str) -> anyhow::Result<Option<ConfigKind>> {

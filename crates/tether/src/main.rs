@@ -7,6 +7,12 @@ mod config_load;
 mod config_reload;
 mod daemon_registry;
 mod demo;
+mod doctor;
+mod doctor_agent;
+mod doctor_net;
+mod doctor_server;
+mod doctor_target;
+mod doctor_verdict;
 mod init_cmd;
 mod logging;
 mod signals;
@@ -218,6 +224,20 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             let kind = config_load::check(kind, &path)?;
             println!("{}: valid {kind:?} config", path.display());
             Ok(())
+        }
+        Command::Doctor {
+            config,
+            kind,
+            set,
+            target,
+        } => {
+            doctor::run(&doctor::DoctorArgs {
+                config: &config,
+                kind,
+                set: &set,
+                target: target.as_deref(),
+            })
+            .await
         }
         Command::Status {
             client,

@@ -54,7 +54,12 @@ async fn run_client(
     json: bool,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    if let Err(err) = tether_common::identity::validate_agent_id(client) {
+    // A source address names refusals whose certificate carried no readable identity.
+    let is_source = client.parse::<std::net::IpAddr>().is_ok();
+    if let (false, Err(err)) = (
+        is_source,
+        tether_common::identity::validate_agent_id(client),
+    ) {
         bail!("`{client}` is not a client id: {err}");
     }
     let path = format!("{CLIENTS_PATH}/{client}");
@@ -312,10 +317,16 @@ pub(crate) fn render(listing: &ClientsResponse) -> String {
                     f.listen.clone(),
                     f.client.clone(),
                     f.target.clone(),
+                    f.last_error
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), |e| format!("{} {}", e.at, e.error)),
                 ]
             })
             .collect();
-        out.push_str(&table(&["FORWARD", "LISTEN", "CLIENT", "TARGET"], rows));
+        out.push_str(&table(
+            &["FORWARD", "LISTEN", "CLIENT", "TARGET", "LAST ERROR"],
+            rows,
+        ));
     }
     if !listing.frontends.is_empty() {
         out.push('\n');

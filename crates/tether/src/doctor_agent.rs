@@ -1,0 +1,242 @@
+//! `tether doctor` for an agent config: the config, the agent's own certificate and key, the
+//! pinned CA, the activation gate, then per server URL the network steps (`doctor_net`) and,
+//! with `--target`, the dial policy (`doctor_target`).
+
+use std::path::Path;
+
+use tether_agent::AgentConfig;
+use tether_agent::config::ServerUrl;
+use tether_agent::gate::GateState;
+use tether_common::pki_ops;
+
+use crate::config_load::{self, Overrides};
+use crate::doctor::{Report, expiry_step};
+
+/// Most addresses of one server name checked.
+const MAX_ADDRESSES: usize = 8;
+
+pub(crate) async fn run(
+    report: &mut Report,
+    path: &Path,
+    overrides: &Overrides<'_>,
+    target: Option<&str>,
+) {
+    let config = match config_load::load_agent(path, overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            report.fail(
+                "config",
+                &format!("{err:#}"),
+                &format!(
+                    "correct the keys listed (`tether check-config {}` lists every problem)",
+                    path.display()
+                ),
+            );
+            return;
+        }
+    };
+    report.ok(
+        "config",
+        &format!("valid agent config; dials {}", config.urls().join(", ")),
+    );
+    own_certificate(report, &config);
+    pinned_ca(report, &config);
+    gate(report, &config);
+    for url in config.urls() {
+        server(report, &config, &url).await;
+    }
+    if let Some(target) = target {
+        crate::doctor_target::run(report, &config, target).await;
+    }
+}
+
+fn own_certificate(report: &mut Report, config: &AgentConfig) {
+    let files = config.tls_files();
+    let info = match pki_ops::inspect_file(&files.cert) {
+        Ok(infos) => infos.into_iter().next(),
+        Err(err) => {
+            report.fail(
+                "cert",
+                &format!("tls.cert: {err}"),
+                "point tls.cert at the agent certificate (`tether certs issue --agent ID` \
+                 writes agent-ID.pem)",
+            );
+            return;
+        }
+    };
+    let Some(info) = info else { return };
+    match info.agent_id() {
+        Some(id) => report.ok(
+            "cert",
+            &format!(
+                "agent \"{id}\" ({}), issued by {}",
+                files.cert.display(),
+                info.issuer
+            ),
+        ),
+        None => report.fail(
+            "cert",
+            &format!(
+                "{} carries no agent identity (URI SAN tether://agent/<id>); subject {}",
+                files.cert.display(),
+                info.subject
+            ),
+            "use a certificate from `tether certs issue --agent ID` (a server certificate \
+             is not an agent certificate)",
+        ),
+    }
+    match pki_ops::key_mismatch(&files.cert, &files.key) {
+        Ok(None) => report.ok(
+            "key",
+            &format!("{} belongs to the certificate", files.key.display()),
+        ),
+        Ok(Some(problem)) => report.fail(
+            "key",
+            &problem,
+            "tls.key must be the key written with this certificate (agent-ID-key.pem)",
+        ),
+        Err(err) => report.fail("key", &format!("tls.key: {err}"), "check tls.key"),
+    }
+    expiry_step(
+        report,
+        "cert",
+        "the agent certificate",
+        (info.not_before, info.not_after),
+        &format!(
+            "renew it: tether certs renew --dir CA_DIR --cert {} --key {} (the server refuses \
+             an expired certificate)",
+            files.cert.display(),
+            files.key.display()
+        ),
+    );
+}
+
+fn pinned_ca(report: &mut Report, config: &AgentConfig) {
+    let path = &config.tls.server_ca;
+    let infos = match pki_ops::inspect_file(path) {
+        Ok(infos) => infos,
+        Err(err) => {
+            report.fail(
+                "ca",
+                &format!("tls.server_ca: {err}"),
+                "point tls.server_ca at the ca.pem of the CA that issued the server certificate",
+            );
+            return;
+        }
+    };
+    for info in &infos {
+        if !info.is_ca {
+            report.fail(
+                "ca",
+                &format!(
+                    "tls.server_ca {} holds \"{}\", which is not a CA certificate",
+                    path.display(),
+                    info.subject
+                ),
+                "tls.server_ca is the CA's ca.pem, not the server's certificate",
+            );
+            continue;
+        }
+        expiry_step(
+            report,
+            "ca",
+            &format!("pinned CA \"{}\"", info.subject),
+            (info.not_before, info.not_after),
+            "a new CA means new certificates for the server and every agent",
+        );
+    }
+}
+
+fn gate(report: &mut Report, config: &AgentConfig) {
+    let activation = &config.activation;
+    match activation.evaluate(&config_load::process_env) {
+        GateState::Enabled
+            if activation.require_role.is_empty() && activation.require_features.is_empty() =>
+        {
+            report.ok("gate", "open (no activation requirement)");
+        }
+        GateState::Enabled => report.ok(
+            "gate",
+            "open: the cluster's role and features match activation.require_*",
+        ),
+        GateState::Disabled(reason) => report.fail(
+            "gate",
+            &format!("closed: {reason}; the agent stays idle and never dials"),
+            &format!(
+                "make the role source ({:?}) report a required role and the required \
+                 features, or change activation.require_role / require_features",
+                activation.source.from
+            ),
+        ),
+    }
+}
+
+/// DNS, then every address's network steps.
+async fn server(report: &mut Report, config: &AgentConfig, url: &str) {
+    let parsed = match ServerUrl::parse(url) {
+        Ok(parsed) => parsed,
+        Err(message) => {
+            report.fail("dns", &format!("{url}: {message}"), "fix server_url");
+            return;
+        }
+    };
+    let Some(addrs) = resolve(report, config, &parsed).await else {
+        return;
+    };
+    for addr in addrs.into_iter().take(MAX_ADDRESSES) {
+        crate::doctor_net::endpoint(report, config, url, &parsed, addr).await;
+    }
+}
+
+async fn resolve(
+    report: &mut Report,
+    config: &AgentConfig,
+    server: &ServerUrl,
+) -> Option<Vec<std::net::SocketAddr>> {
+    if let Ok(ip) = server.host.parse::<std::net::IpAddr>() {
+        report.ok("dns", &format!("{ip} is an address (no lookup)"));
+        return Some(vec![std::net::SocketAddr::new(ip, server.port)]);
+    }
+    let lookup = tokio::net::lookup_host((server.host.as_str(), server.port));
+    let found = match tokio::time::timeout(config.connect_timeout.0, lookup).await {
+        Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
+        Ok(Err(err)) => {
+            report.fail(
+                "dns",
+                &format!("cannot resolve {}: {err}", server.host),
+                "check the host of server_url, /etc/hosts and this host's DNS servers",
+            );
+            return None;
+        }
+        Err(_) => {
+            report.fail(
+                "dns",
+                &format!(
+                    "no answer for {} within connect_timeout ({})",
+                    server.host, config.connect_timeout
+                ),
+                "check this host's DNS servers (/etc/resolv.conf)",
+            );
+            return None;
+        }
+    };
+    // As the agent does: IPv4 addresses when the name has any, else IPv6.
+    let any_v4 = found.iter().any(std::net::SocketAddr::is_ipv4);
+    let mut addrs: Vec<_> = found
+        .into_iter()
+        .filter(|a| a.is_ipv4() == any_v4)
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        report.fail(
+            "dns",
+            &format!("{} resolves to no address", server.host),
+            "check the DNS record of the server name",
+        );
+        return None;
+    }
+    let list: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+    report.ok("dns", &format!("{} -> {}", server.host, list.join(", ")));
+    Some(addrs)
+}
