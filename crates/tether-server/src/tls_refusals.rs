@@ -66,6 +66,13 @@ fn certificate_refusal(err: &CertificateError) -> (&'static str, String) {
             "unknown_issuer",
             "client certificate not issued by a CA in tls.client_ca (unknown issuer)".to_owned(),
         ),
+        // A CA of the same name (every `tether certs init` CA is "tether CA") signed it.
+        CertificateError::BadSignature => (
+            "unknown_issuer",
+            "client certificate not issued by a CA in tls.client_ca (another CA of the same \
+             name signed it: bad signature)"
+                .to_owned(),
+        ),
         CertificateError::Revoked => (
             "revoked",
             "client certificate revoked (listed in a CRL of tls.crls)".to_owned(),

@@ -90,16 +90,24 @@ pub(crate) async fn run(args: &DoctorArgs<'_>) -> anyhow::Result<()> {
         env: &config_load::process_env,
         flags: &flags,
     };
-    let kind = match args.kind {
-        Some(kind) => Some(kind),
-        None => config_load::guess_kind_of_file(args.config).unwrap_or(None),
-    };
     println!("tether doctor: {}", args.config.display());
+    let kind = match args.kind {
+        Some(kind) => Ok(Some(kind)),
+        None => config_load::guess_kind_of_file(args.config),
+    };
     match kind {
-        Some(ConfigKind::Agent) => {
+        Err(err) => report.fail(
+            "config",
+            &format!("{err:#}"),
+            &format!(
+                "correct the file (`tether check-config {}` lists every problem)",
+                args.config.display()
+            ),
+        ),
+        Ok(Some(ConfigKind::Agent)) => {
             crate::doctor_agent::run(&mut report, args.config, &overrides, args.target).await;
         }
-        Some(ConfigKind::Server) => {
+        Ok(Some(ConfigKind::Server)) => {
             if args.target.is_some() {
                 anyhow::bail!(
                     "--target checks an agent's dial policy: give the agent's config (the \
@@ -108,11 +116,11 @@ pub(crate) async fn run(args: &DoctorArgs<'_>) -> anyhow::Result<()> {
             }
             crate::doctor_server::run(&mut report, args.config, &overrides).await;
         }
-        None => report.fail(
+        Ok(None) => report.fail(
             "config",
             &format!(
                 "cannot tell whether {} is a server or an agent config (no `server_url` or \
-                 `listen` key), or it cannot be read",
+                 `listen` key)",
                 args.config.display()
             ),
             "pass --kind server or --kind agent, or check the path",

@@ -70,11 +70,21 @@ pub(crate) fn explain_handshake(
     let ca = config.tls.server_ca.display();
     match rustls_error(err) {
         Some(rustls::Error::InvalidCertificate(cert)) => match cert {
-            CertificateError::UnknownIssuer => (
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => (
                 format!(
-                    "{who} is not signed by the pinned CA: its issuer is \"{}\", not a CA in \
-                     tls.server_ca ({ca}) (unknown issuer)",
-                    server.as_ref().map_or("?", |s| s.issuer.as_str())
+                    "{who} is not signed by the pinned CA: its issuer \"{}\" is {} in \
+                     tls.server_ca ({ca}) ({})",
+                    server.as_ref().map_or("?", |s| s.issuer.as_str()),
+                    if *cert == CertificateError::BadSignature {
+                        "another CA of the same name as the one"
+                    } else {
+                        "not a CA"
+                    },
+                    if *cert == CertificateError::BadSignature {
+                        "bad signature"
+                    } else {
+                        "unknown issuer"
+                    }
                 ),
                 format!(
                     "tls.server_ca must be the ca.pem of the CA that issued the server \
@@ -147,6 +157,15 @@ fn refused_by_server(alert: AlertDescription, config: &AgentConfig) -> (String, 
                 .to_owned(),
             "issue the agent certificate with the server's CA (tether certs issue --dir \
              CA_DIR --agent ID), or add this CA to the server's tls.client_ca"
+                .to_owned(),
+        ),
+        // A CA of the same name signed it (the signature does not verify).
+        AlertDescription::DecryptError => (
+            "this agent's certificate is not signed by the CA the server trusts (another CA \
+             of the same name signed it)"
+                .to_owned(),
+            "issue the agent certificate with the server's CA (tether certs issue --dir \
+             CA_DIR --agent ID)"
                 .to_owned(),
         ),
         AlertDescription::CertificateRevoked => (
