@@ -71,14 +71,18 @@ impl Server {
 
 /// A server with the certificates of `dir` and the extra YAML `extra` (keys at top level).
 async fn server(dir: &Path, extra: &str, forwards: usize) -> Server {
+    let tls = "tls: { cert: server.pem, key: server-key.pem, client_ca: ca.pem }\n";
+    server_with_tls(dir, tls, extra, forwards).await
+}
+
+/// [`server`] with its own `tls:` line.
+async fn server_with_tls(dir: &Path, tls: &str, extra: &str, forwards: usize) -> Server {
     let tunnel = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = tunnel.local_addr().unwrap().port();
     let admin_addr = admin.local_addr().unwrap();
-    let yaml = format!(
-        "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"{admin_addr}\"\n\
-         tls: {{ cert: server.pem, key: server-key.pem, client_ca: ca.pem }}\n{extra}"
-    );
+    let yaml =
+        format!("listen: \"127.0.0.1:{port}\"\nadmin_listen: \"{admin_addr}\"\n{tls}{extra}");
     let config = tether_server::ServerConfig::parse(&yaml, "server.yaml", dir).unwrap();
     let mut listeners = Vec::new();
     for _ in 0..forwards {
@@ -333,6 +337,97 @@ async fn an_expired_agent_certificate_fails_and_the_server_records_it_by_id() {
     assert!(
         metrics.contains("tether_tls_refusals_total{reason=\"expired\"} 1"),
         "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_agent_certificate_gets_the_servers_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &["edge-1"]).await;
+    let d = dir.path().to_str().unwrap();
+    let cert = dir.path().join("agent-edge-1.pem");
+    let revoked = tether(&[
+        "certs",
+        "revoke",
+        "--dir",
+        d,
+        "--cert",
+        cert.to_str().unwrap(),
+    ])
+    .await;
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
+    let tls =
+        "tls: { cert: server.pem, key: server-key.pem, client_ca: ca.pem, crls: [crl.pem] }\n";
+    let server = server_with_tls(dir.path(), tls, "", 0).await;
+    let config = agent_yaml(
+        dir.path(),
+        &format!("wss://localhost:{}/v1/connect", server.port),
+        "",
+    );
+    let (ok, out) = doctor(&["--config", &config]).await;
+    assert!(!ok, "{out}");
+    assert_eq!(failed_steps(&out), ["verdict"], "{out}");
+    assert!(
+        line(&out, "FAIL", "verdict").unwrap().ends_with(
+            "this agent's certificate is revoked (in the server's CRL) (TLS alert \
+             certificate_revoked from the server)"
+        ),
+        "{out}"
+    );
+    let record = get_until(&server.admin, "edge-1", "\"revoked\"").await;
+    assert!(record.contains("\"reason\":\"revoked\""), "{record}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_server_certificate_fails_tls_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &["edge-1"]).await;
+    let expired = ca(dir.path())
+        .issue_server(
+            &["localhost".to_owned()],
+            &["127.0.0.1".parse().unwrap()],
+            &IssueOptions::expired(),
+        )
+        .unwrap();
+    std::fs::write(dir.path().join("server.pem"), &expired.cert_pem).unwrap();
+    std::fs::write(dir.path().join("server-key.pem"), &expired.key_pem).unwrap();
+    let server = server(dir.path(), "", 0).await;
+    let config = agent_yaml(
+        dir.path(),
+        &format!("wss://localhost:{}/v1/connect", server.port),
+        "",
+    );
+    let (ok, out) = doctor(&["--config", &config]).await;
+    assert!(!ok, "{out}");
+    assert_eq!(failed_steps(&out), ["tls"], "{out}");
+    let reason = line(&out, "FAIL", "tls").unwrap();
+    assert!(
+        reason.contains("the server certificate \"CN=localhost\" expired at")
+            && reason.ends_with("(certificate expired)"),
+        "{reason}"
+    );
+    assert!(
+        out.contains("fix: renew the server certificate on the server"),
+        "{out}"
+    );
+
+    // The server's own doctor says the same (ephemeral listener addresses: nothing else fails).
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nadmin_listen: \"127.0.0.1:0\"\n\
+         tls: {{ cert: server.pem, key: server-key.pem, client_ca: ca.pem }}\n"
+    );
+    let path = dir.path().join("server.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let (ok, out) = doctor(&["--config", path.to_str().unwrap()]).await;
+    assert!(!ok, "{out}");
+    assert_eq!(failed_steps(&out), ["cert"], "{out}");
+    assert!(
+        line(&out, "FAIL", "cert")
+            .unwrap()
+            .starts_with("the server certificate expired at"),
+        "{out}"
     );
     server.stop().await;
 }

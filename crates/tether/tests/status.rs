@@ -179,7 +179,11 @@ async fn status_prints_clients_and_sessions() {
     assert_eq!(forward[0], "edge-1-db", "{stdout}");
     assert!(forward[1].starts_with("127.0.0.1:"), "{stdout}");
     // No dial through it yet: no last error.
-    assert_eq!(forward[2..], ["edge-1", "db.internal:5432", "-"], "{stdout}");
+    assert_eq!(
+        forward[2..],
+        ["edge-1", "db.internal:5432", "-"],
+        "{stdout}"
+    );
     assert!(
         lines[6].is_empty() && lines[7].starts_with("FRONTEND"),
         "{stdout}"
