@@ -414,10 +414,8 @@ async fn an_expired_server_certificate_fails_tls_on_both_sides() {
     );
 
     // The server's own doctor says the same (ephemeral listener addresses: nothing else fails).
-    let yaml = format!(
-        "listen: \"127.0.0.1:0\"\nadmin_listen: \"127.0.0.1:0\"\n\
-         tls: {{ cert: server.pem, key: server-key.pem, client_ca: ca.pem }}\n"
-    );
+    let yaml = "listen: \"127.0.0.1:0\"\nadmin_listen: \"127.0.0.1:0\"\n\
+                tls: { cert: server.pem, key: server-key.pem, client_ca: ca.pem }\n";
     let path = dir.path().join("server.yaml");
     std::fs::write(&path, yaml).unwrap();
     let (ok, out) = doctor(&["--config", path.to_str().unwrap()]).await;
