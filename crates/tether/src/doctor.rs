@@ -47,7 +47,7 @@ impl Report {
         if let Some(fix) = fix {
             let _ = write!(out, "\n{:<14}fix: {}", "", one_line(fix));
         }
-        println!("{out}");
+        say(&out);
     }
 
     pub(crate) fn ok(&mut self, step: &str, text: &str) {
@@ -65,6 +65,12 @@ impl Report {
     pub(crate) fn skip(&mut self, step: &str, why: &str) {
         self.step(Verdict::Skip, step, why, None);
     }
+}
+
+/// One line to stdout; a closed pipe (`tether doctor | head`) is not a reason to panic.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// Control characters (from a peer's answer or a file) never reach the terminal.
@@ -90,7 +96,7 @@ pub(crate) async fn run(args: &DoctorArgs<'_>) -> anyhow::Result<()> {
         env: &config_load::process_env,
         flags: &flags,
     };
-    println!("tether doctor: {}", args.config.display());
+    say(&format!("tether doctor: {}", args.config.display()));
     let kind = match args.kind {
         Some(kind) => Ok(Some(kind)),
         None => config_load::guess_kind_of_file(args.config),
@@ -128,7 +134,7 @@ pub(crate) async fn run(args: &DoctorArgs<'_>) -> anyhow::Result<()> {
     }
     match report.failures {
         0 => {
-            println!("no problem found");
+            say("no problem found");
             Ok(())
         }
         1 => anyhow::bail!("1 problem found"),

@@ -21,7 +21,8 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use crate::doctor::{Report, expiry_step};
 use crate::doctor_verdict;
 
-/// Request header asking the server for its verdict instead of a session.
+/// Request header asking the server for its verdict instead of a session (the server's
+/// `connect::DOCTOR_HEADER`).
 const DOCTOR_HEADER: &str = "x-tether-doctor";
 
 type Tls = TlsStream<ReadAhead<TcpStream>>;
@@ -201,7 +202,7 @@ async fn upgrade(report: &mut Report, config: &AgentConfig, url: &str, tls: Tls,
     match outcome {
         Ok((mut socket, response)) => {
             // A server without dry runs upgraded for real: leave at once.
-            let _ = socket.close(None).await;
+            let _ = tokio::time::timeout(config.connect_timeout.0, socket.close(None)).await;
             report.ok("upgrade", &format!("{addr}: HTTP {}", response.status()));
             report.ok(
                 "verdict",
