@@ -51,3 +51,9 @@ pub use reload::ServerReloader;
 pub use server::{FrontendListeners, Listeners, Server, ServerError, run};
 pub use tether_common::config_diff::ReloadOutcome;
 pub use tls_reload::TlsReloader;
+
+/// Whether client id `client` matches a consumer's client pattern (`*` stands for any run of
+/// characters), as the proxy frontends decide (`tether doctor` checks patterns with it).
+pub fn client_pattern_matches(pattern: &str, client: &str) -> bool {
+    frontend::consumers::matches(pattern, client)
+}

@@ -54,6 +54,63 @@ pub(crate) async fn run(report: &mut Report, path: &Path, overrides: &Overrides<
     }
     let running = admin(report, &config).await;
     listeners(report, &config, running.as_ref());
+    consistency(report, &config, running.as_ref());
+}
+
+/// Consumers' client patterns against `allowed_agents`, and (with a running server) whether
+/// each forward's agent is connected now.
+fn consistency(report: &mut Report, config: &ServerConfig, running: Option<&ClientsResponse>) {
+    let allowed = &config.allowed_agents;
+    let mut patterns: Vec<(String, &str)> = Vec::new();
+    for (i, consumer) in config.frontends.consumers.iter().enumerate() {
+        for (j, pattern) in consumer.clients.iter().enumerate() {
+            patterns.push((format!("frontends.consumers[{i}].clients[{j}]"), pattern));
+        }
+    }
+    for (j, pattern) in config.frontends.anonymous_clients.iter().enumerate() {
+        patterns.push((format!("frontends.anonymous_clients[{j}]"), pattern));
+    }
+    for (key, pattern) in patterns {
+        let reaches = allowed
+            .iter()
+            .any(|id| tether_server::client_pattern_matches(pattern, id));
+        if !allowed.is_empty() && !reaches {
+            report.warn(
+                "clients",
+                &format!("{key} `{pattern}` matches no id in allowed_agents"),
+                "a consumer can only reach allowed agents: fix the pattern or allowed_agents",
+            );
+        }
+    }
+    let Some(listing) = running else { return };
+    for forward in &config.forwards {
+        let connected = listing
+            .clients
+            .iter()
+            .any(|c| c.client == forward.client && !c.sessions.is_empty());
+        if connected {
+            report.ok(
+                "forward",
+                &format!(
+                    "{}: agent \"{}\" is connected",
+                    forward.name, forward.client
+                ),
+            );
+        } else {
+            report.warn(
+                "forward",
+                &format!(
+                    "{}: agent \"{}\" is not connected now; its consumers are reset",
+                    forward.name, forward.client
+                ),
+                &format!(
+                    "`tether status {}` says why; on the agent host, `tether doctor --config \
+                     agent.yaml`",
+                    forward.client
+                ),
+            );
+        }
+    }
 }
 
 fn certificate(report: &mut Report, config: &ServerConfig) {

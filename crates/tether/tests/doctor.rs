@@ -83,6 +83,8 @@ async fn server_with_tls(dir: &Path, tls: &str, extra: &str, forwards: usize) ->
     let admin_addr = admin.local_addr().unwrap();
     let yaml =
         format!("listen: \"127.0.0.1:{port}\"\nadmin_listen: \"{admin_addr}\"\n{tls}{extra}");
+    // The same file for `tether doctor --config server.yaml`.
+    std::fs::write(dir.join("server.yaml"), &yaml).unwrap();
     let config = tether_server::ServerConfig::parse(&yaml, "server.yaml", dir).unwrap();
     let mut listeners = Vec::new();
     for _ in 0..forwards {
@@ -571,6 +573,47 @@ async fn a_server_listener_held_by_another_process_fails() {
         "{out}"
     );
     drop(held);
+}
+
+#[tokio::test]
+async fn a_running_servers_doctor_finds_it_and_its_unconnected_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &[]).await;
+    let server = server(
+        dir.path(),
+        "allowed_agents: [edge-1]\n\
+         forwards: [{ name: db, listen: \"127.0.0.1:0\", client: edge-1, target: \"db.internal:5432\" }]\n",
+        1,
+    )
+    .await;
+    let path = dir.path().join("server.yaml");
+    let (ok, out) = doctor(&["--config", path.to_str().unwrap()]).await;
+    assert!(ok, "{out}");
+    assert!(
+        line(&out, "ok", "admin")
+            .unwrap()
+            .starts_with("a tether server runs: server id"),
+        "{out}"
+    );
+    assert!(
+        line(&out, "ok", "listen").unwrap().ends_with(&format!(
+            "listen 127.0.0.1:{} is in use, by the running server (server id {}, which answers \
+             on admin_listen)",
+            server.port,
+            // The id is the host name unless configured: read it from the admin line.
+            line(&out, "ok", "admin")
+                .unwrap()
+                .split_whitespace()
+                .nth(6)
+                .unwrap()
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        line(&out, "warn", "forward").unwrap(),
+        "db: agent \"edge-1\" is not connected now; its consumers are reset"
+    );
+    server.stop().await;
 }
 
 #[tokio::test]

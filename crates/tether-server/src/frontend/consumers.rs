@@ -150,7 +150,7 @@ impl ConsumerTable {
 }
 
 /// Whether `client` matches `pattern`, where `*` stands for any run of characters.
-fn matches(pattern: &str, client: &str) -> bool {
+pub(crate) fn matches(pattern: &str, client: &str) -> bool {
     if client.is_empty() {
         return false;
     }
