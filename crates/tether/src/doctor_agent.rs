@@ -11,6 +11,10 @@ use tether_common::pki_ops;
 
 use crate::config_load::{self, Overrides};
 use crate::doctor::{Report, expiry_step};
+use crate::status_cmd::{AdminUrl, fetch_within};
+
+/// How long a running agent's admin endpoint may take to answer.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Most addresses of one server name checked.
 const MAX_ADDRESSES: usize = 8;
@@ -39,6 +43,7 @@ pub(crate) async fn run(
         "config",
         &format!("valid agent config; dials {}", config.urls().join(", ")),
     );
+    running_agent(report, &config).await;
     own_certificate(report, &config);
     pinned_ca(report, &config);
     gate(report, &config);
@@ -47,6 +52,62 @@ pub(crate) async fn run(
     }
     if let Some(target) = target {
         crate::doctor_target::run(report, &config, target).await;
+    }
+}
+
+/// Whether an agent already runs with this config (its admin listener answers
+/// `GET /v1/status`), and what it says about its connection.
+async fn running_agent(report: &mut Report, config: &AgentConfig) {
+    let Some(addr) = config.admin_addr().filter(|a| a.port() != 0) else {
+        return;
+    };
+    if std::net::TcpListener::bind(addr).is_ok() {
+        report.ok(
+            "agent",
+            &format!("no agent running (admin_listen {addr} is free)"),
+        );
+        return;
+    }
+    let Ok(url) = AdminUrl::parse(&format!("http://{addr}")) else {
+        return;
+    };
+    let status = fetch_within(&url, "/v1/status", ADMIN_TIMEOUT)
+        .await
+        .and_then(|body| Ok(serde_json::from_str::<serde_json::Value>(&body)?));
+    let status = match status {
+        Ok(status) => status,
+        Err(err) => {
+            report.warn(
+                "agent",
+                &format!("admin_listen {addr} is in use, but not by a tether agent: {err:#}"),
+                "another process holds the agent's admin address: the agent cannot start",
+            );
+            return;
+        }
+    };
+    let text = |key: &str| status.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    if let Some(reason) = text("gate_disabled") {
+        report.ok(
+            "agent",
+            &format!("an agent runs, idle: activation gate closed: {reason}"),
+        );
+    } else if status.get("connected").and_then(serde_json::Value::as_bool) == Some(true) {
+        report.ok(
+            "agent",
+            &format!(
+                "an agent runs and is connected (server {})",
+                text("server_id").unwrap_or_else(|| "?".to_owned())
+            ),
+        );
+    } else {
+        report.warn(
+            "agent",
+            &format!(
+                "an agent runs, not connected; its last error: {}",
+                text("last_error").unwrap_or_else(|| "none yet".to_owned())
+            ),
+            "the steps below say why",
+        );
     }
 }
 

@@ -209,6 +209,56 @@ async fn a_healthy_setup_passes_every_step() {
 }
 
 #[tokio::test]
+async fn a_running_agent_is_reported_with_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &["edge-1"]).await;
+    let server = server(dir.path(), "", 0).await;
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let config_path = agent_yaml(
+        dir.path(),
+        &format!("wss://localhost:{}/v1/connect", server.port),
+        "reconnect: { min_delay: 50ms, max_delay: 200ms }\n",
+    );
+    // The file's admin_listen is the address the running agent holds.
+    let yaml = std::fs::read_to_string(&config_path).unwrap().replace(
+        "admin_listen: \"\"",
+        &format!("admin_listen: \"{admin_addr}\""),
+    );
+    std::fs::write(&config_path, &yaml).unwrap();
+    let mut config: tether_agent::AgentConfig =
+        tether_common::config_error::parse_yaml(&yaml, "agent.yaml").unwrap();
+    config.resolve_paths(dir.path());
+    let agent = tether_agent::Agent::new(config, &prometheus::Registry::new()).unwrap();
+    let agent_stop = CancellationToken::new();
+    let stop = agent_stop.clone();
+    let agent_task = tokio::spawn(async move {
+        let listeners = tether_agent::AgentListeners { admin: Some(admin) };
+        agent.run(listeners, stop).await.unwrap();
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let out = loop {
+        let (_, out) = doctor(&["--config", &config_path]).await;
+        if line(&out, "ok", "agent").is_some() || tokio::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        line(&out, "ok", "agent")
+            .unwrap()
+            .starts_with("an agent runs and is connected (server "),
+        "{out}"
+    );
+    agent_stop.cancel();
+    tokio::time::timeout(WAIT, agent_task)
+        .await
+        .unwrap()
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_wrong_pinned_ca_fails_tls_and_the_server_records_the_refusal() {
     let dir = tempfile::tempdir().unwrap();
     let other = tempfile::tempdir().unwrap();
