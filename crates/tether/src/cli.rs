@@ -144,8 +144,9 @@ pub(crate) enum Command {
     /// Show the clients, sessions, forwards and frontends of a running server (its
     /// `GET /v1/clients`), or with CLIENT why that client is or is not connected.
     Status {
-        /// One client id: its sessions, its last refused attempt and its last session end
-        /// (`GET /v1/clients/CLIENT`).
+        /// One client id: its sessions, its last refused attempt (TLS refusals included) and
+        /// its last session end (`GET /v1/clients/CLIENT`). A source address shows the refusals
+        /// of peers whose certificate named no readable id.
         client: Option<String>,
         /// The server's admin listener (`admin_listen`), as `http://host:port`. Repeat it
         /// (or give a host name with several addresses) for server replicas: each client's
