@@ -173,15 +173,17 @@ pub struct RenewReport {
 }
 
 /// Issues a successor of the certificate at `cert` with the CA in `ca_dir`: the same agent id
-/// (or, for a server certificate, the same DNS names and IP addresses), a new key, valid for
-/// `validity` from now. Replaces `key` then `cert` atomically (a daemon watching them may see
-/// the new key with the old certificate for an instant, refuses that pair, and takes the
-/// new pair at its next look).
+/// (or, for a server certificate, the same DNS names and IP addresses), a new key (or, with
+/// `keep_key`, the key in `key`), valid for `validity` from now. Replaces `key` then `cert`
+/// atomically (a daemon watching them may see the new key with the old certificate for an
+/// instant, refuses that pair, and takes the new pair at its next look); with `keep_key` only
+/// `cert` is replaced.
 pub fn renew(
     ca_dir: &Path,
     cert: &Path,
     key: &Path,
     validity: Duration,
+    keep_key: bool,
 ) -> Result<RenewReport, PkiError> {
     let old = inspect_file(cert)?
         .into_iter()
@@ -189,8 +191,17 @@ pub fn renew(
         .ok_or_else(|| bad(&cert.display().to_string(), "no certificate"))?;
     let ca = load_ca(ca_dir)?;
     let opts = IssueOptions::valid_for(validity);
+    let kept = if keep_key {
+        if let Some(problem) = key_mismatch(cert, key)? {
+            return Err(bad(&key.display().to_string(), problem));
+        }
+        Some(read_to_string(key)?)
+    } else {
+        None
+    };
+    let kept = kept.as_deref();
     let issued = match old.agent_id() {
-        Some(id) => ca.issue_agent(id, &opts)?,
+        Some(id) => ca.issue_agent_with_key(id, kept, &opts)?,
         None => {
             let ips = old
                 .ips
@@ -203,10 +214,12 @@ pub fn renew(
                     "neither an agent identity nor server names to renew",
                 ));
             }
-            ca.issue_server(&old.dns, &ips, &opts)?
+            ca.issue_server_with_key(&old.dns, &ips, kept, &opts)?
         }
     };
-    replace(key, &issued.key_pem, true)?;
+    if !keep_key {
+        replace(key, &issued.key_pem, true)?;
+    }
     replace(cert, &issued.cert_pem, false)?;
     Ok(RenewReport {
         info: inspect_file(cert)?.remove(0),
@@ -403,7 +416,7 @@ mod tests {
 
         // Renewal: same identity, new serial, new key, the new validity.
         let old_key = std::fs::read_to_string(&key).unwrap();
-        let renewed = renew(d, &cert, &key, Duration::from_secs(10 * 86_400)).unwrap();
+        let renewed = renew(d, &cert, &key, Duration::from_secs(10 * 86_400), false).unwrap();
         assert_eq!(renewed.info.agent_id(), Some("edge-1"));
         assert_ne!(renewed.info.serial, info.serial);
         assert_ne!(std::fs::read_to_string(&key).unwrap(), old_key);
@@ -413,9 +426,28 @@ mod tests {
             &d.join("server.pem"),
             &d.join("server-key.pem"),
             Duration::from_secs(86_400),
+            false,
         )
         .unwrap();
         assert_eq!(server_renewed.info.dns, vec!["localhost"]);
+
+        // --keep-key: a new certificate for the same key; the key file is untouched.
+        let key_before = std::fs::read_to_string(&key).unwrap();
+        let kept = renew(d, &cert, &key, Duration::from_secs(86_400), true).unwrap();
+        assert_eq!(kept.info.agent_id(), Some("edge-1"));
+        assert_ne!(kept.info.serial, renewed.info.serial);
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), key_before);
+        assert_eq!(key_mismatch(&cert, &key).unwrap(), None);
+        // A key that is not the certificate's is refused with --keep-key.
+        let err = renew(
+            d,
+            &cert,
+            &d.join("agent-edge-2-key.pem"),
+            Duration::from_secs(86_400),
+            true,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not this certificate's key"), "{err}");
 
         // Revocation accumulates in the CRL, and the server's verifier refuses exactly those.
         let crl = d.join("crl.pem");
