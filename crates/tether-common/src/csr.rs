@@ -139,12 +139,7 @@ impl Ca {
         let csr = parse_csr(csr_pem)?;
         check_requested_identity(&csr, agent_id)?;
         let sans = vec![SanType::URI(ia5(&format!("{AGENT_URI_PREFIX}{agent_id}"))?)];
-        let params = leaf_params(
-            agent_id,
-            sans,
-            &[ExtendedKeyUsagePurpose::ClientAuth],
-            opts,
-        )?;
+        let params = leaf_params(agent_id, sans, &[ExtendedKeyUsagePurpose::ClientAuth], opts)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(rcgen_err("sign the agent certificate"))?;

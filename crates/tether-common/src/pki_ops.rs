@@ -38,6 +38,8 @@ pub struct CertInfo {
     pub uris: Vec<String>,
     /// Whether it is a CA certificate.
     pub is_ca: bool,
+    /// SHA-256 of its DER, hex: the `enroll.ca_sha256` pin of a CA certificate.
+    pub sha256: String,
 }
 
 impl CertInfo {
@@ -84,7 +86,7 @@ fn bad(origin: &str, problem: impl std::fmt::Display) -> PkiError {
     }
 }
 
-fn describe(cert: &X509Certificate<'_>) -> CertInfo {
+fn describe(cert: &X509Certificate<'_>, der: &[u8]) -> CertInfo {
     let mut info = CertInfo {
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
@@ -95,6 +97,7 @@ fn describe(cert: &X509Certificate<'_>) -> CertInfo {
         ips: Vec::new(),
         uris: Vec::new(),
         is_ca: cert.is_ca(),
+        sha256: crate::csr::cert_sha256(der),
     };
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -131,7 +134,7 @@ pub fn inspect_file(path: &Path) -> Result<Vec<CertInfo>, PkiError> {
         .iter()
         .map(|der| {
             x509_parser::parse_x509_certificate(der)
-                .map(|(_, cert)| describe(&cert))
+                .map(|(_, cert)| describe(&cert, der))
                 .map_err(|e| bad(&origin, format!("cannot parse a certificate: {e}")))
         })
         .collect()
@@ -447,7 +450,10 @@ mod tests {
             true,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("not this certificate's key"), "{err}");
+        assert!(
+            err.to_string().contains("not this certificate's key"),
+            "{err}"
+        );
 
         // Revocation accumulates in the CRL, and the server's verifier refuses exactly those.
         let crl = d.join("crl.pem");

@@ -2,6 +2,7 @@
 
 mod certs_cmd;
 mod certs_lifecycle;
+mod certs_token;
 mod cli;
 mod config_load;
 mod config_reload;
@@ -199,14 +200,34 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             CertsCommand::Issue {
                 dir,
                 agent,
+                server_peer,
                 valid_for,
-            } => certs_cmd::issue(&dir, &agent, &certs_lifecycle::options(valid_for)?),
+            } => {
+                let opts = certs_lifecycle::options(valid_for)?;
+                match (agent, server_peer) {
+                    (_, Some(id)) => certs_token::issue_server_peer(&dir, &id, &opts),
+                    (Some(agent), None) => certs_cmd::issue(&dir, &agent, &opts),
+                    (None, None) => anyhow::bail!("give --agent ID or --server-peer ID"),
+                }
+            }
             CertsCommand::Renew {
                 dir,
                 cert,
                 key,
                 valid_for,
-            } => certs_lifecycle::renew(&dir, &cert, &key, &valid_for),
+                keep_key,
+            } => certs_lifecycle::renew(&dir, &cert, &key, &valid_for, keep_key),
+            CertsCommand::Token {
+                agent,
+                valid_for,
+                config,
+                tokens_file,
+            } => certs_token::token(
+                &agent,
+                &valid_for,
+                config.as_deref(),
+                tokens_file.as_deref(),
+            ),
             CertsCommand::Inspect { file, config } => {
                 certs_lifecycle::inspect(&file, config.as_deref())
             }
