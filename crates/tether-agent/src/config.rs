@@ -93,6 +93,30 @@ pub struct AgentConfig {
     /// `X-API-Tunnel-Token` for a remotedialer server. Names and values must be valid HTTP.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Enrollment with a one-time join token when `tls.cert` does not exist yet, and renewal of
+    /// the certificate at two thirds of its lifetime (the `enroll:` section; absent: off).
+    #[serde(default)]
+    pub enroll: Option<EnrollConfig>,
+}
+
+/// `enroll:` of agent.yaml. The key is made here and never leaves the host; the certificate
+/// names the agent id the token was issued for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    /// File holding the join token printed by `tether certs token` (read only while
+    /// `tls.cert` does not exist).
+    pub token_file: PathBuf,
+    /// SHA-256 of the CA certificate the server's certificate chains to (`sha256:` line of
+    /// `tether certs inspect ca.pem`): the only thing the agent trusts before it has a CA file.
+    pub ca_sha256: String,
+    /// Renew the certificate with the server at two thirds of its lifetime (default true).
+    #[serde(default = "default_true")]
+    pub renew: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The wire protocol the agent speaks.
@@ -250,11 +274,15 @@ impl ServerUrl {
 impl AgentConfig {
     /// Makes relative TLS paths relative to `base_dir` (the config file's directory).
     pub fn resolve_paths(&mut self, base_dir: &Path) {
+        let enroll_token = self.enroll.as_mut().map(|e| &mut e.token_file);
         for path in [
             &mut self.tls.cert,
             &mut self.tls.key,
             &mut self.tls.server_ca,
-        ] {
+        ]
+        .into_iter()
+        .chain(enroll_token)
+        {
             if path.is_relative() {
                 *path = base_dir.join(&*path);
             }
@@ -430,7 +458,56 @@ impl AgentConfig {
         }
     }
 
+    /// Whether the agent must enroll before it can connect: `enroll:` is set and `tls.cert`
+    /// does not exist yet.
+    pub fn needs_enrollment(&self) -> bool {
+        self.enroll.is_some() && !self.tls.cert.as_os_str().is_empty() && !self.tls.cert.exists()
+    }
+
+    fn validate_enroll(&self, errors: &mut ConfigErrors) {
+        let Some(enroll) = &self.enroll else {
+            return;
+        };
+        if let Err(message) = tether_common::csr::parse_pin(&enroll.ca_sha256) {
+            errors.push("enroll.ca_sha256", message);
+        }
+        if self.protocol != AgentProtocol::Tether {
+            errors.push("enroll", "enrollment needs `protocol: tether`");
+        }
+        if !self.needs_enrollment() {
+            return;
+        }
+        match std::fs::read_to_string(&enroll.token_file) {
+            Err(err) => errors.push(
+                "enroll.token_file",
+                format!(
+                    "cannot read {} (needed: {} does not exist yet): {err}",
+                    enroll.token_file.display(),
+                    self.tls.cert.display()
+                ),
+            ),
+            Ok(text) if text.trim().is_empty() => errors.push(
+                "enroll.token_file",
+                format!("{} holds no token", enroll.token_file.display()),
+            ),
+            Ok(_) => {}
+        }
+    }
+
     fn validate_tls(&self, errors: &mut ConfigErrors) {
+        self.validate_enroll(errors);
+        if self.needs_enrollment() {
+            // The key and certificate (and the CA file, if missing) come from enrollment.
+            for (key, path) in [
+                ("tls.key", &self.tls.key),
+                ("tls.server_ca", &self.tls.server_ca),
+            ] {
+                if path.as_os_str().is_empty() {
+                    errors.push(key, "must be set");
+                }
+            }
+            return;
+        }
         let mut all_exist = true;
         for (key, path) in [
             ("tls.cert", &self.tls.cert),

@@ -153,6 +153,11 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 "" => None,
                 addr => Some(bind(addr, "admin_listen").await?),
             };
+            // An agent with `enroll:` and no certificate yet gets one first (the key is made
+            // here); a refused token or a wrong CA pin ends the process with the reason.
+            if let Some(enrolled) = tether_agent::enroll::enroll_if_needed(&config).await? {
+                tracing::info!(agent.id = %enrolled.agent_id, "enrollment done; connecting");
+            }
             let agent = tether_agent::Agent::new(config, &registry)?;
             let systemd = systemd::start();
             let agent = agent.with_notifier(systemd.notifier.clone());
