@@ -459,21 +459,21 @@ async fn renewal_before_expiry_keeps_the_session_and_a_revoked_agent_is_refused(
         "{next}"
     );
 
-    // Revoke it: the session closes, and the renewal is refused (the handshake says why).
+    // Revoke the agent (every certificate enrollment issued to it, from the server's log):
+    // the session closes, and the renewal is refused (the handshake says why).
     let out = std::process::Command::new(tether_binary())
-        .args(["certs", "revoke", "--dir"])
-        .arg(setup.pki.dir())
-        .arg("--cert")
-        .arg(dir.join("agent.pem"))
-        .arg("--crl")
-        .arg(&setup.crl)
+        .args(["certs", "revoke", "--agent", "edge-r", "--config"])
+        .arg(setup.pki.dir().join("server.yaml"))
         .output()
         .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(text.contains("revoked 2 certificate(s)"), "{text}");
+    assert_eq!(tether_common::tls::load_crls(&setup.crl).unwrap().len(), 1);
     let revoked_pem = std::fs::read_to_string(dir.join("agent.pem")).unwrap();
     let refused = "tether_agent_cert_renewals_total{result=\"refused\"}";
     wait_metric(agent.admin_addr, refused, 1.0, RENEW_WAIT).await;

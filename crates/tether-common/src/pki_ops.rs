@@ -285,8 +285,23 @@ pub struct RevokeReport {
 /// have been issued by that CA, and an existing CRL must be that CA's. Without `cert`, the CRL
 /// is only re-signed (a fresh 30-day validity), or created empty.
 pub fn revoke(ca_dir: &Path, cert: Option<&Path>, crl: &Path) -> Result<RevokeReport, PkiError> {
-    let ca = load_ca(ca_dir)?;
-    let ca_id = CaId::load(&ca_dir.join(CA_CERT_FILE))?;
+    let ca_cert = ca_dir.join(CA_CERT_FILE);
+    revoke_with(&ca_cert, &ca_dir.join(CA_KEY_FILE), cert, &[], crl)
+}
+
+/// [`revoke`] with the CA given by its certificate and key files, and further serial numbers
+/// (hex, as [`serial_hex`] writes them) to revoke besides the certificates in `cert`: the
+/// certificates an enrollment issuer signed for one agent (`tether certs revoke --agent`).
+pub fn revoke_with(
+    ca_cert: &Path,
+    ca_key: &Path,
+    cert: Option<&Path>,
+    serials_hex: &[String],
+    crl: &Path,
+) -> Result<RevokeReport, PkiError> {
+    let origin = format!("{} and {}", ca_cert.display(), ca_key.display());
+    let ca = Ca::from_pem_named(&read_to_string(ca_cert)?, &read_to_string(ca_key)?, &origin)?;
+    let ca_id = CaId::load(ca_cert)?;
     let mut serials: Vec<Vec<u8>> = Vec::new();
     if crl.exists() {
         let origin = crl.display().to_string();
@@ -334,12 +349,42 @@ pub fn revoke(ca_dir: &Path, cert: Option<&Path>, crl: &Path) -> Result<RevokeRe
             serials.push(serial);
         }
     }
+    for text in serials_hex {
+        let serial = serial_bytes(text)
+            .ok_or_else(|| bad("a serial number", format!("`{text}` is not hex")))?;
+        if !serials.contains(&serial) {
+            added.push(text.clone());
+            serials.push(serial);
+        }
+    }
     let pem = ca.crl_pem_for_serials(&serials)?;
     replace(crl, &pem, false)?;
     Ok(RevokeReport {
         added,
         total: serials.len(),
     })
+}
+
+/// The serial number of a DER certificate as lowercase hex without separators.
+pub fn serial_hex(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(
+        cert.raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+fn serial_bytes(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    if text.is_empty() || text.len() % 2 != 0 || text.len() > 80 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Parses a validity such as `90d`, `12h` or `30m` (days, or any unit of
@@ -484,6 +529,27 @@ mod tests {
         // Re-signing keeps the entries; without a CRL it creates an empty one.
         let resigned = revoke(d, None, &crl).unwrap();
         assert_eq!((resigned.added.len(), resigned.total), (0, 2));
+        // By serial number (what `certs revoke --agent` reads from the issuance log).
+        let serial = serial_hex(&tls::load_certs(&d.join("server.pem")).unwrap()[0]).unwrap();
+        let by_serial = revoke_with(
+            &d.join(CA_CERT_FILE),
+            &d.join(CA_KEY_FILE),
+            None,
+            std::slice::from_ref(&serial),
+            &crl,
+        )
+        .unwrap();
+        assert_eq!((by_serial.added, by_serial.total), (vec![serial], 3));
+        assert!(
+            revoke_with(
+                &d.join(CA_CERT_FILE),
+                &d.join(CA_KEY_FILE),
+                None,
+                &["xyz".into()],
+                &crl
+            )
+            .is_err()
+        );
         let fresh = revoke(d, None, &d.join("empty-crl.pem")).unwrap();
         assert_eq!(fresh.total, 0);
         assert_eq!(tls::load_crls(&d.join("empty-crl.pem")).unwrap().len(), 1);

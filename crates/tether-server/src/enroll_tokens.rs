@@ -7,6 +7,8 @@
 //! `tokens_file`, one token per line (`#` starts a comment):
 //! `<sha256 hex of the token> <agent id> <expiry, Unix seconds>`.
 //! `<tokens_file>.used`, one redeemed token per line: `<sha256 hex> <Unix seconds> <agent id>`.
+//! `<tokens_file>.issued`, one issued or renewed certificate per line:
+//! `<serial hex> <agent id> <notAfter, Unix seconds>` (what `tether certs revoke --agent` reads).
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -118,6 +120,39 @@ pub fn used_file_for(tokens_file: &Path) -> PathBuf {
     let mut name = tokens_file.as_os_str().to_owned();
     name.push(".used");
     PathBuf::from(name)
+}
+
+/// The log of certificates issued to enrolled agents beside `tokens_file`.
+pub fn issued_file_for(tokens_file: &Path) -> PathBuf {
+    let mut name = tokens_file.as_os_str().to_owned();
+    name.push(".issued");
+    PathBuf::from(name)
+}
+
+/// The serial numbers (hex) of every certificate the log beside `tokens_file` lists for
+/// `agent_id`.
+pub fn issued_serials(tokens_file: &Path, agent_id: &str) -> Result<Vec<String>, TokenStoreError> {
+    let text = read_store(&issued_file_for(tokens_file))?;
+    Ok(records(&text)
+        .filter_map(|fields| match fields.as_slice() {
+            [serial, id, ..] if *id == agent_id => Some((*serial).to_owned()),
+            _ => None,
+        })
+        .collect())
+}
+
+fn append_line(path: &Path, line: &str) -> Result<(), TokenStoreError> {
+    let io_err = |source| TokenStoreError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(io_err)?;
+    writeln!(file, "{line}").map_err(io_err)?;
+    file.sync_all().map_err(io_err)
 }
 
 /// SHA-256 of a token, hex (what the store keeps).
@@ -253,6 +288,7 @@ pub enum RedeemError<E> {
 pub struct TokenStore {
     tokens: PathBuf,
     used: PathBuf,
+    issued: PathBuf,
     lock: Mutex<()>,
 }
 
@@ -262,6 +298,7 @@ impl TokenStore {
         TokenStore {
             tokens: tokens_file.to_owned(),
             used: used_file_for(tokens_file),
+            issued: issued_file_for(tokens_file),
             lock: Mutex::new(()),
         }
     }
@@ -306,17 +343,21 @@ impl TokenStore {
     }
 
     fn record_used(&self, hash: &str, agent_id: &str) -> Result<(), TokenStoreError> {
-        let io_err = |source| TokenStoreError::Io {
-            path: self.used.clone(),
-            source,
-        };
-        let mut options = OpenOptions::new();
-        options.create(true).append(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&self.used).map_err(io_err)?;
-        writeln!(file, "{hash} {} {agent_id}", now_unix()).map_err(io_err)?;
-        file.sync_all().map_err(io_err)
+        append_line(&self.used, &format!("{hash} {} {agent_id}", now_unix()))
+    }
+
+    /// Appends an issued certificate to the issuance log (synced), so that
+    /// `tether certs revoke --agent` can find every certificate of an agent.
+    pub fn record_issued(
+        &self,
+        serial_hex: &str,
+        agent_id: &str,
+        not_after: i64,
+    ) -> Result<(), TokenStoreError> {
+        append_line(
+            &self.issued,
+            &format!("{serial_hex} {agent_id} {not_after}"),
+        )
     }
 }
 
@@ -355,6 +396,11 @@ mod tests {
         };
         assert_eq!(refusal.reason(), "used_token");
         assert!(refusal.to_string().contains("already used"), "{refusal}");
+
+        store.record_issued("0aff", "edge-7", 1).unwrap();
+        store.record_issued("0b00", "edge-8", 1).unwrap();
+        store.record_issued("0c01", "edge-7", 2).unwrap();
+        assert_eq!(issued_serials(&file, "edge-7").unwrap(), ["0aff", "0c01"]);
     }
 
     #[test]

@@ -241,6 +241,30 @@ impl Enrollment {
         let not_after = (now + self.validity)
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        // Logged before it is handed out: a certificate nobody can find cannot be revoked.
+        let serial = tether_common::tls::certs_from_pem(&cert)
+            .ok()
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .and_then(|der| tether_common::pki_ops::serial_hex(der))
+            })
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "error",
+                    "cannot read the issued certificate",
+                )
+            })?;
+        self.tokens
+            .record_issued(&serial, agent_id, not_after)
+            .map_err(|e| {
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "error",
+                    format!("the server cannot log the issued certificate: {e}"),
+                )
+            })?;
         Ok(IssuedCertificate {
             agent_id: agent_id.to_owned(),
             certificate: format!("{cert}{}", self.chain_tail),

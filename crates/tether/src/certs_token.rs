@@ -70,6 +70,45 @@ fn human(d: Duration) -> String {
     tether_common::duration::HumanDuration(d).to_string()
 }
 
+/// `tether certs revoke --agent ID --config server.yaml`.
+pub(crate) fn revoke_agent(agent: &str, config: &Path, crl: Option<&Path>) -> anyhow::Result<()> {
+    let server = config_load::load_server(config, &Overrides::none())?;
+    let Some(enrollment) = server.enrollment else {
+        anyhow::bail!("{} has no `enrollment:` section", config.display());
+    };
+    let crl = match (crl, server.tls.crls.first()) {
+        (Some(crl), _) => crl.to_owned(),
+        (None, Some(first)) => first.clone(),
+        (None, None) => anyhow::bail!(
+            "{} lists no tls.crls: give --crl (and add it to tls.crls so the server reads it)",
+            config.display()
+        ),
+    };
+    let serials = enroll_tokens::issued_serials(&enrollment.tokens_file, agent)?;
+    if serials.is_empty() {
+        anyhow::bail!(
+            "no certificate was issued to agent \"{agent}\" (issuance log {})",
+            enroll_tokens::issued_file_for(&enrollment.tokens_file).display()
+        );
+    }
+    let report = pki_ops::revoke_with(
+        &enrollment.issuer_cert,
+        &enrollment.issuer_key,
+        None,
+        &serials,
+        &crl,
+    )?;
+    println!(
+        "revoked {} certificate(s) of agent \"{agent}\" ({} already revoked); {} now revokes {}; \
+         the server reloads it, closes the agent's sessions and refuses its renewal",
+        report.added.len(),
+        serials.len() - report.added.len(),
+        crl.display(),
+        report.total
+    );
+    Ok(())
+}
+
 pub(crate) fn issue_server_peer(dir: &Path, id: &str, opts: &IssueOptions) -> anyhow::Result<()> {
     let files = pki::issue_server_peer_files(dir, id, opts)?;
     println!(

@@ -256,10 +256,20 @@ pub(crate) enum CertsCommand {
     /// Revoke certificates: add them to the CA's CRL file (created if missing; existing
     /// entries kept). A server listing the file in `tls.crls` reloads it and closes the
     /// revoked agents' sessions. Without `--cert`, only re-sign the CRL (or create it empty).
+    ///
+    /// With `--agent ID --config server.yaml`: every certificate the server's enrollment issued
+    /// to that agent (from its issuance log), signed by `enrollment.issuer_cert`, into the
+    /// server's first `tls.crls` file (or `--crl`).
     Revoke {
         /// Directory holding `ca.pem` and `ca-key.pem`.
+        #[arg(long, required_unless_present = "agent")]
+        dir: Option<PathBuf>,
+        /// An enrolled agent's id: revoke every certificate enrollment issued to it.
+        #[arg(long, requires = "config", conflicts_with_all = ["dir", "cert"])]
+        agent: Option<String>,
+        /// The server config (with `enrollment:`) for `--agent`.
         #[arg(long)]
-        dir: PathBuf,
+        config: Option<PathBuf>,
         /// The certificate(s) to revoke (PEM).
         #[arg(long)]
         cert: Option<PathBuf>,

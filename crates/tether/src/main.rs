@@ -236,9 +236,19 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             CertsCommand::Inspect { file, config } => {
                 certs_lifecycle::inspect(&file, config.as_deref())
             }
-            CertsCommand::Revoke { dir, cert, crl } => {
-                certs_lifecycle::revoke(&dir, cert.as_deref(), crl.as_deref())
-            }
+            CertsCommand::Revoke {
+                dir,
+                agent,
+                config,
+                cert,
+                crl,
+            } => match (dir, agent, config) {
+                (_, Some(agent), Some(config)) => {
+                    certs_token::revoke_agent(&agent, &config, crl.as_deref())
+                }
+                (Some(dir), _, _) => certs_lifecycle::revoke(&dir, cert.as_deref(), crl.as_deref()),
+                _ => anyhow::bail!("give --dir DIR, or --agent ID with --config SERVER.YAML"),
+            },
         },
         Command::CheckConfig { kind, path } => {
             let kind = config_load::check(kind, &path)?;
