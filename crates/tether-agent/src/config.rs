@@ -654,6 +654,65 @@ mod tests {
     }
 
     #[test]
+    fn enroll_keys_are_checked_with_their_key_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let yaml = |enroll: &str| {
+            let mut config: AgentConfig = serde_yaml_ng::from_str(&format!(
+                "server_url: wss://localhost:8443/v1/connect\n\
+                 tls: {{cert: agent.pem, key: agent-key.pem, server_ca: ca.pem}}\n{enroll}"
+            ))
+            .unwrap();
+            config.resolve_paths(base);
+            config
+        };
+        let paths = |config: &AgentConfig| -> Vec<String> {
+            config
+                .validate()
+                .err()
+                .map(|e| {
+                    e.0.into_iter()
+                        .map(|e| format!("{}: {}", e.path, e.message))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // No certificate yet, a token file and a pin: valid (the files come from enrollment).
+        std::fs::write(base.join("token"), "tether-join-abc\n").unwrap();
+        let pin = "ab".repeat(32);
+        let ok = yaml(&format!(
+            "enroll: {{token_file: token, ca_sha256: \"sha256:{pin}\"}}\n"
+        ));
+        assert!(ok.needs_enrollment());
+        assert_eq!(paths(&ok), Vec::<String>::new());
+        assert!(ok.enroll.as_ref().unwrap().renew, "renewal on by default");
+        // A bad pin and a missing token file are named.
+        let bad = yaml("enroll: {token_file: nope, ca_sha256: \"12:34\"}\n");
+        let errors = paths(&bad);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("enroll.ca_sha256: ") && e.contains("64 hex digits")),
+            "{errors:?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("enroll.token_file: cannot read")),
+            "{errors:?}"
+        );
+        // Without enroll, the missing certificate is an error as before.
+        let plain = yaml("");
+        assert!(!plain.needs_enrollment());
+        assert!(paths(&plain).iter().any(|e| e.starts_with("tls.cert: ")));
+        // An unknown key inside enroll is refused by the parser.
+        assert!(serde_yaml_ng::from_str::<AgentConfig>(
+            "server_url: wss://a/\ntls: {cert: a, key: b, server_ca: c}\nenroll: {token_file: t, ca_sha256: x, nope: 1}\n"
+        )
+        .is_err());
+    }
+
+    #[test]
     fn mux_config_follows_session_settings() {
         let mut config: AgentConfig = serde_yaml_ng::from_str(
             "server_url: wss://a/\ntls: {cert: a, key: b, server_ca: c}\nsession: {max_frame: 2048, sync_interval: 0s}\n",

@@ -1000,3 +1000,60 @@ fn check_client_pattern(pattern: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod enrollment_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn enrollment_keys_are_checked_with_their_key_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        tether_common::pki::init_dir(d, &["localhost".into()], &[]).unwrap();
+        let parse = |enrollment: &str| {
+            ServerConfig::parse(
+                &format!(
+                    "tls: {{cert: server.pem, key: server-key.pem, client_ca: ca.pem}}\n{enrollment}"
+                ),
+                "server.yaml",
+                d,
+            )
+        };
+        let ok = parse(
+            "enrollment: {issuer_cert: ca.pem, issuer_key: ca-key.pem, tokens_file: tokens}\n",
+        )
+        .unwrap();
+        let section = ok.enrollment.as_ref().unwrap();
+        assert_eq!(section.validity().unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(section.tokens_file, d.join("tokens"));
+        assert_eq!(ok.client_cert_policy(), ClientCertPolicy::Optional);
+
+        let err = parse(
+            "identity: dns_san\nenrollment: {issuer_cert: server.pem, issuer_key: server-key.pem, \
+             tokens_file: missing/tokens, cert_valid_for: 5s}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "enrollment.issuer_cert",
+            "not a CA",
+            "enrollment.tokens_file",
+            "does not exist",
+            "enrollment.cert_valid_for",
+            "outside 10s..366d",
+            "identity: uri_san",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        let err =
+            parse("enrollment: {issuer_cert: nope.pem, issuer_key: ca-key.pem, tokens_file: t}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("enrollment.issuer_cert") && err.contains("nope.pem"),
+            "{err}"
+        );
+    }
+}
