@@ -22,3 +22,4 @@ pub mod sd_notify;
 pub mod session_settings;
 pub mod tls;
 pub mod tls_check;
+mod tls_refusals;

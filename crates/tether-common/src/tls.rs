@@ -384,7 +384,8 @@ pub(crate) fn build_server_tls(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_err)?
-        .with_client_cert_verifier(verifier.clone())
+        // Refusals are logged with the agent id; the sweep re-verifies with the bare one.
+        .with_client_cert_verifier(crate::tls_refusals::LoggedRefusals::wrap(verifier.clone()))
         .with_single_cert(certs, key)
         .map_err(config_err)?;
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
