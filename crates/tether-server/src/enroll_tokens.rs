@@ -265,12 +265,29 @@ pub fn add_token(
         path: aside.clone(),
         source: io::Error::other(e.to_string()),
     })?;
+    keep_owner_and_mode(tokens_file, &aside);
     fs::rename(&aside, tokens_file).map_err(|source| TokenStoreError::Io {
         path: tokens_file.to_owned(),
         source,
     })?;
     Ok(token)
 }
+
+/// Gives the new store file the owner, group and mode of the one it replaces, so that a token
+/// added by root stays readable by the server's own user. Best effort: without the right to
+/// change the owner the new file keeps its own (0600, the invoking user).
+#[cfg(unix)]
+fn keep_owner_and_mode(old: &Path, new: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(old) else {
+        return;
+    };
+    let _ = std::os::unix::fs::chown(new, Some(meta.uid()), Some(meta.gid()));
+    let _ = fs::set_permissions(new, meta.permissions());
+}
+
+#[cfg(not(unix))]
+fn keep_owner_and_mode(_old: &Path, _new: &Path) {}
 
 /// What [`TokenStore::redeem`] refuses with: the token, or the caller's own check.
 #[derive(Debug)]
@@ -375,8 +392,13 @@ mod tests {
     fn a_token_works_once_even_for_a_new_store_on_the_same_files() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tokens");
+        fs::write(&file, "").unwrap();
+        fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
         let token = add_token(&file, "edge-7", now_unix() + 3600).unwrap();
         assert!(token.starts_with(TOKEN_PREFIX));
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&file).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o640, "the replaced file keeps its mode");
         let text = fs::read_to_string(&file).unwrap();
         assert!(!text.contains(&token), "the store keeps only the hash");
         assert!(text.contains(&token_hash(&token)));
