@@ -205,3 +205,36 @@ pub(crate) async fn renew_once(config: &AgentConfig) -> Result<enroll::Issued, E
     enroll::install(config, &key_pem, &issued)?;
     Ok(issued)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tether_common::pki::{Ca, IssueOptions};
+
+    #[test]
+    fn renewal_is_due_two_thirds_into_the_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("test CA").unwrap();
+        let start = SystemTime::now();
+        let opts = IssueOptions {
+            not_before: start,
+            not_after: start + Duration::from_secs(30),
+            ..IssueOptions::default()
+        };
+        let cert = ca.issue_agent("edge-1", &opts).unwrap();
+        std::fs::write(dir.path().join("a.pem"), &cert.cert_pem).unwrap();
+        let mut config: AgentConfig = serde_yaml_ng::from_str(
+            "server_url: wss://localhost/\ntls: {cert: a.pem, key: k.pem, server_ca: c.pem}\n",
+        )
+        .unwrap();
+        config.resolve_paths(dir.path());
+        let (due, not_after) = renewal_due(&config).unwrap();
+        let begin = start.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert_eq!(not_after, begin + 30);
+        assert_eq!(due, begin + 20);
+        std::fs::write(dir.path().join("a.pem"), "junk").unwrap();
+        assert!(renewal_due(&config).is_err());
+    }
+}
