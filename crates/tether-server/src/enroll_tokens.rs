@@ -448,6 +448,26 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_redemptions_of_one_token_let_exactly_one_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        let token = add_token(&file, "edge-5", now_unix() + 3600).unwrap();
+        let store = std::sync::Arc::new(TokenStore::new(&file));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, token) = (store.clone(), token.clone());
+                std::thread::spawn(move || store.redeem(&token, ok).is_ok())
+            })
+            .collect();
+        let wins = threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(|won| *won)
+            .count();
+        assert_eq!(wins, 1);
+    }
+
+    #[test]
     fn malformed_lines_are_skipped_and_bad_ids_refused() {
         let (entries, bad) = parse_tokens(
             "# c\n\nzz edge 1\nabc\n{} edge-1 notanumber\n"
