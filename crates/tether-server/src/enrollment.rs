@@ -454,3 +454,92 @@ async fn renew(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    use tether_common::tls::{self, ClientCertPolicy, ServerTlsFiles};
+
+    fn ca_params(name: &str, constraint: BasicConstraints) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(constraint);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params
+    }
+
+    /// An intermediate issuer: its certificate follows each issued one, and the chain verifies
+    /// against the root alone (what `tls.client_ca` holds).
+    #[test]
+    fn an_intermediate_issuer_sends_its_certificate_and_the_chain_verifies_to_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca_params("root", BasicConstraints::Unconstrained);
+        let root = root_params.self_signed(&root_key).unwrap();
+        let root_issuer = Issuer::new(root_params, root_key);
+        let mid_key = KeyPair::generate().unwrap();
+        let mid = ca_params("intermediate", BasicConstraints::Constrained(0))
+            .signed_by(&mid_key, &root_issuer)
+            .unwrap();
+        let server =
+            tether_common::pki::Ca::from_pem(&root.pem(), &root_issuer.key().serialize_pem())
+                .unwrap()
+                .issue_server(&["localhost".into()], &[], &IssueOptions::default())
+                .unwrap();
+        for (name, text) in [
+            ("root.pem", root.pem()),
+            ("mid.pem", mid.pem()),
+            ("mid-key.pem", mid_key.serialize_pem()),
+            ("server.pem", server.cert_pem.clone()),
+            ("server-key.pem", server.key_pem.clone()),
+        ] {
+            std::fs::write(d.join(name), text).unwrap();
+        }
+        let config = EnrollmentConfig {
+            issuer_cert: d.join("mid.pem"),
+            issuer_key: d.join("mid-key.pem"),
+            tokens_file: d.join("tokens"),
+            cert_valid_for: "1h".into(),
+        };
+        let metrics = EnrollmentMetrics::register(&Registry::new()).unwrap();
+        let allowed = Arc::new(ArcSwap::from_pointee(HashSet::new()));
+        let enrollment = Enrollment::new(&config, d.join("root.pem"), allowed, metrics).unwrap();
+        let request = csr::new_key_and_csr().unwrap();
+        let issued = enrollment.issue("edge-3", &request.csr_pem).unwrap();
+        let chain = tls::certs_from_pem(&issued.certificate).unwrap();
+        assert_eq!(chain.len(), 2, "leaf and intermediate");
+        let server = tls::server_tls(
+            &ServerTlsFiles {
+                cert: d.join("server.pem"),
+                key: d.join("server-key.pem"),
+                client_ca: d.join("root.pem"),
+                crls: Vec::new(),
+            },
+            ClientCertPolicy::Required,
+        )
+        .unwrap();
+        tether_common::tls_check::reverify(server.verifier.as_ref(), &chain).unwrap();
+        // Logged for `certs revoke --agent`.
+        let serials = crate::enroll_tokens::issued_serials(&config.tokens_file, "edge-3").unwrap();
+        assert_eq!(serials.len(), 1);
+        // A CSR for another id is refused as wrong_identity (403).
+        let other = csr::csr_for_key(&request.key_pem, Some("edge-4")).unwrap();
+        let refusal = enrollment.issue("edge-3", &other).unwrap_err();
+        assert_eq!(
+            (refusal.status, refusal.reason),
+            (StatusCode::FORBIDDEN, "wrong_identity")
+        );
+        // An id no longer allowed is refused (403 not_allowed).
+        enrollment
+            .allowed
+            .store(Arc::new(HashSet::from(["edge-9".to_owned()])));
+        let refusal = enrollment.issue("edge-3", &request.csr_pem).unwrap_err();
+        assert_eq!(refusal.reason, "not_allowed");
+    }
+}
