@@ -74,6 +74,14 @@ pub enum TokenRefusal {
 }
 
 impl TokenRefusal {
+    /// The agent id the token was for, when it was found.
+    pub fn agent_id(&self) -> Option<&str> {
+        match self {
+            Self::Unknown => None,
+            Self::Used { agent_id, .. } | Self::Expired { agent_id, .. } => Some(agent_id),
+        }
+    }
+
     /// A closed-set label for `tether_enrollments_total{result}`.
     pub fn reason(&self) -> &'static str {
         match self {

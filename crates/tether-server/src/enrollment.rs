@@ -259,10 +259,11 @@ impl Enrollment {
         self.tokens
             .record_issued(&serial, agent_id, not_after)
             .map_err(|e| {
+                warn!(error = %e, "cannot log an issued certificate; not handing it out");
                 Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "error",
-                    format!("the server cannot log the issued certificate: {e}"),
+                    "the server cannot log the issued certificate; try again later",
                 )
             })?;
         Ok(IssuedCertificate {
@@ -389,18 +390,22 @@ async fn enroll(
     let (agent_id, refusal) = match outcome {
         Ok(Ok(issued)) => return e.issued(&counter, "agent enrolled", &issued),
         Ok(Err(RedeemError::Token(refusal))) => (
-            None,
+            refusal.agent_id().map(str::to_owned),
             Refusal::new(StatusCode::FORBIDDEN, refusal.reason(), refusal.to_string()),
         ),
         Ok(Err(RedeemError::Check((id, refusal)))) => (Some(id), refusal),
-        Ok(Err(RedeemError::Store(err))) => (
-            None,
-            Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "error",
-                format!("the server's token store failed: {err}"),
-            ),
-        ),
+        Ok(Err(RedeemError::Store(err))) => {
+            // The paths stay in the server's log; the agent learns only that it failed.
+            warn!(error = %err, "the enrollment token store failed");
+            (
+                None,
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "error",
+                    "the server's token store is unavailable; try again later",
+                ),
+            )
+        }
         Err(_) => (
             None,
             Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "error", "internal error"),
