@@ -485,3 +485,51 @@ async fn renewal_before_expiry_keeps_the_session_and_a_revoked_agent_is_refused(
     );
     assert_eq!(metric(agent.admin_addr, renewed).await, 1.0);
 }
+
+#[test]
+fn check_config_names_bad_enrollment_keys() {
+    let pki = TestPki::new();
+    let check = |name: &str, text: &str| {
+        let path = pki.write_file(name, text);
+        let out = std::process::Command::new(tether_binary())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let agent = check(
+        "bad-agent.yaml",
+        "version: 1\n\
+         server_url: \"wss://localhost:8443/v1/connect\"\n\
+         tls: { cert: missing.pem, key: missing-key.pem, server_ca: ca.pem }\n\
+         enroll:\n  token_file: no-such-token\n  ca_sha256: \"12:34\"\n  renwe: true\n",
+    );
+    // Every problem at once, each with its line and key path.
+    for expected in [
+        ":5:3: `enroll.token_file`: cannot read",
+        ":6:3: `enroll.ca_sha256`: `12:34` is not a SHA-256 fingerprint",
+        ":7:3: `enroll.renwe`: unknown key `renwe`",
+    ] {
+        assert!(agent.contains(expected), "{expected} in {agent}");
+    }
+    let server = check(
+        "bad-server.yaml",
+        "version: 1\n\
+         listen: \"127.0.0.1:0\"\n\
+         tls: { cert: server.pem, key: server-key.pem, client_ca: ca.pem }\n\
+         enrollment:\n  issuer_cert: server.pem\n  issuer_key: server-key.pem\n  \
+         tokens_file: tokens\n  cert_valid_for: 2y\n",
+    );
+    assert!(server.contains("`enrollment.issuer_cert`"), "{server}");
+    assert!(server.contains("not a CA"), "{server}");
+    assert!(
+        server.contains(":8:3: `enrollment.cert_valid_for`"),
+        "{server}"
+    );
+}
