@@ -93,6 +93,30 @@ pub struct AgentConfig {
     /// `X-API-Tunnel-Token` for a remotedialer server. Names and values must be valid HTTP.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Enrollment with a one-time join token when `tls.cert` does not exist yet, and renewal of
+    /// the certificate at two thirds of its lifetime (the `enroll:` section; absent: off).
+    #[serde(default)]
+    pub enroll: Option<EnrollConfig>,
+}
+
+/// `enroll:` of agent.yaml. The key is made here and never leaves the host; the certificate
+/// names the agent id the token was issued for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    /// File holding the join token printed by `tether certs token` (read only while
+    /// `tls.cert` does not exist).
+    pub token_file: PathBuf,
+    /// SHA-256 of the CA certificate the server's certificate chains to (`sha256:` line of
+    /// `tether certs inspect ca.pem`): the only thing the agent trusts before it has a CA file.
+    pub ca_sha256: String,
+    /// Renew the certificate with the server at two thirds of its lifetime (default true).
+    #[serde(default = "default_true")]
+    pub renew: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The wire protocol the agent speaks.
@@ -250,11 +274,15 @@ impl ServerUrl {
 impl AgentConfig {
     /// Makes relative TLS paths relative to `base_dir` (the config file's directory).
     pub fn resolve_paths(&mut self, base_dir: &Path) {
+        let enroll_token = self.enroll.as_mut().map(|e| &mut e.token_file);
         for path in [
             &mut self.tls.cert,
             &mut self.tls.key,
             &mut self.tls.server_ca,
-        ] {
+        ]
+        .into_iter()
+        .chain(enroll_token)
+        {
             if path.is_relative() {
                 *path = base_dir.join(&*path);
             }
@@ -430,7 +458,56 @@ impl AgentConfig {
         }
     }
 
+    /// Whether the agent must enroll before it can connect: `enroll:` is set and `tls.cert`
+    /// does not exist yet.
+    pub fn needs_enrollment(&self) -> bool {
+        self.enroll.is_some() && !self.tls.cert.as_os_str().is_empty() && !self.tls.cert.exists()
+    }
+
+    fn validate_enroll(&self, errors: &mut ConfigErrors) {
+        let Some(enroll) = &self.enroll else {
+            return;
+        };
+        if let Err(message) = tether_common::csr::parse_pin(&enroll.ca_sha256) {
+            errors.push("enroll.ca_sha256", message);
+        }
+        if self.protocol != AgentProtocol::Tether {
+            errors.push("enroll", "enrollment needs `protocol: tether`");
+        }
+        if !self.needs_enrollment() {
+            return;
+        }
+        match std::fs::read_to_string(&enroll.token_file) {
+            Err(err) => errors.push(
+                "enroll.token_file",
+                format!(
+                    "cannot read {} (needed: {} does not exist yet): {err}",
+                    enroll.token_file.display(),
+                    self.tls.cert.display()
+                ),
+            ),
+            Ok(text) if text.trim().is_empty() => errors.push(
+                "enroll.token_file",
+                format!("{} holds no token", enroll.token_file.display()),
+            ),
+            Ok(_) => {}
+        }
+    }
+
     fn validate_tls(&self, errors: &mut ConfigErrors) {
+        self.validate_enroll(errors);
+        if self.needs_enrollment() {
+            // The key and certificate (and the CA file, if missing) come from enrollment.
+            for (key, path) in [
+                ("tls.key", &self.tls.key),
+                ("tls.server_ca", &self.tls.server_ca),
+            ] {
+                if path.as_os_str().is_empty() {
+                    errors.push(key, "must be set");
+                }
+            }
+            return;
+        }
         let mut all_exist = true;
         for (key, path) in [
             ("tls.cert", &self.tls.cert),
@@ -574,6 +651,65 @@ mod tests {
         ] {
             assert!(ServerUrl::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn enroll_keys_are_checked_with_their_key_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let yaml = |enroll: &str| {
+            let mut config: AgentConfig = serde_yaml_ng::from_str(&format!(
+                "server_url: wss://localhost:8443/v1/connect\n\
+                 tls: {{cert: agent.pem, key: agent-key.pem, server_ca: ca.pem}}\n{enroll}"
+            ))
+            .unwrap();
+            config.resolve_paths(base);
+            config
+        };
+        let paths = |config: &AgentConfig| -> Vec<String> {
+            config
+                .validate()
+                .err()
+                .map(|e| {
+                    e.0.into_iter()
+                        .map(|e| format!("{}: {}", e.path, e.message))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // No certificate yet, a token file and a pin: valid (the files come from enrollment).
+        std::fs::write(base.join("token"), "tether-join-abc\n").unwrap();
+        let pin = "ab".repeat(32);
+        let ok = yaml(&format!(
+            "enroll: {{token_file: token, ca_sha256: \"sha256:{pin}\"}}\n"
+        ));
+        assert!(ok.needs_enrollment());
+        assert_eq!(paths(&ok), Vec::<String>::new());
+        assert!(ok.enroll.as_ref().unwrap().renew, "renewal on by default");
+        // A bad pin and a missing token file are named.
+        let bad = yaml("enroll: {token_file: nope, ca_sha256: \"12:34\"}\n");
+        let errors = paths(&bad);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("enroll.ca_sha256: ") && e.contains("64 hex digits")),
+            "{errors:?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("enroll.token_file: cannot read")),
+            "{errors:?}"
+        );
+        // Without enroll, the missing certificate is an error as before.
+        let plain = yaml("");
+        assert!(!plain.needs_enrollment());
+        assert!(paths(&plain).iter().any(|e| e.starts_with("tls.cert: ")));
+        // An unknown key inside enroll is refused by the parser.
+        assert!(serde_yaml_ng::from_str::<AgentConfig>(
+            "server_url: wss://a/\ntls: {cert: a, key: b, server_ca: c}\nenroll: {token_file: t, ca_sha256: x, nope: 1}\n"
+        )
+        .is_err());
     }
 
     #[test]

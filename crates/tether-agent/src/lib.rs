@@ -12,6 +12,9 @@ pub mod config;
 pub mod connector;
 pub mod dial;
 mod discovery;
+pub mod enroll;
+mod enroll_http;
+mod enroll_tls;
 mod fleet;
 pub mod gate;
 pub mod handler;
@@ -20,6 +23,7 @@ pub mod metrics;
 pub mod policy;
 pub mod reload;
 pub mod remotedialer_ws;
+pub mod renew;
 mod replica_claims;
 pub mod status;
 mod supervisor;
@@ -102,6 +106,8 @@ pub struct Agent {
     instance_id: String,
     /// The agent certificate's lifetime (expiry warning, `/readyz`).
     cert_watch: Arc<CertWatch>,
+    /// Renews the certificate with the server (`enroll:`); `None` without enrollment.
+    renewer: Option<renew::Renewer>,
     /// systemd notifications: READY once the connector starts, STOPPING when shutdown begins.
     #[cfg(unix)]
     notifier: tether_common::sd_notify::Notifier,
@@ -177,7 +183,15 @@ impl Agent {
                 cert_watch: cert_watch.clone(),
             },
         );
+        let renewer = match &config.enroll {
+            None => None,
+            Some(_) => Some(renew::Renewer {
+                reloader: reloader.clone(),
+                metrics: renew::RenewalMetrics::register(registry)?,
+            }),
+        };
         Ok(Agent {
+            renewer,
             connect,
             reconnect,
             discovery,
@@ -292,6 +306,9 @@ impl Agent {
                     .run(shutdown.clone())
                     .in_current_span(),
             );
+            if let Some(renewer) = self.renewer {
+                tracker.spawn(renewer.run(shutdown.clone()).in_current_span());
+            }
             let fleet = Fleet {
                 connect: self.connect.subscribe(),
                 handler: Handler {

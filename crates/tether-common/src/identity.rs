@@ -10,6 +10,10 @@ use x509_parser::extensions::GeneralName;
 /// Prefix of the URI SAN that names an agent: `tether://agent/<id>`.
 pub const AGENT_URI_PREFIX: &str = "tether://agent/";
 
+/// Prefix of the URI SAN that names a server replica on a peer session:
+/// `tether://server/<id>`. Such a certificate is never an agent.
+pub const SERVER_URI_PREFIX: &str = "tether://server/";
+
 /// Maximum length of an agent id, in bytes (ids are ASCII).
 pub const MAX_AGENT_ID_LEN: usize = 128;
 

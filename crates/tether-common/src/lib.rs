@@ -6,6 +6,7 @@ pub mod config_collect;
 pub mod config_diff;
 pub mod config_error;
 pub mod config_layers;
+pub mod csr;
 pub mod duration;
 pub mod heap_trim;
 pub mod host;

@@ -17,7 +17,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use crate::identity::{AGENT_URI_PREFIX, IdentityError, validate_agent_id};
+use crate::identity::{AGENT_URI_PREFIX, IdentityError, SERVER_URI_PREFIX, validate_agent_id};
 
 /// File name of the CA certificate written by [`init_dir`].
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -60,6 +60,12 @@ pub enum PkiError {
     /// An agent id is not acceptable.
     #[error(transparent)]
     AgentId(#[from] IdentityError),
+    /// A server id (`--server-peer`) is not acceptable.
+    #[error("invalid server id: {0}")]
+    ServerId(String),
+    /// A certificate signing request is unusable or asks for what it may not have.
+    #[error("certificate signing request refused: {0}")]
+    Csr(String),
     /// A server certificate was requested with neither a DNS name nor an IP address.
     #[error("a server certificate needs at least one DNS name or IP address")]
     NoServerNames,
@@ -180,7 +186,7 @@ impl IssueOptions {
 /// A certificate authority that signs server and agent certificates.
 pub struct Ca {
     cert_pem: String,
-    issuer: Issuer<'static, KeyPair>,
+    pub(crate) issuer: Issuer<'static, KeyPair>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -273,6 +279,18 @@ impl Ca {
         ips: &[IpAddr],
         opts: &IssueOptions,
     ) -> Result<CertifiedKeyPem, PkiError> {
+        self.issue_server_with_key(dns_names, ips, None, opts)
+    }
+
+    /// [`issue_server`](Self::issue_server) for an existing private key (PEM), or a new one
+    /// when `key_pem` is `None`.
+    pub fn issue_server_with_key(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        key_pem: Option<&str>,
+        opts: &IssueOptions,
+    ) -> Result<CertifiedKeyPem, PkiError> {
         if dns_names.is_empty() && ips.is_empty() {
             return Err(PkiError::NoServerNames);
         }
@@ -286,7 +304,8 @@ impl Ca {
             .cloned()
             .or_else(|| ips.first().map(IpAddr::to_string))
             .unwrap_or_default();
-        self.issue_leaf(&cn, sans, ExtendedKeyUsagePurpose::ServerAuth, opts)
+        let key = leaf_key(key_pem)?;
+        self.issue_leaf(&cn, sans, &[ExtendedKeyUsagePurpose::ServerAuth], key, opts)
     }
 
     /// Issues an agent certificate: CN = `agent_id`, URI SAN `tether://agent/<agent_id>`
@@ -296,12 +315,54 @@ impl Ca {
         agent_id: &str,
         opts: &IssueOptions,
     ) -> Result<CertifiedKeyPem, PkiError> {
+        self.issue_agent_with_key(agent_id, None, opts)
+    }
+
+    /// [`issue_agent`](Self::issue_agent) for an existing private key (PEM), or a new one
+    /// when `key_pem` is `None` (`tether certs renew --keep-key`).
+    pub fn issue_agent_with_key(
+        &self,
+        agent_id: &str,
+        key_pem: Option<&str>,
+        opts: &IssueOptions,
+    ) -> Result<CertifiedKeyPem, PkiError> {
         validate_agent_id(agent_id)?;
         let mut sans = Vec::new();
         if !opts.omit_uri_san {
             sans.push(SanType::URI(ia5(&format!("{AGENT_URI_PREFIX}{agent_id}"))?));
         }
-        self.issue_leaf(agent_id, sans, ExtendedKeyUsagePurpose::ClientAuth, opts)
+        let key = leaf_key(key_pem)?;
+        self.issue_leaf(
+            agent_id,
+            sans,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+            key,
+            opts,
+        )
+    }
+
+    /// Issues a server-peer certificate for replica `server_id`: CN = the id, URI SAN
+    /// `tether://server/<id>`, EKU clientAuth and serverAuth (one replica dials another).
+    /// The agent route refuses it: it names no agent.
+    pub fn issue_server_peer(
+        &self,
+        server_id: &str,
+        opts: &IssueOptions,
+    ) -> Result<CertifiedKeyPem, PkiError> {
+        crate::host::validate_server_id(server_id).map_err(PkiError::ServerId)?;
+        let sans = vec![SanType::URI(ia5(&format!(
+            "{SERVER_URI_PREFIX}{server_id}"
+        ))?)];
+        self.issue_leaf(
+            server_id,
+            sans,
+            &[
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
+            leaf_key(None)?,
+            opts,
+        )
     }
 
     /// A CRL (PEM) signed by this CA that revokes the given certificates (PEM), valid for
@@ -357,29 +418,12 @@ impl Ca {
     fn issue_leaf(
         &self,
         common_name: &str,
-        mut sans: Vec<SanType>,
-        eku: ExtendedKeyUsagePurpose,
+        sans: Vec<SanType>,
+        eku: &[ExtendedKeyUsagePurpose],
+        key: KeyPair,
         opts: &IssueOptions,
     ) -> Result<CertifiedKeyPem, PkiError> {
-        if opts.not_after <= opts.not_before {
-            return Err(PkiError::Validity(
-                "not_after must be later than not_before".into(),
-            ));
-        }
-        for uri in &opts.extra_uri_sans {
-            sans.push(SanType::URI(ia5(uri)?));
-        }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(common_name);
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![eku];
-        params.not_before = to_offset(opts.not_before)?;
-        params.not_after = to_offset(opts.not_after)?;
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate().map_err(rcgen_err("generate a key"))?;
+        let params = leaf_params(common_name, sans, eku, opts)?;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(rcgen_err("sign the certificate"))?;
@@ -388,6 +432,45 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// The private key of a new leaf: the one given (PEM), or a new ECDSA P-256 key.
+fn leaf_key(key_pem: Option<&str>) -> Result<KeyPair, PkiError> {
+    match key_pem {
+        None => KeyPair::generate().map_err(rcgen_err("generate a key")),
+        Some(pem) => KeyPair::from_pem(pem).map_err(|e| PkiError::LoadCa {
+            origin: "the key to keep".into(),
+            problem: format!("not a usable PEM private key: {e}"),
+        }),
+    }
+}
+
+/// The parameters of a leaf certificate: CN, SANs, EKUs, validity and a random serial.
+pub(crate) fn leaf_params(
+    common_name: &str,
+    mut sans: Vec<SanType>,
+    eku: &[ExtendedKeyUsagePurpose],
+    opts: &IssueOptions,
+) -> Result<CertificateParams, PkiError> {
+    if opts.not_after <= opts.not_before {
+        return Err(PkiError::Validity(
+            "not_after must be later than not_before".into(),
+        ));
+    }
+    for uri in &opts.extra_uri_sans {
+        sans.push(SanType::URI(ia5(uri)?));
+    }
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(common_name);
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = eku.to_vec();
+    params.not_before = to_offset(opts.not_before)?;
+    params.not_after = to_offset(opts.not_after)?;
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
 }
 
 // === files ===
@@ -537,6 +620,30 @@ pub fn issue_agent_files_with(
     })
 }
 
+/// Issues a server-peer certificate (`tether://server/<id>`) with the CA in `dir` and writes
+/// `server-peer-<id>.pem` and `server-peer-<id>-key.pem` (0600) next to it.
+pub fn issue_server_peer_files(
+    dir: &Path,
+    server_id: &str,
+    opts: &IssueOptions,
+) -> Result<Vec<PathBuf>, PkiError> {
+    crate::host::validate_server_id(server_id).map_err(PkiError::ServerId)?;
+    let ca_cert_path = dir.join(CA_CERT_FILE);
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    let origin = format!("{} and {}", ca_cert_path.display(), ca_key_path.display());
+    let ca = Ca::from_pem_named(
+        &read_to_string(&ca_cert_path)?,
+        &read_to_string(&ca_key_path)?,
+        &origin,
+    )?;
+    let peer = ca.issue_server_peer(server_id, opts)?;
+    let cert_path = dir.join(format!("server-peer-{server_id}.pem"));
+    let key_path = dir.join(format!("server-peer-{server_id}-key.pem"));
+    write_file_private(&key_path, &peer.key_pem)?;
+    write_file_public(&cert_path, &peer.cert_pem)?;
+    Ok(vec![cert_path, key_path])
+}
+
 // === helpers ===
 
 pub(crate) fn read_to_string(path: &Path) -> Result<String, PkiError> {
@@ -546,24 +653,24 @@ pub(crate) fn read_to_string(path: &Path) -> Result<String, PkiError> {
     })
 }
 
-fn rcgen_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
+pub(crate) fn rcgen_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
     move |source| PkiError::Generate { what, source }
 }
 
-fn dn(common_name: &str) -> DistinguishedName {
+pub(crate) fn dn(common_name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
     dn
 }
 
-fn ia5(name: &str) -> Result<rcgen::string::Ia5String, PkiError> {
+pub(crate) fn ia5(name: &str) -> Result<rcgen::string::Ia5String, PkiError> {
     rcgen::string::Ia5String::try_from(name).map_err(|source| PkiError::BadName {
         name: name.to_owned(),
         source,
     })
 }
 
-fn to_offset(t: SystemTime) -> Result<OffsetDateTime, PkiError> {
+pub(crate) fn to_offset(t: SystemTime) -> Result<OffsetDateTime, PkiError> {
     // Whole seconds: X.509 times have no fractions and rcgen would otherwise round.
     let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).ok(),
@@ -733,6 +840,34 @@ mod tests {
             ca.issue_agent("x", &backwards),
             Err(PkiError::Validity(_))
         ));
+    }
+
+    #[test]
+    fn server_peer_cert_names_the_replica_and_no_agent() {
+        let ca = Ca::generate("test CA").unwrap();
+        let peer = ca
+            .issue_server_peer("replica-1", &IssueOptions::default())
+            .unwrap();
+        let err = agent_id_from_cert(&der(&peer.cert_pem), IdentityMode::UriSan).unwrap_err();
+        assert_eq!(
+            err,
+            IdentityError::WrongPrefix {
+                uri: "tether://server/replica-1".into()
+            }
+        );
+        with_cert(&peer.cert_pem, |c| {
+            let eku = c.extended_key_usage().unwrap().unwrap().value;
+            assert!(eku.client_auth && eku.server_auth);
+        });
+        assert!(matches!(
+            ca.issue_server_peer("bad id", &IssueOptions::default()),
+            Err(PkiError::ServerId(_))
+        ));
+        let tmp = tempfile::tempdir().unwrap();
+        init_dir(tmp.path(), &["localhost".into()], &[]).unwrap();
+        let files =
+            issue_server_peer_files(tmp.path(), "replica-2", &IssueOptions::default()).unwrap();
+        assert_eq!(mode(&files[1]), 0o600);
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct CertInfo {
     pub uris: Vec<String>,
     /// Whether it is a CA certificate.
     pub is_ca: bool,
+    /// SHA-256 of its DER, hex: the `enroll.ca_sha256` pin of a CA certificate.
+    pub sha256: String,
 }
 
 impl CertInfo {
@@ -84,7 +86,7 @@ fn bad(origin: &str, problem: impl std::fmt::Display) -> PkiError {
     }
 }
 
-fn describe(cert: &X509Certificate<'_>) -> CertInfo {
+fn describe(cert: &X509Certificate<'_>, der: &[u8]) -> CertInfo {
     let mut info = CertInfo {
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
@@ -95,6 +97,7 @@ fn describe(cert: &X509Certificate<'_>) -> CertInfo {
         ips: Vec::new(),
         uris: Vec::new(),
         is_ca: cert.is_ca(),
+        sha256: crate::csr::cert_sha256(der),
     };
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -131,7 +134,7 @@ pub fn inspect_file(path: &Path) -> Result<Vec<CertInfo>, PkiError> {
         .iter()
         .map(|der| {
             x509_parser::parse_x509_certificate(der)
-                .map(|(_, cert)| describe(&cert))
+                .map(|(_, cert)| describe(&cert, der))
                 .map_err(|e| bad(&origin, format!("cannot parse a certificate: {e}")))
         })
         .collect()
@@ -173,15 +176,17 @@ pub struct RenewReport {
 }
 
 /// Issues a successor of the certificate at `cert` with the CA in `ca_dir`: the same agent id
-/// (or, for a server certificate, the same DNS names and IP addresses), a new key, valid for
-/// `validity` from now. Replaces `key` then `cert` atomically (a daemon watching them may see
-/// the new key with the old certificate for an instant, refuses that pair, and takes the
-/// new pair at its next look).
+/// (or, for a server certificate, the same DNS names and IP addresses), a new key (or, with
+/// `keep_key`, the key in `key`), valid for `validity` from now. Replaces `key` then `cert`
+/// atomically (a daemon watching them may see the new key with the old certificate for an
+/// instant, refuses that pair, and takes the new pair at its next look); with `keep_key` only
+/// `cert` is replaced.
 pub fn renew(
     ca_dir: &Path,
     cert: &Path,
     key: &Path,
     validity: Duration,
+    keep_key: bool,
 ) -> Result<RenewReport, PkiError> {
     let old = inspect_file(cert)?
         .into_iter()
@@ -189,8 +194,17 @@ pub fn renew(
         .ok_or_else(|| bad(&cert.display().to_string(), "no certificate"))?;
     let ca = load_ca(ca_dir)?;
     let opts = IssueOptions::valid_for(validity);
+    let kept = if keep_key {
+        if let Some(problem) = key_mismatch(cert, key)? {
+            return Err(bad(&key.display().to_string(), problem));
+        }
+        Some(read_to_string(key)?)
+    } else {
+        None
+    };
+    let kept = kept.as_deref();
     let issued = match old.agent_id() {
-        Some(id) => ca.issue_agent(id, &opts)?,
+        Some(id) => ca.issue_agent_with_key(id, kept, &opts)?,
         None => {
             let ips = old
                 .ips
@@ -203,10 +217,12 @@ pub fn renew(
                     "neither an agent identity nor server names to renew",
                 ));
             }
-            ca.issue_server(&old.dns, &ips, &opts)?
+            ca.issue_server_with_key(&old.dns, &ips, kept, &opts)?
         }
     };
-    replace(key, &issued.key_pem, true)?;
+    if !keep_key {
+        replace(key, &issued.key_pem, true)?;
+    }
     replace(cert, &issued.cert_pem, false)?;
     Ok(RenewReport {
         info: inspect_file(cert)?.remove(0),
@@ -269,8 +285,23 @@ pub struct RevokeReport {
 /// have been issued by that CA, and an existing CRL must be that CA's. Without `cert`, the CRL
 /// is only re-signed (a fresh 30-day validity), or created empty.
 pub fn revoke(ca_dir: &Path, cert: Option<&Path>, crl: &Path) -> Result<RevokeReport, PkiError> {
-    let ca = load_ca(ca_dir)?;
-    let ca_id = CaId::load(&ca_dir.join(CA_CERT_FILE))?;
+    let ca_cert = ca_dir.join(CA_CERT_FILE);
+    revoke_with(&ca_cert, &ca_dir.join(CA_KEY_FILE), cert, &[], crl)
+}
+
+/// [`revoke`] with the CA given by its certificate and key files, and further serial numbers
+/// (hex, as [`serial_hex`] writes them) to revoke besides the certificates in `cert`: the
+/// certificates an enrollment issuer signed for one agent (`tether certs revoke --agent`).
+pub fn revoke_with(
+    ca_cert: &Path,
+    ca_key: &Path,
+    cert: Option<&Path>,
+    serials_hex: &[String],
+    crl: &Path,
+) -> Result<RevokeReport, PkiError> {
+    let origin = format!("{} and {}", ca_cert.display(), ca_key.display());
+    let ca = Ca::from_pem_named(&read_to_string(ca_cert)?, &read_to_string(ca_key)?, &origin)?;
+    let ca_id = CaId::load(ca_cert)?;
     let mut serials: Vec<Vec<u8>> = Vec::new();
     if crl.exists() {
         let origin = crl.display().to_string();
@@ -318,12 +349,42 @@ pub fn revoke(ca_dir: &Path, cert: Option<&Path>, crl: &Path) -> Result<RevokeRe
             serials.push(serial);
         }
     }
+    for text in serials_hex {
+        let serial = serial_bytes(text)
+            .ok_or_else(|| bad("a serial number", format!("`{text}` is not hex")))?;
+        if !serials.contains(&serial) {
+            added.push(text.clone());
+            serials.push(serial);
+        }
+    }
     let pem = ca.crl_pem_for_serials(&serials)?;
     replace(crl, &pem, false)?;
     Ok(RevokeReport {
         added,
         total: serials.len(),
     })
+}
+
+/// The serial number of a DER certificate as lowercase hex without separators.
+pub fn serial_hex(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(
+        cert.raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+fn serial_bytes(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    if text.is_empty() || text.len() % 2 != 0 || text.len() > 80 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Parses a validity such as `90d`, `12h` or `30m` (days, or any unit of
@@ -403,7 +464,7 @@ mod tests {
 
         // Renewal: same identity, new serial, new key, the new validity.
         let old_key = std::fs::read_to_string(&key).unwrap();
-        let renewed = renew(d, &cert, &key, Duration::from_secs(10 * 86_400)).unwrap();
+        let renewed = renew(d, &cert, &key, Duration::from_secs(10 * 86_400), false).unwrap();
         assert_eq!(renewed.info.agent_id(), Some("edge-1"));
         assert_ne!(renewed.info.serial, info.serial);
         assert_ne!(std::fs::read_to_string(&key).unwrap(), old_key);
@@ -413,9 +474,31 @@ mod tests {
             &d.join("server.pem"),
             &d.join("server-key.pem"),
             Duration::from_secs(86_400),
+            false,
         )
         .unwrap();
         assert_eq!(server_renewed.info.dns, vec!["localhost"]);
+
+        // --keep-key: a new certificate for the same key; the key file is untouched.
+        let key_before = std::fs::read_to_string(&key).unwrap();
+        let kept = renew(d, &cert, &key, Duration::from_secs(86_400), true).unwrap();
+        assert_eq!(kept.info.agent_id(), Some("edge-1"));
+        assert_ne!(kept.info.serial, renewed.info.serial);
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), key_before);
+        assert_eq!(key_mismatch(&cert, &key).unwrap(), None);
+        // A key that is not the certificate's is refused with --keep-key.
+        let err = renew(
+            d,
+            &cert,
+            &d.join("agent-edge-2-key.pem"),
+            Duration::from_secs(86_400),
+            true,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("not this certificate's key"),
+            "{err}"
+        );
 
         // Revocation accumulates in the CRL, and the server's verifier refuses exactly those.
         let crl = d.join("crl.pem");
@@ -446,6 +529,27 @@ mod tests {
         // Re-signing keeps the entries; without a CRL it creates an empty one.
         let resigned = revoke(d, None, &crl).unwrap();
         assert_eq!((resigned.added.len(), resigned.total), (0, 2));
+        // By serial number (what `certs revoke --agent` reads from the issuance log).
+        let serial = serial_hex(&tls::load_certs(&d.join("server.pem")).unwrap()[0]).unwrap();
+        let by_serial = revoke_with(
+            &d.join(CA_CERT_FILE),
+            &d.join(CA_KEY_FILE),
+            None,
+            std::slice::from_ref(&serial),
+            &crl,
+        )
+        .unwrap();
+        assert_eq!((by_serial.added, by_serial.total), (vec![serial], 3));
+        assert!(
+            revoke_with(
+                &d.join(CA_CERT_FILE),
+                &d.join(CA_KEY_FILE),
+                None,
+                &["xyz".into()],
+                &crl
+            )
+            .is_err()
+        );
         let fresh = revoke(d, None, &d.join("empty-crl.pem")).unwrap();
         assert_eq!(fresh.total, 0);
         assert_eq!(tls::load_crls(&d.join("empty-crl.pem")).unwrap().len(), 1);

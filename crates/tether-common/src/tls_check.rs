@@ -234,21 +234,22 @@ pub fn reverify(
     };
     match verifier.verify_client_cert(end_entity, intermediates, UnixTime::now()) {
         Ok(_) => Ok(()),
-        Err(err) => {
-            use rustls::CertificateError as E;
-            let reason = match &err {
-                rustls::Error::InvalidCertificate(E::Revoked) => "revoked",
-                rustls::Error::InvalidCertificate(E::UnknownIssuer) => "unknown_issuer",
-                rustls::Error::InvalidCertificate(E::Expired | E::ExpiredContext { .. }) => {
-                    "expired"
-                }
-                _ => "bad_certificate",
-            };
-            Err(Refusal {
-                reason,
-                detail: err.to_string(),
-            })
-        }
+        Err(err) => Err(Refusal {
+            reason: refusal_reason(&err),
+            detail: err.to_string(),
+        }),
+    }
+}
+
+/// A closed-set label for a refused client certificate: revoked, unknown_issuer, expired or
+/// bad_certificate.
+pub(crate) fn refusal_reason(err: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as E;
+    match err {
+        rustls::Error::InvalidCertificate(E::Revoked) => "revoked",
+        rustls::Error::InvalidCertificate(E::UnknownIssuer) => "unknown_issuer",
+        rustls::Error::InvalidCertificate(E::Expired | E::ExpiredContext { .. }) => "expired",
+        _ => "bad_certificate",
     }
 }
 

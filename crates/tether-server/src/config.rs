@@ -80,6 +80,114 @@ pub struct ServerConfig {
     pub log: String,
     /// One JSON line per tunnelled connection when it closes (the `audit_log:` section).
     pub audit_log: AuditLogConfig,
+    /// Agents that enroll with one-time join tokens and renew their own short-lived
+    /// certificates (the `enrollment:` section); absent: off. Changes need a restart.
+    pub enrollment: Option<EnrollmentConfig>,
+}
+
+/// The `enrollment:` section. Relative paths are relative to the config file's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    /// The CA certificate (PEM) that signs enrolled agents' certificates; ideally an
+    /// intermediate whose root is in `tls.client_ca` (it is then sent with each certificate).
+    pub issuer_cert: PathBuf,
+    /// The issuing CA's private key (PEM).
+    pub issuer_key: PathBuf,
+    /// The join-token store written by `tether certs token` (hashes only); redeemed tokens are
+    /// recorded in `<tokens_file>.used`.
+    pub tokens_file: PathBuf,
+    /// Validity of an issued or renewed certificate (`7d`, `12h`, `30m`, at least `10s`);
+    /// agents renew at two thirds of it. Default `7d`.
+    #[serde(default = "default_cert_valid_for")]
+    pub cert_valid_for: String,
+}
+
+fn default_cert_valid_for() -> String {
+    "7d".to_owned()
+}
+
+/// Shortest and longest `enrollment.cert_valid_for`.
+const MIN_ENROLLED_VALIDITY: Duration = Duration::from_secs(10);
+const MAX_ENROLLED_VALIDITY: Duration = Duration::from_secs(366 * 86_400);
+
+impl EnrollmentConfig {
+    /// `cert_valid_for` parsed: `<n>d` days or a duration such as `12h`.
+    pub fn validity(&self) -> Result<Duration, String> {
+        let text = self.cert_valid_for.trim();
+        let duration = match text.strip_suffix('d') {
+            Some(days) => days
+                .parse::<u64>()
+                .ok()
+                .and_then(|d| d.checked_mul(86_400))
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("`{text}`: expected a whole number of days such as `7d`"))?,
+            None => tether_common::duration::parse_duration(text)
+                .map_err(|e| format!("{e}; days are written `7d`"))?,
+        };
+        if !(MIN_ENROLLED_VALIDITY..=MAX_ENROLLED_VALIDITY).contains(&duration) {
+            return Err(format!("`{text}` is outside 10s..366d"));
+        }
+        Ok(duration)
+    }
+
+    fn validate(&self, identity: IdentityMode, errors: &mut ConfigErrors) {
+        let mut readable = true;
+        for (key, path) in [
+            ("enrollment.issuer_cert", &self.issuer_cert),
+            ("enrollment.issuer_key", &self.issuer_key),
+        ] {
+            if let Err(message) = check_readable(path) {
+                errors.push(key, message);
+                readable = false;
+            }
+        }
+        if readable {
+            let load = std::fs::read_to_string(&self.issuer_cert)
+                .and_then(|cert| std::fs::read_to_string(&self.issuer_key).map(|key| (cert, key)));
+            match load {
+                Err(err) => errors.push("enrollment.issuer_key", err.to_string()),
+                Ok((cert, key)) => {
+                    if let Err(err) = tether_common::pki::Ca::from_pem(&cert, &key) {
+                        errors.push(
+                            "enrollment.issuer_cert",
+                            format!(
+                                "{} with {}: {err}",
+                                self.issuer_cert.display(),
+                                self.issuer_key.display()
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if self.tokens_file.as_os_str().is_empty() {
+            errors.push("enrollment.tokens_file", "must be set");
+        } else if self.tokens_file.is_dir() {
+            errors.push(
+                "enrollment.tokens_file",
+                format!("{} is a directory", self.tokens_file.display()),
+            );
+        } else if let Some(parent) = self.tokens_file.parent()
+            && !parent.as_os_str().is_empty()
+            && !parent.is_dir()
+        {
+            errors.push(
+                "enrollment.tokens_file",
+                format!("the directory {} does not exist", parent.display()),
+            );
+        }
+        if let Err(message) = self.validity() {
+            errors.push("enrollment.cert_valid_for", message);
+        }
+        if identity != IdentityMode::UriSan {
+            errors.push(
+                "enrollment",
+                "enrolled certificates carry the identity tether://agent/<id>; set `identity: \
+                 uri_san`",
+            );
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -106,6 +214,7 @@ impl Default for ServerConfig {
             frontends: FrontendsConfig::default(),
             log: String::new(),
             audit_log: AuditLogConfig::default(),
+            enrollment: None,
         }
     }
 }
@@ -465,6 +574,11 @@ impl ServerConfig {
         if !self.audit_log.path.as_os_str().is_empty() {
             resolve(&mut self.audit_log.path);
         }
+        if let Some(enrollment) = &mut self.enrollment {
+            resolve(&mut enrollment.issuer_cert);
+            resolve(&mut enrollment.issuer_key);
+            resolve(&mut enrollment.tokens_file);
+        }
     }
 
     /// Checks everything that parsing cannot; collects every problem with its key path.
@@ -518,6 +632,9 @@ impl ServerConfig {
         self.remotedialer.validate(&mut errors);
         self.frontends.validate(&mut errors);
         self.audit_log.validate(&mut errors);
+        if let Some(enrollment) = &self.enrollment {
+            enrollment.validate(self.identity, &mut errors);
+        }
         errors.into_result(())
     }
 
@@ -596,10 +713,14 @@ impl ServerConfig {
         parse_socket_addr(&self.admin_listen).map_err(|m| FieldError::new("admin_listen", m))
     }
 
-    /// Whether the tunnel listener's handshake demands a client certificate
-    /// (`remotedialer.allow_without_client_cert`).
+    /// Whether the tunnel listener's handshake demands a client certificate: not with
+    /// `remotedialer.allow_without_client_cert`, nor with `enrollment` (an enrolling agent has
+    /// none yet). The routes then decide: only the enrollment route (and the token-only
+    /// remotedialer route) serve a client without one.
     pub fn client_cert_policy(&self) -> ClientCertPolicy {
-        if self.remotedialer.enabled && self.remotedialer.allow_without_client_cert {
+        if (self.remotedialer.enabled && self.remotedialer.allow_without_client_cert)
+            || self.enrollment.is_some()
+        {
             ClientCertPolicy::Optional
         } else {
             ClientCertPolicy::Required
@@ -878,4 +999,61 @@ fn check_client_pattern(pattern: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod enrollment_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn enrollment_keys_are_checked_with_their_key_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        tether_common::pki::init_dir(d, &["localhost".into()], &[]).unwrap();
+        let parse = |enrollment: &str| {
+            ServerConfig::parse(
+                &format!(
+                    "tls: {{cert: server.pem, key: server-key.pem, client_ca: ca.pem}}\n{enrollment}"
+                ),
+                "server.yaml",
+                d,
+            )
+        };
+        let ok = parse(
+            "enrollment: {issuer_cert: ca.pem, issuer_key: ca-key.pem, tokens_file: tokens}\n",
+        )
+        .unwrap();
+        let section = ok.enrollment.as_ref().unwrap();
+        assert_eq!(section.validity().unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(section.tokens_file, d.join("tokens"));
+        assert_eq!(ok.client_cert_policy(), ClientCertPolicy::Optional);
+
+        let err = parse(
+            "identity: dns_san\nenrollment: {issuer_cert: server.pem, issuer_key: server-key.pem, \
+             tokens_file: missing/tokens, cert_valid_for: 5s}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "enrollment.issuer_cert",
+            "not a CA",
+            "enrollment.tokens_file",
+            "does not exist",
+            "enrollment.cert_valid_for",
+            "outside 10s..366d",
+            "identity: uri_san",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        let err =
+            parse("enrollment: {issuer_cert: nope.pem, issuer_key: ca-key.pem, tokens_file: t}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("enrollment.issuer_cert") && err.contains("nope.pem"),
+            "{err}"
+        );
+    }
 }

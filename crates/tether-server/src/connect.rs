@@ -80,6 +80,8 @@ pub(crate) struct ConnectState {
     pub(crate) remotedialer: Option<(String, crate::remotedialer_connect::RdAuth)>,
     /// Where refused attempts are remembered per client id.
     pub(crate) history: Arc<crate::client_history::ClientHistory>,
+    /// The enrollment and renewal routes; `None` without an `enrollment:` section.
+    pub(crate) enrollment: Option<Arc<crate::enrollment::Enrollment>>,
 }
 
 /// Per-connection facts the connection task puts into every request's extensions.
@@ -114,11 +116,17 @@ pub(crate) struct UpgradedAgent {
     pub(crate) protocol: crate::registry::Protocol,
 }
 
-/// The tunnel listener's router: `GET /v1/connect`, 404 for everything else.
+/// The tunnel listener's router: `GET /v1/connect`, the remotedialer route, the enrollment
+/// routes when configured, 404 for everything else.
 pub(crate) fn router(state: Arc<ConnectState>) -> Router {
     let mut router = Router::new().route(CONNECT_PATH, get(connect));
     if let Some((path, _)) = &state.remotedialer {
         router = router.route(path, get(crate::remotedialer_connect::connect));
+    }
+    // The only routes a client without a certificate gets an answer from (besides a
+    // token-only remotedialer route); every other route refuses it.
+    if let Some(enrollment) = &state.enrollment {
+        router = router.merge(crate::enrollment::routes(enrollment.clone()));
     }
     router
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })

@@ -17,6 +17,8 @@ pub mod audit;
 pub mod client_history;
 pub mod config;
 mod connect;
+pub mod enroll_tokens;
+pub mod enrollment;
 mod forward;
 mod frontend;
 pub mod health;
@@ -37,8 +39,8 @@ mod ws_transport;
 pub use admin::ClientsResponse;
 pub use audit::AuditLog;
 pub use config::{
-    AuditLogConfig, AuditOutput, ConsumerConfig, ForwardConfig, FrontendsConfig, HealthConfig,
-    MetricsConfig, RemotedialerConfig, ServerConfig, TlsConfig, TokenHash,
+    AuditLogConfig, AuditOutput, ConsumerConfig, EnrollmentConfig, ForwardConfig, FrontendsConfig,
+    HealthConfig, MetricsConfig, RemotedialerConfig, ServerConfig, TlsConfig, TokenHash,
 };
 pub use frontend::{FRONTEND_LABELS, FrontendControl, FrontendReload, REFUSAL_REASONS};
 pub use health::HealthChecker;

@@ -534,6 +534,8 @@ fn restore_key(config: &mut ServerConfig, running: &ServerConfig, path: &str) {
         "metrics" => config.metrics = running.metrics.clone(),
         "remotedialer" => config.remotedialer = running.remotedialer.clone(),
         "audit_log" => config.audit_log = running.audit_log.clone(),
+        // Also keeps the handshake's client-certificate policy, which follows it.
+        "enrollment" => config.enrollment = running.enrollment.clone(),
         _ => {}
     }
 }

@@ -80,6 +80,9 @@ pub enum ServerError {
     /// The audit log could not start.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    /// Enrollment could not start (its issuer files).
+    #[error(transparent)]
+    Enrollment(#[from] crate::enrollment::EnrollmentError),
     /// `Listeners::forwards` does not match `ServerConfig::forwards`.
     #[error("{got} forward listeners were given for {expected} configured forwards")]
     ForwardListeners {
@@ -177,6 +180,8 @@ pub struct Server {
     server_id: String,
     frontends: FrontendControl,
     audit: AuditLog,
+    /// The enrollment routes (`enrollment:`).
+    enrollment: Option<Arc<crate::enrollment::Enrollment>>,
     /// systemd notifications: READY once every listener serves, STOPPING when the drain starts.
     #[cfg(unix)]
     notifier: tether_common::sd_notify::Notifier,
@@ -276,7 +281,17 @@ impl Server {
             allowed.clone(),
         );
         reloader.install_tls(tls.clone());
+        let enrollment = match &config.enrollment {
+            None => None,
+            Some(section) => Some(Arc::new(crate::enrollment::Enrollment::new(
+                section,
+                config.tls.client_ca.clone(),
+                allowed.clone(),
+                crate::enrollment::EnrollmentMetrics::register(registry)?,
+            )?)),
+        };
         Ok(Server {
+            enrollment,
             frontends,
             audit,
             config,
@@ -414,6 +429,7 @@ impl Server {
             log: LogThrottle::new(LOG_WINDOW),
             remotedialer,
             history: self.registry.history().clone(),
+            enrollment: self.enrollment.clone(),
         });
         let tunnel = Arc::new(Tunnel {
             tls: self.tls.clone(),

@@ -24,11 +24,21 @@ pub(crate) fn options(valid_for: Option<String>) -> anyhow::Result<IssueOptions>
     }
 }
 
-pub(crate) fn renew(dir: &Path, cert: &Path, key: &Path, valid_for: &str) -> anyhow::Result<()> {
+pub(crate) fn renew(
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+    valid_for: &str,
+    keep_key: bool,
+) -> anyhow::Result<()> {
     let validity =
         pki_ops::parse_validity(valid_for).map_err(|e| anyhow::anyhow!("--valid-for: {e}"))?;
-    let report = pki_ops::renew(dir, cert, key, validity)?;
-    println!("renewed {} (new key in {}):", cert.display(), key.display());
+    let report = pki_ops::renew(dir, cert, key, validity, keep_key)?;
+    if keep_key {
+        println!("renewed {} (key {} kept):", cert.display(), key.display());
+    } else {
+        println!("renewed {} (new key in {}):", cert.display(), key.display());
+    }
     print_info(&report.info);
     Ok(())
 }
@@ -94,6 +104,7 @@ fn print_info(info: &CertInfo) {
         }
     }
     println!("  ca:         {}", info.is_ca);
+    println!("  sha256:     {}", info.sha256);
     println!("  not before: {}", not_before);
     println!("  not after:  {}", not_after);
     let left = info.remaining_secs();

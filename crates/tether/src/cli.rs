@@ -205,14 +205,23 @@ pub(crate) enum CertsCommand {
         #[arg(long, value_name = "DURATION")]
         valid_for: Option<String>,
     },
-    /// Issue an agent certificate (URI SAN `tether://agent/<ID>`) with the CA in a directory.
+    /// Issue an agent certificate (URI SAN `tether://agent/<ID>`) with the CA in a directory,
+    /// or with `--server-peer ID` a replica's peer certificate (URI SAN `tether://server/<ID>`).
     Issue {
         /// Directory holding `ca.pem` and `ca-key.pem`.
         #[arg(long)]
         dir: PathBuf,
         /// The agent id (letters, digits, `.`, `_`, `-`).
-        #[arg(long)]
-        agent: String,
+        #[arg(
+            long,
+            required_unless_present = "server_peer",
+            conflicts_with = "server_peer"
+        )]
+        agent: Option<String>,
+        /// A server replica's id: writes `server-peer-<ID>.pem` and its key, for the
+        /// replica-to-replica peer session (never accepted as an agent).
+        #[arg(long, value_name = "ID")]
+        server_peer: Option<String>,
         /// Validity of the certificate (`90d`, `12h`); one year when omitted.
         #[arg(long, value_name = "DURATION")]
         valid_for: Option<String>,
@@ -233,6 +242,32 @@ pub(crate) enum CertsCommand {
         /// Validity of the new certificate (`90d`, `12h`).
         #[arg(long, value_name = "DURATION", default_value = "365d")]
         valid_for: String,
+        /// Keep the existing key (it must be the certificate's): only the certificate file is
+        /// replaced.
+        #[arg(long)]
+        keep_key: bool,
+    },
+    /// Print a one-time join token for an agent's enrollment: the server stores only its
+    /// hash (in `enrollment.tokens_file`); the agent presents it once, with `enroll:` in its
+    /// config, and receives a certificate for the id named here.
+    Token {
+        /// The agent id the enrolled certificate will carry (whatever the agent asks for).
+        #[arg(long)]
+        agent: String,
+        /// How long the token can be redeemed (`1h`, `30m`, `2d`).
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        valid_for: String,
+        /// The server config whose `enrollment.tokens_file` takes the token (also prints the
+        /// `ca_sha256` pin of its `tls.client_ca`).
+        #[arg(
+            long,
+            required_unless_present = "tokens_file",
+            conflicts_with = "tokens_file"
+        )]
+        config: Option<PathBuf>,
+        /// The token store file itself (instead of `--config`).
+        #[arg(long)]
+        tokens_file: Option<PathBuf>,
     },
     /// Show a certificate file: identity, names, issuer, validity; with `--config`, whether it
     /// fits that server or agent config.
@@ -246,10 +281,20 @@ pub(crate) enum CertsCommand {
     /// Revoke certificates: add them to the CA's CRL file (created if missing; existing
     /// entries kept). A server listing the file in `tls.crls` reloads it and closes the
     /// revoked agents' sessions. Without `--cert`, only re-sign the CRL (or create it empty).
+    ///
+    /// With `--agent ID --config server.yaml`: every certificate the server's enrollment issued
+    /// to that agent (from its issuance log), signed by `enrollment.issuer_cert`, into the
+    /// server's first `tls.crls` file (or `--crl`).
     Revoke {
         /// Directory holding `ca.pem` and `ca-key.pem`.
+        #[arg(long, required_unless_present = "agent")]
+        dir: Option<PathBuf>,
+        /// An enrolled agent's id: revoke every certificate enrollment issued to it.
+        #[arg(long, requires = "config", conflicts_with_all = ["dir", "cert"])]
+        agent: Option<String>,
+        /// The server config (with `enrollment:`) for `--agent`.
         #[arg(long)]
-        dir: PathBuf,
+        config: Option<PathBuf>,
         /// The certificate(s) to revoke (PEM).
         #[arg(long)]
         cert: Option<PathBuf>,

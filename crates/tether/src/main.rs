@@ -2,6 +2,7 @@
 
 mod certs_cmd;
 mod certs_lifecycle;
+mod certs_token;
 mod cli;
 mod config_load;
 mod config_reload;
@@ -158,6 +159,11 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
                 "" => None,
                 addr => Some(bind(addr, "admin_listen").await?),
             };
+            // An agent with `enroll:` and no certificate yet gets one first (the key is made
+            // here); a refused token or a wrong CA pin ends the process with the reason.
+            if let Some(enrolled) = tether_agent::enroll::enroll_if_needed(&config).await? {
+                tracing::info!(agent.id = %enrolled.agent_id, "enrollment done; connecting");
+            }
             let agent = tether_agent::Agent::new(config, &registry)?;
             let systemd = systemd::start();
             let agent = agent.with_notifier(systemd.notifier.clone());
@@ -205,20 +211,50 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             CertsCommand::Issue {
                 dir,
                 agent,
+                server_peer,
                 valid_for,
-            } => certs_cmd::issue(&dir, &agent, &certs_lifecycle::options(valid_for)?),
+            } => {
+                let opts = certs_lifecycle::options(valid_for)?;
+                match (agent, server_peer) {
+                    (_, Some(id)) => certs_token::issue_server_peer(&dir, &id, &opts),
+                    (Some(agent), None) => certs_cmd::issue(&dir, &agent, &opts),
+                    (None, None) => anyhow::bail!("give --agent ID or --server-peer ID"),
+                }
+            }
             CertsCommand::Renew {
                 dir,
                 cert,
                 key,
                 valid_for,
-            } => certs_lifecycle::renew(&dir, &cert, &key, &valid_for),
+                keep_key,
+            } => certs_lifecycle::renew(&dir, &cert, &key, &valid_for, keep_key),
+            CertsCommand::Token {
+                agent,
+                valid_for,
+                config,
+                tokens_file,
+            } => certs_token::token(
+                &agent,
+                &valid_for,
+                config.as_deref(),
+                tokens_file.as_deref(),
+            ),
             CertsCommand::Inspect { file, config } => {
                 certs_lifecycle::inspect(&file, config.as_deref())
             }
-            CertsCommand::Revoke { dir, cert, crl } => {
-                certs_lifecycle::revoke(&dir, cert.as_deref(), crl.as_deref())
-            }
+            CertsCommand::Revoke {
+                dir,
+                agent,
+                config,
+                cert,
+                crl,
+            } => match (dir, agent, config) {
+                (_, Some(agent), Some(config)) => {
+                    certs_token::revoke_agent(&agent, &config, crl.as_deref())
+                }
+                (Some(dir), _, _) => certs_lifecycle::revoke(&dir, cert.as_deref(), crl.as_deref()),
+                _ => anyhow::bail!("give --dir DIR, or --agent ID with --config SERVER.YAML"),
+            },
         },
         Command::CheckConfig { kind, path } => {
             let kind = config_load::check(kind, &path)?;
