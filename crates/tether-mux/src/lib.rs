@@ -8,22 +8,26 @@
 //! [`Frame`]: tether_proto::Frame
 
 mod config;
-pub mod direct;
+mod core;
+mod driver;
 mod error;
 mod incoming;
+mod io;
 mod metrics;
-pub mod pipe;
 pub mod remotedialer;
 mod session;
-mod state;
+mod shared;
 mod stream;
 pub mod transport;
 mod writer;
 
+pub use io::{direct, pipe};
+
 pub use config::{MIN_DECODE_DATA, MuxConfig, Role};
+pub use driver::SessionDriver;
 pub use error::{OpenError, SessionEnd};
 pub use incoming::{Incoming, PendingOpen};
 pub use metrics::{CloseReason, MuxMetrics};
-pub use session::{Session, SessionDriver, SessionStats};
+pub use session::{Session, SessionStats};
 pub use stream::MuxStream;
 pub use transport::{FrameTransport, TransportError};
