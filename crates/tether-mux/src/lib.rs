@@ -31,3 +31,14 @@ pub use metrics::{CloseReason, MuxMetrics};
 pub use session::{Session, SessionStats};
 pub use stream::MuxStream;
 pub use transport::{FrameTransport, TransportError};
+
+/// The core's action harness for the fuzz target (`crates/tether-mux/fuzz`); not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes `bytes` as actions on two cores and runs them; panics when an invariant breaks.
+    pub fn run(bytes: &[u8]) {
+        use crate::core::harness::{Action, run_actions};
+        run_actions(&Action::decode(bytes));
+    }
+}

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use tether_proto::{Frame, GoAwayCode, OpenErrorCode, ProtoError, StreamId};
 
-use super::control::Control;
 use super::event::{Applied, Event};
 use super::stream::StreamFailure;
 use super::streams::Streams;
@@ -236,6 +235,35 @@ impl Conn {
     /// The control frames still queued, for the writer's last flush.
     pub(crate) fn drain_control(&mut self) -> Vec<Frame> {
         self.control.drain(..).collect()
+    }
+}
+
+/// Control state: pings in flight, timers, GOAWAY both ways.
+pub(super) struct Control {
+    /// Our pings in flight: nonce and when it was sent.
+    pub(super) pings: VecDeque<(u64, Time)>,
+    pub(super) next_nonce: u64,
+    pub(super) rtt: Option<Duration>,
+    pub(super) local_goaway: bool,
+    pub(super) peer_goaway: Option<(GoAwayCode, String)>,
+    /// When the last frame (well-formed or not) arrived.
+    pub(super) last_rx: Time,
+    pub(super) last_ping: Time,
+    pub(super) last_sync: Time,
+}
+
+impl Control {
+    pub(super) fn new(now: Time) -> Self {
+        Self {
+            pings: VecDeque::new(),
+            next_nonce: 1,
+            rtt: None,
+            local_goaway: false,
+            peer_goaway: None,
+            last_rx: now,
+            last_ping: now,
+            last_sync: now,
+        }
     }
 }
 

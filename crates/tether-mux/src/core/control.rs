@@ -1,9 +1,7 @@
 //! Session-level control: PING and PONG (round-trip time), the keepalive and idle timers,
 //! SYNC (reaping streams the peer no longer knows), and GOAWAY.
 
-use std::collections::VecDeque;
 use std::io;
-use std::time::Duration;
 
 use tether_proto::{Frame, GoAwayCode, StreamId};
 
@@ -16,35 +14,6 @@ use crate::metrics::CloseReason;
 
 /// Most unanswered pings remembered for RTT measurement.
 const MAX_PENDING_PINGS: usize = 16;
-
-/// Control state: pings in flight, timers, GOAWAY both ways.
-pub(super) struct Control {
-    /// Our pings in flight: nonce and when it was sent.
-    pings: VecDeque<(u64, Time)>,
-    next_nonce: u64,
-    pub(super) rtt: Option<Duration>,
-    pub(super) local_goaway: bool,
-    pub(super) peer_goaway: Option<(GoAwayCode, String)>,
-    /// When the last frame (well-formed or not) arrived.
-    pub(super) last_rx: Time,
-    last_ping: Time,
-    last_sync: Time,
-}
-
-impl Control {
-    pub(super) fn new(now: Time) -> Self {
-        Self {
-            pings: VecDeque::new(),
-            next_nonce: 1,
-            rtt: None,
-            local_goaway: false,
-            peer_goaway: None,
-            last_rx: now,
-            last_ping: now,
-            last_sync: now,
-        }
-    }
-}
 
 impl Conn {
     /// Sends a PING; its outcome comes as [`Event::Pong`] with the returned nonce.

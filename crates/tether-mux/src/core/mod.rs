@@ -3,9 +3,11 @@
 //! [`Event`]s. No runtime, wakers, sockets or clock here: time comes in as a [`Time`] argument.
 //! The async shell (`crate::shared`) holds the lock, the wakers and the sockets.
 
+mod buffer;
 mod conn;
 mod control;
 mod event;
+mod lifecycle;
 mod recv;
 mod send;
 mod stream;
@@ -17,7 +19,7 @@ pub(crate) mod harness;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use buffer::{ReadTarget, RecvBuf};
 pub(crate) use conn::Conn;
 pub(crate) use event::{Applied, Event};
-pub(crate) use recv::{ReadTarget, RecvBuf};
 pub(crate) use time::Time;

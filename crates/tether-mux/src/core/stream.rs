@@ -6,8 +6,8 @@ use std::io;
 
 use tether_proto::{Frame, OpenErrorCode, ResetCode, StreamId};
 
+use super::buffer::RecvBuf;
 use super::event::Event;
-use super::recv::RecvBuf;
 use crate::config::MuxConfig;
 use crate::error::OpenError;
 use crate::metrics::CloseReason;
