@@ -519,7 +519,12 @@ impl Harness {
             }
             Frame::Data { stream, .. } | Frame::Fin { stream } => assert!(
                 !side.rst_sent.contains(stream),
-                "side {i} sent {frame:?} after RST for stream {stream}"
+                "side {i} sent {} after RST for stream {stream}",
+                if matches!(frame, Frame::Fin { .. }) {
+                    "FIN"
+                } else {
+                    "DATA"
+                }
             ),
             _ => {}
         }
