@@ -11,9 +11,11 @@ use crate::error::OpenError;
 /// Something the shell must tell a waiting party.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// Bytes, FIN or a failure arrived for the stream's reader.
+    /// Bytes, FIN or a failure arrived for the stream's reader, which waits (its last read
+    /// was `Pending`).
     Readable(StreamId),
-    /// Credit or a failure arrived for the stream's writer.
+    /// Credit or a failure arrived for the stream's writer, which waits (its last credit
+    /// check was `Pending`).
     Writable(StreamId),
     /// An OPEN of ours was answered, refused, reset or abandoned (reported once per stream).
     Opened(StreamId, Result<(), OpenError>),

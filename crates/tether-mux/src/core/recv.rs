@@ -9,7 +9,7 @@ use tether_proto::{Frame, ResetCode, StreamId};
 
 use super::buffer::RecvBuf;
 use super::conn::Conn;
-use super::event::{Applied, Event};
+use super::event::Applied;
 use super::stream::{Answer, StreamFailure, session_closed};
 
 impl Conn {
@@ -55,7 +55,7 @@ impl Conn {
             return Applied::Deliver { stream, payload };
         }
         slot.recv_buf.push(payload);
-        self.events.push_back(Event::Readable(stream));
+        slot.wake_reader(stream, &mut self.events);
         Applied::Done
     }
 
@@ -68,7 +68,7 @@ impl Conn {
                     self.reset_for_violation(stream, ResetCode::Protocol, "FIN twice");
                 } else {
                     slot.recv_fin = true;
-                    self.events.push_back(Event::Readable(stream));
+                    slot.wake_reader(stream, &mut self.events);
                 }
             }
             Some(_) => {}
@@ -106,6 +106,7 @@ impl Conn {
             } else if let Some(failure) = &slot.failure {
                 Poll::Ready(Err(failure.to_io()))
             } else {
+                slot.read_waiting = true;
                 Poll::Pending
             };
         }
@@ -158,7 +159,7 @@ impl Conn {
         let window = slot.consumed(id, written, &self.config);
         if !rest.is_empty() {
             slot.recv_buf.push(rest);
-            self.events.push_back(Event::Readable(id));
+            slot.wake_reader(id, &mut self.events);
         }
         if let Some(window) = window {
             self.push_control(window);

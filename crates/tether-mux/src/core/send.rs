@@ -8,7 +8,6 @@ use std::task::Poll;
 use tether_proto::{Frame, ResetCode, StreamId};
 
 use super::conn::Conn;
-use super::event::Event;
 use super::stream::session_closed;
 
 impl Conn {
@@ -22,7 +21,7 @@ impl Conn {
             self.protocol_error("window_overflow");
             self.reset_for_violation(stream, ResetCode::FlowControl, "window overflow");
         } else {
-            self.events.push_back(Event::Writable(stream));
+            slot.wake_writer(stream, &mut self.events);
         }
     }
 
@@ -49,6 +48,7 @@ impl Conn {
             )));
         }
         if slot.send_credit == 0 {
+            slot.write_waiting = true;
             return Poll::Pending;
         }
         let n = want

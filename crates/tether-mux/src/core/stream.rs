@@ -101,6 +101,10 @@ pub(crate) struct Stream {
     pub(super) direct_writing: bool,
     /// Bytes the reader wrote into the attached socket.
     pub(super) direct_bytes: u64,
+    /// A read found nothing and waits: the next bytes, FIN or failure wake it (once).
+    pub(super) read_waiting: bool,
+    /// A write found no credit and waits: the next credit or failure wakes it (once).
+    pub(super) write_waiting: bool,
 }
 
 impl Stream {
@@ -121,6 +125,22 @@ impl Stream {
             pump_holds: false,
             direct_writing: false,
             direct_bytes: 0,
+            read_waiting: false,
+            write_waiting: false,
+        }
+    }
+
+    /// Wakes a waiting reader.
+    pub(super) fn wake_reader(&mut self, id: StreamId, events: &mut VecDeque<Event>) {
+        if std::mem::take(&mut self.read_waiting) {
+            events.push_back(Event::Readable(id));
+        }
+    }
+
+    /// Wakes a waiting writer.
+    pub(super) fn wake_writer(&mut self, id: StreamId, events: &mut VecDeque<Event>) {
+        if std::mem::take(&mut self.write_waiting) {
+            events.push_back(Event::Writable(id));
         }
     }
 
@@ -178,8 +198,8 @@ impl Stream {
             self.failure = Some(failure);
         }
         // Buffered bytes are kept so that data received before the failure can still be read.
-        events.push_back(Event::Readable(id));
-        events.push_back(Event::Writable(id));
+        self.wake_reader(id, events);
+        self.wake_writer(id, events);
         self.answer_open(id, Err(OpenError::Reset), events);
     }
 

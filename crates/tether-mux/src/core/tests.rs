@@ -491,6 +491,8 @@ fn the_session_end_fails_every_stream_and_pending_open() {
     let id = open_pair(&mut h);
     h.step(&Action::Open(0));
     let opening = h.sides[0].opening[0];
+    // The stream's reader waits (nothing received yet); only a waiting reader is woken.
+    assert!(h.sides[0].conn.consume(id, |b| ((), b.len()), false).is_pending());
     h.sides[0].conn.end_session(SessionEnd::PeerClosed);
     let evs = events(&mut h.sides[0].conn);
     assert!(evs.iter().any(|e| matches!(
