@@ -192,22 +192,32 @@ impl Shared {
     /// Changes the core under the lock, then (lock released) wakes every party its events name
     /// and, if control frames were queued, gets them on their way.
     pub(crate) fn act<R>(&self, change: impl FnOnce(&mut Conn, &mut Waiters) -> R) -> R {
+        let (result, queued) = self.change(|conn, waiters| {
+            let before = conn.control_pushed();
+            let result = change(conn, waiters);
+            (result, conn.control_pushed() != before)
+        });
+        if queued {
+            self.kick_writer();
+        }
+        result
+    }
+
+    /// The lock, the change and the wake-ups of [`Self::act`], without the writer's kick (for
+    /// the writer itself).
+    fn change<R>(&self, change: impl FnOnce(&mut Conn, &mut Waiters) -> R) -> R {
         let mut wake = Vec::new();
-        let (result, queued) = {
+        let result = {
             let mut guard = self.lock();
             let Locked { conn, waiters } = &mut *guard;
-            let before = conn.control_pushed();
             let result = change(conn, waiters);
             while let Some(event) = conn.poll_event() {
                 waiters.dispatch(event, &mut wake);
             }
-            (result, conn.control_pushed() != before)
+            result
         };
         for waker in wake {
             waker.wake();
-        }
-        if queued {
-            self.kick_writer();
         }
         result
     }
@@ -265,31 +275,20 @@ impl FrameSource for Shared {
         control: &mut VecDeque<Frame>,
         data_rx: &mut mpsc::Receiver<Frame>,
     ) -> Next {
-        let mut guard = self.lock();
-        let conn = &mut guard.conn;
-        if conn.has_control() {
+        self.change(|conn, _| {
+            if conn.has_control() {
+                conn.transmit_into(control);
+                return Next::Again;
+            }
+            let Ok(frame) = data_rx.try_recv() else {
+                return Next::Nothing;
+            };
+            // Anything queued before this frame was produced (an OPEN_OK for its stream) is in
+            // the control queue by now, and goes out first; a RST queued behind it goes after
+            // it. Removing the stream on the way leaves an event: the shell forgets its waiters.
             conn.transmit_into(control);
-            return Next::Again;
-        }
-        let Ok(frame) = data_rx.try_recv() else {
-            return Next::Nothing;
-        };
-        // Anything queued before this frame was produced (an OPEN_OK for its stream) is in the
-        // control queue by now, and goes out first; a RST queued behind it goes after it.
-        conn.transmit_into(control);
-        let kept = conn.dequeued(frame);
-        // Removing the stream may have left events (nobody waits on a removed stream, but the
-        // shell's table forgets it here).
-        let Locked { conn, waiters } = &mut *guard;
-        let mut wake = Vec::new();
-        while let Some(event) = conn.poll_event() {
-            waiters.dispatch(event, &mut wake);
-        }
-        drop(guard);
-        for waker in wake {
-            waker.wake();
-        }
-        kept.map_or(Next::Again, Next::Data)
+            conn.dequeued(frame).map_or(Next::Again, Next::Data)
+        })
     }
 
     fn last_control(&self) -> Vec<Frame> {

@@ -492,7 +492,12 @@ fn the_session_end_fails_every_stream_and_pending_open() {
     h.step(&Action::Open(0));
     let opening = h.sides[0].opening[0];
     // The stream's reader waits (nothing received yet); only a waiting reader is woken.
-    assert!(h.sides[0].conn.consume(id, |b| ((), b.len()), false).is_pending());
+    assert!(
+        h.sides[0]
+            .conn
+            .consume(id, |b| ((), b.len()), false)
+            .is_pending()
+    );
     h.sides[0].conn.end_session(SessionEnd::PeerClosed);
     let evs = events(&mut h.sides[0].conn);
     assert!(evs.iter().any(|e| matches!(
@@ -546,4 +551,132 @@ proptest! {
     fn decoded_byte_actions_keep_the_invariants(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
         run_actions(&Action::decode(&bytes));
     }
+}
+
+// === more frame-level cases of the scripted session tests ===
+
+fn malformed(message: &[u8]) -> tether_proto::ProtoError {
+    let msg = Bytes::copy_from_slice(message);
+    tether_proto::codec::decode(&msg, &tether_proto::Limits::default()).unwrap_err()
+}
+
+#[test]
+fn malformed_frames_reset_their_stream_refuse_a_bad_open_or_end_the_session() {
+    let mut h = Harness::small();
+    let id = open_pair(&mut h);
+    let now = h.now;
+    let c = &mut h.sides[1].conn;
+    // A WINDOW for the open stream with trailing bytes: that stream is reset, the session
+    // goes on.
+    let err = malformed(&[5, id as u8, 10, 0xAA]);
+    assert_eq!(err.stream, Some(id));
+    c.handle_malformed(&err, now).unwrap();
+    assert!(matches!(
+        c.poll_transmit(),
+        Some(Frame::Rst { stream, code: ResetCode::Protocol, .. }) if stream == id
+    ));
+    // An OPEN whose target does not parse: refused as unsupported, its id counts as used.
+    let mut open = vec![1u8, 3, 0x80, 0x08, 100];
+    open.extend_from_slice(b"udp/\xff\x00:0");
+    c.handle_malformed(&malformed(&open), now).unwrap();
+    assert!(matches!(
+        c.poll_transmit(),
+        Some(Frame::OpenErr {
+            stream: 3,
+            code: OpenErrorCode::Unsupported,
+            ..
+        })
+    ));
+    assert!(c.handle_frame(open_frame(3, 1024), now).is_err());
+    // Nothing to attribute it to: the session ends.
+    let mut fresh = conn();
+    let result = fresh.handle_malformed(&malformed(&[]), now);
+    assert!(matches!(result, Err(SessionEnd::Protocol(_))), "{result:?}");
+}
+
+#[test]
+fn data_after_fin_resets_the_stream() {
+    let mut h = Harness::small();
+    let id = open_pair(&mut h);
+    h.step(&Action::Fin(0, 0));
+    h.step(&Action::Flush(0, 8));
+    h.step(&Action::Deliver(1, 8));
+    h.receive(1, data(id, b"late"));
+    assert!(matches!(
+        h.sides[1].conn.poll_transmit(),
+        Some(Frame::Rst {
+            code: ResetCode::Protocol,
+            ..
+        })
+    ));
+    let errors = &h.sides[1].metrics.protocol_errors;
+    assert_eq!(errors.with_label_values(&["data_after_fin"]).get(), 1);
+}
+
+#[test]
+fn reading_everything_grants_the_whole_window_back() {
+    let mut h = Harness::small();
+    let id = open_pair(&mut h);
+    for _ in 0..4 {
+        h.step(&Action::Write(0, 0, 1024));
+    }
+    h.step(&Action::Flush(0, 8));
+    h.step(&Action::Deliver(1, 8));
+    for _ in 0..4 {
+        h.step(&Action::Read(1, 0, 1024));
+    }
+    let granted: u32 = std::iter::from_fn(|| h.sides[1].conn.poll_transmit())
+        .map(|f| match f {
+            Frame::Window { stream, increment } if stream == id => increment,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(granted, h.config.window);
+}
+
+#[test]
+fn an_open_refused_by_the_peer_fails_and_is_released() {
+    let mut h = Harness::small();
+    h.step(&Action::Open(0));
+    let id = h.sides[0].opening[0];
+    h.step(&Action::Flush(0, 8));
+    h.step(&Action::Deliver(1, 8));
+    h.step(&Action::Refuse(1, 0));
+    h.step(&Action::Flush(1, 8));
+    // What the opener hears, before the harness (as the shell) abandons the failed open.
+    let now = h.now;
+    let err = Frame::OpenErr {
+        stream: id,
+        code: OpenErrorCode::Unreachable,
+        message: "refused".into(),
+    };
+    h.sides[0].conn.handle_frame(err, now).unwrap();
+    let evs = events(&mut h.sides[0].conn);
+    assert!(evs.iter().any(|e| matches!(
+        e,
+        Event::Opened(s, Err(OpenError::Refused { code: OpenErrorCode::Unreachable, .. })) if *s == id
+    )));
+    h.sides[0].opening.clear();
+    h.sides[0].conn.abandon_open(id);
+    assert_eq!(h.sides[0].conn.stream_count(), 0);
+    let refused = h.sides[0]
+        .metrics
+        .closed
+        .with_label_values(&["refused"])
+        .get();
+    assert_eq!(refused, 1);
+    h.wires[0].clear();
+    h.settle();
+}
+
+#[test]
+fn a_ping_in_flight_is_forgotten_when_the_session_ends() {
+    let mut c = conn();
+    let nonce = c.ping(Time::ZERO).unwrap();
+    c.end_session(SessionEnd::PeerClosed);
+    assert!(matches!(
+        events(&mut c)[..],
+        [Event::Pong { nonce: n, rtt: None }] if n == nonce
+    ));
+    assert!(matches!(c.ping(Time::ZERO), Err(OpenError::SessionClosed)));
 }
