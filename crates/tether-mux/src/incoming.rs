@@ -4,12 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_proto::{Frame, OpenErrorCode, StreamId, TargetAddr};
+use tether_proto::{OpenErrorCode, StreamId, TargetAddr};
 use tokio::sync::mpsc;
 
 use crate::error::OpenError;
-use crate::metrics::CloseReason;
-use crate::state::{Phase, Shared, StreamFailure, Wakers};
+use crate::shared::Shared;
 use crate::stream::MuxStream;
 
 /// The receiving end of the peer's OPENs.
@@ -78,30 +77,9 @@ impl PendingOpen {
     /// session ended.
     pub fn accept(mut self) -> Result<MuxStream, OpenError> {
         self.answered = true;
-        {
-            let mut state = self.shared.lock();
-            if state.end.is_some() {
-                drop(state);
-                self.release();
-                return Err(OpenError::SessionClosed);
-            }
-            let window = self.shared.config.window;
-            let Some(slot) = state.streams.get_mut(&self.id) else {
-                return Err(OpenError::SessionClosed);
-            };
-            if slot.failure.is_some() {
-                drop(state);
-                self.release();
-                return Err(OpenError::Reset);
-            }
-            slot.phase = Phase::Open;
-            state.push_control(Frame::OpenOk {
-                stream: self.id,
-                window,
-            });
-        }
-        self.shared.kick_writer();
-        Ok(MuxStream::new(self.shared.clone(), self.id))
+        let id = self.id;
+        self.shared.act(|conn, _| conn.accept(id))?;
+        Ok(MuxStream::new(self.shared.clone(), id))
     }
 
     /// Answers OPEN_ERR with `code` and `message`.
@@ -111,41 +89,8 @@ impl PendingOpen {
     }
 
     fn refuse(&mut self, code: OpenErrorCode, message: &str) {
-        let mut wakers = Wakers::default();
-        {
-            let mut state = self.shared.lock();
-            if let Some(slot) = state.streams.get_mut(&self.id) {
-                let already_failed = slot.failure.is_some();
-                slot.fail(
-                    StreamFailure {
-                        kind: std::io::ErrorKind::ConnectionRefused,
-                        message: message.to_owned(),
-                        reason: CloseReason::Refused,
-                    },
-                    &mut wakers,
-                );
-                slot.handle_dropped = true;
-                if !already_failed && state.end.is_none() {
-                    state.push_control(Frame::OpenErr {
-                        stream: self.id,
-                        code,
-                        message: message.to_owned(),
-                    });
-                }
-                state.maybe_remove(self.id, &self.shared.metrics);
-            }
-        }
-        wakers.wake_all();
-        self.shared.kick_writer();
-    }
-
-    /// Drops the slot without answering (the peer already reset it, or the session is gone).
-    fn release(&mut self) {
-        let mut state = self.shared.lock();
-        if let Some(slot) = state.streams.get_mut(&self.id) {
-            slot.handle_dropped = true;
-        }
-        state.maybe_remove(self.id, &self.shared.metrics);
+        let id = self.id;
+        self.shared.act(|conn, _| conn.refuse(id, code, message));
     }
 }
 

@@ -8,22 +8,37 @@
 //! [`Frame`]: tether_proto::Frame
 
 mod config;
-pub mod direct;
+mod core;
+mod driver;
 mod error;
 mod incoming;
+mod io;
 mod metrics;
-pub mod pipe;
 pub mod remotedialer;
 mod session;
-mod state;
+mod shared;
 mod stream;
 pub mod transport;
 mod writer;
 
+pub use io::{direct, pipe};
+
 pub use config::{MIN_DECODE_DATA, MuxConfig, Role};
+pub use driver::SessionDriver;
 pub use error::{OpenError, SessionEnd};
 pub use incoming::{Incoming, PendingOpen};
 pub use metrics::{CloseReason, MuxMetrics};
-pub use session::{Session, SessionDriver, SessionStats};
+pub use session::{Session, SessionStats};
 pub use stream::MuxStream;
 pub use transport::{FrameTransport, TransportError};
+
+/// The core's action harness for the fuzz target (`crates/tether-mux/fuzz`); not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes `bytes` as actions on two cores and runs them; panics when an invariant breaks.
+    pub fn run(bytes: &[u8]) {
+        use crate::core::harness::{Action, run_actions};
+        run_actions(&Action::decode(bytes));
+    }
+}

@@ -1,5 +1,5 @@
 //! `MuxStream`: one tunneled stream as `AsyncRead + AsyncWrite`, whose drop releases its state
-//! and tells the peer.
+//! and tells the peer. A thin caller of the core through [`Shared::act`].
 
 use std::io;
 use std::pin::Pin;
@@ -12,8 +12,9 @@ use tether_proto::{Frame, ResetCode, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::PollSender;
 
-use crate::direct::Sink;
-use crate::state::{Shared, StreamFailure, Wakers};
+use crate::core::{ReadTarget, RecvBuf};
+use crate::io::DeliverSink;
+use crate::shared::Shared;
 
 /// Detaches a stream's direct-delivery socket (see [`MuxStream::attach_sink`]).
 pub(crate) struct SinkHandle {
@@ -28,14 +29,10 @@ impl SinkHandle {
     /// the reader applies after its writes) completes into the socket, which stays open until
     /// then because the reader holds a reference to it.
     pub(crate) fn detach_sink(&self) -> u64 {
-        let mut state = self.shared.lock();
-        match state.streams.get_mut(&self.id) {
-            Some(slot) => {
-                slot.sink = None;
-                std::mem::take(&mut slot.direct_bytes)
-            }
-            None => 0,
-        }
+        self.shared.act(|conn, waiters| {
+            waiters.set_sink(self.id, None);
+            conn.detach_sink(self.id)
+        })
     }
 }
 
@@ -55,6 +52,19 @@ impl std::fmt::Debug for MuxStream {
     }
 }
 
+/// The application's read buffer as the core's copy target.
+struct ReadBufTarget<'a, 'b>(&'a mut ReadBuf<'b>);
+
+impl ReadTarget for ReadBufTarget<'_, '_> {
+    fn remaining(&self) -> usize {
+        self.0.remaining()
+    }
+
+    fn put_slice(&mut self, bytes: &[u8]) {
+        self.0.put_slice(bytes);
+    }
+}
+
 impl MuxStream {
     pub(crate) fn new(shared: Arc<Shared>, id: StreamId) -> Self {
         let sender = PollSender::new(shared.data_tx.clone());
@@ -68,100 +78,36 @@ impl MuxStream {
 
     /// Aborts both directions: the peer sees an error, never EOF.
     pub fn reset(&mut self, code: ResetCode, message: &str) {
-        let mut wakers = Wakers::default();
-        {
-            let mut state = self.shared.lock();
-            let Some(slot) = state.streams.get_mut(&self.id) else {
-                return;
-            };
-            if slot.failure.is_some() {
-                return;
-            }
-            slot.fail(
-                StreamFailure {
-                    kind: io::ErrorKind::ConnectionReset,
-                    message: format!("stream reset locally ({}): {message}", code.label()),
-                    reason: crate::CloseReason::Reset,
-                },
-                &mut wakers,
-            );
-            state.push_control(Frame::Rst {
-                stream: self.id,
-                code,
-                message: message.to_owned(),
-            });
-        }
-        wakers.wake_all();
-        self.shared.kick_writer();
+        self.shared
+            .act(|conn, _| conn.reset(self.id, code, message));
     }
 
     /// Bytes received for this stream and not yet read (at most the configured window).
     #[doc(hidden)]
     pub fn debug_buffered(&self) -> usize {
-        let state = self.shared.lock();
-        state
-            .streams
-            .get(&self.id)
-            .map_or(0, |slot| slot.recv_buf.len())
+        self.shared.read(|conn| conn.buffered(self.id))
     }
 
     fn closed_error(&self) -> io::Error {
         io::Error::new(io::ErrorKind::ConnectionAborted, "tunnel session closed")
     }
-}
 
-impl MuxStream {
-    /// Shared body of the reads: EOF, failure, or `take` applied to the buffered bytes (which
-    /// are not empty then), with the window credit granted back for what it took. `holds`:
-    /// the caller keeps what it took unwritten until its next read (the pump), so no direct
-    /// delivery may happen meanwhile.
+    /// Shared body of the reads (see [`crate::core::Conn::consume`]); registers the task's
+    /// waker when nothing is there yet.
     fn poll_consume<R>(
         &mut self,
         cx: &mut Context<'_>,
-        take: impl FnOnce(&mut crate::state::RecvBuf) -> (R, usize),
+        take: impl FnOnce(&mut RecvBuf) -> (R, usize),
         holds: bool,
     ) -> Poll<io::Result<Option<R>>> {
-        let mut notify_writer = false;
-        let result = {
-            let mut state = self.shared.lock();
-            let Some(slot) = state.streams.get_mut(&self.id) else {
-                return Poll::Ready(Err(self.closed_error()));
-            };
-            // Whatever the pump took before was written: the reader may deliver directly again.
-            slot.pump_holds = false;
-            if let Some(failure) = &slot.failure
-                && failure.kind == io::ErrorKind::ConnectionReset
-            {
-                // A reset discards what was buffered, as TCP does.
-                return Poll::Ready(Err(failure.to_io()));
+        let id = self.id;
+        self.shared.act(|conn, waiters| {
+            let result = conn.consume(id, take, holds);
+            if result.is_pending() {
+                waiters.wait_read(id, cx.waker());
             }
-            if slot.recv_buf.is_empty() {
-                if slot.recv_fin {
-                    // Every byte up to the peer's FIN was delivered; losing the session after
-                    // that does not make this direction incomplete.
-                    Poll::Ready(Ok(None))
-                } else if let Some(failure) = &slot.failure {
-                    Poll::Ready(Err(failure.to_io()))
-                } else {
-                    slot.read_waker = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            } else {
-                let (taken, copied) = take(&mut slot.recv_buf);
-                // The caller holds the bytes until it asks again: a direct write by the
-                // session's reader before then would overtake them.
-                slot.pump_holds = holds;
-                if let Some(window) = slot.consumed(self.id, copied, &self.shared.config) {
-                    state.push_control(window);
-                    notify_writer = true;
-                }
-                Poll::Ready(Ok(Some(taken)))
-            }
-        };
-        if notify_writer {
-            self.shared.kick_writer();
-        }
-        result
+            result
+        })
     }
 
     /// Reads up to `max` bytes as they were received, without copying them. `None` is the end
@@ -184,13 +130,16 @@ impl MuxStream {
 
     /// Lets the session's reader write this stream's received bytes into `sink` itself while
     /// nothing is buffered or held (see [`crate::direct`]). The handle detaches it.
-    pub(crate) fn attach_sink(&self, sink: Arc<Sink>) -> SinkHandle {
-        if let Some(slot) = self.shared.lock().streams.get_mut(&self.id) {
-            slot.sink = Some(sink);
-        }
+    pub(crate) fn attach_sink(&self, sink: Arc<dyn DeliverSink>) -> SinkHandle {
+        let id = self.id;
+        self.shared.act(|conn, waiters| {
+            if conn.attach_sink(id) {
+                waiters.set_sink(id, Some(sink));
+            }
+        });
         SinkHandle {
             shared: self.shared.clone(),
-            id: self.id,
+            id,
         }
     }
 
@@ -209,52 +158,38 @@ impl MuxStream {
         Poll::Ready(self.send_reserved(payload))
     }
 
+    /// Asks the core for credit; registers the task's waker when there is none.
+    fn poll_credit(
+        &self,
+        cx: &mut Context<'_>,
+        want: usize,
+        reserve: bool,
+    ) -> Poll<io::Result<usize>> {
+        let id = self.id;
+        self.shared.act(|conn, waiters| {
+            let result = conn.send_credit(id, want, reserve);
+            if result.is_pending() {
+                waiters.wait_write(id, cx.waker());
+            }
+            result
+        })
+    }
+
     /// Waits for send credit and a slot in the data queue; returns how many of `want` bytes
     /// may go in the next DATA frame. The caller must then call [`Self::send_reserved`].
     fn poll_reserve_send(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         // Check for credit first so that a stream without credit does not hold a queue slot.
-        {
-            let mut state = self.shared.lock();
-            let Some(slot) = state.streams.get_mut(&self.id) else {
-                return Poll::Ready(Err(self.closed_error()));
-            };
-            if let Some(failure) = &slot.failure {
-                return Poll::Ready(Err(failure.to_io()));
-            }
-            if slot.send_fin {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "write after shutdown",
-                )));
-            }
-            if slot.send_credit == 0 {
-                slot.write_waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-        }
+        ready!(self.poll_credit(cx, want, false))?;
         if ready!(self.sender.poll_reserve(cx)).is_err() {
             return Poll::Ready(Err(self.closed_error()));
         }
-        let mut state = self.shared.lock();
-        let Some(slot) = state.streams.get_mut(&self.id) else {
-            self.sender.abort_send();
-            return Poll::Ready(Err(self.closed_error()));
-        };
-        if let Some(failure) = &slot.failure {
-            self.sender.abort_send();
-            return Poll::Ready(Err(failure.to_io()));
+        match self.poll_credit(cx, want, true) {
+            Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
+            other => {
+                self.sender.abort_send();
+                other
+            }
         }
-        if slot.send_credit == 0 {
-            self.sender.abort_send();
-            slot.write_waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        let n = want
-            .min(slot.send_credit.min(usize::MAX as u64) as usize)
-            .min(self.shared.config.max_data as usize);
-        slot.send_credit -= n as u64;
-        slot.queued += 1;
-        Poll::Ready(Ok(n))
     }
 
     /// Queues `payload` (as long as [`Self::poll_reserve_send`] allowed) as a DATA frame.
@@ -282,7 +217,11 @@ impl AsyncRead for MuxStream {
     ) -> Poll<io::Result<()>> {
         // `None` (end of stream) leaves `buf` unfilled, which is how EOF reads.
         self.get_mut()
-            .poll_consume(cx, |recv| ((), recv.read_into(buf)), false)
+            .poll_consume(
+                cx,
+                |recv| ((), recv.read_into(&mut ReadBufTarget(buf))),
+                false,
+            )
             .map_ok(|_| ())
     }
 }
@@ -308,39 +247,18 @@ impl AsyncWrite for MuxStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        {
-            let state = this.shared.lock();
-            let Some(slot) = state.streams.get(&this.id) else {
-                return Poll::Ready(Err(this.closed_error()));
-            };
-            if let Some(failure) = &slot.failure {
-                return Poll::Ready(Err(failure.to_io()));
-            }
-            if slot.send_fin {
-                return Poll::Ready(Ok(()));
-            }
+        let id = this.id;
+        if this.shared.read(|conn| conn.fin_state(id))? {
+            return Poll::Ready(Ok(()));
         }
         if ready!(this.sender.poll_reserve(cx)).is_err() {
             return Poll::Ready(Err(this.closed_error()));
         }
-        {
-            let mut state = this.shared.lock();
-            let Some(slot) = state.streams.get_mut(&this.id) else {
-                this.sender.abort_send();
-                return Poll::Ready(Err(this.closed_error()));
-            };
-            if let Some(failure) = &slot.failure {
-                this.sender.abort_send();
-                return Poll::Ready(Err(failure.to_io()));
-            }
-            slot.send_fin = true;
-            slot.queued += 1;
+        if let Err(err) = this.shared.act(|conn, _| conn.reserve_fin(id)) {
+            this.sender.abort_send();
+            return Poll::Ready(Err(err));
         }
-        if this
-            .sender
-            .send_item(Frame::Fin { stream: this.id })
-            .is_err()
-        {
+        if this.sender.send_item(Frame::Fin { stream: id }).is_err() {
             return Poll::Ready(Err(this.closed_error()));
         }
         this.shared.kick_writer();
@@ -350,44 +268,7 @@ impl AsyncWrite for MuxStream {
 
 impl Drop for MuxStream {
     fn drop(&mut self) {
-        let mut wakers = Wakers::default();
-        {
-            let mut state = self.shared.lock();
-            let Some(slot) = state.streams.get_mut(&self.id) else {
-                return;
-            };
-            slot.handle_dropped = true;
-            let finished = slot.send_fin && slot.recv_fin;
-            if slot.failure.is_none() && !finished && state_allows_rst(&state) {
-                let Some(slot) = state.streams.get_mut(&self.id) else {
-                    return;
-                };
-                slot.fail(
-                    StreamFailure {
-                        kind: io::ErrorKind::ConnectionReset,
-                        message: "stream handle dropped".into(),
-                        reason: crate::CloseReason::Reset,
-                    },
-                    &mut wakers,
-                );
-                if slot.queued == 0 {
-                    state.push_control(Frame::Rst {
-                        stream: self.id,
-                        code: ResetCode::Cancelled,
-                        message: String::new(),
-                    });
-                } else {
-                    // Let the DATA (and FIN) already queued go first.
-                    slot.rst_after_drain = Some(ResetCode::Cancelled);
-                }
-            }
-            state.maybe_remove(self.id, &self.shared.metrics);
-        }
-        wakers.wake_all();
-        self.shared.kick_writer();
+        let id = self.id;
+        self.shared.act(|conn, _| conn.drop_handle(id));
     }
-}
-
-fn state_allows_rst(state: &crate::state::State) -> bool {
-    state.end.is_none()
 }

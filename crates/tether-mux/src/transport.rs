@@ -183,3 +183,11 @@ where
         inner: Framed::with_capacity(io, LenientCodec { limits }, 128 * 1024),
     }
 }
+
+/// Object-safe view of a transport so the session driver is not generic.
+pub(crate) trait FrameTransportObj:
+    Stream<Item = Result<Frame, TransportError>> + Sink<Frame, Error = TransportError> + Send + Unpin
+{
+}
+
+impl<T: FrameTransport> FrameTransportObj for T {}

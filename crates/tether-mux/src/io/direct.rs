@@ -17,8 +17,9 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
-use crate::MuxStream;
-use crate::pipe::{LocalRead, PipeEnd, PipeError, PipeTotals, pipe_until};
+use super::DeliverSink;
+use super::pipe::{LocalRead, PipeEnd, PipeError, PipeTotals, pipe_until};
+use crate::stream::{MuxStream, SinkHandle};
 
 /// The socket shared by a stream's pump and the session's reader.
 #[derive(Debug)]
@@ -41,11 +42,10 @@ impl Sink {
     fn error(&self) -> MutexGuard<'_, Option<io::Error>> {
         self.error.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
 
-    /// One non-blocking write of a prefix of `data` for the session's reader; returns how many
-    /// bytes were written. A full socket writes nothing; an error writes nothing and is kept
-    /// for the pump.
-    pub(crate) fn try_deliver(&self, data: &[u8]) -> usize {
+impl DeliverSink for Sink {
+    fn try_deliver(&self, data: &[u8]) -> usize {
         let mut error = self.error();
         if error.is_some() {
             return 0;
@@ -172,7 +172,7 @@ impl AsyncWrite for DirectTcp {
     }
 }
 
-/// [`pipe`](crate::pipe::pipe) with direct delivery: while it runs, the session's reader may write `stream`'s
+/// [`pipe`](super::pipe::pipe) with direct delivery: while it runs, the session's reader may write `stream`'s
 /// received bytes straight into `local`. `to_local` counts both kinds of delivery.
 pub async fn pipe_direct(
     stream: &mut MuxStream,
@@ -201,7 +201,7 @@ where
 /// Detaches the socket from the stream when the pipe ends or is dropped, so that the reader
 /// never writes into a socket whose pump has gone.
 struct Attached {
-    stream: crate::stream::SinkHandle,
+    stream: SinkHandle,
 }
 
 impl Drop for Attached {

@@ -11,7 +11,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::MuxStream;
+use crate::stream::MuxStream;
 
 /// Largest buffer per direction: one large DATA frame.
 pub const PIPE_BUFFER: usize = 64 * 1024;
@@ -107,7 +107,7 @@ pub struct PipeTotals {
     /// From the tunnel to the local socket.
     pub to_local: u64,
     /// Of `to_local`, the bytes the session's reader wrote into the socket itself
-    /// ([`crate::direct`]).
+    /// ([`super::direct`]).
     pub to_local_direct: u64,
 }
 
