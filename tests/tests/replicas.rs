@@ -12,25 +12,13 @@ use std::time::Duration;
 
 use tether_e2e::process::ServerProcess;
 use tether_e2e::tether_testkit::{TestPki, echo::echo_server};
-use tether_e2e::{TestAgent, WAIT, allow_only, http_get, metric};
+use tether_e2e::{TestAgent, WAIT, allow_only, common_port_on, http_get, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A port free on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (checked by binding all three).
 fn common_port() -> u16 {
     common_port_on(3)
-}
-
-/// A port free on 127.0.0.1 to 127.0.0.`n` (checked by binding each).
-fn common_port_on(n: u8) -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = first.local_addr().unwrap().port();
-        if (2..=n).all(|i| std::net::TcpListener::bind((loopback(i), port)).is_ok()) {
-            return port;
-        }
-    }
-    panic!("no port free on all {n} loopback addresses");
 }
 
 fn loopback(i: u8) -> IpAddr {
@@ -673,10 +661,7 @@ async fn an_agent_with_k_of_n_placement_holds_its_top_ranked_replicas() {
         replicas.push(Some(ServerProcess::start(config, 1).await));
     }
     let members: Vec<String> = (1..=4).map(|i| format!("127.0.0.{i}:{port}")).collect();
-    let ranked: Vec<usize> = tether_common::placement::rank("edge-1", &members)
-        .into_iter()
-        .map(|m| members.iter().position(|x| x == m).unwrap())
-        .collect();
+    let ranked = ranking("edge-1", 4);
     let urls: Vec<String> = members
         .iter()
         .map(|m| format!("wss://{m}/v1/connect"))
@@ -830,10 +815,7 @@ async fn a_joining_replica_takes_over_only_once_its_session_is_up() {
     let (target, _echo) = echo_server().await;
     let port = common_port_on(5);
     let members: Vec<String> = (1..=4).map(|i| format!("127.0.0.{i}:{port}")).collect();
-    let ranked: Vec<usize> = tether_common::placement::rank("edge-1", &members)
-        .into_iter()
-        .map(|m| members.iter().position(|x| x == m).unwrap())
-        .collect();
+    let ranked = ranking("edge-1", 4);
     let joiner = ranked[0];
     let mut replicas = std::collections::BTreeMap::new();
     for i in (0..4).filter(|i| *i != joiner) {
@@ -950,4 +932,14 @@ async fn a_joining_replica_takes_over_only_once_its_session_is_up() {
     echo_exact(upstream.forward_addrs[0], 64 * 1024).await;
     agent.kill().await;
     relay_task.abort();
+}
+
+/// The indices of 127.0.0.1 to 127.0.0.`n` in `agent`'s placement ranking (the replicas' IP
+/// addresses are the keys).
+fn ranking(agent: &str, n: u8) -> Vec<usize> {
+    let keys: Vec<String> = (1..=n).map(|i| format!("127.0.0.{i}")).collect();
+    tether_common::placement::rank(agent, &keys)
+        .into_iter()
+        .map(|k| keys.iter().position(|x| x == k).unwrap())
+        .collect()
 }

@@ -33,12 +33,13 @@ pub(crate) fn agent_key(chain: &[CertificateDer<'_>], instance_id: &str) -> Stri
         .unwrap_or_else(|| instance_id.to_owned())
 }
 
-/// The key of `endpoint` in the placement: the address dialed (what replicas list of each
-/// other), or the URL when it did not resolve.
+/// The key of `endpoint` in the placement: the IP address dialed (what replicas list of each
+/// other, on their peer port), or the URL's host when it did not resolve.
 pub(crate) fn member_key(endpoint: &Endpoint) -> String {
-    endpoint
-        .addr
-        .map_or_else(|| endpoint.url.clone(), |addr| addr.to_string())
+    match endpoint.addr {
+        Some(addr) => addr.ip().to_string(),
+        None => endpoint.url.clone(),
+    }
 }
 
 /// Whether a replica counts as unavailable for the placement: its attempts fail, or it is a
@@ -133,7 +134,11 @@ mod tests {
 
         // The first-ranked replica fails: the third stands in, the first is still tried.
         let mut failing = AgentStatus::default();
-        let first = ep(&ranked[0]);
+        let first = endpoints
+            .iter()
+            .find(|e| member_key(e) == ranked[0])
+            .expect("the first-ranked endpoint")
+            .clone();
         failing.replica_mut(&first.to_string()).attempts = 3;
         let with_stand_in: Vec<String> = wanted_endpoints(&settings(Some(2)), &endpoints, &failing)
             .iter()

@@ -289,6 +289,21 @@ impl Ca {
         self.issue_leaf(&cn, sans, ExtendedKeyUsagePurpose::ServerAuth, opts)
     }
 
+    /// Issues a replica's peer certificate: CN = `server_id`, URI SAN
+    /// `tether://server/<server_id>`, EKU clientAuth (it authenticates one replica to another's
+    /// peer listener; it never passes as an agent).
+    pub fn issue_server_peer(
+        &self,
+        server_id: &str,
+        opts: &IssueOptions,
+    ) -> Result<CertifiedKeyPem, PkiError> {
+        crate::host::validate_server_id(server_id)
+            .map_err(|problem| PkiError::Validity(format!("server id `{server_id}` {problem}")))?;
+        let uri = format!("{}{server_id}", crate::identity::SERVER_URI_PREFIX);
+        let sans = vec![SanType::URI(ia5(&uri)?)];
+        self.issue_leaf(server_id, sans, ExtendedKeyUsagePurpose::ClientAuth, opts)
+    }
+
     /// Issues an agent certificate: CN = `agent_id`, URI SAN `tether://agent/<agent_id>`
     /// (unless [`IssueOptions::omit_uri_san`]), EKU clientAuth.
     pub fn issue_agent(

@@ -80,6 +80,9 @@ pub struct ServerConfig {
     pub log: String,
     /// One JSON line per tunnelled connection when it closes (the `audit_log:` section).
     pub audit_log: AuditLogConfig,
+    /// Replica peering: relay dials for agents placed on other replicas (the `peers:`
+    /// section). Unset: no peering; a dial needs a session on this replica.
+    pub peers: Option<crate::peers::config::PeersConfig>,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +109,7 @@ impl Default for ServerConfig {
             frontends: FrontendsConfig::default(),
             log: String::new(),
             audit_log: AuditLogConfig::default(),
+            peers: None,
         }
     }
 }
@@ -465,6 +469,9 @@ impl ServerConfig {
         if !self.audit_log.path.as_os_str().is_empty() {
             resolve(&mut self.audit_log.path);
         }
+        if let Some(peers) = &mut self.peers {
+            peers.resolve_paths(base_dir);
+        }
     }
 
     /// Checks everything that parsing cannot; collects every problem with its key path.
@@ -518,6 +525,9 @@ impl ServerConfig {
         self.remotedialer.validate(&mut errors);
         self.frontends.validate(&mut errors);
         self.audit_log.validate(&mut errors);
+        if let Some(peers) = &self.peers {
+            peers.validate(&mut errors);
+        }
         errors.into_result(())
     }
 
@@ -635,19 +645,19 @@ impl ServerConfig {
 }
 
 /// Parses `ip:port` (host names are not accepted for listen addresses).
-fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
     SocketAddr::from_str(text).map_err(|_| {
         format!("`{text}` is not an `ip:port` address (e.g. 127.0.0.1:8443 or [::1]:8443)")
     })
 }
 
-fn positive(errors: &mut ConfigErrors, path: &str, value: HumanDuration) {
+pub(crate) fn positive(errors: &mut ConfigErrors, path: &str, value: HumanDuration) {
     if value.0.is_zero() {
         errors.push(path, "must be above zero");
     }
 }
 
-fn check_readable(path: &Path) -> Result<(), String> {
+pub(crate) fn check_readable(path: &Path) -> Result<(), String> {
     match std::fs::File::open(path) {
         Ok(file) => match file.metadata() {
             Ok(meta) if meta.is_dir() => Err(format!("{} is a directory", path.display())),

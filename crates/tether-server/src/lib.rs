@@ -22,6 +22,7 @@ mod frontend;
 pub mod health;
 pub mod index_page;
 pub mod metrics;
+pub mod peers;
 pub mod registry;
 pub mod reload;
 mod remotedialer_connect;
@@ -42,6 +43,7 @@ pub use config::{
 pub use frontend::{FRONTEND_LABELS, FrontendControl, FrontendReload, REFUSAL_REASONS};
 pub use health::HealthChecker;
 pub use metrics::ServerMetrics;
+pub use peers::config::PeersConfig;
 pub use registry::{
     NoSession, Protocol, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
     Subscriber,
