@@ -528,3 +528,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .expect("a status code");
     (status, body.to_owned())
 }
+
+/// A port free on 127.0.0.1 to 127.0.0.`n` at once (checked by binding each), for replicas
+/// that share one port on their own loopback addresses.
+pub fn common_port_on(n: u8) -> u16 {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = first.local_addr().expect("a local address").port();
+        if (2..=n).all(|i| {
+            std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, i), port)).is_ok()
+        }) {
+            return port;
+        }
+    }
+    panic!("no port free on all {n} loopback addresses");
+}

@@ -12,20 +12,13 @@ use std::time::Duration;
 
 use tether_e2e::process::ServerProcess;
 use tether_e2e::tether_testkit::{TestPki, echo::echo_server};
-use tether_e2e::{TestAgent, WAIT, allow_only, http_get, metric};
+use tether_e2e::{TestAgent, WAIT, allow_only, common_port_on, http_get, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A port free on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (checked by binding all three).
 fn common_port() -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = first.local_addr().unwrap().port();
-        if (2..=3).all(|i| std::net::TcpListener::bind((loopback(i), port)).is_ok()) {
-            return port;
-        }
-    }
-    panic!("no port free on all three loopback addresses");
+    common_port_on(3)
 }
 
 fn loopback(i: u8) -> IpAddr {
@@ -53,6 +46,16 @@ fn replica_yaml(pki: &TestPki, i: u8, port: u16, target: SocketAddr) -> PathBuf 
 
 /// An agent with `servers:` listing `urls`, short backoff and discovery.
 fn agent_with_servers(pki: &TestPki, urls: &[String], target: SocketAddr) -> TestAgent {
+    agent_with_servers_and(pki, urls, target, "")
+}
+
+/// [`agent_with_servers`] with `extra` top-level YAML keys.
+fn agent_with_servers_and(
+    pki: &TestPki,
+    urls: &[String],
+    target: SocketAddr,
+    extra: &str,
+) -> TestAgent {
     let cert = pki.agent("edge-1");
     let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
     TestAgent::from_yaml(
@@ -65,6 +68,7 @@ fn agent_with_servers(pki: &TestPki, urls: &[String], target: SocketAddr) -> Tes
              connect_timeout: 2s\n\
              reconnect: {{ min_delay: 50ms, max_delay: 500ms }}\n\
              discovery: {{ interval: 1s }}\n\
+             {extra}\
              policy:\n{}",
             list.join(", "),
             cert.cert_path.display(),
@@ -638,4 +642,304 @@ async fn a_rolling_restart_loses_nothing() {
         "every replica carried streams: {total:?}"
     );
     agent.stop().await.unwrap();
+}
+
+/// An agent with `placement.replicas_per_agent: 2` among four replicas: sessions to exactly
+/// its two top-ranked replicas (the ranking every replica computes too); a kill of its first
+/// replica brings in the third-ranked within a backoff step; the first one's return takes the
+/// agent back, and the stand-in is drained only once the returning session is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_k_of_n_placement_holds_its_top_ranked_replicas() {
+    let pki = TestPki::new();
+    let (target, _echo) = echo_server().await;
+    let port = common_port_on(4);
+    let configs: Vec<PathBuf> = (1..=4)
+        .map(|i| replica_yaml(&pki, i, port, target))
+        .collect();
+    let mut replicas = Vec::new();
+    for config in &configs {
+        replicas.push(Some(ServerProcess::start(config, 1).await));
+    }
+    let members: Vec<String> = (1..=4).map(|i| format!("127.0.0.{i}:{port}")).collect();
+    let ranked = ranking("edge-1", 4);
+    let urls: Vec<String> = members
+        .iter()
+        .map(|m| format!("wss://{m}/v1/connect"))
+        .collect();
+    let agent = agent_with_servers_and(
+        &pki,
+        &urls,
+        target,
+        "placement: { replicas_per_agent: 2 }\n",
+    );
+    wait_connected_to(&agent, &members, [ranked[0], ranked[1]]).await;
+    for (i, replica) in replicas.iter().enumerate() {
+        let replica = replica.as_ref().unwrap();
+        let (_, sessions) = sessions_on(replica.admin_addr).await;
+        let placed = i == ranked[0] || i == ranked[1];
+        assert_eq!(sessions.len(), usize::from(placed), "replica {i}");
+        if placed {
+            echo_exact(replica.forward_addrs[0], 64 * 1024).await;
+        }
+    }
+    tether_e2e::eventually("tether_agent_replicas{state=placed} 2", || {
+        metric(
+            &agent.registry,
+            "tether_agent_replicas",
+            &[("state", "placed")],
+        ) == Some(2.0)
+    })
+    .await;
+
+    // Its first replica dies: the third-ranked stands in, the second keeps its session.
+    let (_, kept_before) = sessions_on(replicas[ranked[1]].as_ref().unwrap().admin_addr).await;
+    replicas[ranked[0]].take().unwrap().kill().await;
+    let died = tokio::time::Instant::now();
+    wait_connected_to(&agent, &members, [ranked[1], ranked[2]]).await;
+    let took = died.elapsed();
+    assert!(took < Duration::from_secs(5), "stand-in after {took:?}");
+    let (_, kept_after) = sessions_on(replicas[ranked[1]].as_ref().unwrap().admin_addr).await;
+    assert_eq!(
+        kept_before, kept_after,
+        "the second replica's session was kept"
+    );
+    echo_exact(
+        replicas[ranked[2]].as_ref().unwrap().forward_addrs[0],
+        64 * 1024,
+    )
+    .await;
+    assert_eq!(
+        metric(&agent.registry, "tether_agent_placement_moves_total", &[]),
+        Some(0.0)
+    );
+
+    // It returns: the agent goes back to it, then drains the stand-in.
+    replicas[ranked[0]] = Some(ServerProcess::start(&configs[ranked[0]], 1).await);
+    wait_connected_to(&agent, &members, [ranked[0], ranked[1]]).await;
+    tether_e2e::eventually("one placement move", || {
+        metric(&agent.registry, "tether_agent_placement_moves_total", &[]) == Some(1.0)
+    })
+    .await;
+    let stand_in = replicas[ranked[2]].as_ref().unwrap().admin_addr;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !sessions_on(stand_in).await.1.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stand-in drained its session"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.stop().await.unwrap();
+}
+
+/// Which of `members` the agent has a session to (their indices).
+fn connected_indices(
+    status: &tether_agent::AgentStatus,
+    members: &[String],
+) -> std::collections::BTreeSet<usize> {
+    status
+        .replicas
+        .iter()
+        .filter(|(_, r)| r.connected)
+        .filter_map(|(key, _)| members.iter().position(|m| key.contains(m.as_str())))
+        .collect()
+}
+
+/// Waits until the agent's sessions go to exactly the members `want`.
+async fn wait_connected_to(agent: &TestAgent, members: &[String], want: [usize; 2]) {
+    let want: std::collections::BTreeSet<usize> = want.into();
+    let mut status = agent.status.clone();
+    let reached = tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| connected_indices(s, members) == want),
+    )
+    .await
+    .map(|reached| reached.map(drop));
+    assert!(
+        matches!(reached, Ok(Ok(_))),
+        "sessions to exactly {want:?}; now {:?}",
+        connected_indices(&agent.status.borrow(), members)
+    );
+}
+
+/// Which of `members` an agent's `/v1/status` lists as (connected, placed).
+async fn placement_of(admin: SocketAddr, members: &[String]) -> (Vec<bool>, Vec<bool>) {
+    let (status, body) = http_get(admin, "/v1/status").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let replicas = json["replicas"].as_object().unwrap();
+    let flag = |member: &String, name: &str| {
+        replicas
+            .iter()
+            .any(|(key, r)| key.contains(&format!("({member})")) && r[name] == true)
+    };
+    (
+        members.iter().map(|m| flag(m, "connected")).collect(),
+        members.iter().map(|m| flag(m, "placed")).collect(),
+    )
+}
+
+/// Polls the agent's status until `check(connected, placed)` holds.
+async fn wait_placement(
+    admin: SocketAddr,
+    members: &[String],
+    what: &str,
+    check: impl Fn(&[bool], &[bool]) -> bool,
+) -> (Vec<bool>, Vec<bool>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (connected, placed) = placement_of(admin, members).await;
+        if check(&connected, &placed) {
+            return (connected, placed);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: connected {connected:?}, placed {placed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A replica joins the name (hosts file in the agent's own mount namespace) and ranks first
+/// for the agent (k = 2): the agent dials it, and keeps the session it is about to give up
+/// until the new one is up (make before break). The new replica sits behind a relay that
+/// holds connections until the test lets them through, so "placed but not yet connected"
+/// is a state the test can observe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_replica_takes_over_only_once_its_session_is_up() {
+    if !can_unshare() {
+        eprintln!("skipped: needs root and unshare(1) for a private /etc/hosts");
+        return;
+    }
+    let pki = TestPki::new();
+    let (target, _echo) = echo_server().await;
+    let port = common_port_on(5);
+    let members: Vec<String> = (1..=4).map(|i| format!("127.0.0.{i}:{port}")).collect();
+    let ranked = ranking("edge-1", 4);
+    let joiner = ranked[0];
+    let mut replicas = std::collections::BTreeMap::new();
+    for i in (0..4).filter(|i| *i != joiner) {
+        let n = u8::try_from(i + 1).unwrap();
+        let process = ServerProcess::start(&replica_yaml(&pki, n, port, target), 1).await;
+        replicas.insert(i, process);
+    }
+    let hosts_for = |indices: &[usize]| {
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for i in indices {
+            text.push_str(&format!("127.0.0.{} replicas.test\n", i + 1));
+        }
+        text
+    };
+    let others: Vec<usize> = (0..4).filter(|i| *i != joiner).collect();
+    let hosts = pki.write_file("hosts", &hosts_for(&others));
+    let cert = pki.agent("edge-1");
+    let config = pki.write_file(
+        "agent-join.yaml",
+        &format!(
+            "version: 1\n\
+             server_url: \"wss://replicas.test:{port}/v1/connect\"\n\
+             server_name: localhost\n\
+             tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
+             admin_listen: \"127.0.0.1:0\"\n\
+             connect_timeout: 10s\n\
+             reconnect: {{ min_delay: 50ms, max_delay: 500ms }}\n\
+             discovery: {{ interval: 1s }}\n\
+             placement: {{ replicas_per_agent: 2 }}\n\
+             policy:\n{}",
+            cert.cert_path.display(),
+            cert.key_path.display(),
+            pki.ca_path().display(),
+            allow_only(target),
+        ),
+    );
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount --bind \"$0\" /etc/hosts && \
+             exec \"$1\" --log-format json --log info agent --config \"$2\"",
+        )
+        .arg(&hosts)
+        .arg(tether_e2e::process::tether_binary())
+        .arg(&config);
+    let agent = tether_e2e::process::AgentProcess::spawn(command).await;
+    let (stand_in, second) = (ranked[2], ranked[1]);
+    wait_placement(
+        agent.admin_addr,
+        &members,
+        "on the top two of three",
+        |c, _| c[stand_in] && c[second] && c.iter().filter(|x| **x).count() == 2,
+    )
+    .await;
+
+    // The joiner: replica 5 behind a relay on the joining address that holds connections.
+    let upstream = ServerProcess::start(&replica_yaml(&pki, 5, port, target), 1).await;
+    let front = TcpListener::bind(&members[joiner]).await.unwrap();
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let upstream_addr = upstream.tunnel_addr;
+    let relay_task = tokio::spawn(async move {
+        let mut held = tokio::task::JoinSet::new();
+        while let Ok((mut inbound, _)) = front.accept().await {
+            let mut gate = gate.clone();
+            held.spawn(async move {
+                if gate.wait_for(|open| *open).await.is_ok() {
+                    if let Ok(mut outbound) = TcpStream::connect(upstream_addr).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }
+            });
+        }
+    });
+    std::fs::write(&hosts, hosts_for(&[0, 1, 2, 3])).unwrap();
+    let (connected, _) = wait_placement(
+        agent.admin_addr,
+        &members,
+        "the joiner is placed",
+        |_, p| p[joiner],
+    )
+    .await;
+    assert!(
+        connected[stand_in] && connected[second] && !connected[joiner],
+        "the stand-in keeps its session while the joiner's is not up: {connected:?}"
+    );
+    assert_eq!(
+        sessions_on(replicas[&stand_in].admin_addr).await.1.len(),
+        1,
+        "the stand-in replica still holds the agent"
+    );
+
+    // Let the joiner's handshake through: the agent moves, then drains the stand-in.
+    open.send(true).unwrap();
+    wait_placement(
+        agent.admin_addr,
+        &members,
+        "on the joiner and the second",
+        |c, p| c[joiner] && c[second] && !c[stand_in] && !p[stand_in],
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !sessions_on(replicas[&stand_in].admin_addr)
+        .await
+        .1
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stand-in drained"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    echo_exact(upstream.forward_addrs[0], 64 * 1024).await;
+    agent.kill().await;
+    relay_task.abort();
+}
+
+/// The indices of 127.0.0.1 to 127.0.0.`n` in `agent`'s placement ranking (the replicas' IP
+/// addresses are the keys).
+fn ranking(agent: &str, n: u8) -> Vec<usize> {
+    let keys: Vec<String> = (1..=n).map(|i| format!("127.0.0.{i}")).collect();
+    tether_common::placement::rank(agent, &keys)
+        .into_iter()
+        .map(|k| keys.iter().position(|x| x == k).unwrap())
+        .collect()
 }

@@ -48,6 +48,9 @@ pub struct AgentConfig {
     /// How the replica set is found again: re-resolution interval and readiness.
     #[serde(default)]
     pub discovery: DiscoveryConfig,
+    /// How many of the discovered replicas the agent holds sessions to.
+    #[serde(default)]
+    pub placement: PlacementConfig,
     /// TLS name the server certificate must be valid for; empty means the host of `server_url`
     /// (an IP host is checked against the certificate's IP SANs).
     #[serde(default)]
@@ -161,6 +164,16 @@ impl Default for DiscoveryConfig {
             min_connected: 1,
         }
     }
+}
+
+/// `placement:` of agent.yaml: the agent's sessions go to `replicas_per_agent` of the
+/// discovered replicas, ranked by rendezvous hashing of the agent id and each replica's
+/// address (`tether_common::placement`), so that replicas compute the same placement.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// Sessions to this many replicas (k); unset: to every replica discovered.
+    pub replicas_per_agent: Option<usize>,
 }
 
 /// Most server URLs in `servers`, and most addresses dialed per URL.
@@ -456,6 +469,22 @@ impl AgentConfig {
                 ),
             );
         }
+        if let Some(k) = self.placement.replicas_per_agent {
+            if k == 0 || k > MAX_SERVERS * MAX_SERVERS {
+                errors.push(
+                    "placement.replicas_per_agent",
+                    format!("{k} is outside 1..={}", MAX_SERVERS * MAX_SERVERS),
+                );
+            } else if d.min_connected > k {
+                errors.push(
+                    "discovery.min_connected",
+                    format!(
+                        "{} is more than placement.replicas_per_agent ({k}): the agent could never be ready",
+                        d.min_connected
+                    ),
+                );
+            }
+        }
     }
 
     /// Whether the agent must enroll before it can connect: `enroll:` is set and `tls.cert`
@@ -736,5 +765,47 @@ mod tests {
         assert_eq!(config.labels_header(), "cluster=eu-1,role=upstream");
         config.labels.clear();
         assert_eq!(config.labels_header(), "");
+    }
+
+    #[test]
+    fn placement_is_checked_against_min_connected() {
+        let errors_for = |yaml: &str| -> Vec<(String, String)> {
+            let config: AgentConfig = serde_yaml_ng::from_str(&format!(
+                "server_url: wss://a/\ntls: {{cert: a, key: b, server_ca: c}}\n{yaml}"
+            ))
+            .unwrap();
+            config
+                .validate()
+                .err()
+                .map(|e| {
+                    e.0.into_iter()
+                        .map(|f| (f.path, f.message))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(path, _)| !path.starts_with("tls"))
+                .collect()
+        };
+        assert!(errors_for("placement: {replicas_per_agent: 2}\n").is_empty());
+        assert_eq!(
+            errors_for("placement: {replicas_per_agent: 0}\n"),
+            vec![(
+                "placement.replicas_per_agent".to_owned(),
+                "0 is outside 1..=4096".to_owned()
+            )]
+        );
+        assert_eq!(
+            errors_for("placement: {replicas_per_agent: 2}\ndiscovery: {min_connected: 3}\n"),
+            vec![(
+                "discovery.min_connected".to_owned(),
+                "3 is more than placement.replicas_per_agent (2): the agent could never be ready"
+                    .to_owned()
+            )]
+        );
+        let unknown = serde_yaml_ng::from_str::<AgentConfig>(
+            "server_url: wss://a/\ntls: {cert: a, key: b, server_ca: c}\nplacement: {k: 2}\n",
+        );
+        assert!(unknown.is_err(), "unknown keys under placement are refused");
     }
 }

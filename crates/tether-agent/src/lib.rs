@@ -20,6 +20,7 @@ pub mod gate;
 pub mod handler;
 pub mod index_page;
 pub mod metrics;
+mod placement;
 pub mod policy;
 pub mod reload;
 pub mod remotedialer_ws;
@@ -43,7 +44,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
-pub use config::{AgentConfig, AgentProtocol, AgentTlsConfig, DiscoveryConfig, ReconnectConfig};
+pub use config::{
+    AgentConfig, AgentProtocol, AgentTlsConfig, DiscoveryConfig, PlacementConfig, ReconnectConfig,
+};
 pub use connector::{ConnectError, Connector, Endpoint};
 pub use gate::{ActivationConfig, GateState};
 pub use handler::SharedPolicy;
@@ -57,6 +60,7 @@ use crate::dial::{Resolver, SystemResolver};
 use crate::fleet::Fleet;
 use crate::gate::{Gate, GateControl};
 use crate::handler::Handler;
+use crate::placement::PlacementSettings;
 use crate::reload::{ConnectSettings, ReloadTargets};
 
 /// How the agent reads environment variables (the activation gate's `from: env` source).
@@ -94,6 +98,7 @@ pub struct Agent {
     connect: watch::Sender<Arc<ConnectSettings>>,
     reconnect: Arc<ArcSwap<ReconnectConfig>>,
     discovery: Arc<ArcSwap<config::DiscoveryConfig>>,
+    placement: watch::Sender<PlacementSettings>,
     dial_timeout: Arc<ArcSwap<Duration>>,
     gate: GateControl,
     env: EnvLookup,
@@ -165,6 +170,11 @@ impl Agent {
         .0;
         let reconnect = Arc::new(ArcSwap::from_pointee(config.reconnect.clone()));
         let discovery = Arc::new(ArcSwap::from_pointee(config.discovery.clone()));
+        let placement = watch::channel(PlacementSettings {
+            replicas_per_agent: config.placement.replicas_per_agent,
+            agent_key: placement::agent_key(&tls::load_certs(&files.cert)?, &instance_id),
+        })
+        .0;
         let dial_timeout = Arc::new(ArcSwap::from_pointee(config.dial_timeout.0));
         let policy: SharedPolicy = Arc::new(ArcSwap::from_pointee(policy));
         let gate = GateControl::new(config.activation.clone());
@@ -175,6 +185,7 @@ impl Agent {
                 dial_timeout: dial_timeout.clone(),
                 reconnect: reconnect.clone(),
                 discovery: discovery.clone(),
+                placement: placement.clone(),
                 gate: gate.clone(),
                 connect: connect.clone(),
                 metrics: metrics.reloads.clone(),
@@ -195,6 +206,7 @@ impl Agent {
             connect,
             reconnect,
             discovery,
+            placement,
             dial_timeout,
             gate,
             env: Arc::new(|var| std::env::var(var).ok()),
@@ -321,6 +333,7 @@ impl Agent {
                 },
                 reconnect: self.reconnect,
                 discovery: self.discovery,
+                placement: self.placement.subscribe(),
                 gate: gate_state,
                 status: self.status,
                 instance_id: self.instance_id,

@@ -77,9 +77,12 @@ pub struct AgentMetrics {
     pub gate: IntGaugeVec,
     /// `tether_config_reloads_total{result}`.
     pub reloads: ReloadMetrics,
-    /// `tether_agent_replicas{state}`: server replicas (endpoints) `discovered` and
-    /// `connected`.
+    /// `tether_agent_replicas{state}`: server replicas (endpoints) `discovered`, `placed`
+    /// (in this agent's placement) and `connected`.
     pub replicas: IntGaugeVec,
+    /// `tether_agent_placement_moves_total`: sessions drained because their replica left this
+    /// agent's placement (a better-ranked replica joined or came back).
+    pub placement_moves: IntCounter,
 }
 
 impl AgentMetrics {
@@ -95,6 +98,7 @@ impl AgentMetrics {
         registry.register(Box::new(metrics.cert_expiry.gauge.clone()))?;
         registry.register(Box::new(metrics.gate.clone()))?;
         registry.register(Box::new(metrics.replicas.clone()))?;
+        registry.register(Box::new(metrics.placement_moves.clone()))?;
         let reloads = ReloadMetrics::register(registry)?;
         Ok(AgentMetrics { reloads, ..metrics })
     }
@@ -150,15 +154,20 @@ impl AgentMetrics {
         let replicas = IntGaugeVec::new(
             Opts::new(
                 "tether_agent_replicas",
-                "Server replicas (endpoints of the server URLs): discovered, and connected",
+                "Server replicas (endpoints of the server URLs): discovered, placed, connected",
             ),
             &["state"],
         )?;
-        for state in ["discovered", "connected"] {
+        for state in ["discovered", "placed", "connected"] {
             replicas.with_label_values(&[state]);
         }
+        let placement_moves = IntCounter::new(
+            "tether_agent_placement_moves_total",
+            "Sessions drained because their replica left the agent's placement",
+        )?;
         Ok(AgentMetrics {
             replicas,
+            placement_moves,
             gate,
             reloads: ReloadMetrics::unregistered()?,
             mux,
@@ -190,6 +199,15 @@ impl AgentMetrics {
         self.replicas
             .with_label_values(&["connected"])
             .set(connected as i64);
+        let placed = status.replicas.values().filter(|r| r.placed).count();
+        self.replicas
+            .with_label_values(&["placed"])
+            .set(placed as i64);
+    }
+
+    /// Counts one session drained because its replica left the placement.
+    pub fn placement_move(&self) {
+        self.placement_moves.inc();
     }
 
     /// Counts one failed connection attempt.

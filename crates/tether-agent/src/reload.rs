@@ -23,6 +23,7 @@ use crate::config::{AgentConfig, DiscoveryConfig, ReconnectConfig};
 use crate::connector::Connector;
 use crate::gate::GateControl;
 use crate::handler::SharedPolicy;
+use crate::placement::PlacementSettings;
 
 /// What a session is built from; a new value makes the supervisor reconnect.
 pub(crate) struct ConnectSettings {
@@ -62,6 +63,7 @@ struct Inner {
     dial_timeout: Arc<ArcSwap<Duration>>,
     reconnect: Arc<ArcSwap<ReconnectConfig>>,
     discovery: Arc<ArcSwap<DiscoveryConfig>>,
+    placement: watch::Sender<PlacementSettings>,
     gate: GateControl,
     connect: watch::Sender<Arc<ConnectSettings>>,
     metrics: ReloadMetrics,
@@ -82,6 +84,7 @@ pub(crate) struct ReloadTargets {
     pub(crate) dial_timeout: Arc<ArcSwap<Duration>>,
     pub(crate) reconnect: Arc<ArcSwap<ReconnectConfig>>,
     pub(crate) discovery: Arc<ArcSwap<DiscoveryConfig>>,
+    pub(crate) placement: watch::Sender<PlacementSettings>,
     pub(crate) gate: GateControl,
     pub(crate) connect: watch::Sender<Arc<ConnectSettings>>,
     pub(crate) metrics: ReloadMetrics,
@@ -101,6 +104,7 @@ impl AgentReloader {
                 dial_timeout: targets.dial_timeout,
                 reconnect: targets.reconnect,
                 discovery: targets.discovery,
+                placement: targets.placement,
                 gate: targets.gate,
                 connect: targets.connect,
                 metrics: targets.metrics,
@@ -216,6 +220,12 @@ impl AgentReloader {
         if running.config.discovery != config.discovery {
             inner.discovery.store(Arc::new(config.discovery.clone()));
         }
+        let k = config.placement.replicas_per_agent;
+        inner.placement.send_if_modified(|p| {
+            let changed = p.replicas_per_agent != k;
+            p.replicas_per_agent = k;
+            changed
+        });
         if running.config.activation != config.activation {
             inner.gate.set(config.activation.clone());
         }

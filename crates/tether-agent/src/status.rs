@@ -38,6 +38,9 @@ pub struct AgentStatus {
 pub struct ReplicaStatus {
     /// Whether a session through this endpoint is up.
     pub connected: bool,
+    /// Whether the agent's placement holds (or seeks) a session here; with
+    /// `placement.replicas_per_agent` unset, every discovered endpoint is placed.
+    pub placed: bool,
     /// The replica's `X-Tether-Server` id, once it answered.
     pub server_id: Option<String>,
     /// Another endpoint that already holds a session to the same replica: this one stays idle

@@ -6,6 +6,7 @@ mod harness;
 mod http_get;
 mod many_agents;
 mod peers;
+mod placement_model;
 mod process_stats;
 mod replica_mesh;
 mod report;
@@ -31,6 +32,9 @@ enum Command {
     /// N agent sessions (in this process) against one real server: server RSS per agent, and
     /// the time for all of them to reconnect after the server restarts.
     Agents(many_agents::AgentsArgs),
+    /// The k-of-N placement of a large fleet, computed with the agents' own ranking: sessions
+    /// per replica, the reconnect load of a replica's death and the moves of a join.
+    Placement(placement_model::PlacementArgs),
 }
 
 /// Options shared by both modes.
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Tunnels(args) => tunnels::run(args).await,
             Command::Agents(args) => many_agents::run(args).await,
+            Command::Placement(args) => placement_model::run(args),
         }
     });
     match result {

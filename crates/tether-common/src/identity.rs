@@ -10,8 +10,8 @@ use x509_parser::extensions::GeneralName;
 /// Prefix of the URI SAN that names an agent: `tether://agent/<id>`.
 pub const AGENT_URI_PREFIX: &str = "tether://agent/";
 
-/// Prefix of the URI SAN that names a server replica on a peer session:
-/// `tether://server/<id>`. Such a certificate is never an agent.
+/// Prefix of the URI SAN that names a server replica's peer certificate:
+/// `tether://server/<server_id>`. Such a certificate never passes as an agent.
 pub const SERVER_URI_PREFIX: &str = "tether://server/";
 
 /// Maximum length of an agent id, in bytes (ids are ASCII).
@@ -68,6 +68,14 @@ pub enum IdentityError {
         /// What is wrong with it.
         problem: &'static str,
     },
+    /// The certificate names a server replica (`tether://server/<id>`), not an agent.
+    #[error(
+        "the certificate is a server peer certificate (`{SERVER_URI_PREFIX}...`), not an agent's"
+    )]
+    ServerPeer,
+    /// A peer certificate without exactly one valid `tether://server/<id>` URI SAN.
+    #[error("not a server peer certificate: {0}")]
+    NotServerPeer(String),
 }
 
 impl IdentityError {
@@ -81,6 +89,8 @@ impl IdentityError {
             Self::Ambiguous { .. } => "ambiguous",
             Self::MissingDnsSan => "missing_dns_san",
             Self::InvalidId { .. } => "invalid_id",
+            Self::ServerPeer { .. } => "server_peer",
+            Self::NotServerPeer(_) => "not_server_peer",
         }
     }
 }
@@ -125,9 +135,60 @@ pub fn agent_id_from_cert(cert_der: &[u8], mode: IdentityMode) -> Result<String,
         Some(ext) => &ext.value.general_names,
         None => &[],
     };
+    // Whatever the mode, a replica's peer certificate never registers as an agent.
+    if let Some(uri) = names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) if uri.starts_with(SERVER_URI_PREFIX) => Some(*uri),
+        _ => None,
+    }) {
+        return Err(IdentityError::ServerPeer { uri: truncate(uri) });
+    }
     match mode {
         IdentityMode::UriSan => id_from_uri_sans(names),
         IdentityMode::DnsSan => id_from_dns_sans(names),
+    }
+}
+
+/// Extracts the server id of a replica's peer certificate: exactly one URI SAN
+/// `tether://server/<id>` with a valid server id, and no agent URI SAN.
+pub fn server_id_from_peer_cert(cert_der: &[u8]) -> Result<String, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let names: &[GeneralName<'_>] = match &sans {
+        Some(ext) => &ext.value.general_names,
+        None => &[],
+    };
+    let uris: Vec<&str> = names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    if uris.iter().any(|u| u.starts_with(AGENT_URI_PREFIX)) {
+        return Err(IdentityError::NotServerPeer(
+            "it carries an agent identity".to_owned(),
+        ));
+    }
+    let ids: Vec<&str> = uris
+        .iter()
+        .filter_map(|u| u.strip_prefix(SERVER_URI_PREFIX))
+        .collect();
+    match ids.as_slice() {
+        [id] => crate::host::validate_server_id(id)
+            .map(|()| (*id).to_owned())
+            .map_err(|problem| {
+                IdentityError::NotServerPeer(format!("server id `{}` {problem}", truncate(id)))
+            }),
+        [] => Err(IdentityError::NotServerPeer(format!(
+            "no `{SERVER_URI_PREFIX}<id>` URI SAN"
+        ))),
+        several => Err(IdentityError::NotServerPeer(format!(
+            "{} `{SERVER_URI_PREFIX}` URI SANs; exactly one is required",
+            several.len()
+        ))),
     }
 }
 
@@ -200,6 +261,38 @@ mod tests {
 
     fn dns(s: &str) -> SanType {
         SanType::DnsName(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn a_server_peer_certificate_is_never_an_agent_and_only_it_is_a_peer() {
+        let peer = cert_with_sans(vec![uri("tether://server/replica-2"), dns("edge-1")]);
+        for mode in [IdentityMode::UriSan, IdentityMode::DnsSan] {
+            assert_eq!(
+                agent_id_from_cert(&peer, mode),
+                Err(IdentityError::ServerPeer)
+            );
+        }
+        assert_eq!(server_id_from_peer_cert(&peer).as_deref(), Ok("replica-2"));
+        let agent = cert_with_sans(vec![uri("tether://agent/edge-1")]);
+        assert!(matches!(
+            server_id_from_peer_cert(&agent),
+            Err(IdentityError::NotServerPeer(_))
+        ));
+        let both = cert_with_sans(vec![uri("tether://server/r"), uri("tether://agent/a")]);
+        assert!(matches!(
+            server_id_from_peer_cert(&both),
+            Err(IdentityError::NotServerPeer(_))
+        ));
+        let two = cert_with_sans(vec![uri("tether://server/r"), uri("tether://server/s")]);
+        assert!(matches!(
+            server_id_from_peer_cert(&two),
+            Err(IdentityError::NotServerPeer(_))
+        ));
+        let bad_id = cert_with_sans(vec![uri("tether://server/a%20b")]);
+        assert!(matches!(
+            server_id_from_peer_cert(&bad_id),
+            Err(IdentityError::NotServerPeer(_))
+        ));
     }
 
     #[test]

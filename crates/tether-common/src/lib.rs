@@ -15,6 +15,7 @@ pub mod listen;
 pub mod log_throttle;
 pub mod pki;
 pub mod pki_ops;
+pub mod placement;
 pub mod read_ahead;
 pub mod runtime_metrics;
 #[cfg(unix)]

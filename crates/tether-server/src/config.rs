@@ -83,6 +83,9 @@ pub struct ServerConfig {
     /// Agents that enroll with one-time join tokens and renew their own short-lived
     /// certificates (the `enrollment:` section); absent: off. Changes need a restart.
     pub enrollment: Option<EnrollmentConfig>,
+    /// Replica peering: relay dials for agents placed on other replicas (the `peers:`
+    /// section). Unset: no peering; a dial needs a session on this replica.
+    pub peers: Option<crate::peers::config::PeersConfig>,
 }
 
 /// The `enrollment:` section. Relative paths are relative to the config file's directory.
@@ -215,6 +218,7 @@ impl Default for ServerConfig {
             log: String::new(),
             audit_log: AuditLogConfig::default(),
             enrollment: None,
+            peers: None,
         }
     }
 }
@@ -579,6 +583,9 @@ impl ServerConfig {
             resolve(&mut enrollment.issuer_key);
             resolve(&mut enrollment.tokens_file);
         }
+        if let Some(peers) = &mut self.peers {
+            peers.resolve_paths(base_dir);
+        }
     }
 
     /// Checks everything that parsing cannot; collects every problem with its key path.
@@ -634,6 +641,9 @@ impl ServerConfig {
         self.audit_log.validate(&mut errors);
         if let Some(enrollment) = &self.enrollment {
             enrollment.validate(self.identity, &mut errors);
+        }
+        if let Some(peers) = &self.peers {
+            peers.validate(&mut errors);
         }
         errors.into_result(())
     }
@@ -756,19 +766,19 @@ impl ServerConfig {
 }
 
 /// Parses `ip:port` (host names are not accepted for listen addresses).
-fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
     SocketAddr::from_str(text).map_err(|_| {
         format!("`{text}` is not an `ip:port` address (e.g. 127.0.0.1:8443 or [::1]:8443)")
     })
 }
 
-fn positive(errors: &mut ConfigErrors, path: &str, value: HumanDuration) {
+pub(crate) fn positive(errors: &mut ConfigErrors, path: &str, value: HumanDuration) {
     if value.0.is_zero() {
         errors.push(path, "must be above zero");
     }
 }
 
-fn check_readable(path: &Path) -> Result<(), String> {
+pub(crate) fn check_readable(path: &Path) -> Result<(), String> {
     match std::fs::File::open(path) {
         Ok(file) => match file.metadata() {
             Ok(meta) if meta.is_dir() => Err(format!("{} is a directory", path.display())),

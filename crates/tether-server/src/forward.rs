@@ -13,9 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, field, info, warn};
 
 use crate::accept::accept;
-use crate::audit::{AuditLog, Via};
-use crate::metrics::ServerMetrics;
-use crate::registry::SessionRegistry;
+use crate::audit::Via;
 use crate::tunnel_dial::{DialError, TunnelDialer, reset, splice};
 use tether_common::log_throttle::LogThrottle;
 
@@ -25,16 +23,14 @@ pub(crate) struct Forward {
     pub(crate) name: String,
     pub(crate) client: String,
     pub(crate) target: TargetAddr,
-    pub(crate) dial_timeout: Duration,
-    pub(crate) registry: Arc<SessionRegistry>,
-    pub(crate) metrics: ServerMetrics,
+    /// How its connections dial (registry, metrics, timeout, audit log, relay).
+    pub(crate) dialer: TunnelDialer,
     /// Cancelled when shutdown starts: stop accepting.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the drain deadline has passed: abort the pipes still running.
     pub(crate) hard_stop: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) log: LogThrottle,
-    pub(crate) audit: AuditLog,
     /// Whether the last dial failed: failures are logged at warn once per episode.
     failing: AtomicBool,
     /// The last failed dial, for the admin listing (`tether status`).
@@ -65,31 +61,24 @@ impl LastError {
 }
 
 impl Forward {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         name: String,
         client: String,
         target: TargetAddr,
-        dial_timeout: Duration,
-        registry: Arc<SessionRegistry>,
-        metrics: ServerMetrics,
+        dialer: TunnelDialer,
         shutdown: CancellationToken,
         hard_stop: CancellationToken,
         tracker: TaskTracker,
-        audit: AuditLog,
     ) -> Self {
         Self {
             name,
             client,
             target,
-            dial_timeout,
-            registry,
-            metrics,
+            dialer,
             shutdown,
             hard_stop,
             tracker,
             log: LogThrottle::new(Duration::from_secs(60)),
-            audit,
             failing: AtomicBool::new(false),
             last_error: Arc::default(),
         }
@@ -143,13 +132,8 @@ pub(crate) async fn accept_loop(forward: Arc<Forward>, listener: TcpListener) {
 
 async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    let dialer = TunnelDialer {
-        registry: forward.registry.clone(),
-        metrics: forward.metrics.clone(),
-        dial_timeout: forward.dial_timeout,
-        audit: forward.audit.clone(),
-    };
-    let mut audit = forward.audit.connection(
+    let dialer = &forward.dialer;
+    let mut audit = dialer.audit.connection(
         Via::Forward(&forward.name),
         peer,
         None,
@@ -200,18 +184,21 @@ mod tests {
 
     #[test]
     fn a_missing_session_is_logged_once_per_episode() {
-        let metrics = ServerMetrics::unregistered().unwrap();
+        let metrics = crate::ServerMetrics::unregistered().unwrap();
         let forward = Forward::new(
             "db".into(),
             "edge-1".into(),
             "db.internal:5432".parse().unwrap(),
-            Duration::from_secs(1),
-            Arc::new(SessionRegistry::new(metrics.clone())),
-            metrics.clone(),
+            TunnelDialer {
+                registry: Arc::new(crate::SessionRegistry::new(metrics.clone())),
+                metrics: metrics.clone(),
+                dial_timeout: Duration::from_secs(1),
+                audit: crate::AuditLog::off(),
+                relay: None,
+            },
             CancellationToken::new(),
             CancellationToken::new(),
             TaskTracker::new(),
-            AuditLog::off(),
         );
         let lines = Lines::default();
         let writer = lines.clone();

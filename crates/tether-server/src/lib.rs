@@ -24,6 +24,7 @@ mod frontend;
 pub mod health;
 pub mod index_page;
 pub mod metrics;
+pub mod peers;
 pub mod registry;
 pub mod reload;
 mod remotedialer_connect;
@@ -45,6 +46,7 @@ pub use config::{
 pub use frontend::{FRONTEND_LABELS, FrontendControl, FrontendReload, REFUSAL_REASONS};
 pub use health::HealthChecker;
 pub use metrics::ServerMetrics;
+pub use peers::config::PeersConfig;
 pub use registry::{
     NoSession, Protocol, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
     Subscriber,

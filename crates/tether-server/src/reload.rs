@@ -26,9 +26,9 @@ use crate::audit::AuditLog;
 use crate::config::{ForwardConfig, ServerConfig};
 use crate::forward::{self, Forward};
 use crate::frontend::FrontendControl;
-use crate::metrics::ServerMetrics;
 use crate::registry::SessionRegistry;
 use crate::tls_reload::TlsReloader;
+use crate::tunnel_dial::TunnelDialer;
 use tether_common::tls::TlsError;
 
 /// Keys applied in place; every other changed key needs a restart (config/server.yaml lists
@@ -57,31 +57,23 @@ struct RunningForward {
 /// What new forwards are built from; installed by `Server::run`.
 pub(crate) struct ForwardSet {
     running: BTreeMap<String, RunningForward>,
-    dial_timeout: Duration,
-    registry: Arc<SessionRegistry>,
-    metrics: ServerMetrics,
+    /// How every forward dials (registry, metrics, timeout, audit log, relay).
+    dialer: TunnelDialer,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     tracker: TaskTracker,
-    audit: AuditLog,
 }
 
 impl ForwardSet {
     pub(crate) fn new(
-        dial_timeout: Duration,
-        registry: Arc<SessionRegistry>,
-        metrics: ServerMetrics,
+        dialer: TunnelDialer,
         shutdown: CancellationToken,
         hard_stop: CancellationToken,
         tracker: TaskTracker,
-        audit: AuditLog,
     ) -> ForwardSet {
         ForwardSet {
-            audit,
             running: BTreeMap::new(),
-            dial_timeout,
-            registry,
-            metrics,
+            dialer,
             shutdown,
             hard_stop,
             tracker,
@@ -110,13 +102,10 @@ impl ForwardSet {
             config.name.clone(),
             config.client.clone(),
             target,
-            self.dial_timeout,
-            self.registry.clone(),
-            self.metrics.clone(),
+            self.dialer.clone(),
             stop.clone(),
             self.hard_stop.clone(),
             self.tracker.clone(),
-            self.audit.clone(),
         ));
         let last_error = forward.last_error.clone();
         let span = info_span!("forward", forward = %config.name);

@@ -32,6 +32,12 @@ use crate::connect::{self, ConnectState};
 use crate::frontend::{self, Frontend, FrontendControl, Kind};
 use crate::health::HealthChecker;
 use crate::metrics::ServerMetrics;
+use crate::peers::links::{Dialer, Links};
+use crate::peers::listener::PeerListener;
+use crate::peers::metrics::PeerMetrics;
+use crate::peers::relay::Relay;
+use crate::peers::serve::Served;
+use crate::peers::tls::PeerTls;
 use crate::registry::SessionRegistry;
 use crate::reload::{ForwardSet, ServerReloader};
 use crate::tls_reload::{TlsReloadMetrics, TlsReloader};
@@ -182,6 +188,9 @@ pub struct Server {
     audit: AuditLog,
     /// The enrollment routes (`enrollment:`).
     enrollment: Option<Arc<crate::enrollment::Enrollment>>,
+    /// The peering's TLS (when `peers:` is set) and metrics (always registered).
+    peer_tls: Option<PeerTls>,
+    peer_metrics: PeerMetrics,
     /// systemd notifications: READY once every listener serves, STOPPING when the drain starts.
     #[cfg(unix)]
     notifier: tether_common::sd_notify::Notifier,
@@ -200,13 +209,18 @@ impl Server {
         // the next reload rather than being missed.
         let fingerprint = tls_check::server_files_fingerprint(&files).map(|f| (f, policy));
         let tls = tls::server_tls(&files, policy)?;
-        let server = Self::build(
+        let peer_tls = match &config.peers {
+            Some(peers) => Some(PeerTls::load(peers, &files)?),
+            None => None,
+        };
+        let mut server = Self::build(
             config,
             tls.config,
             Some(tls.verifier),
             fingerprint,
             registry,
         )?;
+        server.peer_tls = peer_tls;
         for (role, path) in [
             (CertRole::Server, &files.cert),
             (CertRole::ClientCa, &files.client_ca),
@@ -254,6 +268,7 @@ impl Server {
         }
         let frontends = FrontendControl::new(&config.frontends);
         let audit = AuditLog::start(&config.audit_log, registry)?;
+        let peer_metrics = PeerMetrics::register(registry)?;
         let allowed = Arc::new(ArcSwap::from_pointee(
             config
                 .allowed_agents
@@ -294,6 +309,8 @@ impl Server {
             enrollment,
             frontends,
             audit,
+            peer_tls: None,
+            peer_metrics,
             config,
             allowed,
             agent_slots,
@@ -363,6 +380,68 @@ impl Server {
     /// [`run`](Self::run)).
     pub fn frontend_control(&self) -> FrontendControl {
         self.frontends.clone()
+    }
+
+    /// With `peers:` set: binds the peer listener and starts it and the peer dialer; returns
+    /// the relay for dials this replica holds no session for. `local` is how a relayed dial
+    /// is served here (never relayed again).
+    async fn start_peering(
+        &self,
+        local: &TunnelDialer,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> Result<Option<Relay>, ServerError> {
+        let (Some(peers), Some(tls)) = (&self.config.peers, &self.peer_tls) else {
+            return Ok(None);
+        };
+        let addr = crate::config::parse_socket_addr(&peers.listen).map_err(|m| {
+            one(tether_common::config_error::FieldError::new(
+                "peers.listen",
+                m,
+            ))
+        })?;
+        let listener = bind("peers.listen", addr).await?;
+        info!(listen = %display_addr(&listener), "peer listener listening");
+        let links = Arc::new(Links::default());
+        let mux_config = self.config.to_mux_config();
+        let dialer = Dialer {
+            config: peers.clone(),
+            tls: tls.clone(),
+            mux_config: mux_config.clone(),
+            server_id: self.server_id.clone(),
+            links: links.clone(),
+            metrics: self.peer_metrics.clone(),
+            tracker: tracker.clone(),
+        };
+        tracker.spawn(
+            dialer
+                .run(hard_stop.clone())
+                .instrument(info_span!("peer_dialer")),
+        );
+        let peer_listener = Arc::new(PeerListener {
+            tls: tls.clone(),
+            mux_config,
+            served: Served {
+                local: local.clone(),
+                server_id: self.server_id.clone(),
+                metrics: self.peer_metrics.clone(),
+                request_timeout: peers.relay_timeout.0,
+                tracker: tracker.clone(),
+            },
+            tracker: tracker.clone(),
+            log: LogThrottle::new(LOG_WINDOW),
+        });
+        tracker.spawn(
+            peer_listener
+                .run(listener, shutdown.clone(), hard_stop.clone())
+                .instrument(info_span!("peer_listener")),
+        );
+        Ok(Some(Relay::new(
+            links,
+            self.peer_metrics.clone(),
+            peers.relay_timeout.0,
+        )))
     }
 
     /// Serves until `shutdown` is cancelled, then drains and returns.
@@ -453,15 +532,28 @@ impl Server {
             tunnel::accept_loop(tunnel, listeners.tunnel).instrument(info_span!("tunnel_listener")),
         );
 
+        // Replica peering, then the dialer the forwards and frontends share.
+        let local_dialer = TunnelDialer {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            dial_timeout: config.dial_timeout.0,
+            audit: self.audit.clone(),
+            relay: None,
+        };
+        let relay = self
+            .start_peering(&local_dialer, &tracker, &shutdown, &hard_stop)
+            .await?;
+        let dialer = TunnelDialer {
+            relay,
+            ..local_dialer
+        };
+
         // Forwards, each stoppable on its own by a reload.
         let mut forward_set = ForwardSet::new(
-            config.dial_timeout.0,
-            self.registry.clone(),
-            self.metrics.clone(),
+            dialer.clone(),
             shutdown.clone(),
             hard_stop.clone(),
             tracker.clone(),
-            self.audit.clone(),
         );
         for (f, listener) in config.forwards.iter().zip(listeners.forwards) {
             forward_set.start(f.clone(), listener);
@@ -469,12 +561,6 @@ impl Server {
         self.reloader.install_forwards(forward_set);
 
         // Consumer frontends: HTTP CONNECT and SOCKS5 proxies.
-        let dialer = TunnelDialer {
-            registry: self.registry.clone(),
-            metrics: self.metrics.clone(),
-            dial_timeout: config.dial_timeout.0,
-            audit: self.audit.clone(),
-        };
         for (kind, listener) in [
             (Kind::HttpConnect, listeners.frontends.http_connect),
             (Kind::Socks5, listeners.frontends.socks5),

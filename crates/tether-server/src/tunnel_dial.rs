@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 
 use crate::audit::AuditLog;
 use crate::metrics::{NO_SESSION, ServerMetrics};
+use crate::peers::relay::{Relay, RelayError};
 use crate::registry::{NoSession, SessionEntry, SessionRegistry};
 use crate::remotedialer_metrics::ConnectionGuard;
 
@@ -73,6 +74,9 @@ pub(crate) struct TunnelDialer {
     pub(crate) dial_timeout: Duration,
     /// Where each connection's audit line goes (a no-op when `audit_log` is off).
     pub(crate) audit: AuditLog,
+    /// Peer replicas to relay through when this replica holds no session of the client
+    /// (`peers:`); `None` for dials that must stay local (a relayed dial is never relayed).
+    pub(crate) relay: Option<Relay>,
 }
 
 /// An open stream and what must live as long as it.
@@ -95,12 +99,19 @@ impl TunnelDialer {
         client: &str,
         target: &TargetAddr,
     ) -> Result<TunnelConn, DialError> {
-        let entry = self.registry.pick_entry(client).inspect_err(|_| {
-            self.metrics
-                .dial_errors
-                .with_label_values(&[NO_SESSION])
-                .inc();
-        })?;
+        let entry = match (self.registry.pick_entry(client), &self.relay) {
+            (Ok(entry), _) => entry,
+            (Err(no_session), Some(relay)) => {
+                return self.dial_relayed(relay, client, target, no_session).await;
+            }
+            (Err(no_session), None) => {
+                self.metrics
+                    .dial_errors
+                    .with_label_values(&[NO_SESSION])
+                    .inc();
+                return Err(no_session.into());
+            }
+        };
         // Counted from the attempt, like remotedialer; the guard counts the removal on every exit.
         let compat = self
             .metrics
@@ -130,6 +141,48 @@ impl TunnelDialer {
                 })
             }
         }
+    }
+}
+
+impl TunnelDialer {
+    /// Opens `target` through a peer replica that holds a session of `client`.
+    async fn dial_relayed(
+        &self,
+        relay: &Relay,
+        client: &str,
+        target: &TargetAddr,
+        no_session: NoSession,
+    ) -> Result<TunnelConn, DialError> {
+        let compat = self
+            .metrics
+            .remotedialer
+            .as_ref()
+            .map(|compat| compat.connection(client));
+        let started = Instant::now();
+        let relayed = relay.open(client, target).await;
+        self.metrics
+            .dial_duration
+            .observe(started.elapsed().as_secs_f64());
+        let error = match relayed {
+            Ok(relayed) => {
+                return Ok(TunnelConn {
+                    stream: relayed.stream,
+                    session_id: 0,
+                    instance: format!("relay:{}", relayed.via),
+                    _compat: compat,
+                });
+            }
+            Err(RelayError::NoSession) => DialError::NoSession(no_session),
+            Err(RelayError::Open(source)) => DialError::Open {
+                target: target.clone(),
+                source,
+            },
+        };
+        self.metrics
+            .dial_errors
+            .with_label_values(&[error.label()])
+            .inc();
+        Err(error)
     }
 }
 

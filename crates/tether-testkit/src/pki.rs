@@ -151,6 +151,16 @@ impl TestPki {
         self.store_agent(id, issued)
     }
 
+    /// A replica's peer certificate (`tether://server/<server_id>`) from the CA; `id` of the
+    /// returned files is the server id.
+    pub fn server_peer(&self, server_id: &str) -> AgentCert {
+        let issued = self
+            .ca
+            .issue_server_peer(server_id, &IssueOptions::default())
+            .expect("issue a server peer certificate");
+        self.store_agent(&format!("peer-{server_id}"), issued)
+    }
+
     /// An agent certificate for `id` from the untrusted other CA.
     pub fn agent_from_other_ca(&self, id: &str) -> AgentCert {
         let issued = self
