@@ -69,10 +69,11 @@ pub enum IdentityError {
         problem: &'static str,
     },
     /// The certificate names a server replica (`tether://server/<id>`), not an agent.
-    #[error(
-        "the certificate is a server peer certificate (`{SERVER_URI_PREFIX}...`), not an agent's"
-    )]
-    ServerPeer,
+    #[error("the certificate is a server peer certificate (`{uri}`), not an agent's")]
+    ServerPeer {
+        /// Its `tether://server/` URI SAN (truncated).
+        uri: String,
+    },
     /// A peer certificate without exactly one valid `tether://server/<id>` URI SAN.
     #[error("not a server peer certificate: {0}")]
     NotServerPeer(String),
