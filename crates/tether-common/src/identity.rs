@@ -270,7 +270,9 @@ mod tests {
         for mode in [IdentityMode::UriSan, IdentityMode::DnsSan] {
             assert_eq!(
                 agent_id_from_cert(&peer, mode),
-                Err(IdentityError::ServerPeer)
+                Err(IdentityError::ServerPeer {
+                    uri: "tether://server/replica-2".into()
+                })
             );
         }
         assert_eq!(server_id_from_peer_cert(&peer).as_deref(), Ok("replica-2"));
