@@ -75,15 +75,26 @@ pub(crate) fn parse_iperf_json(text: &str) -> Result<(u64, f64)> {
 const BUSY_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs iperf3 through `entry` and measures the CPU of `pids` (the tunnel) over its wall time.
+/// A run that fails is run once more (iperf3 -R through any relay sometimes loses its control
+/// connection at the end of a test, when the client closes data sockets with bytes still in
+/// flight); the first error is kept in the record's `retried_after`.
 pub(crate) async fn run(label: &str, entry: SocketAddr, spec: TputSpec, pids: &[u32]) -> Record {
     let deadline = Instant::now() + BUSY_WAIT;
+    let mut first_error: Option<String> = None;
     loop {
         let mut record = Record::new(label, &spec.test_name());
         match measure(entry, spec, pids, &mut record).await {
-            Ok(()) => return record,
+            Ok(()) => {
+                record.retried_after = first_error;
+                return record;
+            }
             // The server takes a moment to close the previous test after its client is done.
             Err(err) if is_busy(&err) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) if first_error.is_none() => {
+                first_error = Some(format!("{err:#}"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(err) => return Record::failed(label, &spec.test_name(), &err),
         }

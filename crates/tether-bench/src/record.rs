@@ -20,6 +20,9 @@ pub(crate) struct Record {
     pub(crate) ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
+    /// The error of a first attempt that was run again (throughput tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) retried_after: Option<String>,
     /// Payload received per second, 10^6 bytes.
     #[serde(default, rename = "MBps", skip_serializing_if = "Option::is_none")]
     pub(crate) mbps: Option<f64>,
