@@ -181,6 +181,9 @@ fn cpu_multiples(records: &[Record]) -> String {
         .into_iter()
         .filter(|b| records.iter().any(|r| r.label == *b))
         .collect();
+    if bases.is_empty() {
+        return String::new();
+    }
     let mut out = String::from("| CPU per byte, as a multiple of |");
     for test in &tput {
         let _ = write!(out, " {} |", describe_tput(test));
