@@ -41,9 +41,16 @@ enum Command {
     /// connection rate and idle memory of direct loopback, the floor (two splice(2) relays),
     /// tether and the peers found (rathole, wstunnel), each started fresh, in interleaved
     /// rounds; medians as a markdown table and JSON (target/tether-bench/tunnels.json).
+    ///
+    /// The method (what each test does, what the CPU figures leave out) is in
+    /// docs/BENCHMARKS.md, "How the end-to-end figures are measured". This harness replaced the
+    /// external script of earlier runs; it measures the same tests the same way.
     Tunnels(tunnels::TunnelsArgs),
     /// The same systems with their link through a delay relay (default 50 ms, 1 Gbit/s): one
     /// stream each way, and connect plus first byte.
+    ///
+    /// The relay (this kernel has no netem) holds every byte for the one-way delay and paces each
+    /// direction to the rate; see docs/BENCHMARKS.md, "How the end-to-end figures are measured".
     Wan(wan::WanArgs),
     /// N agent sessions (in this process) against one real server: server RSS per agent, and
     /// the time for all of them to reconnect after the server restarts.

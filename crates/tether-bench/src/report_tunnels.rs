@@ -209,56 +209,32 @@ fn cpu_multiples(records: &[Record]) -> String {
     out
 }
 
-/// Issue 27's targets for tether against the peers measured in this run.
-fn targets(records: &[Record]) -> String {
-    let tput8 = tests_with(records, "tput")
-        .into_iter()
-        .find(|t| *t != "tput1" && !t.ends_with('R'))
-        .unwrap_or("tput8")
-        .to_owned();
-    struct Goal {
-        name: String,
-        test: String,
-        pick: Pick,
-        peer: &'static str,
-        ratio: f64,
-        higher: bool,
-    }
-    let goal = |name: &str, test: &str, pick: Pick, peer, ratio, higher| Goal {
-        name: name.to_owned(),
-        test: test.to_owned(),
-        pick,
-        peer,
-        ratio,
-        higher,
-    };
-    let goals = [
-        goal("1 stream MB/s", "tput1", |r| r.mbps, "wstunnel", 1.1, true),
-        goal(
+/// One of issue 27's targets: tether's figure against a peer's, higher or lower by a ratio.
+struct Goal {
+    name: &'static str,
+    test: String,
+    pick: Pick,
+    peer: &'static str,
+    ratio: f64,
+    higher: bool,
+}
+
+/// Issue 27's targets; `multi` is the multi-stream test of the run (`tput8`).
+fn goals(multi: &str) -> Vec<Goal> {
+    let mbps: Pick = |r| r.mbps;
+    let table: [(&'static str, &str, Pick, &'static str, f64, bool); 8] = [
+        ("1 stream MB/s", "tput1", mbps, "wstunnel", 1.1, true),
+        (
             "1 stream reverse MB/s",
             "tput1R",
-            |r| r.mbps,
+            mbps,
             "wstunnel",
             1.1,
             true,
         ),
-        goal(
-            "multi-stream MB/s",
-            &tput8,
-            |r| r.mbps,
-            "wstunnel",
-            1.3,
-            true,
-        ),
-        goal(
-            "multi-stream MB/s",
-            &tput8,
-            |r| r.mbps,
-            "rathole",
-            1.0,
-            true,
-        ),
-        goal(
+        ("multi-stream MB/s", multi, mbps, "wstunnel", 1.3, true),
+        ("multi-stream MB/s", multi, mbps, "rathole", 1.0, true),
+        (
             "MB per tunnel CPU-second, 1 stream",
             "tput1",
             |r| r.mb_per_cpu_s,
@@ -266,8 +242,8 @@ fn targets(records: &[Record]) -> String {
             1.1,
             true,
         ),
-        goal("RTT p99 µs", "rtt", |r| r.p99_us, "wstunnel", 1.0, false),
-        goal(
+        ("RTT p99 µs", "rtt", |r| r.p99_us, "wstunnel", 1.0, false),
+        (
             "new connections/s",
             "connect",
             |r| r.conn_per_s,
@@ -275,7 +251,7 @@ fn targets(records: &[Record]) -> String {
             2.0,
             true,
         ),
-        goal(
+        (
             "new connections/s",
             "connect",
             |r| r.conn_per_s,
@@ -284,14 +260,34 @@ fn targets(records: &[Record]) -> String {
             true,
         ),
     ];
+    table
+        .into_iter()
+        .map(|(name, test, pick, peer, ratio, higher)| Goal {
+            name,
+            test: test.to_owned(),
+            pick,
+            peer,
+            ratio,
+            higher,
+        })
+        .collect()
+}
+
+/// Issue 27's targets for tether against the peers measured in this run.
+fn targets(records: &[Record]) -> String {
+    let multi = tests_with(records, "tput")
+        .into_iter()
+        .find(|t| *t != "tput1" && !t.ends_with('R'))
+        .unwrap_or("tput8")
+        .to_owned();
     let mut out = String::from(
         "| target | goal | tether | peer | ratio | met |\n|---|---|---|---|---|---|\n",
     );
-    for g in goals {
+    let fmt = |v: Option<f64>| v.map_or("–".to_owned(), |v| format_thousands(v.round()));
+    for g in goals(&multi) {
         let mine = get(records, "tether", &g.test, g.pick);
         let theirs = get(records, g.peer, &g.test, g.pick);
         let sign = if g.higher { "≥" } else { "≤" };
-        let fmt = |v: Option<f64>| v.map_or("–".to_owned(), |v| format_thousands(v.round()));
         let (ratio, met) = match (mine, theirs) {
             (Some(m), Some(t)) if t > 0.0 => {
                 let ratio = m / t;
