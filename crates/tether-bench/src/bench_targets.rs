@@ -56,7 +56,7 @@ impl Targets {
             eprintln!("iperf3 -s exited; starting it again");
             *child = spawn_iperf(self.iperf.port())?;
         }
-        wait_accepting(self.iperf).await
+        wait_accepting(self.iperf, START_WAIT).await
     }
 
     /// Stops both.
@@ -74,7 +74,7 @@ async fn start_iperf() -> Result<(Child, SocketAddr)> {
     let port = free_port()?;
     let child = spawn_iperf(port)?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    wait_accepting(addr).await?;
+    wait_accepting(addr, START_WAIT).await?;
     Ok((child, addr))
 }
 
@@ -89,11 +89,12 @@ fn spawn_iperf(port: u16) -> Result<Child> {
         .context("starting iperf3 -s (apt-get install iperf3)")
 }
 
-async fn wait_accepting(addr: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + START_WAIT;
+/// Polls until `addr` accepts a TCP connection (closed at once), for at most `wait`.
+pub(crate) async fn wait_accepting(addr: SocketAddr, wait: Duration) -> Result<()> {
+    let deadline = Instant::now() + wait;
     while TcpStream::connect(addr).await.is_err() {
         if Instant::now() > deadline {
-            bail!("nothing accepted on {addr} within {START_WAIT:?}");
+            bail!("nothing accepted on {addr} within {wait:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::process::{Child, Command};
 
-use crate::bench_targets::{Targets, spawn_reporting, wait_for_echo};
+use crate::bench_targets::{Targets, spawn_reporting, wait_accepting, wait_for_echo};
 use crate::daemons::{Pki, TetherPair, terminate};
 use crate::delay_relay::{DelayRelay, LinkSpec};
 use crate::peers::{Rathole, Wstunnel};
@@ -107,6 +107,11 @@ impl Launch<'_> {
             }
         };
         wait_for_echo(running.echo, system.label(), START_WAIT).await?;
+        // Some peers bind their entries one by one (rathole's iperf3 entry came up after its
+        // echo entry): the iperf3 entry must accept too before the first throughput test.
+        wait_accepting(running.iperf, START_WAIT)
+            .await
+            .with_context(|| format!("{}'s iperf3 entry", system.label()))?;
         Ok(running)
     }
 
