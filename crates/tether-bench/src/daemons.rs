@@ -11,6 +11,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use crate::Common;
+use crate::delay_relay::{DelayRelay, LinkSpec};
 use crate::http_get;
 
 /// Streams per session in the benchmark configs: the idle test holds 5,000 connections through
@@ -252,27 +253,36 @@ impl AgentProcess {
 pub(crate) struct TetherPair {
     pub(crate) server: ServerProcess,
     pub(crate) agent: AgentProcess,
+    /// The delay relay on the agent's connection to the server, if any.
+    _link: Option<DelayRelay>,
 }
 
 impl TetherPair {
-    /// Starts both and waits until the agent's session is registered.
-    pub(crate) async fn start(binary: &Path, pki: &Pki, targets: &[SocketAddr]) -> Result<Self> {
-        Self::start_with(binary, pki, targets, "").await
-    }
-
-    /// [`start`](Self::start) with `server_extra` YAML in the server's config.
-    pub(crate) async fn start_with(
+    /// Starts both, with `server_extra` YAML in the server's config and the agent dialling
+    /// through a delay relay when `via` is given, and waits until the agent's session is
+    /// registered.
+    pub(crate) async fn start(
         binary: &Path,
         pki: &Pki,
         targets: &[SocketAddr],
         server_extra: &str,
+        via: Option<LinkSpec>,
     ) -> Result<Self> {
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let server =
             ServerProcess::start(binary, pki, listen, "bench", targets, server_extra).await?;
-        let agent = AgentProcess::start(binary, pki, "bench", server.tunnel, targets)?;
+        let link = match via {
+            Some(spec) => Some(DelayRelay::start(&[server.tunnel], spec).await?),
+            None => None,
+        };
+        let dial = link.as_ref().map_or(server.tunnel, |l| l.addrs[0]);
+        let agent = AgentProcess::start(binary, pki, "bench", dial, targets)?;
         server.wait_for_agents(1, START_WAIT).await?;
-        Ok(TetherPair { server, agent })
+        Ok(TetherPair {
+            server,
+            agent,
+            _link: link,
+        })
     }
 
     /// Both process ids.

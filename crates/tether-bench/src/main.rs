@@ -1,17 +1,29 @@
-//! `tether-bench`: measures tether against direct loopback and any peer tunnel on PATH, and how
-//! many agents one server holds; writes the results into `docs/BENCHMARKS.md`.
+//! `tether-bench`: measures tether against direct loopback, a splice(2) floor and any peer tunnel
+//! found, on loopback and over an emulated WAN path, and how many agents one server holds;
+//! writes the results into `docs/BENCHMARKS.md`.
 
+mod bench_targets;
 mod daemons;
-mod harness;
+mod delay_relay;
+mod echo_server;
 mod http_get;
 mod many_agents;
+mod measure_idle;
+mod measure_latency;
+mod measure_tput;
 mod peers;
 mod placement_model;
 mod process_stats;
+mod record;
 mod replica_mesh;
 mod report;
+mod report_tunnels;
+mod splice_relay;
+mod systems;
 mod tunnels;
+mod wan;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,15 +38,40 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Throughput, RTT, connection rate and idle memory through tether, direct loopback and the
-    /// peers found on PATH (rathole), interleaved round by round, with ../shared/bench's harness.
+    /// Throughput (iperf3, 1 and N streams, both directions), tunnel CPU per byte, RTT,
+    /// connection rate and idle memory of direct loopback, the floor (two splice(2) relays),
+    /// tether and the peers found (rathole, wstunnel), each started fresh, in interleaved
+    /// rounds; medians as a markdown table and JSON (target/tether-bench/tunnels.json).
+    ///
+    /// The method (what each test does, what the CPU figures leave out) is in
+    /// docs/BENCHMARKS.md, "How the end-to-end figures are measured". This harness replaced the
+    /// external script of earlier runs; it measures the same tests the same way.
     Tunnels(tunnels::TunnelsArgs),
+    /// The same systems with their link through a delay relay (default 50 ms, 1 Gbit/s): one
+    /// stream each way, and connect plus first byte.
+    ///
+    /// The relay (this kernel has no netem) holds every byte for the one-way delay and paces each
+    /// direction to the rate; see docs/BENCHMARKS.md, "How the end-to-end figures are measured".
+    Wan(wan::WanArgs),
     /// N agent sessions (in this process) against one real server: server RSS per agent, and
     /// the time for all of them to reconnect after the server restarts.
     Agents(many_agents::AgentsArgs),
     /// The k-of-N placement of a large fleet, computed with the agents' own ranking: sessions
     /// per replica, the reconnect load of a replica's death and the moves of a join.
     Placement(placement_model::PlacementArgs),
+    /// (child process of a run) The echo target.
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// (child process of a run) One side of the floor: relays `LISTEN=UPSTREAM` routes with
+    /// splice(2).
+    #[command(hide = true)]
+    SpliceRelay {
+        #[arg(long = "route", value_parser = splice_relay::parse_route, required = true)]
+        routes: Vec<splice_relay::Route>,
+    },
 }
 
 /// Options shared by both modes.
@@ -63,10 +100,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The child processes relay on one thread, as lean as a relay gets.
+    let mut builder = match cli.command {
+        Command::EchoServer { .. } | Command::SpliceRelay { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -76,8 +117,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Tunnels(args) => tunnels::run(args).await,
+            Command::Wan(args) => wan::run(args).await,
             Command::Agents(args) => many_agents::run(args).await,
             Command::Placement(args) => placement_model::run(args),
+            Command::EchoServer { listen } => echo_server::serve(listen).await,
+            Command::SpliceRelay { routes } => splice_relay::serve(&routes).await,
         }
     });
     match result {

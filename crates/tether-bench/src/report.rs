@@ -1,13 +1,12 @@
-//! Folding harness records into medians, comparing them with the peers and the targets of
-//! issue 10, and writing a marked section of `docs/BENCHMARKS.md`.
+//! Folding records into medians (markdown cells and JSON), the smoke-run checks, and writing a
+//! marked section of `docs/BENCHMARKS.md`.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
-use crate::harness::Record;
-use crate::process_stats;
+use crate::record::Record;
 
 /// Markers of the `tunnels` section.
 pub(crate) const TUNNELS_MARKER: &str = "tunnels";
@@ -17,22 +16,12 @@ pub(crate) const TUNNELS_AUDIT_MARKER: &str = "tunnels-audit";
 pub(crate) const AGENTS_MARKER: &str = "agents";
 /// The section of `tether-bench agents --replicas`.
 pub(crate) const REPLICAS_MARKER: &str = "agents-replicas";
-
-/// The harness's reference figures for peers that cannot be built here (its README, measured
-/// on this machine kind): wstunnel 10.6 with mTLS, and the direct loopback of that run.
-mod reference {
-    pub(super) const DIRECT_TPUT1: f64 = 3854.0;
-    pub(super) const DIRECT_TPUT8: f64 = 4054.0;
-    pub(super) const WSTUNNEL_TPUT1: f64 = 1448.0;
-    pub(super) const WSTUNNEL_TPUT8: f64 = 1526.0;
-    pub(super) const WSTUNNEL_RTT_P50: f64 = 110.0;
-    pub(super) const WSTUNNEL_RTT_P99: f64 = 152.0;
-    pub(super) const RATHOLE_CONN_PER_S: f64 = 3614.0;
-}
+/// Markers of the `wan` section.
+pub(crate) const WAN_MARKER: &str = "wan";
 
 /// The median of the values `pick` finds in the successful records of `label`/`test`, and how
 /// many there were.
-fn median(
+pub(crate) fn median(
     records: &[Record],
     label: &str,
     test: &str,
@@ -47,17 +36,10 @@ fn median(
     if values.is_empty() {
         return None;
     }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    let median = if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    };
-    Some((median, values.len()))
+    Some((median_of(&mut values), values.len()))
 }
 
-fn cell(value: Option<(f64, usize)>) -> String {
+pub(crate) fn cell(value: Option<(f64, usize)>) -> String {
     match value {
         None => "–".to_owned(),
         Some((v, _)) if v.abs() >= 100.0 => format_thousands(v.round()),
@@ -77,208 +59,49 @@ pub(crate) fn format_thousands(v: f64) -> String {
     if v < 0.0 { format!("-{out}") } else { out }
 }
 
-type Pick = fn(&Record) -> Option<f64>;
+/// Picks one figure of a record.
+pub(crate) type Pick = fn(&Record) -> Option<f64>;
 
-/// The `tunnels` section: a table of medians per system, then the targets.
-pub(crate) fn tunnels(records: &[Record], command: &str, rounds: usize) -> String {
-    let mut labels: Vec<&str> = Vec::new();
-    for r in records {
-        if !labels.contains(&r.label.as_str()) {
-            labels.push(&r.label);
+/// Medians of every figure: `{label: {test: {field: median}}}`, over the successful records.
+pub(crate) fn medians_json(records: &[Record]) -> serde_json::Value {
+    let mut grouped: BTreeMap<(String, String), BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    for record in records.iter().filter(|r| r.ok) {
+        let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(record) else {
+            continue;
+        };
+        let figures = grouped
+            .entry((record.label.clone(), record.test.clone()))
+            .or_default();
+        for (field, value) in fields {
+            if let Some(v) = value.as_f64().filter(|_| field != "loadavg1") {
+                figures.entry(field).or_default().push(v);
+            }
         }
     }
-    let mut idle: Vec<&str> = records
-        .iter()
-        .filter(|r| r.test.starts_with("idle"))
-        .map(|r| r.test.as_str())
-        .collect();
-    idle.sort_by_key(|t| t[4..].parse::<u64>().unwrap_or(0));
-    idle.dedup();
-    let mut rows: Vec<(String, &str, Pick)> = vec![
-        ("1 stream MB/s".into(), "tput1", |r| r.mbps),
-        ("8 streams MB/s".into(), "tput8", |r| r.mbps),
-        ("1 stream reverse MB/s".into(), "tput1R", |r| r.mbps),
-        ("tunnel CPU % (1 stream)".into(), "tput1", |r| {
-            r.tunnel_cpu_pct
-        }),
-        ("RTT p50 µs (64 B)".into(), "rtt", |r| r.p50_us),
-        ("RTT p99 µs (64 B)".into(), "rtt", |r| r.p99_us),
-        ("new connections/s".into(), "connect", |r| r.conn_per_s),
-        ("connect p50 µs".into(), "connect", |r| r.p50_us),
-    ];
-    for test in &idle {
-        let n = &test[4..];
-        rows.push((format!("RSS per idle conn, {n} conns (B)"), test, |r| {
-            r.bytes_per_conn
-        }));
-        rows.push((
-            format!("RSS given back 5 s after closing {n} (%)"),
-            test,
-            |r| r.returned_pct,
-        ));
-    }
-    let load: Vec<f64> = records.iter().filter_map(|r| r.loadavg1).collect();
-    let max_load = load.iter().copied().fold(0.0, f64::max);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "## End to end against peers (`tether-bench tunnels`)\n"
-    );
-    let _ = writeln!(out, "- Date: {}", today());
-    let _ = writeln!(out, "- Machine: {}", process_stats::machine());
-    let _ = writeln!(out, "- tether: {}", git_describe());
-    let _ = writeln!(
-        out,
-        "- Command: `{command}` ({rounds} interleaved rounds; medians)"
-    );
-    let _ = writeln!(out, "- Load average during the run: up to {max_load:.2}");
-    let _ = writeln!(
-        out,
-        "- tether and rathole figures cover both of their processes (RSS and CPU of server and \
-         agent/client together). tether runs with mutual TLS 1.3 and default configs; rathole \
-         (if measured) with plain TCP and a token.\n"
-    );
-    let _ = write!(out, "| figure |");
-    for label in &labels {
-        let _ = write!(out, " {label} |");
-    }
-    let _ = writeln!(out);
-    let _ = writeln!(out, "|---|{}", "---|".repeat(labels.len()));
-    for (name, test, pick) in &rows {
-        let _ = write!(out, "| {name} |");
-        for label in &labels {
-            let _ = write!(out, " {} |", cell(median(records, label, test, *pick)));
+    let mut out = serde_json::Map::new();
+    for ((label, test), figures) in grouped {
+        let tests = out
+            .entry(label)
+            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        let medians: serde_json::Map<String, serde_json::Value> = figures
+            .into_iter()
+            .map(|(field, mut values)| (field, serde_json::json!(median_of(&mut values))))
+            .collect();
+        if let serde_json::Value::Object(tests) = tests {
+            tests.insert(test, serde_json::Value::Object(medians));
         }
-        let _ = writeln!(out);
     }
-    let _ = writeln!(out);
-    out.push_str(&targets(records, &idle));
-    out
+    serde_json::Value::Object(out)
 }
 
-/// The issue 10 targets against this run's medians.
-fn targets(records: &[Record], idle: &[&str]) -> String {
-    let get = |label: &str, test: &str, pick: Pick| median(records, label, test, pick).map(|m| m.0);
-    let tether_tput1 = get("tether", "tput1", |r| r.mbps);
-    let tether_tput8 = get("tether", "tput8", |r| r.mbps);
-    let direct_tput1 = get("direct", "tput1", |r| r.mbps);
-    let direct_tput8 = get("direct", "tput8", |r| r.mbps);
-    // wstunnel cannot be built here: its reference figure, scaled by how this run's direct
-    // loopback compares with the reference run's.
-    let scaled = |reference: f64, direct_now: Option<f64>, direct_ref: f64| {
-        direct_now.map_or(reference, |d| reference * d / direct_ref)
-    };
-    let ws_tput1 = scaled(
-        reference::WSTUNNEL_TPUT1,
-        direct_tput1,
-        reference::DIRECT_TPUT1,
-    );
-    let ws_tput8 = scaled(
-        reference::WSTUNNEL_TPUT8,
-        direct_tput8,
-        reference::DIRECT_TPUT8,
-    );
-    let rathole_conn = get("rathole", "connect", |r| r.conn_per_s);
-    let (rathole_conn, rathole_src) = match rathole_conn {
-        Some(v) => (v, "rathole, this run"),
-        None => (reference::RATHOLE_CONN_PER_S, "rathole, reference figure"),
-    };
-    let mut rows: Vec<(String, String, String, Option<bool>)> = Vec::new();
-    let ratio_row =
-        |name: &str, goal: f64, value: Option<f64>, base: f64, base_src: &str, higher: bool| {
-            let ratio = value.map(|v| v / base);
-            let met = ratio.map(|r| if higher { r >= goal } else { r <= goal });
-            (
-                name.to_owned(),
-                format!(
-                    "{} {goal}x {base_src} ({})",
-                    if higher { "≥" } else { "≤" },
-                    format_thousands(base.round())
-                ),
-                value.map_or("–".to_owned(), |v| {
-                    format!(
-                        "{} ({:.2}x)",
-                        format_thousands(v.round()),
-                        ratio.unwrap_or(0.0)
-                    )
-                }),
-                met,
-            )
-        };
-    rows.push(ratio_row(
-        "single-stream MB/s",
-        1.5,
-        tether_tput1,
-        ws_tput1,
-        "wstunnel, scaled reference",
-        true,
-    ));
-    rows.push(ratio_row(
-        "8-stream MB/s",
-        1.5,
-        tether_tput8,
-        ws_tput8,
-        "wstunnel, scaled reference",
-        true,
-    ));
-    rows.push(ratio_row(
-        "RTT p50 µs",
-        0.7,
-        get("tether", "rtt", |r| r.p50_us),
-        reference::WSTUNNEL_RTT_P50,
-        "wstunnel, reference",
-        false,
-    ));
-    rows.push(ratio_row(
-        "RTT p99 µs",
-        0.7,
-        get("tether", "rtt", |r| r.p99_us),
-        reference::WSTUNNEL_RTT_P99,
-        "wstunnel, reference",
-        false,
-    ));
-    rows.push(ratio_row(
-        "new connections/s",
-        1.4,
-        get("tether", "connect", |r| r.conn_per_s),
-        rathole_conn,
-        rathole_src,
-        true,
-    ));
-    for test in idle {
-        let n = &test[4..];
-        let per_conn = get("tether", test, |r| r.bytes_per_conn);
-        rows.push((
-            format!("RSS per idle conn ({n})"),
-            "≤ 8,192 B".to_owned(),
-            per_conn.map_or("–".to_owned(), |v| {
-                format!("{} B", format_thousands(v.round()))
-            }),
-            per_conn.map(|v| v <= 8192.0),
-        ));
-        let returned = get("tether", test, |r| r.returned_pct);
-        rows.push((
-            format!("memory given back after closing {n}"),
-            "≥ 95 %".to_owned(),
-            returned.map_or("–".to_owned(), |v| format!("{v:.1} %")),
-            returned.map(|v| v >= 95.0),
-        ));
+fn median_of(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
     }
-    let mut out = String::from("| target | goal | tether | met |\n|---|---|---|---|\n");
-    for (name, goal, value, met) in rows {
-        let met = match met {
-            Some(true) => "yes",
-            Some(false) => "**no**",
-            None => "–",
-        };
-        let _ = writeln!(out, "| {name} | {goal} | {value} | {met} |");
-    }
-    out.push_str(
-        "\nwstunnel is not published as a crate and cannot be built here, so its figures are \
-         the harness's reference figures; throughput is scaled by this run's direct loopback \
-         against the reference run's (3,854 and 4,054 MB/s).\n",
-    );
-    out
 }
 
 /// The one line a passing smoke run prints instead of the report: how many measurements of
@@ -340,7 +163,7 @@ pub(crate) fn write_section(path: Option<PathBuf>, marker: &str, section: &str) 
     Ok(())
 }
 
-fn today() -> String {
+pub(crate) fn today() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -349,7 +172,7 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
-fn git_describe() -> String {
+pub(crate) fn git_describe() -> String {
     std::process::Command::new("git")
         .args(["describe", "--always", "--dirty"])
         .current_dir(crate::daemons::workspace_root())
@@ -384,6 +207,19 @@ mod tests {
             Some((200.0, 3))
         );
         assert_eq!(median(&records, "direct", "tput1", |r| r.mbps), None);
+    }
+
+    #[test]
+    fn json_medians_per_system_test_and_figure() {
+        let records = vec![
+            rec("tether", "tput1", true, 100.0),
+            rec("tether", "tput1", true, 300.0),
+            rec("tether", "tput1", true, 200.0),
+            rec("floor", "tput1", true, 50.0),
+        ];
+        let json = medians_json(&records);
+        assert_eq!(json["tether"]["tput1"]["MBps"], 200.0);
+        assert_eq!(json["floor"]["tput1"]["MBps"], 50.0);
     }
 
     #[test]

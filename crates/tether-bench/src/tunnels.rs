@@ -1,19 +1,28 @@
-//! `tether-bench tunnels`: rounds of direct loopback, tether and the peers on PATH through the
-//! same harness targets, interleaved, then one markdown section with medians and ratios.
+//! `tether-bench tunnels`: rounds of direct loopback, the splice floor, tether and the peers
+//! found, each started fresh and measured by this tool's own harness against the same targets,
+//! interleaved (every system once per round), then one markdown section of medians and a JSON
+//! file of them.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::Common;
-use crate::daemons::{Pki, TetherPair, tether_binary, workspace_root};
-use crate::harness::{self, RunSpec, Targets};
-use crate::peers::{Rathole, find_on_path};
+use crate::bench_targets::Targets;
+use crate::daemons::{Pki, tether_binary, workspace_root};
+use crate::measure_idle::{self, IdleSpec};
+use crate::measure_latency::{self, RttSpec};
+use crate::measure_tput::{self, TputSpec};
+use crate::peers::{find_on_path, locate};
+use crate::record::{self, Record};
 use crate::report;
+use crate::report_tunnels;
+use crate::systems::{Launch, System};
 
 /// Connections opened, held and closed on fresh daemons before each idle level is measured.
-const WARMUP_CONNS: u32 = 200;
+const WARMUP_CONNS: usize = 200;
 
 /// Options of `tether-bench tunnels`.
 #[derive(Debug, Args)]
@@ -23,275 +32,271 @@ pub(crate) struct TunnelsArgs {
     /// Interleaved rounds (each system once per round); the report gives medians.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Seconds per throughput test.
+    /// Seconds per throughput test (iperf3 -t), after --omit seconds of warm-up.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
+    /// Warm-up seconds of each throughput test that are not counted (iperf3 -O).
+    #[arg(long, default_value_t = 1)]
+    omit: u32,
+    /// Parallel streams of the multi-stream tests.
+    #[arg(long, default_value_t = 8)]
+    streams: u32,
+    /// Round trips of the RTT test (64-byte messages, after 200 not counted).
+    #[arg(long, default_value_t = 2000)]
+    rtt_count: u32,
+    /// Connections of the connect test (connect, one byte echoed, close; one after another).
+    #[arg(long, default_value_t = 500)]
+    connect_count: u32,
     /// Idle connection counts; each level runs against freshly started daemons.
     #[arg(long, default_value = "1000,5000")]
     idle_levels: String,
-    /// The harness script (default: ../shared/bench/tunnelbench.py beside the checkout).
-    #[arg(long)]
-    harness: Option<PathBuf>,
-    /// Leave out peers found on PATH.
+    /// Leave out the peers (rathole, wstunnel) even when found.
     #[arg(long)]
     no_peers: bool,
+    /// Measure only these systems (comma-separated: direct, floor, tether, rathole, wstunnel),
+    /// e.g. `--systems tether` while profiling.
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
+    /// The rathole binary (default: `rathole` on PATH, if there).
+    #[arg(long)]
+    rathole: Option<PathBuf>,
+    /// The wstunnel binary (default: `wstunnel` on PATH, if there).
+    #[arg(long)]
+    wstunnel: Option<PathBuf>,
     /// Measure the cost of the server's audit log instead: tether with `audit_log` off and
     /// tether with it writing to a file, interleaved (throughput, RTT, connection rate; no
-    /// idle levels, no peers), in the section marked `tunnels-audit`.
+    /// idle levels, no peers, no floor), in the section marked `tunnels-audit`.
     #[arg(long)]
     audit_log: bool,
 }
 
-/// A system under test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum System {
-    Direct,
-    Tether,
-    /// tether with the server's audit log writing to a file.
-    TetherAudit,
-    Rathole,
+/// What each round measures of each system.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) tput: Vec<TputSpec>,
+    pub(crate) rtt: RttSpec,
+    pub(crate) connect_count: u32,
+    pub(crate) idle_levels: Vec<usize>,
+    pub(crate) settle: Duration,
+    pub(crate) close_settle: Duration,
 }
 
-impl System {
-    fn label(self) -> &'static str {
-        match self {
-            System::Direct => "direct",
-            System::Tether => "tether",
-            System::TetherAudit => "tether, audit log on",
-            System::Rathole => "rathole",
+impl TunnelsArgs {
+    fn plan(&mut self) -> Result<Plan> {
+        let smoke = self.common.smoke;
+        if smoke {
+            self.rounds = 1;
+            self.seconds = 1;
+            self.omit = 0;
+            self.rtt_count = 200;
+            self.connect_count = 50;
+            self.idle_levels = "100".to_owned();
         }
+        if self.audit_log {
+            self.idle_levels = String::new();
+        }
+        let tput = |streams, reverse| TputSpec {
+            streams,
+            reverse,
+            seconds: self.seconds,
+            omit: self.omit,
+        };
+        Ok(Plan {
+            tput: vec![
+                tput(1, false),
+                tput(self.streams, false),
+                tput(1, true),
+                tput(self.streams, true),
+            ],
+            rtt: RttSpec {
+                warmup: if smoke { 20 } else { 200 },
+                count: self.rtt_count,
+                size: 64,
+                limit: Duration::from_secs(60),
+            },
+            connect_count: self.connect_count,
+            idle_levels: parse_levels(&self.idle_levels)?,
+            settle: Duration::from_millis(if smoke { 500 } else { 2000 }),
+            close_settle: Duration::from_secs(if smoke { 1 } else { 5 }),
+        })
     }
 }
 
-/// A started tunnel.
-enum Running {
-    Direct,
-    Tether(TetherPair),
-    Rathole(Rathole),
-}
-
-impl Running {
-    fn entries(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
-        match self {
-            Running::Direct => None,
-            Running::Tether(pair) => Some((pair.server.forwards[0], pair.server.forwards[1])),
-            Running::Rathole(r) => Some((r.echo, r.iperf)),
-        }
-    }
-
-    fn pids(&self) -> Result<Vec<u32>> {
-        match self {
-            Running::Direct => Ok(Vec::new()),
-            Running::Tether(pair) => pair.pids(),
-            Running::Rathole(r) => r.pids(),
-        }
-    }
-
-    async fn stop(self) -> Result<()> {
-        match self {
-            Running::Direct => Ok(()),
-            Running::Tether(pair) => pair.stop().await,
-            Running::Rathole(r) => r.stop().await,
-        }
-    }
-}
-
-/// Runs the benchmark and writes its section.
-pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
-    if args.common.smoke {
-        args.rounds = 1;
-        args.seconds = 1;
-        args.idle_levels = "100".to_owned();
-    }
-    if find_on_path("iperf3").is_none() {
-        bail!("iperf3 is not on PATH (apt-get install iperf3)");
-    }
-    let script = match harness::locate(args.harness.as_deref()) {
-        Ok(script) => script,
-        // The harness lives beside the checkout, not in it: a smoke run on a machine without
-        // it says so loudly instead of failing the whole test run.
-        Err(err) if args.common.smoke => {
-            eprintln!("SKIPPED tunnels smoke: {err:#}");
-            return Ok(());
-        }
-        Err(err) => return Err(err),
-    };
-    let binary = tether_binary(&args.common)?;
-    let rathole = if args.no_peers {
-        None
-    } else {
-        find_on_path("rathole")
-    };
-    let mut systems = vec![System::Direct, System::Tether];
-    if rathole.is_some() {
-        systems.push(System::Rathole);
-    }
-    if args.audit_log {
-        systems = vec![System::Tether, System::TetherAudit];
-        args.idle_levels = String::new();
-    }
-    let levels: Vec<u32> = args
-        .idle_levels
-        .split(',')
-        .filter(|s| !s.is_empty())
+fn parse_levels(text: &str) -> Result<Vec<usize>> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
         .map(|s| {
             s.trim()
                 .parse()
                 .with_context(|| format!("--idle-levels: {s:?} is not a count"))
         })
-        .collect::<Result<_>>()?;
-    let pki = Pki::new(&["bench"])?;
-    let audit_yaml = format!(
-        "audit_log: {{ output: file, path: \"{}\" }}",
-        pki.dir().join("audit.jsonl").display()
-    );
-    let jsonl = pki.dir().join("tunnels.jsonl");
-    let warmup_jsonl = pki.dir().join("warmup.jsonl");
-    let targets = Targets::start(&script).await?;
-    let target_addrs = [targets.echo, targets.iperf];
-    let mut base = vec![
-        "--seconds".to_owned(),
-        args.seconds.to_string(),
-        "--max-seconds".to_owned(),
-        "600".to_owned(),
-    ];
-    if args.common.smoke {
-        base.extend(
-            [
-                "--omit",
-                "0",
-                "--rtt-count",
-                "200",
-                "--rtt-warmup",
-                "20",
-                "--connect-count",
-                "50",
-                "--settle",
-                "0.5",
-                "--close-settle",
-                "1",
-            ]
-            .map(str::to_owned),
-        );
+        .collect()
+}
+
+/// Runs the benchmark and writes its section.
+pub(crate) async fn run(mut args: TunnelsArgs) -> Result<()> {
+    let plan = args.plan()?;
+    if find_on_path("iperf3").is_none() {
+        bail!("iperf3 is not on PATH (apt-get install iperf3)");
     }
-    let result = async {
-        for round in 1..=args.rounds {
-            for &system in &systems {
-                eprintln!("round {round}/{}: {}", args.rounds, system.label());
-                let start = || async {
-                    Ok::<_, anyhow::Error>(match system {
-                        System::Direct => Running::Direct,
-                        System::Tether => {
-                            Running::Tether(TetherPair::start(&binary, &pki, &target_addrs).await?)
-                        }
-                        System::TetherAudit => Running::Tether(
-                            TetherPair::start_with(&binary, &pki, &target_addrs, &audit_yaml)
-                                .await?,
-                        ),
-                        System::Rathole => Running::Rathole(
-                            Rathole::start(
-                                rathole.as_deref().context("rathole")?,
-                                pki.dir(),
-                                &targets,
-                            )
-                            .await?,
-                        ),
-                    })
-                };
-                let running = start().await?;
-                let spec = RunSpec {
-                    label: system.label(),
-                    entries: running.entries(),
-                    pids: running.pids()?,
-                    tests: "tput,rtt,connect",
-                    extra: base.clone(),
-                };
-                let measured = harness::run(&script, &targets, spec, &jsonl).await;
-                running.stop().await?;
-                measured?;
-                if system == System::Direct {
-                    continue;
-                }
-                // Each idle level on fresh daemons: allocators keep earlier high-water marks.
-                // A warm-up burst first (WARMUP_CONNS held, then closed; its records are not
-                // reported), so that the baseline already holds what any daemon that has
-                // served traffic holds for good: code pages touched by the first connection,
-                // the allocator's first slabs and metadata.
-                for level in &levels {
-                    let running = start().await?;
-                    let idle = |count: u32, out| {
-                        run_idle(&script, &targets, &running, system, &base, count, out)
-                    };
-                    let measured = async {
-                        idle(WARMUP_CONNS.min(*level), &warmup_jsonl)
-                            .await
-                            .context("warm-up before the idle test")?;
-                        idle(*level, &jsonl).await
-                    }
-                    .await;
-                    running.stop().await?;
-                    measured?;
-                }
-            }
+    let binary = tether_binary(&args.common)?;
+    let (rathole, wstunnel) = if args.no_peers || args.audit_log {
+        (None, None)
+    } else {
+        (
+            locate("rathole", args.rathole.as_deref())?,
+            locate("wstunnel", args.wstunnel.as_deref())?,
+        )
+    };
+    let mut systems = vec![System::Direct, System::Floor, System::Tether];
+    systems.extend(rathole.is_some().then_some(System::Rathole));
+    systems.extend(wstunnel.is_some().then_some(System::Wstunnel));
+    if !args.systems.is_empty() {
+        systems.retain(|s| args.systems.iter().any(|name| name == s.label()));
+        if systems.is_empty() {
+            bail!("--systems {:?}: none of these is available", args.systems);
         }
-        Ok::<_, anyhow::Error>(())
     }
-    .await;
+    if args.audit_log {
+        systems = vec![System::Tether, System::TetherAudit];
+    }
+    let pki = Pki::new(&["bench"])?;
+    let jsonl = pki.dir().join("tunnels.jsonl");
+    let targets = Targets::start().await?;
+    let launch = Launch {
+        tether: &binary,
+        pki: &pki,
+        targets: &targets,
+        rathole,
+        wstunnel,
+        audit_yaml: format!(
+            "audit_log: {{ output: file, path: \"{}\" }}",
+            pki.dir().join("audit.jsonl").display()
+        ),
+        via: None,
+    };
+    let result = rounds(&launch, &systems, args.rounds, &plan, &jsonl).await;
     targets.stop().await;
     result?;
-    let records = harness::records(&jsonl)?;
-    let saved = workspace_root().join("target/tether-bench");
-    std::fs::create_dir_all(&saved)?;
-    std::fs::copy(&jsonl, saved.join("tunnels.jsonl"))?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let records = record::read_all(&jsonl)?;
+    let saved = save_results(&jsonl, "tunnels", &records)?;
+    eprintln!("records and medians: {}", saved.display());
     if args.common.smoke {
         // A smoke run checks that the tool works; its one-second figures from a debug build
         // are not measurements, so no table of targets "not met" is printed.
         report::require_all_ok(&records)?;
+        println!("{}", report_tunnels::table(&records));
         println!("{}", report::smoke_summary("tunnels", &records));
         return Ok(());
     }
-    let mut section = report::tunnels(&records, &command, args.rounds);
-    let mut marker = report::TUNNELS_MARKER;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
     if args.audit_log {
-        section = section.replacen(
-            "## End to end against peers (`tether-bench tunnels`)",
-            "## The audit log's cost (`tether-bench tunnels --audit-log`)",
-            1,
-        );
-        marker = report::TUNNELS_AUDIT_MARKER;
-        // The peers' targets do not apply to an on/off comparison of tether with itself.
-        if let Some(at) = section.find("| target | goal |") {
-            section.truncate(at);
-        }
         let lines = std::fs::read_to_string(pki.dir().join("audit.jsonl"))
             .map_or(0, |text| text.lines().count());
-        section.push_str(&format!(
-            "\nThe audit log held {lines} lines at the end (one per tunnelled connection).\n"
-        ));
+        let section = report_tunnels::audit_section(&records, &command, args.rounds, lines);
+        println!("{section}");
+        return report::write_section(
+            args.common.out_path()?,
+            report::TUNNELS_AUDIT_MARKER,
+            &section,
+        );
     }
+    let section = report_tunnels::section(&records, &command, args.rounds);
     println!("{section}");
-    report::write_section(args.common.out_path()?, marker, &section)
+    report::write_section(args.common.out_path()?, report::TUNNELS_MARKER, &section)
 }
 
-/// One harness `idle` test of `count` connections through `running`, recorded in `out`.
-async fn run_idle(
-    script: &Path,
-    targets: &Targets,
-    running: &Running,
-    system: System,
-    base: &[String],
-    count: u32,
-    out: &Path,
+/// Every round: each system started fresh, measured, stopped; then its idle levels.
+async fn rounds(
+    launch: &Launch<'_>,
+    systems: &[System],
+    rounds: usize,
+    plan: &Plan,
+    jsonl: &Path,
 ) -> Result<()> {
-    let mut extra = base.to_vec();
-    extra.extend(["--idle-levels".to_owned(), count.to_string()]);
-    let spec = RunSpec {
-        label: system.label(),
-        entries: running.entries(),
-        pids: running.pids()?,
-        tests: "idle",
-        extra,
+    for round in 1..=rounds {
+        for &system in systems {
+            eprintln!("round {round}/{rounds}: {}", system.label());
+            let running = launch.start(system).await?;
+            let measured = measure_loopback(launch, system, &running, plan, jsonl).await;
+            running.stop().await?;
+            measured?;
+            if system.is_tunnel() && system != System::Floor {
+                for &level in &plan.idle_levels {
+                    measure_idle_level(launch, system, plan, level, jsonl).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Throughput (each direction, 1 and N streams), RTT and connection rate of one system.
+async fn measure_loopback(
+    launch: &Launch<'_>,
+    system: System,
+    running: &crate::systems::Running,
+    plan: &Plan,
+    jsonl: &Path,
+) -> Result<()> {
+    let label = system.label();
+    let pids = running.pids()?;
+    for spec in &plan.tput {
+        launch.targets.ensure_iperf().await?;
+        let record = measure_tput::run(label, running.iperf, *spec, &pids).await;
+        record::append(jsonl, &record)?;
+    }
+    let rtt = measure_latency::rtt(label, running.echo, plan.rtt).await;
+    record::append(jsonl, &rtt)?;
+    let limit = Duration::from_secs(120);
+    let connect =
+        measure_latency::connect_rate(label, running.echo, plan.connect_count, &pids, limit).await;
+    record::append(jsonl, &connect)
+}
+
+/// One idle level on freshly started daemons. A warm-up burst first (its figures are not
+/// kept), so that the baseline already holds what any daemon that has served traffic holds for
+/// good: code pages touched by the first connection, the allocator's first slabs.
+async fn measure_idle_level(
+    launch: &Launch<'_>,
+    system: System,
+    plan: &Plan,
+    level: usize,
+    jsonl: &Path,
+) -> Result<()> {
+    let running = launch.start(system).await?;
+    let pids = running.pids()?;
+    let spec = |count| IdleSpec {
+        count,
+        settle: plan.settle,
+        close_settle: plan.close_settle,
     };
-    harness::run(script, targets, spec, out).await
+    let warmup = measure_idle::run(
+        system.label(),
+        running.echo,
+        &pids,
+        spec(WARMUP_CONNS.min(level)),
+    )
+    .await;
+    let measured = if warmup.ok {
+        Ok(measure_idle::run(system.label(), running.echo, &pids, spec(level)).await)
+    } else {
+        Err(anyhow::anyhow!(
+            "warm-up before the idle test: {}",
+            warmup.error.unwrap_or_default()
+        ))
+    };
+    running.stop().await?;
+    record::append(jsonl, &measured?)
+}
+
+/// Copies the run's records to `target/tether-bench/<name>.jsonl` and writes the medians
+/// beside them as `<name>.json`; returns the folder.
+pub(crate) fn save_results(jsonl: &Path, name: &str, records: &[Record]) -> Result<PathBuf> {
+    let saved = workspace_root().join("target/tether-bench");
+    std::fs::create_dir_all(&saved)?;
+    std::fs::copy(jsonl, saved.join(format!("{name}.jsonl")))?;
+    let medians = serde_json::to_string_pretty(&report::medians_json(records))?;
+    std::fs::write(saved.join(format!("{name}.json")), medians)?;
+    Ok(saved)
 }
