@@ -851,7 +851,7 @@ mod tests {
         let err = agent_id_from_cert(&der(&peer.cert_pem), IdentityMode::UriSan).unwrap_err();
         assert_eq!(
             err,
-            IdentityError::WrongPrefix {
+            IdentityError::ServerPeer {
                 uri: "tether://server/replica-1".into()
             }
         );
