@@ -15,6 +15,7 @@ mod peers;
 mod placement_model;
 mod process_stats;
 mod record;
+mod relay;
 mod replica_mesh;
 mod report;
 mod report_tunnels;
@@ -59,6 +60,9 @@ enum Command {
     /// The k-of-N placement of a large fleet, computed with the agents' own ranking: sessions
     /// per replica, the reconnect load of a replica's death and the moves of a join.
     Placement(placement_model::PlacementArgs),
+    /// Two replicas with peering and one agent on the first: echo RTT and one-stream
+    /// throughput through the first (direct) and the second (relayed), interleaved.
+    Relay(relay::RelayArgs),
     /// (child process of a run) The echo target.
     #[command(hide = true)]
     EchoServer {
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
             Command::Wan(args) => wan::run(args).await,
             Command::Agents(args) => many_agents::run(args).await,
             Command::Placement(args) => placement_model::run(args),
+            Command::Relay(args) => relay::run(args).await,
             Command::EchoServer { listen } => echo_server::serve(listen).await,
             Command::SpliceRelay { routes } => splice_relay::serve(&routes).await,
         }
