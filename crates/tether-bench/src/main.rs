@@ -9,6 +9,8 @@ mod peers;
 mod process_stats;
 mod replica_mesh;
 mod report;
+mod soak;
+mod soak_traffic;
 mod tunnels;
 
 use std::path::PathBuf;
@@ -31,6 +33,9 @@ enum Command {
     /// N agent sessions (in this process) against one real server: server RSS per agent, and
     /// the time for all of them to reconnect after the server restarts.
     Agents(many_agents::AgentsArgs),
+    /// Server and agents under mixed traffic and faults for a set time; fails if RSS, fds or
+    /// tasks grow beyond a bound after the warm-up, or a stream or a byte is lost.
+    Soak(soak::SoakArgs),
 }
 
 /// Options shared by both modes.
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Tunnels(args) => tunnels::run(args).await,
             Command::Agents(args) => many_agents::run(args).await,
+            Command::Soak(args) => soak::run(args).await,
         }
     });
     match result {
