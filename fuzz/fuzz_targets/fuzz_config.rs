@@ -42,7 +42,10 @@ fn agent(text: &str) {
         let valid = config.validate().is_ok();
         let compiled = config.policy.compile();
         // Validation covers the policy: a valid config's policy compiles.
-        assert!(!valid || compiled.is_ok(), "valid config, policy {compiled:?}");
+        assert!(
+            !valid || compiled.is_ok(),
+            "valid config, policy {compiled:?}"
+        );
         let _ = config.effective().to_mux_config();
     }
 }

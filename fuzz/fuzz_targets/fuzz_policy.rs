@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
 use tether_agent::policy::{
-    Host, PolicyConfig, RuleConfig, canonical_ip, is_sensitive, is_valid_hostname,
-    matches_pattern, parse_ip_literal,
+    Host, PolicyConfig, RuleConfig, canonical_ip, is_sensitive, is_valid_hostname, matches_pattern,
+    parse_ip_literal,
 };
 
 /// A parsed literal is canonical, and its printed form parses back to it.
@@ -92,7 +92,10 @@ fuzz_target!(|data: &[u8]| {
     let host = Host::parse(target);
     let verdict = policy.check(&host, port, ip);
     // Port 0 is never allowed.
-    assert!(port != 0 || verdict.is_err(), "port 0 allowed for {target:?}");
+    assert!(
+        port != 0 || verdict.is_err(),
+        "port 0 allowed for {target:?}"
+    );
     // The resolved address counts in its canonical form.
     assert_eq!(policy.check(&host, port, canonical_ip(ip)), verdict);
     if let IpAddr::V4(v4) = ip {
@@ -110,7 +113,9 @@ fuzz_target!(|data: &[u8]| {
     // A sensitive address is reachable only through a CIDR rule, never through a name.
     if is_sensitive(ip) && verdict.is_ok() {
         assert_eq!(
-            policy.check(&Host::Name("fuzz.invalid".into()), port, ip).is_ok(),
+            policy
+                .check(&Host::Name("fuzz.invalid".into()), port, ip)
+                .is_ok(),
             policy.check(&Host::Ip(ip), port, ip).is_ok(),
             "sensitive {ip} allowed by a name rule"
         );

@@ -71,7 +71,11 @@ async fn peer(mut io: DuplexStream, input: Vec<u8>) -> usize {
 }
 
 async fn run(selector: u8, input: Vec<u8>) {
-    let role = if selector & 1 == 0 { Role::Server } else { Role::Agent };
+    let role = if selector & 1 == 0 {
+        Role::Server
+    } else {
+        Role::Agent
+    };
     let config = config(selector);
     let metrics = MuxMetrics::unregistered();
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
@@ -98,7 +102,10 @@ async fn run(selector: u8, input: Vec<u8>) {
         tokio::join!(serving, async { driver.await.expect("driver panicked") }).1
     })
     .await;
-    assert!(ended.is_ok(), "the session did not end after its peer's input ended");
+    assert!(
+        ended.is_ok(),
+        "the session did not end after its peer's input ended"
+    );
     while let Some(done) = tasks.join_next().await {
         done.expect("opener task panicked");
     }
