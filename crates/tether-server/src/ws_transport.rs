@@ -163,3 +163,46 @@ impl Sink<Frame> for WsTransport {
         Pin::new(&mut self.socket).poll_close(cx).map_err(other)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tungstenite::error::{CapacityError, ProtocolError};
+
+    use super::*;
+
+    #[test]
+    fn read_errors_map_to_close_codes() {
+        let code = |err: tungstenite::Error| close_for(&err).map(|frame| frame.code);
+        assert_eq!(
+            code(tungstenite::Error::Protocol(
+                ProtocolError::NonZeroReservedBits
+            )),
+            Some(close_code::PROTOCOL_ERROR)
+        );
+        assert_eq!(
+            code(tungstenite::Error::Capacity(
+                CapacityError::MessageTooLong {
+                    size: 10,
+                    max_size: 5
+                }
+            )),
+            Some(close_code::MESSAGE_TOO_BIG)
+        );
+        assert_eq!(code(tungstenite::Error::ConnectionClosed), None);
+        assert_eq!(
+            code(tungstenite::Error::Io(
+                std::io::ErrorKind::BrokenPipe.into()
+            )),
+            None
+        );
+    }
+
+    #[test]
+    fn reasons_fit_a_control_frame_on_a_char_boundary() {
+        assert_eq!(bounded_reason("short".into()), "short");
+        let long = "é".repeat(100);
+        let cut = bounded_reason(long);
+        assert!(cut.len() <= 123, "{}", cut.len());
+        assert_eq!(cut.len(), 122);
+    }
+}
