@@ -296,6 +296,12 @@ impl Report<'_> {
         if opened != closed {
             out.push(format!("streams opened {opened} != closed {closed}"));
         }
+        let short = self.counts.short.load(Ordering::Relaxed);
+        if short > 0 {
+            out.push(format!(
+                "{short} echoes ended with a clean EOF before their last byte"
+            ));
+        }
         let corrupt = self.counts.corrupt.load(Ordering::Relaxed);
         if corrupt > 0 {
             out.push(format!(
@@ -319,11 +325,12 @@ impl Report<'_> {
         );
         let _ = writeln!(
             md,
-            "transfers ok {} ({:.1} MiB byte-exact), failed {}, corrupt {}, resets {}, empty {}; streams opened {} closed {}\n",
+            "transfers ok {} ({:.1} MiB byte-exact), failed {}, wrong byte {}, short clean EOF {}, resets {}, empty {}; streams opened {} closed {}\n",
             c(&self.counts.transfers_ok),
             c(&self.counts.bytes) as f64 / f64::from(1 << 20),
             c(&self.counts.transfers_failed),
             c(&self.counts.corrupt),
+            c(&self.counts.short),
             c(&self.counts.resets),
             c(&self.counts.empty),
             self.settled.0,

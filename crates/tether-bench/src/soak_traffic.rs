@@ -24,8 +24,11 @@ pub(crate) struct Counts {
     pub(crate) transfers_ok: AtomicU64,
     /// Transfers that failed with an error or a timeout (expected around agent restarts).
     pub(crate) transfers_failed: AtomicU64,
-    /// Echoes that came back different from what was sent: never acceptable.
+    /// Echoes with a wrong byte: never acceptable.
     pub(crate) corrupt: AtomicU64,
+    /// Echoes that ended with a clean EOF before every byte came back: a cut stream reported
+    /// as finished, never acceptable either.
+    pub(crate) short: AtomicU64,
     /// Connections reset on purpose mid-transfer.
     pub(crate) resets: AtomicU64,
     /// Connections opened and closed without data.
@@ -85,8 +88,13 @@ pub(crate) async fn worker(forward: SocketAddr, counts: Arc<Counts>, stop: Cance
                     counts.transfers_ok.fetch_add(1, Ordering::Relaxed);
                     counts.bytes.fetch_add(len, Ordering::Relaxed);
                 }
-                Ok(Ok(Checked::Corrupt)) => {
+                Ok(Ok(Checked::Wrong { offset })) => {
                     counts.corrupt.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("soak: wrong byte at offset {offset} of a {len}-byte echo");
+                }
+                Ok(Ok(Checked::Short { received })) => {
+                    counts.short.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("soak: clean EOF after {received} of {len} echoed bytes");
                 }
                 Ok(Err(_)) | Err(_) => {
                     counts.transfers_failed.fetch_add(1, Ordering::Relaxed);
@@ -107,7 +115,14 @@ pub(crate) async fn worker(forward: SocketAddr, counts: Arc<Counts>, stop: Cance
 
 enum Checked {
     Exact,
-    Corrupt,
+    /// The first byte that differs.
+    Wrong {
+        offset: u64,
+    },
+    /// A clean EOF after this many (correct) bytes.
+    Short {
+        received: u64,
+    },
 }
 
 /// Sends `len` pattern bytes, half-closes, and compares the echo byte for byte until EOF.
@@ -128,29 +143,32 @@ async fn transfer(forward: SocketAddr, seed: u64, len: u64) -> std::io::Result<C
     };
     let reader = async move {
         let mut received = 0u64;
-        let mut exact = true;
+        let mut wrong = None;
         let mut buf = vec![0u8; 32 << 10];
         loop {
             let n = rd.read(&mut buf).await?;
             if n == 0 {
                 break;
             }
-            exact &= buf[..n]
-                .iter()
-                .enumerate()
-                .all(|(i, b)| *b == pattern(seed, received + i as u64));
+            if wrong.is_none() {
+                wrong = buf[..n]
+                    .iter()
+                    .enumerate()
+                    .find(|(i, b)| **b != pattern(seed, received + *i as u64))
+                    .map(|(i, _)| received + i as u64);
+            }
             received += n as u64;
         }
-        Ok::<_, std::io::Error>(exact && received == len)
+        Ok::<_, std::io::Error>(match wrong {
+            Some(offset) => Checked::Wrong { offset },
+            None if received != len => Checked::Short { received },
+            None => Checked::Exact,
+        })
     };
-    let (written, exact) = tokio::join!(writer, reader);
+    let (written, checked) = tokio::join!(writer, reader);
+    // A write error means the stream was cut: a failure, whatever the reader saw after it.
     written?;
-    // A short echo after a clean EOF is as wrong as a changed byte.
-    Ok(if exact? {
-        Checked::Exact
-    } else {
-        Checked::Corrupt
-    })
+    checked
 }
 
 /// Writes `len` bytes, then resets the connection (SO_LINGER 0) without reading the echo.
