@@ -13,8 +13,10 @@ use tokio_util::sync::CancellationToken;
 pub use tether_testkit;
 
 pub mod at_rest;
+pub mod delay_relay;
 pub mod exposition;
 pub mod http;
+pub mod netns;
 pub mod process;
 pub mod proxy;
 

@@ -21,6 +21,8 @@ mod report;
 mod report_tunnels;
 mod splice_relay;
 mod systems;
+mod soak;
+mod soak_traffic;
 mod tunnels;
 mod wan;
 
@@ -76,6 +78,9 @@ enum Command {
         #[arg(long = "route", value_parser = splice_relay::parse_route, required = true)]
         routes: Vec<splice_relay::Route>,
     },
+    /// Server and agents under mixed traffic and faults for a set time; fails if RSS, fds or
+    /// tasks grow beyond a bound after the warm-up, or a stream or a byte is lost.
+    Soak(soak::SoakArgs),
 }
 
 /// Options shared by both modes.
@@ -127,6 +132,7 @@ fn main() -> ExitCode {
             Command::Relay(args) => relay::run(args).await,
             Command::EchoServer { listen } => echo_server::serve(listen).await,
             Command::SpliceRelay { routes } => splice_relay::serve(&routes).await,
+            Command::Soak(args) => soak::run(args).await,
         }
     });
     match result {
