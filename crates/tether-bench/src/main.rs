@@ -19,10 +19,10 @@ mod relay;
 mod replica_mesh;
 mod report;
 mod report_tunnels;
-mod splice_relay;
-mod systems;
 mod soak;
 mod soak_traffic;
+mod splice_relay;
+mod systems;
 mod tunnels;
 mod wan;
 
