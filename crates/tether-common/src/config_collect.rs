@@ -110,6 +110,11 @@ pub fn parse_collect<T: DeserializeOwned>(
         source_name: source_name.to_owned(),
         problems: Vec::new(),
     };
+    // What the strict loader accepts is accepted here too (it reads scalars such as `7` into
+    // string fields; the tree below would not): the two loaders agree on every valid file.
+    if let Ok(value) = parse_yaml::<T>(text, source_name) {
+        return (Some(value), report);
+    }
     // Syntax errors and duplicate keys: one problem, nothing else can be read reliably.
     let mut tree: Value = match parse_yaml(text, source_name) {
         Ok(tree) => tree,
@@ -648,6 +653,22 @@ forwards:
         assert!(config.is_none());
         assert_eq!(report.problems.len(), 1);
         assert!(report.problems[0].line.is_some());
+    }
+
+    #[test]
+    fn scalars_read_into_strings_as_the_strict_loader_reads_them() {
+        #[derive(Debug, Deserialize)]
+        struct Labelled {
+            labels: std::collections::BTreeMap<String, String>,
+        }
+        // Found by the config fuzzer: the strict loader reads `7` and `true` into strings; the
+        // collecting one refused them, so check-config and the daemon disagreed with it.
+        let text = "labels: { rack: 7, canary: true, zone: eu-1 }\n";
+        let strict: Labelled = parse_yaml(text, "a.yaml").unwrap();
+        let (collected, report) = parse_collect::<Labelled>(text, "a.yaml");
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(collected.unwrap().labels, strict.labels);
+        assert_eq!(strict.labels["rack"], "7");
     }
 
     #[test]
