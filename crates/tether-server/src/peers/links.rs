@@ -14,6 +14,7 @@ use tether_proto::{Host, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,7 +26,7 @@ use super::tls::{ALPN_PEER, PeerTls};
 use super::wire::{Answer, Request};
 
 /// Bound on one dial of a peer: TCP, TLS and the server-id question.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest resolution of one member name.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,52 +76,69 @@ pub(crate) struct Dialer {
 }
 
 impl Dialer {
-    /// Until `stop`: resolves the members and dials each one without a live session.
+    /// Until `stop`: resolves the members and dials, all at once, each one without a live
+    /// session (one slow peer does not hold up the others).
     pub(crate) async fn run(self, stop: CancellationToken) {
+        let this = Arc::new(self);
         let ended = Arc::new(Notify::new());
         let mut failing: BTreeSet<SocketAddr> = BTreeSet::new();
         loop {
-            let addrs = self.resolve().await;
-            *lock(&self.links.members) = addrs.iter().map(SocketAddr::ip).collect();
-            lock(&self.links.live).retain(|ip, link| {
+            let addrs = this.resolve().await;
+            *lock(&this.links.members) = addrs.iter().map(SocketAddr::ip).collect();
+            lock(&this.links.live).retain(|ip, link| {
                 let keep = !link.session.is_closed() && addrs.iter().any(|a| a.ip() == *ip);
                 if !keep {
                     link.session.close();
                 }
                 keep
             });
+            let mut dials = JoinSet::new();
             for addr in addrs {
-                let known = lock(&self.links.live).contains_key(&addr.ip())
-                    || lock(&self.links.selves).contains(&addr.ip());
-                if known {
-                    continue;
+                let known = lock(&this.links.live).contains_key(&addr.ip())
+                    || lock(&this.links.selves).contains(&addr.ip());
+                if !known {
+                    let dialer = this.clone();
+                    dials.spawn(async move {
+                        let result =
+                            tokio::time::timeout(CONNECT_TIMEOUT, dialer.connect(addr)).await;
+                        (addr, result)
+                    });
                 }
-                match tokio::time::timeout(CONNECT_TIMEOUT, self.connect(addr)).await {
+            }
+            loop {
+                let joined = tokio::select! {
+                    _ = stop.cancelled() => None,
+                    joined = dials.join_next() => joined,
+                };
+                let Some(Ok((addr, result))) = joined else {
+                    break;
+                };
+                match result {
                     Ok(Ok(Some(link))) => {
                         failing.remove(&addr);
                         info!(peer.addr = %addr, peer.id = %link.server_id, "peer session up");
-                        self.watch(addr, link.session.clone(), ended.clone());
-                        lock(&self.links.live).insert(addr.ip(), link);
+                        this.watch(addr, link.session.clone(), ended.clone());
+                        lock(&this.links.live).insert(addr.ip(), link);
                     }
                     Ok(Ok(None)) => {
                         debug!(peer.addr = %addr, "this address is this replica");
-                        lock(&self.links.selves).insert(addr.ip());
+                        lock(&this.links.selves).insert(addr.ip());
                     }
-                    Ok(Err(reason)) => self.failed(addr, &reason, &mut failing),
-                    Err(_) => self.failed(addr, "timed out", &mut failing),
+                    Ok(Err(reason)) => this.failed(addr, &reason, &mut failing),
+                    Err(_) => this.failed(addr, "timed out", &mut failing),
                 }
             }
-            self.metrics
+            this.metrics
                 .sessions
                 .with_label_values(&["out"])
-                .set(lock(&self.links.live).len() as i64);
+                .set(lock(&this.links.live).len() as i64);
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(self.config.interval.0) => {}
+                _ = tokio::time::sleep(this.config.interval.0) => {}
                 _ = ended.notified() => {}
             }
         }
-        for (_, link) in std::mem::take(&mut *lock(&self.links.live)) {
+        for (_, link) in std::mem::take(&mut *lock(&this.links.live)) {
             link.session.close();
         }
     }
