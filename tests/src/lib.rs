@@ -545,3 +545,29 @@ pub fn common_port_on(n: u8) -> u16 {
     }
     panic!("no port free on all {n} loopback addresses");
 }
+
+/// Sends `len` bytes through `addr`, half-closes, and checks the echo byte for byte.
+pub async fn echo_exact(addr: SocketAddr, len: usize) -> Result<(), String> {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut read, mut write) = stream.split();
+    let send = async {
+        write.write_all(&payload).await?;
+        write.shutdown().await
+    };
+    let mut echoed = Vec::with_capacity(len);
+    let receive = read.read_to_end(&mut echoed);
+    let (sent, received) = tokio::time::timeout(WAIT, async { tokio::join!(send, receive) })
+        .await
+        .map_err(|_| "echo timed out".to_owned())?;
+    sent.map_err(|e| e.to_string())?;
+    received.map_err(|e| e.to_string())?;
+    if echoed == payload {
+        Ok(())
+    } else {
+        Err(format!("echo differs: {} of {len} bytes", echoed.len()))
+    }
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tether_e2e::process::ServerProcess;
 use tether_e2e::tether_testkit::{TestPki, echo::echo_server};
-use tether_e2e::{TestAgent, WAIT, common_port_on, ends_with_error, http_get};
+use tether_e2e::{TestAgent, WAIT, common_port_on, echo_exact, ends_with_error, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -115,29 +115,6 @@ async fn resetting_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
         }
     });
     (addr, task)
-}
-
-/// Sends `len` bytes through `addr`, half-closes, and checks the echo byte for byte.
-async fn echo_exact(addr: SocketAddr, len: usize) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    let (mut read, mut write) = stream.split();
-    let send = async {
-        write.write_all(&payload).await?;
-        write.shutdown().await
-    };
-    let mut echoed = Vec::with_capacity(len);
-    let receive = read.read_to_end(&mut echoed);
-    let (sent, received) = tokio::time::timeout(WAIT, async { tokio::join!(send, receive) })
-        .await
-        .map_err(|_| "echo timed out".to_owned())?;
-    sent.map_err(|e| e.to_string())?;
-    received.map_err(|e| e.to_string())?;
-    if echoed == payload {
-        Ok(())
-    } else {
-        Err(format!("echo differs: {} of {len} bytes", echoed.len()))
-    }
 }
 
 /// A sample of a replica's `/metrics`.

@@ -98,20 +98,9 @@ async fn wait_replicas(agent: &mut TestAgent, connected: usize) {
 
 /// Sends `len` bytes of a sequence through `addr` and checks the echo byte for byte.
 async fn echo_exact(addr: SocketAddr, len: usize) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    let (mut read, mut write) = stream.split();
-    let send = async {
-        write.write_all(&payload).await.unwrap();
-        write.shutdown().await.unwrap();
-    };
-    let mut echoed = Vec::with_capacity(len);
-    let receive = read.read_to_end(&mut echoed);
-    let ((), received) = tokio::time::timeout(WAIT, async { tokio::join!(send, receive) })
-        .await
-        .expect("echo in time");
-    received.unwrap();
-    assert!(echoed == payload, "echo through {addr} differs");
+    if let Err(err) = tether_e2e::echo_exact(addr, len).await {
+        panic!("echo through {addr}: {err}");
+    }
 }
 
 /// `tether status --admin A --admin B ...`: exit success and standard output.
@@ -399,6 +388,25 @@ fn can_unshare() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `tether agent --config config` in a mount namespace of its own where `hosts` is bind-mounted
+/// over /etc/hosts, so the system resolver answers from the test's file.
+async fn agent_with_hosts_file(
+    hosts: &std::path::Path,
+    config: &std::path::Path,
+) -> tether_e2e::process::AgentProcess {
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount --bind \"$0\" /etc/hosts && \
+             exec \"$1\" --log-format json --log info agent --config \"$2\"",
+        )
+        .arg(hosts)
+        .arg(tether_e2e::process::tether_binary())
+        .arg(config);
+    tether_e2e::process::AgentProcess::spawn(command).await
+}
+
 /// `tether_agent_replicas{state}` on an agent's `/metrics`.
 async fn agent_replicas(admin: SocketAddr, state: &str) -> Option<f64> {
     let (_, body) = http_get(admin, "/metrics").await;
@@ -471,17 +479,7 @@ async fn a_name_with_several_addresses_is_a_replica_set() {
             allow_only(target),
         ),
     );
-    let mut command = tokio::process::Command::new("unshare");
-    command
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(
-            "mount --bind \"$0\" /etc/hosts && \
-             exec \"$1\" --log-format json --log info agent --config \"$2\"",
-        )
-        .arg(&hosts)
-        .arg(tether_e2e::process::tether_binary())
-        .arg(&config);
-    let agent = tether_e2e::process::AgentProcess::spawn(command).await;
+    let agent = agent_with_hosts_file(&hosts, &config).await;
     wait_agent_replicas(agent.admin_addr, 3.0, 3.0).await;
     for replica in &replicas {
         echo_exact(replica.forward_addrs[0], 64 * 1024).await;
@@ -852,17 +850,7 @@ async fn a_joining_replica_takes_over_only_once_its_session_is_up() {
             allow_only(target),
         ),
     );
-    let mut command = tokio::process::Command::new("unshare");
-    command
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(
-            "mount --bind \"$0\" /etc/hosts && \
-             exec \"$1\" --log-format json --log info agent --config \"$2\"",
-        )
-        .arg(&hosts)
-        .arg(tether_e2e::process::tether_binary())
-        .arg(&config);
-    let agent = tether_e2e::process::AgentProcess::spawn(command).await;
+    let agent = agent_with_hosts_file(&hosts, &config).await;
     let (stand_in, second) = (ranked[2], ranked[1]);
     wait_placement(
         agent.admin_addr,
