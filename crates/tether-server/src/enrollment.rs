@@ -24,8 +24,8 @@ use tether_common::log_throttle::LogThrottle;
 use tether_common::pki::{Ca, IssueOptions};
 use tracing::{debug, info, warn};
 
+use crate::agents::upgrade::handoff::ConnFacts;
 use crate::config::EnrollmentConfig;
-use crate::connect::ConnContext;
 use crate::enroll_tokens::{MAX_TOKEN_LEN, RedeemError, TokenStore};
 
 /// Where an agent fetches the CA bundle to check against its pin.
@@ -359,7 +359,7 @@ async fn ca_bundle(State(e): State<Arc<Enrollment>>) -> Response {
 
 async fn enroll(
     State(e): State<Arc<Enrollment>>,
-    Extension(ctx): Extension<ConnContext>,
+    Extension(ctx): Extension<ConnFacts>,
     body: Bytes,
 ) -> Response {
     let counter = e.metrics.enrollments.clone();
@@ -422,7 +422,7 @@ async fn enroll(
 
 async fn renew(
     State(e): State<Arc<Enrollment>>,
-    Extension(ctx): Extension<ConnContext>,
+    Extension(ctx): Extension<ConnFacts>,
     body: Bytes,
 ) -> Response {
     let counter = e.metrics.renewals.clone();

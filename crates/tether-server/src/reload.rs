@@ -22,13 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::audit::AuditLog;
+use crate::agents::registry::SessionRegistry;
 use crate::config::{ForwardConfig, ServerConfig};
-use crate::forward::{self, Forward};
-use crate::frontend::FrontendControl;
-use crate::registry::SessionRegistry;
+use crate::consumers::audit::AuditLog;
+use crate::consumers::dial::TunnelDialer;
+use crate::consumers::forward::{self, Forward};
+use crate::consumers::proxy::FrontendControl;
 use crate::tls_reload::TlsReloader;
-use crate::tunnel_dial::TunnelDialer;
 use tether_common::tls::TlsError;
 
 /// Keys applied in place; every other changed key needs a restart (config/server.yaml lists

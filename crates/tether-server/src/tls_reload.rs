@@ -14,7 +14,7 @@ use tether_common::tls::{ClientCertPolicy, ServerTls, ServerTlsFiles, TlsError};
 use tether_common::tls_check::{self, LoadedServerTls};
 use tracing::{info, warn};
 
-use crate::registry::{Revocation, SessionRegistry};
+use crate::agents::registry::{Revocation, SessionRegistry};
 
 /// Labels of `tether_tls_reloads_total{result}`.
 pub const TLS_RELOAD_RESULTS: [&str; 3] = ["applied", "unchanged", "rejected"];

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tether_common::config_error::ConfigErrors;
 use tether_common::duration::HumanDuration;
 
-use crate::config::{check_readable, parse_socket_addr, positive};
+use crate::config::fields::{check_readable, parse_socket_addr, positive};
 
 /// Most entries in `peers.members`, and most addresses used per entry.
 pub const MAX_MEMBERS: usize = 64;

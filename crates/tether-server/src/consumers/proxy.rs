@@ -1,10 +1,6 @@
 //! Consumer frontends: the HTTP CONNECT and SOCKS5 proxy listeners, what they share (the
 //! consumer table, the connection cap, refusal metrics and logs) and their in-place reload.
 
-pub(crate) mod connect_proxy;
-pub(crate) mod consumers;
-pub(crate) mod socks5;
-
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,12 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, field, info};
 
-use self::consumers::ConsumerTable;
 use crate::accept::accept;
 use crate::admission::{Slot, SlotTable, source_key};
 use crate::config::FrontendsConfig;
-use crate::metrics::ServerMetrics;
-use crate::tunnel_dial::{TunnelDialer, reset};
+use crate::consumers::auth::ConsumerTable;
+use crate::consumers::dial::{TunnelDialer, reset};
+use crate::server::metrics::ServerMetrics;
 use tether_common::log_throttle::LogThrottle;
 
 /// How often a repeated refusal of one reason may be logged at info per frontend.
@@ -262,9 +258,9 @@ impl Frontend {
         consumer: &str,
         client: &str,
         target: &tether_proto::TargetAddr,
-    ) -> crate::audit::AuditEntry {
+    ) -> crate::consumers::audit::AuditEntry {
         self.dialer.audit.connection(
-            crate::audit::Via::Frontend(self.kind.label()),
+            crate::consumers::audit::Via::Frontend(self.kind.label()),
             peer,
             Some(consumer),
             client,
@@ -369,8 +365,10 @@ impl Drop for Active {
 async fn serve(frontend: &Frontend, tcp: TcpStream, peer: SocketAddr, admission: &mut Admission) {
     let _ = tcp.set_nodelay(true);
     match frontend.kind {
-        Kind::HttpConnect => connect_proxy::serve(frontend, tcp, peer, admission).await,
-        Kind::Socks5 => socks5::serve(frontend, tcp, peer, admission).await,
+        Kind::HttpConnect => {
+            crate::consumers::http_connect::serve(frontend, tcp, peer, admission).await
+        }
+        Kind::Socks5 => crate::consumers::socks5::serve(frontend, tcp, peer, admission).await,
     }
 }
 

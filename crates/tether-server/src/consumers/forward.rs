@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tether_proto::TargetAddr;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -13,8 +14,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, field, info, warn};
 
 use crate::accept::accept;
-use crate::audit::Via;
-use crate::tunnel_dial::{DialError, TunnelDialer, reset, splice};
+use crate::consumers::audit::Via;
+use crate::consumers::dial::{DialError, TunnelDialer, reset, splice};
 use tether_common::log_throttle::LogThrottle;
 
 /// One configured forward and what its connection tasks share.
@@ -37,22 +38,31 @@ pub(crate) struct Forward {
     pub(crate) last_error: Arc<LastError>,
 }
 
+/// A forward's last failed dial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardError {
+    /// When, RFC 3339 UTC.
+    pub at: String,
+    /// What failed, in words, with its code (`no_session`, `denied`, ...).
+    pub error: String,
+}
+
 /// The last failed dial of a forward: when, and why in words. Replaced whole under a short
 /// lock, never held across `.await`.
 #[derive(Debug, Default)]
-pub(crate) struct LastError(Mutex<Option<crate::admin::ForwardError>>);
+pub(crate) struct LastError(Mutex<Option<ForwardError>>);
 
 impl LastError {
     fn set(&self, error: String) {
-        let value = crate::admin::ForwardError {
-            at: crate::registry::rfc3339(std::time::SystemTime::now()),
+        let value = ForwardError {
+            at: crate::agents::registry::rfc3339(std::time::SystemTime::now()),
             error,
         };
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
     }
 
     /// The last failed dial, if any.
-    pub(crate) fn get(&self) -> Option<crate::admin::ForwardError> {
+    pub(crate) fn get(&self) -> Option<ForwardError> {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -165,7 +175,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::registry::NoSession;
+    use crate::agents::registry::NoSession;
 
     /// Collects formatted log lines.
     #[derive(Clone, Default)]

@@ -14,11 +14,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::audit::AuditLog;
-use crate::metrics::{NO_SESSION, ServerMetrics};
+use crate::agents::registry::{NoSession, SessionEntry, SessionRegistry};
+use crate::consumers::audit::AuditLog;
 use crate::peers::relay::{Relay, RelayError};
-use crate::registry::{NoSession, SessionEntry, SessionRegistry};
 use crate::remotedialer_metrics::ConnectionGuard;
+use crate::server::metrics::{NO_SESSION, ServerMetrics};
 
 /// Why a dial through an agent failed.
 #[derive(Debug, thiserror::Error)]

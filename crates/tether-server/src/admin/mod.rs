@@ -1,8 +1,11 @@
 //! The admin listener (plain HTTP): `/` (an index page, `index_page`), `/healthz`, `/readyz`,
 //! `/metrics`, `GET /v1/clients` (the listing `tether status` reads) and `GET /v1/clients/{id}`.
 
+pub mod index_page;
+pub(crate) mod listener;
+pub(crate) mod state;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -11,8 +14,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{ClientSnapshot, SessionRegistry};
-use crate::reload::ServerReloader;
+pub(crate) use self::state::{AdminState, Phase, Readiness};
+use crate::agents::registry::ClientSnapshot;
+pub use crate::consumers::forward::ForwardError;
 
 /// The body of `GET /v1/clients`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,10 +42,10 @@ pub struct ClientDetail {
     /// Whether the server expects this id (in allowed_agents or a forward's client).
     pub declared: bool,
     /// Live sessions, oldest first.
-    pub sessions: Vec<crate::registry::SessionSnapshot>,
+    pub sessions: Vec<crate::agents::registry::SessionSnapshot>,
     /// The last refused connection attempt and the last session end.
     #[serde(flatten)]
-    pub history: crate::client_history::ClientRecord,
+    pub history: crate::agents::client_history::ClientRecord,
 }
 
 /// One running forward, for listings.
@@ -61,15 +65,6 @@ pub struct ForwardSnapshot {
     pub last_error: Option<ForwardError>,
 }
 
-/// A forward's last failed dial.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ForwardError {
-    /// When, RFC 3339 UTC.
-    pub at: String,
-    /// What failed, in words, with its code (`no_session`, `denied`, ...).
-    pub error: String,
-}
-
 /// One consumer frontend that is on, for listings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrontendSnapshot {
@@ -79,41 +74,6 @@ pub struct FrontendSnapshot {
     pub listen: String,
     /// Names of the consumers that authenticate with a token.
     pub consumers: Vec<String>,
-}
-
-/// Lifecycle phase reported by `/readyz`.
-#[derive(Debug)]
-pub(crate) struct Readiness(AtomicU8);
-
-const STARTING: u8 = 0;
-const READY: u8 = 1;
-const DRAINING: u8 = 2;
-
-impl Default for Readiness {
-    fn default() -> Self {
-        Self(AtomicU8::new(STARTING))
-    }
-}
-
-impl Readiness {
-    pub(crate) fn set_ready(&self) {
-        self.0.store(READY, Ordering::Release);
-    }
-
-    pub(crate) fn set_draining(&self) {
-        self.0.store(DRAINING, Ordering::Release);
-    }
-}
-
-/// What the admin routes read.
-#[derive(Debug)]
-pub(crate) struct AdminState {
-    pub(crate) registry: Arc<SessionRegistry>,
-    pub(crate) prometheus: prometheus::Registry,
-    pub(crate) readiness: Arc<Readiness>,
-    pub(crate) server_id: String,
-    /// The running config and forwards, for the listing's `forwards` and `frontends`.
-    pub(crate) reloader: ServerReloader,
 }
 
 pub(crate) fn router(state: Arc<AdminState>) -> Router {
@@ -128,14 +88,14 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
 }
 
 async fn index(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> Response {
-    crate::index_page::index(&state, &headers)
+    index_page::index(&state, &headers)
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
-    match state.readiness.0.load(Ordering::Acquire) {
-        READY => (StatusCode::OK, "ready\n").into_response(),
-        DRAINING => (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response(),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response(),
+    match state.readiness.phase() {
+        Phase::Ready => (StatusCode::OK, "ready\n").into_response(),
+        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response(),
+        Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response(),
     }
 }
 

@@ -28,13 +28,13 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::accept::accept;
 use crate::admission::{Slot, SlotTable, first_byte, source_key};
-use crate::connect::{ConnContext, UpgradedAgent};
-use crate::metrics::ServerMetrics;
-use crate::registry::Protocol;
-use crate::registry::{PeerChain, SessionRegistry};
-use crate::remotedialer_ws::RdWsTransport;
+use crate::agents::framing::RdWsTransport;
+use crate::agents::registry::Protocol;
+use crate::agents::registry::{PeerChain, SessionRegistry};
+use crate::agents::upgrade::handoff::{ConnFacts, UpgradedAgent};
+use crate::agents::websocket::WsTransport;
+use crate::server::metrics::ServerMetrics;
 use crate::tls_reload::TlsReloader;
-use crate::ws_transport::WsTransport;
 use tether_common::log_throttle::LogThrottle;
 use tether_common::read_ahead::ReadAhead;
 
@@ -269,7 +269,7 @@ async fn handshake(
     };
 
     let (handoff_tx, handoff_rx) = oneshot::channel();
-    let ctx = ConnContext {
+    let ctx = ConnFacts {
         agent_id: agent_id.as_deref().map(Arc::from),
         peer_addr: peer,
         handoff: Arc::new(Mutex::new(Some(handoff_tx))),
@@ -401,7 +401,7 @@ async fn run_session(
         &agent_id,
         peer,
         session.clone(),
-        crate::registry::SessionMeta {
+        crate::agents::registry::SessionMeta {
             instance: instance.clone(),
             endpoint,
             protocol,
@@ -475,11 +475,11 @@ impl Tunnel {
         let Some(refusal) = err
             .get_ref()
             .and_then(|e| e.downcast_ref::<rustls::Error>())
-            .and_then(crate::tls_refusals::classify)
+            .and_then(crate::agents::tls_refusals::classify)
         else {
             return;
         };
-        let id = crate::tls_refusals::record(
+        let id = crate::agents::tls_refusals::record(
             &refusal,
             presented,
             self.identity,

@@ -8,8 +8,8 @@ use rustls::pki_types::CertificateDer;
 use rustls::{AlertDescription, CertificateError};
 use tether_common::identity::{IdentityMode, agent_id_from_cert};
 
-use crate::client_history::ClientHistory;
-use crate::metrics::ServerMetrics;
+use crate::agents::client_history::ClientHistory;
+use crate::server::metrics::ServerMetrics;
 
 /// Labels of `tether_tls_refusals_total{reason}`.
 pub const REASONS: [&str; 7] = [

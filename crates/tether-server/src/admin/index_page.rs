@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Serialize;
 
-use crate::admin::AdminState;
+use crate::admin::state::AdminState;
 
 /// The admin endpoints and what each answers.
 pub const ENDPOINTS: &[(&str, &str)] = &[

@@ -13,9 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::consumers::{AuthError, Credentials};
-use super::{Frontend, record_request};
-use crate::tunnel_dial::{DialError, splice};
+use crate::consumers::auth::{AuthError, Credentials};
+use crate::consumers::dial::{DialError, splice};
+use crate::consumers::proxy::{Admission, Frontend, record_request};
 
 /// Largest request head (request line and headers) accepted.
 pub(crate) const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -240,7 +240,7 @@ pub(crate) async fn serve(
     frontend: &Frontend,
     mut tcp: TcpStream,
     peer: SocketAddr,
-    admission: &mut super::Admission,
+    admission: &mut Admission,
 ) {
     let settings = frontend.control.current();
     let head = tokio::time::timeout(settings.handshake_timeout, read_head(&mut tcp)).await;
@@ -307,7 +307,7 @@ pub(crate) async fn serve(
     if !request.leftover.is_empty() {
         if let Err(err) = conn.stream.write_all(&request.leftover).await {
             debug!(error = %err, "stream failed before the consumer's first bytes");
-            crate::tunnel_dial::reset(&tcp);
+            crate::consumers::dial::reset(&tcp);
             return audit.ended("tunnel_error", &err);
         }
         audit.sent(request.leftover.len() as u64);

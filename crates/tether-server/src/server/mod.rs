@@ -3,6 +3,8 @@
 //! stop accepting, GOAWAY, drain streams up to `drain_timeout`, close sessions, wait for the
 //! tasks (bounded).
 
+pub mod metrics;
+
 use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
@@ -26,23 +28,23 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::admin::{self, AdminState, Readiness};
-use crate::audit::AuditLog;
+use crate::agents::health::HealthChecker;
+use crate::agents::listener::{self, Tunnel};
+use crate::agents::registry::SessionRegistry;
+use crate::agents::upgrade::{self, context::UpgradeContext};
 use crate::config::ServerConfig;
-use crate::connect::{self, ConnectState};
-use crate::frontend::{self, Frontend, FrontendControl, Kind};
-use crate::health::HealthChecker;
-use crate::metrics::ServerMetrics;
+use crate::consumers::audit::AuditLog;
+use crate::consumers::dial::TunnelDialer;
+use crate::consumers::proxy::{self, Frontend, FrontendControl, Kind};
 use crate::peers::links::{Dialer, Links};
 use crate::peers::listener::PeerListener;
 use crate::peers::metrics::PeerMetrics;
 use crate::peers::relay::Relay;
 use crate::peers::serve::Served;
 use crate::peers::tls::PeerTls;
-use crate::registry::SessionRegistry;
 use crate::reload::{ForwardSet, ServerReloader};
+use crate::server::metrics::ServerMetrics;
 use crate::tls_reload::{TlsReloadMetrics, TlsReloader};
-use crate::tunnel::{self, Tunnel};
-use crate::tunnel_dial::TunnelDialer;
 use tether_common::log_throttle::LogThrottle;
 
 /// How long the tasks get to finish once the sessions are closed.
@@ -85,7 +87,7 @@ pub enum ServerError {
     },
     /// The audit log could not start.
     #[error(transparent)]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(#[from] crate::consumers::audit::AuditError),
     /// Enrollment could not start (its issuer files).
     #[error(transparent)]
     Enrollment(#[from] crate::enrollment::EnrollmentError),
@@ -488,7 +490,8 @@ impl Server {
             }
         }
         let remotedialer =
-            crate::remotedialer_connect::auth_from_config(&config.remotedialer).map_err(one)?;
+            crate::agents::upgrade::remotedialer_auth::auth_from_config(&config.remotedialer)
+                .map_err(one)?;
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
         let admin_stop = CancellationToken::new();
@@ -497,7 +500,7 @@ impl Server {
         let admin_addr = display_addr(&listeners.admin);
 
         // Tunnel listener.
-        let connect_state = Arc::new(ConnectState {
+        let connect_state = Arc::new(UpgradeContext {
             allowed: self.allowed.clone(),
             agent_slots: self.agent_slots.clone(),
             metrics: self.metrics.clone(),
@@ -516,20 +519,21 @@ impl Server {
             handshake_timeout: config.handshake_timeout.0,
             pending: Arc::new(Semaphore::new(config.max_pending_handshakes)),
             sources: crate::admission::SlotTable::new(config.max_pending_handshakes_per_source),
-            identities: crate::admission::SlotTable::new(tunnel::MAX_PENDING_PER_IDENTITY),
+            identities: crate::admission::SlotTable::new(listener::MAX_PENDING_PER_IDENTITY),
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             mux_config: config.to_mux_config(),
             rd_close_linger: config.remotedialer.close_linger.0,
             rd_sync_grace: config.remotedialer.sync_grace.0,
-            router: connect::router(connect_state),
+            router: upgrade::router(connect_state),
             shutdown: shutdown.clone(),
             hard_stop: hard_stop.clone(),
             tracker: tracker.clone(),
             log: LogThrottle::new(LOG_WINDOW),
         });
         tracker.spawn(
-            tunnel::accept_loop(tunnel, listeners.tunnel).instrument(info_span!("tunnel_listener")),
+            listener::accept_loop(tunnel, listeners.tunnel)
+                .instrument(info_span!("tunnel_listener")),
         );
 
         // Replica peering, then the dialer the forwards and frontends share.
@@ -577,7 +581,7 @@ impl Server {
                 hard_stop.clone(),
                 tracker.clone(),
             ));
-            tracker.spawn(frontend::accept_loop(frontend, listener));
+            tracker.spawn(proxy::accept_loop(frontend, listener));
         }
 
         // Health checker: pings every session until shutdown starts.
@@ -598,10 +602,10 @@ impl Server {
             reloader: self.reloader.clone(),
         }));
         tracker.spawn(
-            crate::admin_listener::serve(
+            crate::admin::listener::serve(
                 listeners.admin,
                 admin_router,
-                crate::admin_listener::ADMIN_LIMITS,
+                crate::admin::listener::ADMIN_LIMITS,
                 admin_stop.clone(),
             )
             .instrument(info_span!("admin_listener")),

@@ -231,7 +231,7 @@ impl ServerMetrics {
                 &["protocol"],
             )?,
         };
-        for protocol in crate::registry::Protocol::ALL {
+        for protocol in crate::agents::registry::Protocol::ALL {
             metrics
                 .protocol_sessions
                 .with_label_values(&[protocol.label()]);
@@ -243,12 +243,12 @@ impl ServerMetrics {
             metrics.session_events.with_label_values(&[event]);
         }
         metrics.dial_errors.with_label_values(&[NO_SESSION]);
-        for reason in crate::tls_refusals::REASONS {
+        for reason in crate::agents::tls_refusals::REASONS {
             metrics.tls_refusals.with_label_values(&[reason]);
         }
-        for frontend in crate::frontend::FRONTEND_LABELS {
+        for frontend in crate::consumers::proxy::FRONTEND_LABELS {
             metrics.frontend_active.with_label_values(&[frontend]);
-            for reason in crate::frontend::REFUSAL_REASONS {
+            for reason in crate::consumers::proxy::REFUSAL_REASONS {
                 metrics
                     .frontend_refusals
                     .with_label_values(&[frontend, reason]);

@@ -11,9 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::consumers::{AuthError, ConsumerTable, Credentials};
-use super::{Frontend, record_request};
-use crate::tunnel_dial::{DialError, reset, splice};
+use crate::consumers::auth::{AuthError, ConsumerTable, Credentials};
+use crate::consumers::dial::{DialError, reset, splice};
+use crate::consumers::proxy::{Admission, Frontend, record_request};
 
 const VERSION: u8 = 5;
 const AUTH_VERSION: u8 = 1;
@@ -256,7 +256,7 @@ pub(crate) async fn serve(
     frontend: &Frontend,
     mut tcp: TcpStream,
     peer: SocketAddr,
-    admission: &mut super::Admission,
+    admission: &mut Admission,
 ) {
     let settings = frontend.control.current();
     let handshake = tokio::time::timeout(
@@ -363,7 +363,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::registry::NoSession;
+    use crate::agents::registry::NoSession;
 
     fn open(source: OpenError) -> DialError {
         DialError::Open {

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{AuditLogConfig, AuditOutput};
-use crate::tunnel_dial::{DialError, SpliceEnd, TunnelConn};
+use crate::consumers::dial::{DialError, SpliceEnd, TunnelConn};
 
 /// Largest batch of lines written with one system call.
 const BATCH_BYTES: usize = 64 * 1024;
@@ -416,7 +416,7 @@ impl Drop for AuditEntry {
 
 /// `time` as RFC 3339 UTC with milliseconds.
 fn rfc3339_millis(time: SystemTime) -> String {
-    let whole = crate::registry::rfc3339(time);
+    let whole = crate::agents::registry::rfc3339(time);
     let millis = time
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_millis());

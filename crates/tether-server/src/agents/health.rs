@@ -16,9 +16,9 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::agents::registry::{RegistryNotice, SessionEntry, SessionEvent, SessionRegistry};
 use crate::config::HealthConfig;
-use crate::metrics::ServerMetrics;
-use crate::registry::{RegistryNotice, SessionEntry, SessionEvent, SessionRegistry};
+use crate::server::metrics::ServerMetrics;
 
 /// Probe results waiting for the checker loop; probe tasks wait when it is full.
 const RESULT_QUEUE: usize = 1024;

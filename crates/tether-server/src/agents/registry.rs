@@ -15,7 +15,7 @@ use tether_proto::GoAwayCode;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::metrics::ServerMetrics;
+use crate::server::metrics::ServerMetrics;
 
 /// Longest agent instance id kept from `X-Tether-Instance`.
 pub const MAX_INSTANCE_LEN: usize = 64;
@@ -319,7 +319,7 @@ pub struct SessionRegistry {
     next_id: AtomicU64,
     metrics: ServerMetrics,
     replica: String,
-    history: Arc<crate::client_history::ClientHistory>,
+    history: Arc<crate::agents::client_history::ClientHistory>,
 }
 
 impl SessionRegistry {
@@ -341,7 +341,7 @@ impl SessionRegistry {
     }
 
     /// Per client id, the last refused attempt and the last session end.
-    pub fn history(&self) -> &Arc<crate::client_history::ClientHistory> {
+    pub fn history(&self) -> &Arc<crate::agents::client_history::ClientHistory> {
         &self.history
     }
 

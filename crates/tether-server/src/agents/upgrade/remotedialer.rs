@@ -10,100 +10,25 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, HeaderName, StatusCode, header};
+use http::{HeaderMap, StatusCode, header};
 use tracing::{debug, warn};
 
-use tether_common::config_error::FieldError;
 use tether_common::identity::validate_agent_id;
 
-use crate::config::RemotedialerConfig;
-use crate::connect::{
-    ConnContext, ConnectState, ENDPOINT_HEADER, INSTANCE_HEADER, NO_CLIENT_CERT, SUBPROTOCOL,
-    UpgradedAgent,
+use crate::agents::registry::{Protocol, sanitize_instance};
+use crate::agents::upgrade::context::{
+    ENDPOINT_HEADER, INSTANCE_HEADER, NO_CLIENT_CERT, SUBPROTOCOL, UpgradeContext, sized,
 };
-use crate::registry::{Protocol, sanitize_instance};
+use crate::agents::upgrade::handoff::{ConnFacts, UpgradedAgent};
+use crate::agents::upgrade::remotedialer_auth::{RdAuth, constant_time_eq};
 
 /// Largest remotedialer message accepted: a Data payload of 1 MiB (Go writes 32 KiB) and its
 /// header.
 pub(crate) const MAX_RD_MESSAGE: usize = tether_proto::remotedialer::DEFAULT_MAX_DATA + 64;
 
-/// How remotedialer requests are authenticated beyond the client certificate.
-#[derive(Debug)]
-pub(crate) struct RdAuth {
-    /// Header that, when present, must equal the certificate identity.
-    pub(crate) tunnel_id_header: Option<HeaderName>,
-    pub(crate) require_tunnel_id: bool,
-    /// Header and expected value of the shared token.
-    pub(crate) token: Option<(HeaderName, Vec<u8>)>,
-    /// Clients without a certificate get in with the token, named by `tunnel_id_header`.
-    pub(crate) allow_without_client_cert: bool,
-}
-
-/// The route's path and checks from the `remotedialer:` section (reads the token file);
-/// `None` when the section is disabled.
-pub(crate) fn auth_from_config(
-    config: &RemotedialerConfig,
-) -> Result<Option<(String, RdAuth)>, FieldError> {
-    if !config.enabled {
-        return Ok(None);
-    }
-    let header = |key: &str, value: &str| {
-        HeaderName::from_bytes(value.as_bytes())
-            .map_err(|_| FieldError::new(key, format!("`{value}` is not a valid HTTP header name")))
-    };
-    let tunnel_id_header = if config.tunnel_id_header.is_empty() {
-        None
-    } else {
-        Some(header(
-            "remotedialer.tunnel_id_header",
-            &config.tunnel_id_header,
-        )?)
-    };
-    let token = match &config.token_file {
-        None => None,
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|err| {
-                FieldError::new(
-                    "remotedialer.token_file",
-                    format!("cannot read {}: {err}", path.display()),
-                )
-            })?;
-            let token = text.trim();
-            if token.is_empty() {
-                return Err(FieldError::new(
-                    "remotedialer.token_file",
-                    format!("{} holds no token", path.display()),
-                ));
-            }
-            Some((
-                header("remotedialer.token_header", &config.token_header)?,
-                token.as_bytes().to_vec(),
-            ))
-        }
-    };
-    Ok(Some((
-        config.path.clone(),
-        RdAuth {
-            tunnel_id_header,
-            require_tunnel_id: config.require_tunnel_id,
-            token,
-            allow_without_client_cert: config.allow_without_client_cert,
-        },
-    )))
-}
-
-/// Equal lengths and bytes, in time that depends on the lengths only.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
-}
-
 fn refuse(
-    state: &ConnectState,
-    ctx: &ConnContext,
+    state: &UpgradeContext,
+    ctx: &ConnFacts,
     status: StatusCode,
     reason: &'static str,
     body: &str,
@@ -125,9 +50,9 @@ fn refuse(
     (status, format!("{body}\n")).into_response()
 }
 
-pub(crate) async fn connect(
-    State(state): State<Arc<ConnectState>>,
-    Extension(ctx): Extension<ConnContext>,
+pub(crate) async fn upgrade(
+    State(state): State<Arc<UpgradeContext>>,
+    Extension(ctx): Extension<ConnFacts>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -232,8 +157,8 @@ fn certless_id(auth: &RdAuth, headers: &HeaderMap) -> Result<Arc<str>, Refusal> 
 /// The checks shared by both kinds of client once `agent_id` is known: the allow-list, the
 /// upgrade itself, shutdown and `max_agents`.
 fn admit(
-    state: &ConnectState,
-    ctx: &ConnContext,
+    state: &UpgradeContext,
+    ctx: &ConnFacts,
     agent_id: Arc<str>,
     headers: &HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -297,7 +222,7 @@ fn admit(
         .and_then(|v| v.to_str().ok())
         .map(sanitize_instance)
         .unwrap_or_default();
-    crate::connect::sized(ws, MAX_RD_MESSAGE).on_upgrade(move |socket| async move {
+    sized(ws, MAX_RD_MESSAGE).on_upgrade(move |socket| async move {
         let _ = handoff.send(UpgradedAgent {
             socket,
             agent_id,
@@ -309,17 +234,4 @@ fn admit(
             protocol: Protocol::Remotedialer,
         });
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn token_compare() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
 }

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+pub(crate) mod fields;
+
 use serde::{Deserialize, Serialize};
+
+pub(crate) use self::fields::{check_readable, parse_socket_addr, positive};
 use tether_common::config_error::{ConfigErrors, ConfigLoadError, FieldError, parse_yaml};
 use tether_common::duration::HumanDuration;
 use tether_common::identity::{IdentityMode, validate_agent_id};
@@ -762,29 +766,6 @@ impl ServerConfig {
             dial_timeout: self.dial_timeout.0,
             ..MuxConfig::default()
         }
-    }
-}
-
-/// Parses `ip:port` (host names are not accepted for listen addresses).
-pub(crate) fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
-    SocketAddr::from_str(text).map_err(|_| {
-        format!("`{text}` is not an `ip:port` address (e.g. 127.0.0.1:8443 or [::1]:8443)")
-    })
-}
-
-pub(crate) fn positive(errors: &mut ConfigErrors, path: &str, value: HumanDuration) {
-    if value.0.is_zero() {
-        errors.push(path, "must be above zero");
-    }
-}
-
-pub(crate) fn check_readable(path: &Path) -> Result<(), String> {
-    match std::fs::File::open(path) {
-        Ok(file) => match file.metadata() {
-            Ok(meta) if meta.is_dir() => Err(format!("{} is a directory", path.display())),
-            _ => Ok(()),
-        },
-        Err(err) => Err(format!("cannot read {}: {err}", path.display())),
     }
 }
 

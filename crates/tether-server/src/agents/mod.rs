@@ -1,0 +1,11 @@
+//! The agents' side: the tunnel listener (accept, TLS, the HTTP upgrade), the sessions it
+//! runs, the registry that holds them and the health checker that probes them.
+
+pub mod client_history;
+pub(crate) mod framing;
+pub mod health;
+pub(crate) mod listener;
+pub mod registry;
+pub mod tls_refusals;
+pub(crate) mod upgrade;
+pub(crate) mod websocket;
