@@ -17,25 +17,31 @@ pub mod enrollment;
 pub mod peers;
 pub mod reload;
 pub mod remotedialer_metrics;
+mod rfc3339;
 mod server;
 pub mod tls_reload;
 
 pub use admin::ClientsResponse;
 pub use agents::health::HealthChecker;
+pub use agents::health_metrics::HealthMetrics;
+pub use agents::metrics::AgentMetrics;
 pub use agents::registry::{
     NoSession, Protocol, RegistryNotice, SessionEntry, SessionEvent, SessionGuard, SessionRegistry,
     Subscriber,
 };
+pub use agents::registry_metrics::RegistryMetrics;
 pub use agents::{client_history, health, registry, tls_refusals};
 pub use config::{
     AuditLogConfig, AuditOutput, ConsumerConfig, EnrollmentConfig, ForwardConfig, FrontendsConfig,
     HealthConfig, MetricsConfig, RemotedialerConfig, ServerConfig, TlsConfig, TokenHash,
 };
 pub use consumers::audit::{self, AuditLog};
-pub use consumers::proxy::{FRONTEND_LABELS, FrontendControl, FrontendReload, REFUSAL_REASONS};
+pub use consumers::dial_metrics::DialMetrics;
+pub use consumers::proxy_control::{FrontendControl, FrontendReload};
+pub use consumers::proxy_metrics::{FRONTEND_LABELS, ProxyMetrics, REFUSAL_REASONS};
 pub use peers::config::PeersConfig;
 pub use reload::ServerReloader;
-pub use server::metrics::{self, ServerMetrics};
+pub use server::metrics;
 pub use server::{FrontendListeners, Listeners, Server, ServerError, run};
 pub use tether_common::config_diff::ReloadOutcome;
 pub use tls_reload::TlsReloader;

@@ -19,15 +19,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::agents::registry::SessionRegistry;
 use crate::config::{ForwardConfig, ServerConfig};
 use crate::consumers::audit::AuditLog;
-use crate::consumers::dial::TunnelDialer;
+use crate::consumers::context::ConsumerContext;
 use crate::consumers::forward::{self, Forward};
-use crate::consumers::proxy::FrontendControl;
+use crate::consumers::proxy_control::FrontendControl;
 use crate::tls_reload::TlsReloader;
 use tether_common::tls::TlsError;
 
@@ -57,26 +56,15 @@ struct RunningForward {
 /// What new forwards are built from; installed by `Server::run`.
 pub(crate) struct ForwardSet {
     running: BTreeMap<String, RunningForward>,
-    /// How every forward dials (registry, metrics, timeout, audit log, relay).
-    dialer: TunnelDialer,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
-    tracker: TaskTracker,
+    /// What every forward shares (dialer, audit log, lifecycle).
+    ctx: ConsumerContext,
 }
 
 impl ForwardSet {
-    pub(crate) fn new(
-        dialer: TunnelDialer,
-        shutdown: CancellationToken,
-        hard_stop: CancellationToken,
-        tracker: TaskTracker,
-    ) -> ForwardSet {
+    pub(crate) fn new(ctx: ConsumerContext) -> ForwardSet {
         ForwardSet {
             running: BTreeMap::new(),
-            dialer,
-            shutdown,
-            hard_stop,
-            tracker,
+            ctx,
         }
     }
 
@@ -97,19 +85,20 @@ impl ForwardSet {
             %target,
             "forward listening"
         );
-        let stop = self.shutdown.child_token();
+        let stop = self.ctx.shutdown.child_token();
         let forward = Arc::new(Forward::new(
             config.name.clone(),
             config.client.clone(),
             target,
-            self.dialer.clone(),
-            stop.clone(),
-            self.hard_stop.clone(),
-            self.tracker.clone(),
+            ConsumerContext {
+                shutdown: stop.clone(),
+                ..self.ctx.clone()
+            },
         ));
         let last_error = forward.last_error.clone();
         let span = info_span!("forward", forward = %config.name);
         let task = self
+            .ctx
             .tracker
             .spawn(forward::accept_loop(forward, listener).instrument(span));
         self.running.insert(

@@ -19,7 +19,7 @@ use tether_proto::remotedialer::RdLimits;
 use tether_common::duration::HumanDuration;
 use tether_mux::transport::framed;
 use tether_mux::{MuxConfig, MuxMetrics, Role, Session};
-use tether_server::{HealthChecker, HealthConfig, ServerMetrics, SessionRegistry};
+use tether_server::{HealthChecker, HealthConfig, HealthMetrics, RegistryMetrics, SessionRegistry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -91,7 +91,7 @@ fn health_config() -> HealthConfig {
     }
 }
 
-fn probes(metrics: &ServerMetrics, result: &str) -> u64 {
+fn probes(metrics: &HealthMetrics, result: &str) -> u64 {
     metrics.health_probes.with_label_values(&[result]).get()
 }
 
@@ -107,15 +107,17 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 struct Fixture {
-    metrics: ServerMetrics,
+    metrics: HealthMetrics,
     registry: Arc<SessionRegistry>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 fn start_checker() -> Fixture {
-    let metrics = ServerMetrics::unregistered().unwrap();
-    let registry = Arc::new(SessionRegistry::new(metrics.clone()));
+    let metrics = HealthMetrics::unregistered().unwrap();
+    let registry = Arc::new(SessionRegistry::new(
+        RegistryMetrics::unregistered().unwrap(),
+    ));
     let checker = HealthChecker::new(registry.clone(), metrics.clone(), &health_config());
     let stop = CancellationToken::new();
     let task = tokio::spawn(checker.run(stop.clone()));
@@ -251,8 +253,10 @@ async fn removed_and_replaced_sessions_are_never_probed_again() {
 
 #[tokio::test(start_paused = true)]
 async fn sessions_present_before_the_checker_starts_are_probed() {
-    let metrics = ServerMetrics::unregistered().unwrap();
-    let registry = Arc::new(SessionRegistry::new(metrics.clone()));
+    let metrics = HealthMetrics::unregistered().unwrap();
+    let registry = Arc::new(SessionRegistry::new(
+        RegistryMetrics::unregistered().unwrap(),
+    ));
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let (s1, _a1, _gate) = gated_pair();
     let _g1 = registry.insert("edge-1", "inst-a", peer, s1);

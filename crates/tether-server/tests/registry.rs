@@ -9,7 +9,7 @@ use tether_mux::transport::framed;
 use tether_mux::{MuxConfig, MuxMetrics, Role, Session};
 use tether_proto::GoAwayCode;
 use tether_server::registry::Revocation;
-use tether_server::{RegistryNotice, ServerMetrics, SessionEvent, SessionRegistry};
+use tether_server::{RegistryMetrics, RegistryNotice, SessionEvent, SessionRegistry};
 
 /// A server-side session whose agent side is kept alive in a task.
 fn session_pair() -> (Session, Session) {
@@ -29,13 +29,13 @@ fn session_pair() -> (Session, Session) {
     (server, agent)
 }
 
-fn event(metrics: &ServerMetrics, name: &str) -> u64 {
+fn event(metrics: &RegistryMetrics, name: &str) -> u64 {
     metrics.session_events.with_label_values(&[name]).get()
 }
 
 #[tokio::test]
 async fn same_instance_replaces_other_instances_stay() {
-    let metrics = ServerMetrics::unregistered().unwrap();
+    let metrics = RegistryMetrics::unregistered().unwrap();
     let registry = Arc::new(SessionRegistry::new(metrics.clone()));
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
 
@@ -100,7 +100,7 @@ async fn same_instance_replaces_other_instances_stay() {
 
 #[tokio::test]
 async fn empty_instances_never_replace_and_closed_sessions_are_not_picked() {
-    let metrics = ServerMetrics::unregistered().unwrap();
+    let metrics = RegistryMetrics::unregistered().unwrap();
     let registry = Arc::new(SessionRegistry::new(metrics.clone()));
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let (s1, _a1) = session_pair();
@@ -156,7 +156,7 @@ fn describe(notice: RegistryNotice) -> String {
 
 #[tokio::test]
 async fn subscribers_see_every_change_in_order() {
-    let metrics = ServerMetrics::unregistered().unwrap();
+    let metrics = RegistryMetrics::unregistered().unwrap();
     let registry = Arc::new(SessionRegistry::new(metrics));
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let (s0, _a0) = session_pair();
@@ -197,7 +197,7 @@ async fn subscribers_see_every_change_in_order() {
 
 #[tokio::test]
 async fn a_lagging_subscriber_gets_a_snapshot_equal_to_the_registry_then_later_events() {
-    let metrics = ServerMetrics::unregistered().unwrap();
+    let metrics = RegistryMetrics::unregistered().unwrap();
     let registry = Arc::new(SessionRegistry::new(metrics.clone()));
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let (_initial, mut slow) = registry.subscribe_with_capacity(3);
@@ -266,7 +266,7 @@ async fn a_lagging_subscriber_gets_a_snapshot_equal_to_the_registry_then_later_e
 
 #[tokio::test]
 async fn a_subscriber_that_never_reads_does_not_block_and_dropping_unsubscribes() {
-    let metrics = ServerMetrics::unregistered().unwrap();
+    let metrics = RegistryMetrics::unregistered().unwrap();
     let registry = Arc::new(SessionRegistry::new(metrics));
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let (_initial, stuck) = registry.subscribe_with_capacity(1);
@@ -287,7 +287,7 @@ async fn a_subscriber_that_never_reads_does_not_block_and_dropping_unsubscribes(
 
 #[tokio::test]
 async fn dials_prefer_the_newest_healthy_session_and_fall_back_to_the_newest_open_one() {
-    let metrics = ServerMetrics::unregistered().unwrap();
+    let metrics = RegistryMetrics::unregistered().unwrap();
     let registry = Arc::new(SessionRegistry::new(metrics));
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let (s1, _a1) = session_pair();
@@ -314,7 +314,7 @@ async fn dials_prefer_the_newest_healthy_session_and_fall_back_to_the_newest_ope
 
 #[tokio::test]
 async fn revoke_closes_exactly_the_refused_sessions_with_their_own_event() {
-    let metrics = ServerMetrics::unregistered().unwrap();
+    let metrics = RegistryMetrics::unregistered().unwrap();
     let registry = Arc::new(SessionRegistry::new(metrics.clone()));
     let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let (s1, a1) = session_pair();

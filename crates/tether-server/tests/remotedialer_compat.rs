@@ -9,7 +9,7 @@ use std::sync::Arc;
 use prometheus::Registry;
 use tether_mux::transport::framed;
 use tether_mux::{MuxConfig, MuxMetrics, Role, Session};
-use tether_server::{ServerMetrics, SessionRegistry};
+use tether_server::{RegistryMetrics, SessionRegistry};
 
 /// A server-side session whose agent side is kept alive in a task.
 fn session_pair() -> (Session, Session) {
@@ -32,7 +32,7 @@ fn session_pair() -> (Session, Session) {
 #[tokio::test]
 async fn sessions_are_added_and_removed_exactly_once() {
     let prometheus = Registry::new();
-    let metrics = ServerMetrics::register(&prometheus)
+    let metrics = RegistryMetrics::register(&prometheus)
         .unwrap()
         .with_remotedialer_compat(&prometheus)
         .unwrap();
@@ -67,7 +67,7 @@ async fn sessions_are_added_and_removed_exactly_once() {
 
     // Registering the compat counters twice in one registry fails instead of double counting.
     assert!(
-        ServerMetrics::unregistered()
+        RegistryMetrics::unregistered()
             .unwrap()
             .with_remotedialer_compat(&prometheus)
             .is_err()

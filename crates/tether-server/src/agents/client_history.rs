@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agents::registry::rfc3339;
+use crate::rfc3339::rfc3339;
 
 /// Most client ids remembered.
 pub const MAX_CLIENTS: usize = 4096;

@@ -16,9 +16,9 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::agents::health_metrics::HealthMetrics;
 use crate::agents::registry::{RegistryNotice, SessionEntry, SessionEvent, SessionRegistry};
 use crate::config::HealthConfig;
-use crate::server::metrics::ServerMetrics;
 
 /// Probe results waiting for the checker loop; probe tasks wait when it is full.
 const RESULT_QUEUE: usize = 1024;
@@ -49,7 +49,7 @@ impl ProbeOutcome {
 #[derive(Debug)]
 pub struct HealthChecker {
     registry: Arc<SessionRegistry>,
-    metrics: ServerMetrics,
+    metrics: HealthMetrics,
     interval: Duration,
     timeout: Duration,
     unhealthy_after: u32,
@@ -77,7 +77,7 @@ impl HealthChecker {
     /// A checker of `registry`'s sessions with the `health:` settings, reporting into `metrics`.
     pub fn new(
         registry: Arc<SessionRegistry>,
-        metrics: ServerMetrics,
+        metrics: HealthMetrics,
         config: &HealthConfig,
     ) -> Self {
         Self {

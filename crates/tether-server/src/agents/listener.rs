@@ -29,11 +29,11 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 use crate::accept::accept;
 use crate::admission::{Slot, SlotTable, first_byte, source_key};
 use crate::agents::framing::RdWsTransport;
+use crate::agents::metrics::AgentMetrics;
 use crate::agents::registry::Protocol;
 use crate::agents::registry::{PeerChain, SessionRegistry};
 use crate::agents::upgrade::handoff::{ConnFacts, UpgradedAgent};
 use crate::agents::websocket::WsTransport;
-use crate::server::metrics::ServerMetrics;
 use crate::tls_reload::TlsReloader;
 use tether_common::log_throttle::LogThrottle;
 use tether_common::read_ahead::ReadAhead;
@@ -50,7 +50,7 @@ pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const MAX_PENDING_PER_IDENTITY: usize = 4;
 
 /// Everything a tunnel connection task needs.
-pub(crate) struct Tunnel {
+pub(crate) struct AgentListener {
     /// The TLS material in force: each handshake takes the newest.
     pub(crate) tls: TlsReloader,
     pub(crate) identity: IdentityMode,
@@ -62,7 +62,7 @@ pub(crate) struct Tunnel {
     /// Authenticated connections not yet upgraded, per agent id ([`MAX_PENDING_PER_IDENTITY`]).
     pub(crate) identities: Arc<SlotTable<String>>,
     pub(crate) registry: Arc<SessionRegistry>,
-    pub(crate) metrics: ServerMetrics,
+    pub(crate) metrics: AgentMetrics,
     pub(crate) mux_config: MuxConfig,
     /// `remotedialer.close_linger`.
     pub(crate) rd_close_linger: Duration,
@@ -79,7 +79,7 @@ pub(crate) struct Tunnel {
 }
 
 /// Accepts tunnel connections until shutdown; each one runs in its own tracked task.
-pub(crate) async fn accept_loop(tunnel: Arc<Tunnel>, listener: TcpListener) {
+pub(crate) async fn accept_loop(tunnel: Arc<AgentListener>, listener: TcpListener) {
     while let Some((tcp, peer)) = accept(&listener, &tunnel.shutdown, &tunnel.log).await {
         let Some(source) = tunnel.sources.try_take(source_key(peer.ip())) else {
             tunnel.handshake_failed("source_limit");
@@ -149,7 +149,7 @@ impl Drop for PendingHandshake {
 }
 
 async fn serve_connection(
-    tunnel: Arc<Tunnel>,
+    tunnel: Arc<AgentListener>,
     tcp: TcpStream,
     peer: SocketAddr,
     pending: PendingHandshake,
@@ -167,7 +167,7 @@ async fn serve_connection(
 
 /// TLS, ALPN, identity and the HTTP upgrade; `None` if the connection is to be dropped.
 async fn handshake(
-    tunnel: &Tunnel,
+    tunnel: &AgentListener,
     tcp: TcpStream,
     peer: SocketAddr,
     deadline: Instant,
@@ -350,7 +350,7 @@ where
 
 /// Runs the agent's session to its end; the registry entry lives exactly as long.
 async fn run_session(
-    tunnel: &Tunnel,
+    tunnel: &AgentListener,
     agent_id: String,
     peer: SocketAddr,
     up: UpgradedAgent,
@@ -456,7 +456,7 @@ impl Drop for GaugeDec {
     }
 }
 
-impl Tunnel {
+impl AgentListener {
     fn handshake_failed(&self, reason: &'static str) {
         self.metrics
             .tls_handshake_failures
@@ -484,7 +484,7 @@ impl Tunnel {
             presented,
             self.identity,
             peer,
-            &self.metrics,
+            &self.metrics.tls_refusals,
             self.registry.history(),
         );
         if let Some(suppressed) = self.log.check(refusal.reason) {

@@ -4,12 +4,12 @@
 
 use std::net::SocketAddr;
 
+use prometheus::IntCounterVec;
 use rustls::pki_types::CertificateDer;
 use rustls::{AlertDescription, CertificateError};
 use tether_common::identity::{IdentityMode, agent_id_from_cert};
 
 use crate::agents::client_history::ClientHistory;
-use crate::server::metrics::ServerMetrics;
 
 /// Labels of `tether_tls_refusals_total{reason}`.
 pub const REASONS: [&str; 7] = [
@@ -99,20 +99,17 @@ pub fn alert_name(alert: AlertDescription) -> String {
     name
 }
 
-/// Counts `refusal` and remembers it under the agent id of `presented` when one can be read
+/// Counts `refusal` in `counter` (`tether_tls_refusals_total`) and remembers it under the agent id of `presented` when one can be read
 /// from it (the certificate need not have verified), else under the peer's address.
 pub(crate) fn record(
     refusal: &TlsRefusal,
     presented: Option<&CertificateDer<'_>>,
     identity: IdentityMode,
     peer: SocketAddr,
-    metrics: &ServerMetrics,
+    counter: &IntCounterVec,
     history: &ClientHistory,
 ) -> Option<String> {
-    metrics
-        .tls_refusals
-        .with_label_values(&[refusal.reason])
-        .inc();
+    counter.with_label_values(&[refusal.reason]).inc();
     let id = presented.and_then(|cert| agent_id_from_cert(cert, identity).ok());
     let peer_text = peer.to_string();
     match &id {

@@ -20,7 +20,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{AuditLogConfig, AuditOutput};
-use crate::consumers::dial::{DialError, SpliceEnd, TunnelConn};
+use crate::consumers::dial::{DialError, DialedStream};
+use crate::consumers::splice::SpliceEnd;
 
 /// Largest batch of lines written with one system call.
 const BATCH_BYTES: usize = 64 * 1024;
@@ -334,7 +335,7 @@ pub(crate) struct AuditEntry {
 
 impl AuditEntry {
     /// The stream is open: which session and stream carry it.
-    pub(crate) fn dialed(&mut self, conn: &TunnelConn, target: &TargetAddr) {
+    pub(crate) fn dialed(&mut self, conn: &DialedStream, target: &TargetAddr) {
         if let Some(open) = &mut self.open {
             open.line.session = Some(conn.session_id);
             open.line.agent_instance = Some(conn.instance.clone()).filter(|i| !i.is_empty());
@@ -416,7 +417,7 @@ impl Drop for AuditEntry {
 
 /// `time` as RFC 3339 UTC with milliseconds.
 fn rfc3339_millis(time: SystemTime) -> String {
-    let whole = crate::agents::registry::rfc3339(time);
+    let whole = crate::rfc3339::rfc3339(time);
     let millis = time
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_millis());

@@ -1,24 +1,20 @@
-//! Dialing through an agent and splicing a consumer socket onto the stream: the part that
-//! static forwards, the HTTP CONNECT proxy and the SOCKS5 proxy share.
+//! `AgentDialer`: opens a stream through the newest usable session of an agent (failing over
+//! to another session, or relaying through a peer replica), with the dial metrics; what static
+//! forwards, the HTTP CONNECT proxy, the SOCKS5 proxy and relayed dials share.
 
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_mux::direct::{DirectTcp, pipe_direct_until};
-use tether_mux::pipe::{PipeError, PipeSide, PipeTotals};
 use tether_mux::{MuxStream, OpenError};
-use tether_proto::{OpenErrorCode, ResetCode, TargetAddr};
-use tokio::net::TcpStream;
+use tether_proto::{OpenErrorCode, TargetAddr};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
+use crate::agents::health_metrics::HealthMetrics;
 use crate::agents::registry::{NoSession, SessionEntry, SessionRegistry};
-use crate::consumers::audit::AuditLog;
+use crate::consumers::dial_metrics::{DialMetrics, NO_SESSION};
 use crate::peers::relay::{Relay, RelayError};
 use crate::remotedialer_metrics::ConnectionGuard;
-use crate::server::metrics::{NO_SESSION, ServerMetrics};
 
 /// Why a dial through an agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,12 +64,12 @@ pub(crate) const FAILOVER_AFTER: Duration = Duration::from_secs(2);
 
 /// Opens streams through the newest usable session of a client, with the dial metrics.
 #[derive(Debug, Clone)]
-pub(crate) struct TunnelDialer {
+pub(crate) struct AgentDialer {
     pub(crate) registry: Arc<SessionRegistry>,
-    pub(crate) metrics: ServerMetrics,
+    pub(crate) metrics: DialMetrics,
+    /// Where a session that does not answer an OPEN is counted unhealthy.
+    pub(crate) health: HealthMetrics,
     pub(crate) dial_timeout: Duration,
-    /// Where each connection's audit line goes (a no-op when `audit_log` is off).
-    pub(crate) audit: AuditLog,
     /// Peer replicas to relay through when this replica holds no session of the client
     /// (`peers:`); `None` for dials that must stay local (a relayed dial is never relayed).
     pub(crate) relay: Option<Relay>,
@@ -81,7 +77,7 @@ pub(crate) struct TunnelDialer {
 
 /// An open stream and what must live as long as it.
 #[derive(Debug)]
-pub(crate) struct TunnelConn {
+pub(crate) struct DialedStream {
     pub(crate) stream: MuxStream,
     /// The registry's id of the session that carries the stream.
     pub(crate) session_id: u64,
@@ -91,14 +87,14 @@ pub(crate) struct TunnelConn {
     _compat: Option<ConnectionGuard>,
 }
 
-impl TunnelDialer {
+impl AgentDialer {
     /// Opens a stream to `target` through agent `client`. Failures are counted in
     /// `tether_dial_errors_total{code}`; logging them is the caller's (it knows the episode).
     pub(crate) async fn dial(
         &self,
         client: &str,
         target: &TargetAddr,
-    ) -> Result<TunnelConn, DialError> {
+    ) -> Result<DialedStream, DialError> {
         let entry = match (self.registry.pick_entry(client), &self.relay) {
             (Ok(entry), _) => entry,
             (Err(no_session), Some(relay)) => {
@@ -124,7 +120,7 @@ impl TunnelDialer {
             .dial_duration
             .observe(started.elapsed().as_secs_f64());
         match opened {
-            Ok((stream, used)) => Ok(TunnelConn {
+            Ok((stream, used)) => Ok(DialedStream {
                 stream,
                 session_id: used.session_id,
                 instance: used.instance,
@@ -144,7 +140,7 @@ impl TunnelDialer {
     }
 }
 
-impl TunnelDialer {
+impl AgentDialer {
     /// Opens `target` through a peer replica that holds a session of `client`.
     async fn dial_relayed(
         &self,
@@ -152,7 +148,7 @@ impl TunnelDialer {
         client: &str,
         target: &TargetAddr,
         no_session: NoSession,
-    ) -> Result<TunnelConn, DialError> {
+    ) -> Result<DialedStream, DialError> {
         let compat = self
             .metrics
             .remotedialer
@@ -165,7 +161,7 @@ impl TunnelDialer {
             .observe(started.elapsed().as_secs_f64());
         let error = match relayed {
             Ok(relayed) => {
-                return Ok(TunnelConn {
+                return Ok(DialedStream {
                     stream: relayed.stream,
                     session_id: 0,
                     instance: format!("relay:{}", relayed.via),
@@ -186,17 +182,7 @@ impl TunnelDialer {
     }
 }
 
-/// How a splice ended: the bytes moved and a close reason for the audit log.
-#[derive(Debug)]
-pub(crate) struct SpliceEnd {
-    pub(crate) totals: PipeTotals,
-    /// `closed` (both directions finished), `consumer_error`, `tunnel_error` or `shutdown`.
-    pub(crate) reason: &'static str,
-    /// The failure, if any.
-    pub(crate) error: Option<String>,
-}
-
-impl TunnelDialer {
+impl AgentDialer {
     /// Opens on `entry`'s session. When the client has another healthy session, an OPEN left
     /// unanswered for [`FAILOVER_AFTER`] is reset (its future dropped), `entry` is marked
     /// unhealthy at once (its next health pong heals it) and the dial is tried once more on
@@ -229,7 +215,7 @@ impl TunnelDialer {
             return result.map(|stream| (stream, entry));
         }
         if entry.health.set_healthy(false) {
-            self.metrics.health_unhealthy.inc();
+            self.health.health_unhealthy.inc();
         }
         warn!(
             agent.id = client,
@@ -247,68 +233,4 @@ impl TunnelDialer {
             .await?;
         Ok((stream, retry))
     }
-}
-
-/// Pumps bytes between `tcp` and the tunnel stream until both directions end, one side fails,
-/// or `hard_stop` fires. A failure on one side becomes a reset on the other, never a clean EOF.
-pub(crate) async fn splice(
-    mut conn: TunnelConn,
-    tcp: TcpStream,
-    hard_stop: &CancellationToken,
-) -> SpliceEnd {
-    let mut tcp = DirectTcp::new(tcp);
-    let stop = async {
-        hard_stop.cancelled().await;
-        PipeError {
-            side: PipeSide::Tunnel,
-            source: io::Error::new(io::ErrorKind::ConnectionAborted, SHUTTING_DOWN),
-        }
-    };
-    let end = pipe_direct_until(&mut conn.stream, &mut tcp, stop).await;
-    let totals = end.totals;
-    match end.result {
-        Ok(()) => {
-            debug!(
-                to_tunnel = totals.to_tunnel,
-                to_local = totals.to_local,
-                "stream finished"
-            );
-            SpliceEnd {
-                totals,
-                reason: "closed",
-                error: None,
-            }
-        }
-        Err(err) => {
-            debug!(side = ?err.side, error = %err.source, "stream failed");
-            let reason = if hard_stop.is_cancelled() {
-                "shutdown"
-            } else {
-                match err.side {
-                    PipeSide::Tunnel => "tunnel_error",
-                    PipeSide::Local => "consumer_error",
-                }
-            };
-            match err.side {
-                PipeSide::Tunnel => reset(tcp.get_ref()),
-                PipeSide::Local => conn
-                    .stream
-                    .reset(ResetCode::TargetReset, "consumer connection failed"),
-            }
-            SpliceEnd {
-                totals,
-                reason,
-                error: Some(err.source.to_string()),
-            }
-        }
-    }
-}
-
-/// The error a splice ends with at the server's hard stop.
-const SHUTTING_DOWN: &str = "server shutting down";
-
-/// Makes closing the consumer's socket (when it is dropped) send RST, so the consumer sees an
-/// error rather than a clean EOF.
-pub(crate) fn reset(tcp: &TcpStream) {
-    let _ = tcp.set_zero_linger();
 }

@@ -9,13 +9,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tether_proto::TargetAddr;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, field, info, warn};
 
 use crate::accept::accept;
 use crate::consumers::audit::Via;
-use crate::consumers::dial::{DialError, TunnelDialer, reset, splice};
+use crate::consumers::context::ConsumerContext;
+use crate::consumers::dial::DialError;
+use crate::consumers::splice::{reset, splice};
 use tether_common::log_throttle::LogThrottle;
 
 /// One configured forward and what its connection tasks share.
@@ -24,13 +24,8 @@ pub(crate) struct Forward {
     pub(crate) name: String,
     pub(crate) client: String,
     pub(crate) target: TargetAddr,
-    /// How its connections dial (registry, metrics, timeout, audit log, relay).
-    pub(crate) dialer: TunnelDialer,
-    /// Cancelled when shutdown starts: stop accepting.
-    pub(crate) shutdown: CancellationToken,
-    /// Cancelled when the drain deadline has passed: abort the pipes still running.
-    pub(crate) hard_stop: CancellationToken,
-    pub(crate) tracker: TaskTracker,
+    /// The dialer, audit log and lifecycle; its `shutdown` stops this forward alone.
+    pub(crate) ctx: ConsumerContext,
     pub(crate) log: LogThrottle,
     /// Whether the last dial failed: failures are logged at warn once per episode.
     failing: AtomicBool,
@@ -55,7 +50,7 @@ pub(crate) struct LastError(Mutex<Option<ForwardError>>);
 impl LastError {
     fn set(&self, error: String) {
         let value = ForwardError {
-            at: crate::agents::registry::rfc3339(std::time::SystemTime::now()),
+            at: crate::rfc3339::rfc3339(std::time::SystemTime::now()),
             error,
         };
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
@@ -75,19 +70,13 @@ impl Forward {
         name: String,
         client: String,
         target: TargetAddr,
-        dialer: TunnelDialer,
-        shutdown: CancellationToken,
-        hard_stop: CancellationToken,
-        tracker: TaskTracker,
+        ctx: ConsumerContext,
     ) -> Self {
         Self {
             name,
             client,
             target,
-            dialer,
-            shutdown,
-            hard_stop,
-            tracker,
+            ctx,
             log: LogThrottle::new(Duration::from_secs(60)),
             failing: AtomicBool::new(false),
             last_error: Arc::default(),
@@ -122,7 +111,7 @@ impl Forward {
 
 /// Accepts consumer connections until shutdown; each one runs in its own tracked task.
 pub(crate) async fn accept_loop(forward: Arc<Forward>, listener: TcpListener) {
-    while let Some((tcp, peer)) = accept(&listener, &forward.shutdown, &forward.log).await {
+    while let Some((tcp, peer)) = accept(&listener, &forward.ctx.shutdown, &forward.log).await {
         // Per connection, so at debug: at info, 5,000 concurrent spans keep about 4 MB in the
         // subscriber's span slab after they close. Events that matter name their forward.
         let span = debug_span!(
@@ -134,6 +123,7 @@ pub(crate) async fn accept_loop(forward: Arc<Forward>, listener: TcpListener) {
             stream.id = field::Empty
         );
         forward
+            .ctx
             .tracker
             .spawn(serve_consumer(forward.clone(), tcp, peer).instrument(span));
     }
@@ -142,8 +132,8 @@ pub(crate) async fn accept_loop(forward: Arc<Forward>, listener: TcpListener) {
 
 async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    let dialer = &forward.dialer;
-    let mut audit = dialer.audit.connection(
+    let dialer = &forward.ctx.dialer;
+    let mut audit = forward.ctx.audit.connection(
         Via::Forward(&forward.name),
         peer,
         None,
@@ -163,7 +153,7 @@ async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream, peer: SocketAddr)
     audit.dialed(&conn, &forward.target);
     tracing::Span::current().record("stream.id", conn.stream.id());
     debug!("stream open");
-    let end = splice(conn, tcp, &forward.hard_stop).await;
+    let end = splice(conn, tcp, &forward.ctx.hard_stop).await;
     audit.spliced(&end);
 }
 
@@ -174,8 +164,16 @@ mod tests {
     use std::io;
     use std::sync::Mutex;
 
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
     use super::*;
-    use crate::agents::registry::NoSession;
+    use crate::agents::health_metrics::HealthMetrics;
+    use crate::agents::registry::{NoSession, SessionRegistry};
+    use crate::agents::registry_metrics::RegistryMetrics;
+    use crate::consumers::audit::AuditLog;
+    use crate::consumers::dial::AgentDialer;
+    use crate::consumers::dial_metrics::DialMetrics;
 
     /// Collects formatted log lines.
     #[derive(Clone, Default)]
@@ -194,21 +192,26 @@ mod tests {
 
     #[test]
     fn a_missing_session_is_logged_once_per_episode() {
-        let metrics = crate::ServerMetrics::unregistered().unwrap();
+        let dialer = AgentDialer {
+            registry: Arc::new(SessionRegistry::new(
+                RegistryMetrics::unregistered().unwrap(),
+            )),
+            metrics: DialMetrics::unregistered().unwrap(),
+            health: HealthMetrics::unregistered().unwrap(),
+            dial_timeout: Duration::from_secs(1),
+            relay: None,
+        };
         let forward = Forward::new(
             "db".into(),
             "edge-1".into(),
             "db.internal:5432".parse().unwrap(),
-            TunnelDialer {
-                registry: Arc::new(crate::SessionRegistry::new(metrics.clone())),
-                metrics: metrics.clone(),
-                dial_timeout: Duration::from_secs(1),
-                audit: crate::AuditLog::off(),
-                relay: None,
+            ConsumerContext {
+                dialer,
+                audit: AuditLog::off(),
+                shutdown: CancellationToken::new(),
+                hard_stop: CancellationToken::new(),
+                tracker: TaskTracker::new(),
             },
-            CancellationToken::new(),
-            CancellationToken::new(),
-            TaskTracker::new(),
         );
         let lines = Lines::default();
         let writer = lines.clone();

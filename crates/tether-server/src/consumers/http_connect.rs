@@ -14,8 +14,9 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::consumers::auth::{AuthError, Credentials};
-use crate::consumers::dial::{DialError, splice};
+use crate::consumers::dial::DialError;
 use crate::consumers::proxy::{Admission, Frontend, record_request};
+use crate::consumers::splice::splice;
 
 /// Largest request head (request line and headers) accepted.
 pub(crate) const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -287,7 +288,7 @@ pub(crate) async fn serve(
     }
     record_request(&consumer, &client, &request.target);
     let mut audit = frontend.audit(peer, &consumer, &client, &request.target);
-    let mut conn = match frontend.dialer.dial(&client, &request.target).await {
+    let mut conn = match frontend.ctx.dialer.dial(&client, &request.target).await {
         Ok(conn) => conn,
         Err(err) => {
             let failure = dial_failure(&client, &err);
@@ -307,13 +308,13 @@ pub(crate) async fn serve(
     if !request.leftover.is_empty() {
         if let Err(err) = conn.stream.write_all(&request.leftover).await {
             debug!(error = %err, "stream failed before the consumer's first bytes");
-            crate::consumers::dial::reset(&tcp);
+            crate::consumers::splice::reset(&tcp);
             return audit.ended("tunnel_error", &err);
         }
         audit.sent(request.leftover.len() as u64);
     }
     debug!("stream open");
-    let end = splice(conn, tcp, &frontend.hard_stop).await;
+    let end = splice(conn, tcp, &frontend.ctx.hard_stop).await;
     audit.spliced(&end);
 }
 

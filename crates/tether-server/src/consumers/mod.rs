@@ -3,8 +3,14 @@
 
 pub mod audit;
 pub(crate) mod auth;
+pub(crate) mod context;
 pub(crate) mod dial;
+pub mod dial_metrics;
 pub(crate) mod forward;
 pub(crate) mod http_connect;
 pub(crate) mod proxy;
+pub(crate) mod proxy_control;
+pub(crate) mod proxy_listener;
+pub mod proxy_metrics;
 pub(crate) mod socks5;
+pub(crate) mod splice;

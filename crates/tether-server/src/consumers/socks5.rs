@@ -12,8 +12,9 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::consumers::auth::{AuthError, ConsumerTable, Credentials};
-use crate::consumers::dial::{DialError, reset, splice};
+use crate::consumers::dial::DialError;
 use crate::consumers::proxy::{Admission, Frontend, record_request};
+use crate::consumers::splice::{reset, splice};
 
 const VERSION: u8 = 5;
 const AUTH_VERSION: u8 = 1;
@@ -313,7 +314,7 @@ pub(crate) async fn serve(
     }
     record_request(&consumer, &client, &request.target);
     let mut audit = frontend.audit(peer, &consumer, &client, &request.target);
-    let conn = match frontend.dialer.dial(&client, &request.target).await {
+    let conn = match frontend.ctx.dialer.dial(&client, &request.target).await {
         Ok(conn) => conn,
         Err(err) => {
             let reason = match err {
@@ -332,7 +333,7 @@ pub(crate) async fn serve(
         return audit.ended("consumer_left", &err);
     }
     debug!("stream open");
-    let end = splice(conn, tcp, &frontend.hard_stop).await;
+    let end = splice(conn, tcp, &frontend.ctx.hard_stop).await;
     audit.spliced(&end);
 }
 

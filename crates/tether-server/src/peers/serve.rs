@@ -14,7 +14,7 @@ use tracing::debug;
 use super::metrics::PeerMetrics;
 use super::splice::splice;
 use super::wire::{Answer, MAX_REQUEST, Request};
-use crate::consumers::dial::{DialError, TunnelDialer};
+use crate::consumers::dial::{AgentDialer as TunnelDialer, DialError};
 
 /// What serving relayed streams needs.
 #[derive(Debug, Clone)]

@@ -1,178 +1,50 @@
-//! `Server`: builds TLS, metrics and the registry from a `ServerConfig`, runs the tunnel,
-//! forward, proxy frontend and admin listeners on one task tracker, and shuts down in order:
-//! stop accepting, GOAWAY, drain streams up to `drain_timeout`, close sessions, wait for the
-//! tasks (bounded).
+//! `Server`: builds TLS, metrics and the registry from a `ServerConfig`, then runs the agents'
+//! listener, the consumers' forwards and proxies, peering, health and admin on one task
+//! tracker (`start.rs`), and shuts down in order (`drain.rs`): stop accepting, GOAWAY, drain
+//! streams up to `drain_timeout`, close sessions, wait for the tasks (bounded).
 
+mod drain;
+mod error;
+mod lifecycle;
+mod listeners;
 pub mod metrics;
+mod start;
 
 use std::collections::HashSet;
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
 use rustls::server::danger::ClientCertVerifier;
 use tether_common::cert_expiry::CertRole;
 use tether_common::config_diff::ReloadMetrics;
-use tether_common::config_error::ConfigErrors;
-use tether_common::tls::{self, TlsError};
+use tether_common::tls;
 use tether_common::tls_check;
-use tether_proto::GoAwayCode;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{info, warn};
 
-use crate::admin::{self, AdminState, Readiness};
-use crate::agents::health::HealthChecker;
-use crate::agents::listener::{self, Tunnel};
+pub use self::error::ServerError;
+pub use self::listeners::{FrontendListeners, Listeners};
+
+use crate::admin::Readiness;
 use crate::agents::registry::SessionRegistry;
-use crate::agents::upgrade::{self, context::UpgradeContext};
+use crate::agents::upgrade::remotedialer_auth::auth_from_config;
 use crate::config::ServerConfig;
 use crate::consumers::audit::AuditLog;
-use crate::consumers::dial::TunnelDialer;
-use crate::consumers::proxy::{self, Frontend, FrontendControl, Kind};
-use crate::peers::links::{Dialer, Links};
-use crate::peers::listener::PeerListener;
+use crate::consumers::proxy_control::FrontendControl;
+use crate::enrollment::{Enrollment, EnrollmentMetrics};
 use crate::peers::metrics::PeerMetrics;
-use crate::peers::relay::Relay;
-use crate::peers::serve::Served;
 use crate::peers::tls::PeerTls;
-use crate::reload::{ForwardSet, ServerReloader};
-use crate::server::metrics::ServerMetrics;
+use crate::reload::ServerReloader;
+use crate::server::error::one;
+use crate::server::lifecycle::Lifecycle;
+use crate::server::listeners::display_addr;
+use crate::server::metrics::Metrics;
 use crate::tls_reload::{TlsReloadMetrics, TlsReloader};
-use tether_common::log_throttle::LogThrottle;
 
-/// How long the tasks get to finish once the sessions are closed.
-const TASK_GRACE: Duration = Duration::from_secs(5);
-/// How often the drain checks whether streams are left.
-const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// How often a repeated failure of one kind may be logged at warn.
 const LOG_WINDOW: Duration = Duration::from_secs(60);
-
-/// Why the server could not be built or run.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// The configuration failed validation.
-    #[error("invalid configuration:\n{0}")]
-    Config(#[from] ConfigErrors),
-    /// The TLS material could not be loaded.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// The metrics could not be registered (for example, registered twice).
-    #[error("cannot register metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    /// A listener could not be bound.
-    #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        /// Which listener (`listen`, `admin_listen`, `forwards[0].listen`).
-        what: String,
-        /// The address.
-        addr: SocketAddr,
-        /// The I/O error.
-        #[source]
-        source: io::Error,
-    },
-    /// A frontend listener was given without its `frontends.*_listen` key, or the reverse.
-    #[error("frontends.{key} and the listener given do not match: {why}")]
-    FrontendListener {
-        /// The config key (`http_connect_listen`, `socks5_listen`).
-        key: &'static str,
-        /// What is missing.
-        why: &'static str,
-    },
-    /// The audit log could not start.
-    #[error(transparent)]
-    Audit(#[from] crate::consumers::audit::AuditError),
-    /// Enrollment could not start (its issuer files).
-    #[error(transparent)]
-    Enrollment(#[from] crate::enrollment::EnrollmentError),
-    /// `Listeners::forwards` does not match `ServerConfig::forwards`.
-    #[error("{got} forward listeners were given for {expected} configured forwards")]
-    ForwardListeners {
-        /// Configured forwards.
-        expected: usize,
-        /// Listeners given.
-        got: usize,
-    },
-}
-
-/// The bound sockets the server runs on (tests bind `127.0.0.1:0`).
-#[derive(Debug)]
-pub struct Listeners {
-    /// The tunnel listener (mutual TLS).
-    pub tunnel: TcpListener,
-    /// The admin listener (plain HTTP).
-    pub admin: TcpListener,
-    /// `forwards[i]` serves `config.forwards[i]`.
-    pub forwards: Vec<TcpListener>,
-    /// The consumer proxy listeners, present exactly when configured.
-    pub frontends: FrontendListeners,
-}
-
-/// The listeners of the consumer frontends (`frontends.http_connect_listen`,
-/// `frontends.socks5_listen`); `None` for a frontend that is off.
-#[derive(Debug, Default)]
-pub struct FrontendListeners {
-    /// The HTTP CONNECT proxy listener.
-    pub http_connect: Option<TcpListener>,
-    /// The SOCKS5 proxy listener.
-    pub socks5: Option<TcpListener>,
-}
-
-impl FrontendListeners {
-    /// Binds the frontend addresses of `config` that are set.
-    pub async fn bind(config: &ServerConfig) -> Result<FrontendListeners, ServerError> {
-        let frontends = &config.frontends;
-        let mut out = FrontendListeners::default();
-        if let Some(addr) = frontends.http_connect_addr().map_err(one)? {
-            out.http_connect = Some(bind("frontends.http_connect_listen", addr).await?);
-        }
-        if let Some(addr) = frontends.socks5_addr().map_err(one)? {
-            out.socks5 = Some(bind("frontends.socks5_listen", addr).await?);
-        }
-        Ok(out)
-    }
-}
-
-impl Listeners {
-    /// Binds every address of `config`.
-    pub async fn bind(config: &ServerConfig) -> Result<Listeners, ServerError> {
-        let tunnel = bind("listen", config.listen_addr().map_err(one)?).await?;
-        let admin = bind("admin_listen", config.admin_addr().map_err(one)?).await?;
-        let mut forwards = Vec::with_capacity(config.forwards.len());
-        for (i, f) in config.forwards.iter().enumerate() {
-            let what = format!("forwards[{i}].listen");
-            let addr = f
-                .listen_addr()
-                .map_err(|m| one(tether_common::config_error::FieldError::new(&what, m)))?;
-            forwards.push(bind(&what, addr).await?);
-        }
-        let frontends = FrontendListeners::bind(config).await?;
-        Ok(Listeners {
-            tunnel,
-            admin,
-            forwards,
-            frontends,
-        })
-    }
-}
-
-fn one(err: tether_common::config_error::FieldError) -> ServerError {
-    ServerError::Config(ConfigErrors(vec![err]))
-}
-
-async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    tether_common::listen::bind(addr).map_err(|source| ServerError::Bind {
-        what: what.to_owned(),
-        addr,
-        source,
-    })
-}
 
 /// A configured server, ready to [`run`](Server::run).
 #[derive(Debug)]
@@ -182,14 +54,14 @@ pub struct Server {
     agent_slots: Arc<Semaphore>,
     reloader: ServerReloader,
     tls: TlsReloader,
-    metrics: ServerMetrics,
+    metrics: Metrics,
     prometheus: prometheus::Registry,
     registry: Arc<SessionRegistry>,
     server_id: String,
     frontends: FrontendControl,
     audit: AuditLog,
     /// The enrollment routes (`enrollment:`).
-    enrollment: Option<Arc<crate::enrollment::Enrollment>>,
+    enrollment: Option<Arc<Enrollment>>,
     /// The peering's TLS (when `peers:` is set) and metrics (always registered).
     peer_tls: Option<PeerTls>,
     peer_metrics: PeerMetrics,
@@ -255,12 +127,10 @@ impl Server {
         config.validate()?;
         let config = config.effective();
         let server_id = config.server_id.clone();
-        let mut metrics = ServerMetrics::register(registry)?;
+        let metrics = Metrics::register(registry, config.metrics.remotedialer_compat)?;
         metrics.set_server_id(&server_id);
-        if config.metrics.remotedialer_compat {
-            metrics = metrics.with_remotedialer_compat(registry)?;
-        }
-        let sessions = Arc::new(SessionRegistry::new(metrics.clone()).with_replica(&server_id));
+        let sessions =
+            Arc::new(SessionRegistry::new(metrics.registry.clone()).with_replica(&server_id));
         for client in config
             .allowed_agents
             .iter()
@@ -300,11 +170,11 @@ impl Server {
         reloader.install_tls(tls.clone());
         let enrollment = match &config.enrollment {
             None => None,
-            Some(section) => Some(Arc::new(crate::enrollment::Enrollment::new(
+            Some(section) => Some(Arc::new(Enrollment::new(
                 section,
                 config.tls.client_ca.clone(),
                 allowed.clone(),
-                crate::enrollment::EnrollmentMetrics::register(registry)?,
+                EnrollmentMetrics::register(registry)?,
             )?)),
         };
         Ok(Server {
@@ -369,7 +239,7 @@ impl Server {
     }
 
     /// The metrics.
-    pub fn metrics(&self) -> &ServerMetrics {
+    pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
@@ -384,232 +254,25 @@ impl Server {
         self.frontends.clone()
     }
 
-    /// With `peers:` set: binds the peer listener and starts it and the peer dialer; returns
-    /// the relay for dials this replica holds no session for. `local` is how a relayed dial
-    /// is served here (never relayed again).
-    async fn start_peering(
-        &self,
-        local: &TunnelDialer,
-        tracker: &TaskTracker,
-        shutdown: &CancellationToken,
-        hard_stop: &CancellationToken,
-    ) -> Result<Option<Relay>, ServerError> {
-        let (Some(peers), Some(tls)) = (&self.config.peers, &self.peer_tls) else {
-            return Ok(None);
-        };
-        let addr = crate::config::parse_socket_addr(&peers.listen).map_err(|m| {
-            one(tether_common::config_error::FieldError::new(
-                "peers.listen",
-                m,
-            ))
-        })?;
-        let listener = bind("peers.listen", addr).await?;
-        info!(listen = %display_addr(&listener), "peer listener listening");
-        let links = Arc::new(Links::default());
-        let mux_config = self.config.to_mux_config();
-        let dialer = Dialer {
-            config: peers.clone(),
-            tls: tls.clone(),
-            mux_config: mux_config.clone(),
-            server_id: self.server_id.clone(),
-            links: links.clone(),
-            metrics: self.peer_metrics.clone(),
-            tracker: tracker.clone(),
-        };
-        tracker.spawn(
-            dialer
-                .run(hard_stop.clone())
-                .instrument(info_span!("peer_dialer")),
-        );
-        let peer_listener = Arc::new(PeerListener {
-            tls: tls.clone(),
-            mux_config,
-            served: Served {
-                local: local.clone(),
-                server_id: self.server_id.clone(),
-                metrics: self.peer_metrics.clone(),
-                request_timeout: peers.relay_timeout.0,
-                tracker: tracker.clone(),
-            },
-            tracker: tracker.clone(),
-            log: LogThrottle::new(LOG_WINDOW),
-        });
-        tracker.spawn(
-            peer_listener
-                .run(listener, shutdown.clone(), hard_stop.clone())
-                .instrument(info_span!("peer_listener")),
-        );
-        Ok(Some(Relay::new(
-            links,
-            self.peer_metrics.clone(),
-            peers.relay_timeout.0,
-        )))
-    }
-
     /// Serves until `shutdown` is cancelled, then drains and returns.
     pub async fn run(
         self,
         listeners: Listeners,
         shutdown: CancellationToken,
     ) -> Result<(), ServerError> {
-        let config = &self.config;
-        if listeners.forwards.len() != config.forwards.len() {
-            return Err(ServerError::ForwardListeners {
-                expected: config.forwards.len(),
-                got: listeners.forwards.len(),
-            });
-        }
-        for (i, f) in config.forwards.iter().enumerate() {
-            f.target_addr().map_err(|m| {
-                one(tether_common::config_error::FieldError::new(
-                    format!("forwards[{i}].target"),
-                    m,
-                ))
-            })?;
-        }
-        let frontend_config = &config.frontends;
-        for (key, configured, given) in [
-            (
-                "http_connect_listen",
-                frontend_config.http_connect_addr().map_err(one)?.is_some(),
-                listeners.frontends.http_connect.is_some(),
-            ),
-            (
-                "socks5_listen",
-                frontend_config.socks5_addr().map_err(one)?.is_some(),
-                listeners.frontends.socks5.is_some(),
-            ),
-        ] {
-            if configured != given {
-                let why = if configured {
-                    "configured but no listener was given"
-                } else {
-                    "a listener was given but the key is empty"
-                };
-                return Err(ServerError::FrontendListener { key, why });
-            }
-        }
-        let remotedialer =
-            crate::agents::upgrade::remotedialer_auth::auth_from_config(&config.remotedialer)
-                .map_err(one)?;
-        let tracker = TaskTracker::new();
-        let hard_stop = CancellationToken::new();
-        let admin_stop = CancellationToken::new();
+        listeners.check(&self.config)?;
+        let remotedialer = auth_from_config(&self.config.remotedialer).map_err(one)?;
+        let life = Lifecycle::new(shutdown);
         let readiness = Arc::new(Readiness::default());
         let tunnel_addr = display_addr(&listeners.tunnel);
         let admin_addr = display_addr(&listeners.admin);
 
-        // Tunnel listener.
-        let connect_state = Arc::new(UpgradeContext {
-            allowed: self.allowed.clone(),
-            agent_slots: self.agent_slots.clone(),
-            metrics: self.metrics.clone(),
-            server_id: HeaderValue::from_str(&self.server_id)
-                .unwrap_or(HeaderValue::from_static("unknown")),
-            shutdown: shutdown.clone(),
-            max_frame: config.session.max_frame as usize,
-            log: LogThrottle::new(LOG_WINDOW),
-            remotedialer,
-            history: self.registry.history().clone(),
-            enrollment: self.enrollment.clone(),
-        });
-        let tunnel = Arc::new(Tunnel {
-            tls: self.tls.clone(),
-            identity: config.identity,
-            handshake_timeout: config.handshake_timeout.0,
-            pending: Arc::new(Semaphore::new(config.max_pending_handshakes)),
-            sources: crate::admission::SlotTable::new(config.max_pending_handshakes_per_source),
-            identities: crate::admission::SlotTable::new(listener::MAX_PENDING_PER_IDENTITY),
-            registry: self.registry.clone(),
-            metrics: self.metrics.clone(),
-            mux_config: config.to_mux_config(),
-            rd_close_linger: config.remotedialer.close_linger.0,
-            rd_sync_grace: config.remotedialer.sync_grace.0,
-            router: upgrade::router(connect_state),
-            shutdown: shutdown.clone(),
-            hard_stop: hard_stop.clone(),
-            tracker: tracker.clone(),
-            log: LogThrottle::new(LOG_WINDOW),
-        });
-        tracker.spawn(
-            listener::accept_loop(tunnel, listeners.tunnel)
-                .instrument(info_span!("tunnel_listener")),
-        );
-
-        // Replica peering, then the dialer the forwards and frontends share.
-        let local_dialer = TunnelDialer {
-            registry: self.registry.clone(),
-            metrics: self.metrics.clone(),
-            dial_timeout: config.dial_timeout.0,
-            audit: self.audit.clone(),
-            relay: None,
-        };
-        let relay = self
-            .start_peering(&local_dialer, &tracker, &shutdown, &hard_stop)
-            .await?;
-        let dialer = TunnelDialer {
-            relay,
-            ..local_dialer
-        };
-
-        // Forwards, each stoppable on its own by a reload.
-        let mut forward_set = ForwardSet::new(
-            dialer.clone(),
-            shutdown.clone(),
-            hard_stop.clone(),
-            tracker.clone(),
-        );
-        for (f, listener) in config.forwards.iter().zip(listeners.forwards) {
-            forward_set.start(f.clone(), listener);
-        }
-        self.reloader.install_forwards(forward_set);
-
-        // Consumer frontends: HTTP CONNECT and SOCKS5 proxies.
-        for (kind, listener) in [
-            (Kind::HttpConnect, listeners.frontends.http_connect),
-            (Kind::Socks5, listeners.frontends.socks5),
-        ] {
-            let Some(listener) = listener else { continue };
-            info!(frontend = kind.label(), listen = %display_addr(&listener), "frontend listening");
-            let frontend = Arc::new(Frontend::new(
-                kind,
-                dialer.clone(),
-                self.frontends.clone(),
-                frontend_config.max_connections,
-                self.metrics.clone(),
-                shutdown.clone(),
-                hard_stop.clone(),
-                tracker.clone(),
-            ));
-            tracker.spawn(proxy::accept_loop(frontend, listener));
-        }
-
-        // Health checker: pings every session until shutdown starts.
-        let health =
-            HealthChecker::new(self.registry.clone(), self.metrics.clone(), &config.health);
-        tracker.spawn(
-            health
-                .run(shutdown.clone())
-                .instrument(info_span!("health_checker")),
-        );
-
-        // Admin listener: stays up while draining so /readyz and /metrics can be watched.
-        let admin_router = admin::router(Arc::new(AdminState {
-            registry: self.registry.clone(),
-            prometheus: self.prometheus.clone(),
-            readiness: readiness.clone(),
-            server_id: self.server_id.clone(),
-            reloader: self.reloader.clone(),
-        }));
-        tracker.spawn(
-            crate::admin::listener::serve(
-                listeners.admin,
-                admin_router,
-                crate::admin::listener::ADMIN_LIMITS,
-                admin_stop.clone(),
-            )
-            .instrument(info_span!("admin_listener")),
-        );
+        self.start_agents(listeners.tunnel, remotedialer, &life);
+        let consumers = self.consumer_context(&life).await?;
+        self.start_forwards(&consumers, listeners.forwards);
+        self.start_proxies(&consumers, listeners.frontends);
+        self.start_health(&life);
+        self.start_admin(listeners.admin, readiness.clone(), &life);
 
         readiness.set_ready();
         #[cfg(unix)]
@@ -621,62 +284,13 @@ impl Server {
             "server running"
         );
 
-        shutdown.cancelled().await;
+        life.shutdown.cancelled().await;
         readiness.set_draining();
         #[cfg(unix)]
         self.notify(tether_common::sd_notify::Notifier::stopping);
-        let drain = config.drain_timeout.0;
-        info!(
-            sessions = self.registry.session_count(),
-            drain_timeout = ?drain,
-            "shutting down: GOAWAY to agents, draining streams"
-        );
-        // `restart`: this replica goes away, the fleet does not; agents keep their sessions to
-        // the other replicas and come back here when it is up again.
-        self.registry
-            .goaway_all(GoAwayCode::Restart, "server shutting down");
-        let left = drain_streams(&self.registry, drain).await;
-        if left > 0 {
-            warn!(
-                streams = left,
-                "drain timeout passed; resetting the streams left"
-            );
-        }
-        hard_stop.cancel();
-        self.registry.close_all();
-        admin_stop.cancel();
-        tracker.close();
-        if tokio::time::timeout(TASK_GRACE, tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                tasks = tracker.len(),
-                "tasks still running after the shutdown grace period; abandoning them"
-            );
-        }
-        // The connections' last audit lines are queued by now; let the writer catch up.
-        self.audit.flush(TASK_GRACE).await;
+        self.drain(life).await;
         info!("server stopped");
         Ok(())
-    }
-}
-
-fn display_addr(listener: &TcpListener) -> String {
-    listener
-        .local_addr()
-        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string())
-}
-
-/// Waits until no stream is open or `limit` has passed; returns the streams left.
-async fn drain_streams(registry: &SessionRegistry, limit: Duration) -> usize {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = registry.active_streams();
-        if left == 0 || Instant::now() >= deadline {
-            return left;
-        }
-        tokio::time::sleep_until(deadline.min(Instant::now() + DRAIN_POLL)).await;
     }
 }
 

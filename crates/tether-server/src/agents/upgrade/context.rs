@@ -11,9 +11,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::client_history::ClientHistory;
+use crate::agents::metrics::AgentMetrics;
 use crate::agents::upgrade::remotedialer_auth::RdAuth;
 use crate::enrollment::Enrollment;
-use crate::server::metrics::ServerMetrics;
 use tether_common::log_throttle::LogThrottle;
 
 /// The WebSocket subprotocol of the native protocol.
@@ -63,7 +63,7 @@ pub(crate) struct UpgradeContext {
     pub(crate) allowed: Arc<ArcSwap<HashSet<String>>>,
     /// One permit per live agent session (`max_agents`).
     pub(crate) agent_slots: Arc<Semaphore>,
-    pub(crate) metrics: ServerMetrics,
+    pub(crate) metrics: AgentMetrics,
     pub(crate) server_id: HeaderValue,
     /// Cancelled when the server starts shutting down.
     pub(crate) shutdown: CancellationToken,
