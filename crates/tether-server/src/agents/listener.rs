@@ -28,12 +28,12 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::accept::accept;
 use crate::admission::{Slot, SlotTable, first_byte, source_key};
-use crate::agents::framing::RdWsTransport;
+use crate::agents::framing::TetherFraming;
 use crate::agents::metrics::AgentMetrics;
 use crate::agents::registry::Protocol;
 use crate::agents::registry::{PeerChain, SessionRegistry};
 use crate::agents::upgrade::handoff::{ConnFacts, UpgradedAgent};
-use crate::agents::websocket::WsTransport;
+use crate::agents::websocket::AxumMessages;
 use crate::tls_reload::TlsReloader;
 use tether_common::log_throttle::LogThrottle;
 use tether_common::read_ahead::ReadAhead;
@@ -368,7 +368,10 @@ async fn run_session(
     } = up;
     let (session, incoming, driver) = match protocol {
         Protocol::Tether => Session::new(
-            WsTransport::new(socket, tunnel.mux_config.limits()),
+            TetherFraming::new(
+                AxumMessages::new(socket, protocol.label()),
+                tunnel.mux_config.limits(),
+            ),
             Role::Server,
             tunnel.mux_config.clone(),
             tunnel.metrics.mux.clone(),
@@ -376,7 +379,7 @@ async fn run_session(
         Protocol::Remotedialer => {
             let config = remotedialer::mux_config(Role::Server, &tunnel.mux_config);
             let transport = RdTransport::new(
-                RdWsTransport::new(socket),
+                AxumMessages::new(socket, protocol.label()),
                 Role::Server,
                 RdSettings {
                     close_linger: tunnel.rd_close_linger,

@@ -1,6 +1,9 @@
-//! `WsTransport`: an upgraded axum `WebSocket` as a `tether_mux::FrameTransport` (one binary
-//! message per frame), closing with an RFC 6455 code and a reason when the peer breaks the
-//! WebSocket layer (1002 protocol error, 1003 text message, 1009 message too big).
+//! `AxumMessages`: an upgraded axum `WebSocket` as the multiplexer's message interface
+//! (`tether_mux::remotedialer::MessageTransport`: binary messages, pings and pongs, close frames
+//! going out), the one adapter of axum's WebSocket, for both wire protocols. When the peer
+//! breaks the WebSocket layer the adapter owes it an RFC 6455 close code and a reason (1002
+//! protocol error, 1003 text message, 1009 message too big), sent at close unless the layer
+//! above sent its own close frame first.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -8,37 +11,73 @@ use std::task::{Context, Poll, ready};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::{Sink, Stream};
 use tether_mux::TransportError;
-use tether_proto::{Frame, Limits};
+use tether_mux::remotedialer::WsMessage;
 
-/// Frames over a server-side WebSocket. Pings are answered by tungstenite itself.
-pub(crate) struct WsTransport {
-    socket: WebSocket,
-    limits: Limits,
-    ended: bool,
-    /// The close frame owed to the peer after it broke the WebSocket layer; sent by
-    /// `poll_close` before the closing handshake (`None` there: an empty close payload).
-    close: Option<CloseFrame>,
-}
-
-/// RFC 6455 section 7.4.1 status codes sent on this route.
+/// RFC 6455 section 7.4.1 status codes the adapter sends.
 pub(crate) mod close_code {
     /// The peer broke the WebSocket protocol (reserved bits, unknown opcodes, bad fragments).
     pub(crate) const PROTOCOL_ERROR: u16 = 1002;
-    /// A data type this endpoint does not accept: tether.v1 is binary only.
+    /// A data type this endpoint does not accept: both protocols are binary only.
     pub(crate) const UNSUPPORTED_DATA: u16 = 1003;
     /// A message or frame longer than the route's limit.
     pub(crate) const MESSAGE_TOO_BIG: u16 = 1009;
 }
 
+/// A server-side WebSocket as messages. Pings are answered by tungstenite itself; they are
+/// still passed on (a remotedialer peer's only sign of life).
+pub(crate) struct AxumMessages {
+    socket: WebSocket,
+    /// The wire protocol's name, for errors and close reasons (`tether.v1`, `remotedialer`).
+    protocol: &'static str,
+    ended: bool,
+    /// The close frame owed to the peer after it broke the WebSocket layer; sent by
+    /// `poll_close` before the closing handshake unless a close frame was sent already.
+    close: Option<CloseFrame>,
+}
+
+impl AxumMessages {
+    pub(crate) fn new(socket: WebSocket, protocol: &'static str) -> Self {
+        Self {
+            socket,
+            protocol,
+            ended: false,
+            close: None,
+        }
+    }
+
+    /// Turns a read error into the transport's error, keeping the close frame it calls for.
+    fn read_error(&mut self, err: axum::Error) -> TransportError {
+        let text = err.to_string();
+        let inner = err.into_inner();
+        if let Some(ws) = inner.downcast_ref::<tungstenite::Error>() {
+            self.close = close_for(ws, self.protocol);
+        }
+        TransportError::Other(text)
+    }
+
+    /// A text message: the peer is told the protocol is binary, the session ends.
+    fn text_message(&mut self) -> TransportError {
+        self.close = Some(CloseFrame {
+            code: close_code::UNSUPPORTED_DATA,
+            reason: bounded_reason(format!(
+                "text messages are not supported: {} frames are binary",
+                self.protocol
+            ))
+            .into(),
+        });
+        TransportError::Other(format!("text message on a {} WebSocket", self.protocol))
+    }
+}
+
 /// The close frame for a read error, if the error is the peer's fault at the WebSocket layer
 /// (an I/O error or a closed connection gets none: nobody is left to read it).
-fn close_for(err: &tungstenite::Error) -> Option<CloseFrame> {
+fn close_for(err: &tungstenite::Error, protocol: &str) -> Option<CloseFrame> {
     let (code, reason) = match err {
         tungstenite::Error::Protocol(err) => (close_code::PROTOCOL_ERROR, err.to_string()),
         tungstenite::Error::Capacity(err) => (close_code::MESSAGE_TOO_BIG, err.to_string()),
         tungstenite::Error::Utf8(_) => (
             close_code::UNSUPPORTED_DATA,
-            "text messages are not supported on tether.v1 (invalid UTF-8 too)".to_owned(),
+            format!("text messages are not supported on {protocol} (invalid UTF-8 too)"),
         ),
         _ => return None,
     };
@@ -61,89 +100,56 @@ fn bounded_reason(mut reason: String) -> String {
     reason
 }
 
-impl WsTransport {
-    pub(crate) fn new(socket: WebSocket, limits: Limits) -> Self {
-        Self {
-            socket,
-            limits,
-            ended: false,
-            close: None,
-        }
-    }
-
-    /// Turns a read error into the transport's error, keeping the close frame it calls for.
-    fn read_error(&mut self, err: axum::Error) -> TransportError {
-        let text = err.to_string();
-        let inner = err.into_inner();
-        if let Some(ws) = inner.downcast_ref::<tungstenite::Error>() {
-            self.close = close_for(ws);
-        }
-        TransportError::Other(text)
-    }
-}
-
 fn other(err: axum::Error) -> TransportError {
     TransportError::Other(err.to_string())
 }
 
-impl Stream for WsTransport {
-    type Item = Result<Frame, TransportError>;
+impl Stream for AxumMessages {
+    type Item = Result<WsMessage, TransportError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if self.ended {
-                return Poll::Ready(None);
-            }
-            let msg = match ready!(Pin::new(&mut self.socket).poll_next(cx)) {
-                None => {
-                    self.ended = true;
-                    return Poll::Ready(None);
-                }
-                Some(Err(err)) => {
-                    self.ended = true;
-                    let err = self.read_error(err);
-                    return Poll::Ready(Some(Err(err)));
-                }
-                Some(Ok(msg)) => msg,
-            };
-            match msg {
-                Message::Binary(bytes) => {
-                    let frame = tether_proto::decode(&bytes, &self.limits)
-                        .map_err(TransportError::Malformed);
-                    return Poll::Ready(Some(frame));
-                }
-                Message::Ping(_) | Message::Pong(_) => {}
-                Message::Text(_) => {
-                    self.ended = true;
-                    self.close = Some(CloseFrame {
-                        code: close_code::UNSUPPORTED_DATA,
-                        reason: "text messages are not supported: tether.v1 frames are binary"
-                            .into(),
-                    });
-                    return Poll::Ready(Some(Err(TransportError::Other(
-                        "text message on a tether.v1 WebSocket".into(),
-                    ))));
-                }
-                Message::Close(_) => {
-                    self.ended = true;
-                    return Poll::Ready(None);
-                }
-            }
+        if self.ended {
+            return Poll::Ready(None);
         }
+        let next = ready!(Pin::new(&mut self.socket).poll_next(cx));
+        let item = match next {
+            Some(Ok(Message::Binary(bytes))) => {
+                return Poll::Ready(Some(Ok(WsMessage::Binary(bytes))));
+            }
+            Some(Ok(Message::Ping(bytes))) => return Poll::Ready(Some(Ok(WsMessage::Ping(bytes)))),
+            Some(Ok(Message::Pong(bytes))) => return Poll::Ready(Some(Ok(WsMessage::Pong(bytes)))),
+            Some(Ok(Message::Text(_))) => Some(Err(self.text_message())),
+            Some(Err(err)) => Some(Err(self.read_error(err))),
+            Some(Ok(Message::Close(_))) | None => None,
+        };
+        self.ended = true;
+        Poll::Ready(item)
     }
 }
 
-impl Sink<Frame> for WsTransport {
+impl Sink<WsMessage> for AxumMessages {
     type Error = TransportError;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Pin::new(&mut self.socket).poll_ready(cx).map_err(other)
     }
 
-    fn start_send(mut self: Pin<&mut Self>, frame: Frame) -> Result<(), Self::Error> {
-        let bytes = tether_proto::codec::encode_to_bytes(&frame);
+    fn start_send(mut self: Pin<&mut Self>, message: WsMessage) -> Result<(), Self::Error> {
+        let message = match message {
+            WsMessage::Binary(bytes) => Message::Binary(bytes),
+            WsMessage::Ping(bytes) => Message::Ping(bytes),
+            WsMessage::Pong(bytes) => Message::Pong(bytes),
+            WsMessage::Close { code, reason } => {
+                // The layer above says why itself; nothing is owed any more.
+                self.close = None;
+                Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                }))
+            }
+        };
         Pin::new(&mut self.socket)
-            .start_send(Message::Binary(bytes))
+            .start_send(message)
             .map_err(other)
     }
 
@@ -172,7 +178,7 @@ mod tests {
 
     #[test]
     fn read_errors_map_to_close_codes() {
-        let code = |err: tungstenite::Error| close_for(&err).map(|frame| frame.code);
+        let code = |err: tungstenite::Error| close_for(&err, "tether.v1").map(|frame| frame.code);
         assert_eq!(
             code(tungstenite::Error::Protocol(
                 ProtocolError::NonZeroReservedBits
