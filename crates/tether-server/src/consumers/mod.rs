@@ -13,4 +13,5 @@ pub(crate) mod proxy_control;
 pub(crate) mod proxy_listener;
 pub mod proxy_metrics;
 pub(crate) mod socks5;
+pub(crate) mod socks5_handshake;
 pub(crate) mod splice;
