@@ -273,16 +273,7 @@ impl ServerReloader {
     async fn try_reload(&self, config: ServerConfig) -> Result<ReloadOutcome, ConfigErrors> {
         let tls_handle = lock(&self.inner.tls).clone();
         let tls = tls_handle.clone().filter(TlsReloader::file_backed);
-        if let Err(errors) = config.validate() {
-            // A TLS file that is missing or not a file is refused material too.
-            if let Some(tls) = &tls
-                && let Some(bad) = errors.0.iter().find(|e| e.path.starts_with("tls."))
-            {
-                tls.reject(&format!("{}: {}", bad.path, bad.message));
-            }
-            return Err(errors);
-        }
-        let mut config = config.effective();
+        let mut config = validated(config, tls.as_ref())?;
         let old = self.current();
         // The TLS files are read and checked before anything is applied; bad material rejects
         // the whole reload. The client-certificate policy follows `remotedialer`, which needs a
@@ -516,4 +507,21 @@ fn restore_key(config: &mut ServerConfig, running: &ServerConfig, path: &str) {
         "enrollment" => config.enrollment = running.enrollment.clone(),
         _ => {}
     }
+}
+
+/// `config` validated and with its defaults filled in; a TLS file that is missing or not a
+/// file is reported to `tls` as refused material too.
+fn validated(
+    config: ServerConfig,
+    tls: Option<&TlsReloader>,
+) -> Result<ServerConfig, ConfigErrors> {
+    if let Err(errors) = config.validate() {
+        if let Some(tls) = tls
+            && let Some(bad) = errors.0.iter().find(|e| e.path.starts_with("tls."))
+        {
+            tls.reject(&format!("{}: {}", bad.path, bad.message));
+        }
+        return Err(errors);
+    }
+    Ok(config.effective())
 }

@@ -138,9 +138,20 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<ConnectRequest>, Failure> 
             format!("`{authority}` is not a host:port target: {err}"),
         )
     })?;
+    let credentials = credentials(request.headers)?;
+    Ok(Some(ConnectRequest {
+        target,
+        credentials,
+        leftover: buf[len..].to_vec(),
+    }))
+}
+
+/// The consumer's credentials from `Proxy-Authorization: Basic` and `X-Tether-Client`: the
+/// user name is the client id (or the header names it), the password the token.
+fn credentials(headers: &[httparse::Header<'_>]) -> Result<Option<Credentials>, Failure> {
     let mut basic = None;
     let mut header_client = None;
-    for header in request.headers.iter() {
+    for header in headers {
         if header.name.eq_ignore_ascii_case("proxy-authorization") {
             basic = Some(parse_basic(header.value)?);
         } else if header.name.eq_ignore_ascii_case("x-tether-client") {
@@ -184,11 +195,7 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<ConnectRequest>, Failure> 
             ));
         }
     }
-    Ok(Some(ConnectRequest {
-        target,
-        credentials,
-        leftover: buf[len..].to_vec(),
-    }))
+    Ok(credentials)
 }
 
 /// `Basic base64(client:token)`.

@@ -14,7 +14,8 @@ use tracing::{Instrument, info, info_span};
 use crate::admin::{self, AdminState, Readiness};
 use crate::admission::SlotTable;
 use crate::agents::health::HealthChecker;
-use crate::agents::listener::{self, AgentListener, MAX_PENDING_PER_IDENTITY};
+use crate::agents::listener;
+use crate::agents::listener_context::{ListenerContext, MAX_PENDING_PER_IDENTITY};
 use crate::agents::upgrade::remotedialer_auth::RdAuth;
 use crate::agents::upgrade::{self, context::UpgradeContext};
 use crate::consumers::context::ConsumerContext;
@@ -53,7 +54,7 @@ impl Server {
             history: self.registry.history().clone(),
             enrollment: self.enrollment.clone(),
         });
-        let agents = Arc::new(AgentListener {
+        let agents = Arc::new(ListenerContext {
             tls: self.tls.clone(),
             identity: config.identity,
             handshake_timeout: config.handshake_timeout.0,
