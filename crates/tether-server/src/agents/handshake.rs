@@ -33,29 +33,29 @@ type AgentTls = TlsStream<ReadAhead<TcpStream>>;
 
 /// TLS, ALPN, identity and the HTTP upgrade; `None` if the connection is to be dropped.
 pub(crate) async fn handshake(
-    tunnel: &ListenerContext,
+    agents: &ListenerContext,
     tcp: TcpStream,
     peer: SocketAddr,
     deadline: Instant,
 ) -> Option<(String, UpgradedAgent, Option<PeerChain>)> {
-    let tls = accept_tls(tunnel, tcp, peer, deadline).await?;
+    let tls = accept_tls(agents, tcp, peer, deadline).await?;
     // Kept in the registry so that a reload of the CA bundle or CRLs can verify it again.
     let chain: Option<PeerChain> = tls
         .get_ref()
         .1
         .peer_certificates()
         .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect());
-    let (tls, agent_id) = identify(tunnel, tls, peer).await?;
+    let (tls, agent_id) = identify(agents, tls, peer).await?;
     if let Some(id) = &agent_id {
         Span::current().record("agent.id", field::display(id));
     }
     // Held until the upgrade is done (or abandoned): a certificate that never upgrades
     // holds only a few pre-auth slots.
     let _identity_slot = match &agent_id {
-        Some(id) => match tunnel.identities.try_take(id.clone()) {
+        Some(id) => match agents.identities.try_take(id.clone()) {
             Some(slot) => Some(slot),
             None => {
-                tunnel.handshake_failed("identity_limit");
+                agents.handshake_failed("identity_limit");
                 debug!("too many connections of this agent waiting for their upgrade");
                 let why =
                     "too many connections of this agent identity are waiting for their upgrade";
@@ -63,7 +63,7 @@ pub(crate) async fn handshake(
                     tls,
                     http::StatusCode::TOO_MANY_REQUESTS,
                     why,
-                    tunnel.handshake_timeout,
+                    agents.handshake_timeout,
                 )
                 .await;
                 return None;
@@ -71,7 +71,7 @@ pub(crate) async fn handshake(
         },
         None => None,
     };
-    let upgraded = upgrade(tunnel, tls, peer, agent_id.as_deref(), deadline).await?;
+    let upgraded = upgrade(agents, tls, peer, agent_id.as_deref(), deadline).await?;
     if agent_id.is_none() {
         Span::current().record("agent.id", field::display(&upgraded.agent_id));
     }
@@ -80,32 +80,32 @@ pub(crate) async fn handshake(
 
 /// The first byte in time, then the TLS handshake by `deadline` and an acceptable ALPN.
 async fn accept_tls(
-    tunnel: &ListenerContext,
+    agents: &ListenerContext,
     tcp: TcpStream,
     peer: SocketAddr,
     deadline: Instant,
 ) -> Option<AgentTls> {
     let _ = tcp.set_nodelay(true);
-    if !first_byte(&tcp, FIRST_BYTE_TIMEOUT.min(tunnel.handshake_timeout)).await {
-        tunnel.handshake_failed("first_byte_timeout");
+    if !first_byte(&tcp, FIRST_BYTE_TIMEOUT.min(agents.handshake_timeout)).await {
+        agents.handshake_failed("first_byte_timeout");
         debug!("no TLS ClientHello in time; closing");
         return None;
     }
-    let acceptor = TlsAcceptor::from(tunnel.tls.config());
+    let acceptor = TlsAcceptor::from(agents.tls.config());
     let accept = tls_presented::capture(acceptor.accept(ReadAhead::new(tcp)));
     let tls = match timeout_at(deadline, accept).await {
         Err(_) => {
-            tunnel.handshake_failed("timeout");
+            agents.handshake_failed("timeout");
             debug!("TLS handshake timed out");
             return None;
         }
         Ok((Err(err), presented)) => {
             let reason = classify_tls_error(&err);
-            tunnel.handshake_failed(reason);
+            agents.handshake_failed(reason);
             if reason == "alpn" {
-                tunnel.alpn_refused(peer, "its ALPN list does not include http/1.1");
+                agents.alpn_refused(peer, "its ALPN list does not include http/1.1");
             } else {
-                tunnel.tls_refused(peer, &err, presented.as_ref());
+                agents.tls_refused(peer, &err, presented.as_ref());
                 debug!(reason, error = %err, "TLS handshake failed");
             }
             return None;
@@ -114,8 +114,8 @@ async fn accept_tls(
     };
     // No ALPN at all is fine (ordinary WebSocket clients offer none).
     if !alpn_ok(tls.get_ref().1.alpn_protocol()) {
-        tunnel.handshake_failed("alpn");
-        tunnel.alpn_refused(peer, "it negotiated a protocol other than http/1.1");
+        agents.handshake_failed("alpn");
+        agents.alpn_refused(peer, "it negotiated a protocol other than http/1.1");
         return None;
     }
     Some(tls)
@@ -126,22 +126,22 @@ async fn accept_tls(
 /// native one refuses, the remotedialer one needs the token and the tunnel-id header), `None`
 /// once a certificate without a usable identity was refused.
 async fn identify(
-    tunnel: &ListenerContext,
+    agents: &ListenerContext,
     tls: AgentTls,
     peer: SocketAddr,
 ) -> Option<(AgentTls, Option<String>)> {
-    let err = match peer_identity(tls.get_ref().1, tunnel.identity) {
+    let err = match peer_identity(tls.get_ref().1, agents.identity) {
         Ok(id) => return Some((tls, Some(id))),
         Err(IdentityError::NoPeerCertificate) => return Some((tls, None)),
         Err(err) => err,
     };
     let reason = err.reason();
-    tunnel
+    agents
         .metrics
         .auth_failures
         .with_label_values(&[reason])
         .inc();
-    match tunnel.log.check(reason) {
+    match agents.log.check(reason) {
         Some(suppressed) => warn!(
             peer.addr = %peer,
             reason,
@@ -156,7 +156,7 @@ async fn identify(
         tls,
         http::StatusCode::FORBIDDEN,
         &why,
-        tunnel.handshake_timeout,
+        agents.handshake_timeout,
     )
     .await;
     None
@@ -165,7 +165,7 @@ async fn identify(
 /// Serves the connection's HTTP requests with the upgrade router until a route hands the
 /// upgraded WebSocket back (or the connection ends without one, or `deadline` passes).
 async fn upgrade(
-    tunnel: &ListenerContext,
+    agents: &ListenerContext,
     tls: AgentTls,
     peer: SocketAddr,
     agent_id: Option<&str>,
@@ -177,7 +177,7 @@ async fn upgrade(
         peer_addr: peer,
         handoff: Arc::new(Mutex::new(Some(handoff_tx))),
     };
-    let router = tunnel.router.clone();
+    let router = agents.router.clone();
     let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
         req.extensions_mut().insert(facts.clone());
         router.clone().oneshot(req)
@@ -185,14 +185,14 @@ async fn upgrade(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(tunnel.handshake_timeout)
+        .header_read_timeout(agents.handshake_timeout)
         .max_buf_size(MAX_HTTP_BUF);
     let http = builder
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades();
     match timeout_at(deadline, http).await {
         Err(_) => {
-            tunnel.handshake_failed("upgrade_timeout");
+            agents.handshake_failed("upgrade_timeout");
             debug!("no WebSocket upgrade within handshake_timeout; closing");
             return None;
         }
@@ -204,7 +204,7 @@ async fn upgrade(
     }
     // On an upgrade, axum's upgrade task sends the socket right after hyper hands it over;
     // otherwise the sender was dropped with the service.
-    match timeout(tunnel.handshake_timeout, handoff_rx).await {
+    match timeout(agents.handshake_timeout, handoff_rx).await {
         Ok(Ok(upgraded)) => Some(upgraded),
         _ => {
             debug!("HTTP connection closed without an upgrade");

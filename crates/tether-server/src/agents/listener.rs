@@ -17,12 +17,12 @@ use crate::agents::handshake::handshake;
 use crate::agents::listener_context::ListenerContext;
 use crate::agents::session::run_session;
 
-/// Accepts tunnel connections until shutdown; each one runs in its own tracked task.
-pub(crate) async fn accept_loop(tunnel: Arc<ListenerContext>, listener: TcpListener) {
-    while let Some((tcp, peer)) = accept(&listener, &tunnel.shutdown, &tunnel.log).await {
-        let Some(source) = tunnel.sources.try_take(source_key(peer.ip())) else {
-            tunnel.handshake_failed("source_limit");
-            match tunnel.log.check("source_limit") {
+/// Accepts agent connections until shutdown; each one runs in its own tracked task.
+pub(crate) async fn accept_loop(agents: Arc<ListenerContext>, listener: TcpListener) {
+    while let Some((tcp, peer)) = accept(&listener, &agents.shutdown, &agents.log).await {
+        let Some(source) = agents.sources.try_take(source_key(peer.ip())) else {
+            agents.handshake_failed("source_limit");
+            match agents.log.check("source_limit") {
                 Some(suppressed) => warn!(
                     peer.addr = %peer,
                     suppressed,
@@ -35,9 +35,9 @@ pub(crate) async fn accept_loop(tunnel: Arc<ListenerContext>, listener: TcpListe
             }
             continue;
         };
-        let Ok(permit) = tunnel.pending.clone().try_acquire_owned() else {
-            tunnel.handshake_failed("too_many_pending");
-            match tunnel.log.check("too_many_pending") {
+        let Ok(permit) = agents.pending.clone().try_acquire_owned() else {
+            agents.handshake_failed("too_many_pending");
+            match agents.log.check("too_many_pending") {
                 Some(suppressed) => warn!(
                     peer.addr = %peer,
                     suppressed,
@@ -49,16 +49,16 @@ pub(crate) async fn accept_loop(tunnel: Arc<ListenerContext>, listener: TcpListe
             continue;
         };
         let pending =
-            PendingHandshake::new(permit, source, tunnel.metrics.preauth_inflight.clone());
+            PendingHandshake::new(permit, source, agents.metrics.preauth_inflight.clone());
         let span = info_span!(
             "agent_conn",
             peer.addr = %peer,
             agent.id = field::Empty,
             session.id = field::Empty
         );
-        tunnel
+        agents
             .tracker
-            .spawn(serve_connection(tunnel.clone(), tcp, peer, pending).instrument(span));
+            .spawn(serve_connection(agents.clone(), tcp, peer, pending).instrument(span));
     }
     debug!("tunnel listener stopped accepting");
 }
@@ -88,18 +88,18 @@ impl Drop for PendingHandshake {
 }
 
 async fn serve_connection(
-    tunnel: Arc<ListenerContext>,
+    agents: Arc<ListenerContext>,
     tcp: TcpStream,
     peer: SocketAddr,
     pending: PendingHandshake,
 ) {
-    let deadline = Instant::now() + tunnel.handshake_timeout;
+    let deadline = Instant::now() + agents.handshake_timeout;
     let upgraded = tokio::select! {
-        _ = tunnel.shutdown.cancelled() => None,
-        upgraded = handshake(&tunnel, tcp, peer, deadline) => upgraded,
+        _ = agents.shutdown.cancelled() => None,
+        upgraded = handshake(&agents, tcp, peer, deadline) => upgraded,
     };
     drop(pending);
     if let Some((agent_id, upgraded, chain)) = upgraded {
-        run_session(&tunnel, agent_id, peer, upgraded, chain).await;
+        run_session(&agents, agent_id, peer, upgraded, chain).await;
     }
 }

@@ -21,7 +21,7 @@ use crate::agents::websocket::AxumMessages;
 
 /// Runs the agent's session to its end; the registry entry lives exactly as long.
 pub(crate) async fn run_session(
-    tunnel: &ListenerContext,
+    agents: &ListenerContext,
     agent_id: String,
     peer: SocketAddr,
     up: UpgradedAgent,
@@ -37,8 +37,8 @@ pub(crate) async fn run_session(
         slot,
         protocol,
     } = up;
-    let (session, incoming, driver) = start_mux(tunnel, socket, protocol);
-    let protocol_gauge = tunnel
+    let (session, incoming, driver) = start_mux(agents, socket, protocol);
+    let protocol_gauge = agents
         .metrics
         .protocol_sessions
         .with_label_values(&[protocol.label()]);
@@ -47,7 +47,7 @@ pub(crate) async fn run_session(
     // The server takes no streams from agents: without a receiver the mux answers every OPEN
     // with OPEN_ERR(unsupported).
     drop(incoming);
-    let guard = tunnel.registry.insert_labelled(
+    let guard = agents.registry.insert_labelled(
         &agent_id,
         peer,
         session.clone(),
@@ -66,7 +66,7 @@ pub(crate) async fn run_session(
         protocol = protocol.label(),
         "agent connected"
     );
-    if tunnel.shutdown.is_cancelled() {
+    if agents.shutdown.is_cancelled() {
         session.goaway(GoAwayCode::Shutdown, "server shutting down");
     }
     let connected_at = Instant::now();
@@ -74,7 +74,7 @@ pub(crate) async fn run_session(
     tokio::pin!(run);
     let end = tokio::select! {
         end = &mut run => end,
-        _ = tunnel.hard_stop.cancelled() => {
+        _ = agents.hard_stop.cancelled() => {
             session.close();
             run.await
         }
@@ -84,7 +84,7 @@ pub(crate) async fn run_session(
     let session_id = guard.session_id();
     drop(slot);
     drop(guard);
-    tunnel.registry.history().session_ended(
+    agents.registry.history().session_ended(
         &agent_id,
         session_id,
         end.label(),
@@ -108,22 +108,22 @@ impl Drop for GaugeDec {
 
 /// The multiplexer over an upgraded WebSocket, in the upgrade's wire protocol.
 fn start_mux(
-    tunnel: &ListenerContext,
+    agents: &ListenerContext,
     socket: WebSocket,
     protocol: Protocol,
 ) -> (Session, Incoming, SessionDriver) {
     let messages = AxumMessages::new(socket, protocol.label());
-    let metrics = tunnel.metrics.mux.clone();
+    let metrics = agents.metrics.mux.clone();
     match protocol {
         Protocol::Tether => {
-            let framing = TetherFraming::new(messages, tunnel.mux_config.limits());
-            Session::new(framing, Role::Server, tunnel.mux_config.clone(), metrics)
+            let framing = TetherFraming::new(messages, agents.mux_config.limits());
+            Session::new(framing, Role::Server, agents.mux_config.clone(), metrics)
         }
         Protocol::Remotedialer => {
-            let config = remotedialer::mux_config(Role::Server, &tunnel.mux_config);
+            let config = remotedialer::mux_config(Role::Server, &agents.mux_config);
             let settings = RdSettings {
-                close_linger: tunnel.rd_close_linger,
-                sync_grace: tunnel.rd_sync_grace,
+                close_linger: agents.rd_close_linger,
+                sync_grace: agents.rd_sync_grace,
                 ..remotedialer::settings_for(&config)
             };
             let transport = RdTransport::new(messages, Role::Server, settings, RdLimits::default());

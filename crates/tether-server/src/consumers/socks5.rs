@@ -53,7 +53,7 @@ pub(crate) async fn serve(
             return refuse(frontend, tcp, consumer.as_deref(), &client, failure).await;
         }
     };
-    connect(frontend, tcp, peer, request, consumer).await;
+    dial_and_splice(frontend, tcp, peer, request, consumer).await;
 }
 
 /// A refused connection: its socket, the consumer and client when known, and why.
@@ -117,7 +117,7 @@ async fn admit(
 }
 
 /// Dials the request's target through the client's agent, answers, and splices.
-async fn connect(
+async fn dial_and_splice(
     frontend: &Frontend,
     mut tcp: TcpStream,
     peer: SocketAddr,
