@@ -29,13 +29,12 @@ use crate::report;
 /// The section in docs/BENCHMARKS.md.
 const MARKER: &str = "placement-kill";
 /// Concurrent probe dials.
-pub(crate) const PROBERS: usize = 4;
+const PROBERS: usize = 4;
 /// The phases of the probe dials.
 const BEFORE: &str = "through a random replica, before the kill";
 const DURING: &str = "through a random survivor, from the kill until placed again";
 const AFTER: &str = "through a random survivor, once placed again";
-pub(crate) const VICTIM: &str =
-    "through the killed replica (started before the kill; cut when in flight)";
+const VICTIM: &str = "through the killed replica (started before the kill; cut when in flight)";
 
 /// The fleet of `tether-bench placement` that the sample is compared with.
 const MODEL_AGENTS: usize = 20_000;
@@ -258,7 +257,7 @@ pub(crate) async fn run(mut args: KillArgs) -> Result<()> {
             (args.replicas.min(4), args.agents.min(40), 1);
     }
     let n = usize::from(args.replicas);
-    if n < 3 || n > 250 || args.k == 0 || args.k >= n || args.agents == 0 {
+    if !(3..=250).contains(&n) || args.k == 0 || args.k >= n || args.agents == 0 {
         bail!("--replicas in 3..=250, --k in 1..replicas, --agents at least 1");
     }
     let load_before = load_average();
@@ -369,6 +368,7 @@ async fn measure(
     let measured = Measured {
         replicas: n,
         agents: ids.len(),
+        probers: PROBERS,
         k: args.k,
         placed_cold,
         predicted_before: before,
@@ -379,12 +379,24 @@ async fn measure(
         replaced_in: placed - killed,
         peaks: kill_probe::peak_rates(&samples, Duration::from_millis(500)),
         phases: [
-            Phase::of(BEFORE, &probes, (None, Some(killed)), |p| p != victim),
-            Phase::of(DURING, &probes, (Some(killed), Some(placed)), |p| {
+            Phase::of((BEFORE, "all"), &probes, (None, Some(killed)), |p| {
                 p != victim
             }),
-            Phase::of(AFTER, &probes, (Some(placed), None), |p| p != victim),
-            Phase::of(VICTIM, &probes, (None, Some(killed)), |p| p == victim),
+            Phase::of(
+                (DURING, "all"),
+                &probes,
+                (Some(killed), Some(placed)),
+                |p| p != victim,
+            ),
+            Phase::of((AFTER, "all"), &probes, (Some(placed), None), |p| {
+                p != victim
+            }),
+            Phase::of(
+                (VICTIM, "all but those in flight"),
+                &probes,
+                (None, Some(killed)),
+                |p| p == victim,
+            ),
         ],
         model,
         load: (String::new(), String::new()),

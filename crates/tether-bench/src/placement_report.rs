@@ -13,6 +13,8 @@ use crate::{process_stats, report};
 /// Probe dials in one phase of the run.
 pub(crate) struct Phase {
     name: &'static str,
+    /// What should succeed.
+    expect: &'static str,
     ok: usize,
     total: usize,
     first_error: Option<String>,
@@ -21,7 +23,7 @@ pub(crate) struct Phase {
 impl Phase {
     /// The probes that started in `[from, to)` through a replica for which `through` holds.
     pub(crate) fn of(
-        name: &'static str,
+        (name, expect): (&'static str, &'static str),
         probes: &[Probe],
         (from, to): (Option<Instant>, Option<Instant>),
         through: impl Fn(std::net::SocketAddr) -> bool,
@@ -33,6 +35,7 @@ impl Phase {
             .collect();
         Phase {
             name,
+            expect,
             ok: inside.iter().filter(|p| p.ok).count(),
             total: inside.len(),
             first_error: inside.iter().find_map(|p| p.error.clone()),
@@ -51,6 +54,8 @@ pub(crate) struct Model {
 pub(crate) struct Measured {
     pub(crate) replicas: usize,
     pub(crate) agents: usize,
+    /// Concurrent probe dials.
+    pub(crate) probers: usize,
     pub(crate) k: usize,
     pub(crate) placed_cold: Duration,
     pub(crate) predicted_before: Vec<u64>,
@@ -122,23 +127,20 @@ impl Measured {
             self.load.1,
             report::git_describe(),
             report::today(),
-            crate::placement_kill::PROBERS,
+            self.probers,
             report::format_thousands(self.model.agents as f64),
         );
         self.figure_rows(&mut out, scale);
         for phase in &self.phases {
-            let expect = if phase.name == crate::placement_kill::VICTIM {
-                "all but those in flight"
-            } else {
-                "all"
-            };
             let _ = writeln!(
                 out,
-                "| dials {} | {} of {} ({:.2} %) | {expect} | {expect} |",
+                "| dials {} | {} of {} ({:.2} %) | {} | {} |",
                 phase.name,
                 phase.ok,
                 phase.total,
-                100.0 * phase.ok as f64 / phase.total.max(1) as f64
+                100.0 * phase.ok as f64 / phase.total.max(1) as f64,
+                phase.expect,
+                phase.expect,
             );
         }
         for phase in &self.phases {
