@@ -165,25 +165,7 @@ async fn any_replica_reaches_an_agent_placed_on_two_of_five() {
             break p;
         }
     };
-    let mut replicas: Vec<Option<ServerProcess>> = Vec::new();
-    for i in 1..=REPLICAS {
-        let config = replica_yaml(&pki, i, (port, peer_port), echo, resetting);
-        replicas.push(Some(ServerProcess::start(&config, 2).await));
-    }
-    let admins: Vec<SocketAddr> = replicas
-        .iter()
-        .map(|r| r.as_ref().unwrap().admin_addr)
-        .collect();
-    for admin in &admins {
-        until_within(
-            MESH_WAIT,
-            "every replica has a peer session to each other one",
-            || async {
-                sample(*admin, "tether_peer_sessions{direction=\"out\"}").await == Some(4.0)
-            },
-        )
-        .await;
-    }
+    let (mut replicas, admins) = start_meshed(&pki, (port, peer_port), echo, resetting).await;
     let cert = pki.agent("edge-1");
     let agent = agent(
         &pki,
@@ -201,21 +183,7 @@ async fn any_replica_reaches_an_agent_placed_on_two_of_five() {
     assert!(matches!(placed, Ok(Ok(()))), "the agent holds two sessions");
     // Through every replica, the holders directly and the others by relay.
     let holders = [ranked[0], ranked[1]];
-    for (i, replica) in replicas.iter().enumerate() {
-        let forward = replica.as_ref().unwrap().forward_addrs[0];
-        let deadline = tokio::time::Instant::now() + WAIT;
-        // The holders' registries see the sessions a moment after the agent does.
-        while let Err(err) = echo_exact(forward, 256 * 1024).await {
-            assert!(tokio::time::Instant::now() < deadline, "replica {i}: {err}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let relayed = sample(admins[i], "tether_relay_streams_total{outcome=\"opened\"}").await;
-        if holders.contains(&i) {
-            assert_eq!(relayed, Some(0.0), "replica {i} holds the agent: no relay");
-        } else {
-            assert!(relayed >= Some(1.0), "replica {i} relayed: {relayed:?}");
-        }
-    }
+    every_replica_reaches_the_agent(&replicas, &admins, holders).await;
     // A target's reset reaches the consumer through a relay as an error, never a clean EOF.
     let relaying = (0..REPLICAS as usize)
         .find(|i| !holders.contains(i))
@@ -262,13 +230,78 @@ async fn any_replica_reaches_an_agent_placed_on_two_of_five() {
     }
     agent.stop().await.unwrap();
 
-    // An agent certificate on the peer listener: no peer session.
     let live = replicas.iter().position(Option::is_some).unwrap();
-    let before = sample(admins[live], "tether_peer_sessions{direction=\"in\"}").await;
-    let refused = agent_cert_on_peer_listener(&pki, &cert, (live as u8 + 1, peer_port)).await;
+    wrong_certificates_are_refused(&pki, &cert, admins[live], (live as u8 + 1, port, peer_port))
+        .await;
+}
+
+/// The five replicas, once each has a peer session to every other one; their admin addresses.
+async fn start_meshed(
+    pki: &TestPki,
+    ports: (u16, u16),
+    echo: SocketAddr,
+    resetting: SocketAddr,
+) -> (Vec<Option<ServerProcess>>, Vec<SocketAddr>) {
+    let mut replicas: Vec<Option<ServerProcess>> = Vec::new();
+    for i in 1..=REPLICAS {
+        let config = replica_yaml(pki, i, ports, echo, resetting);
+        replicas.push(Some(ServerProcess::start(&config, 2).await));
+    }
+    let admins: Vec<SocketAddr> = replicas
+        .iter()
+        .map(|r| r.as_ref().unwrap().admin_addr)
+        .collect();
+    for admin in &admins {
+        until_within(
+            MESH_WAIT,
+            "every replica has a peer session to each other one",
+            || async {
+                sample(*admin, "tether_peer_sessions{direction=\"out\"}").await == Some(4.0)
+            },
+        )
+        .await;
+    }
+    (replicas, admins)
+}
+
+/// 256 KiB byte-exact through every replica's echo forward: the `holders` without relaying,
+/// the others relaying (counted).
+async fn every_replica_reaches_the_agent(
+    replicas: &[Option<ServerProcess>],
+    admins: &[SocketAddr],
+    holders: [usize; 2],
+) {
+    for (i, replica) in replicas.iter().enumerate() {
+        let forward = replica.as_ref().unwrap().forward_addrs[0];
+        let deadline = tokio::time::Instant::now() + WAIT;
+        // The holders' registries see the sessions a moment after the agent does.
+        while let Err(err) = echo_exact(forward, 256 * 1024).await {
+            assert!(tokio::time::Instant::now() < deadline, "replica {i}: {err}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let relayed = sample(admins[i], "tether_relay_streams_total{outcome=\"opened\"}").await;
+        if holders.contains(&i) {
+            assert_eq!(relayed, Some(0.0), "replica {i} holds the agent: no relay");
+        } else {
+            assert!(relayed >= Some(1.0), "replica {i} relayed: {relayed:?}");
+        }
+    }
+}
+
+/// On live replica `i`: an agent certificate gets no session on the peer listener, and a
+/// peer certificate is refused on the agent listener with its reason.
+async fn wrong_certificates_are_refused(
+    pki: &TestPki,
+    cert: &tether_e2e::tether_testkit::AgentCert,
+    admin: SocketAddr,
+    (i, port, peer_port): (u8, u16, u16),
+) {
+    // An agent certificate on the peer listener: no peer session.
+    let before = sample(admin, "tether_peer_sessions{direction=\"in\"}").await;
+    let refused = agent_cert_on_peer_listener(pki, cert, (i, peer_port)).await;
     assert!(refused, "the peer listener closes on an agent certificate");
     assert_eq!(
-        sample(admins[live], "tether_peer_sessions{direction=\"in\"}").await,
+        sample(admin, "tether_peer_sessions{direction=\"in\"}").await,
         before
     );
 
@@ -282,12 +315,12 @@ async fn any_replica_reaches_an_agent_placed_on_two_of_five() {
              tls: {{ cert: \"{}\", key: \"{}\", server_ca: \"{}\" }}\n\
              admin_listen: \"\"\n\
              reconnect: {{ min_delay: 50ms, max_delay: 500ms }}\n",
-            live + 1,
+            i,
             peer.cert_path.display(),
             peer.key_path.display(),
             pki.ca_path().display(),
         ),
-        &pki,
+        pki,
     );
     let mut status = impostor.status.clone();
     let refused = tokio::time::timeout(
