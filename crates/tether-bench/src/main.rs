@@ -7,12 +7,15 @@ mod daemons;
 mod delay_relay;
 mod echo_server;
 mod http_get;
+mod kill_probe;
 mod many_agents;
 mod measure_idle;
 mod measure_latency;
 mod measure_tput;
 mod peers;
+mod placement_kill;
 mod placement_model;
+mod placement_report;
 mod process_stats;
 mod record;
 mod relay;
@@ -62,6 +65,10 @@ enum Command {
     /// The k-of-N placement of a large fleet, computed with the agents' own ranking: sessions
     /// per replica, the reconnect load of a replica's death and the moves of a join.
     Placement(placement_model::PlacementArgs),
+    /// N real replicas with peering and a sample of agents placed on k of them: one replica
+    /// gets SIGKILL; who reconnects, how fast, the survivors' connection rate and dial success
+    /// through a random replica, against the placement model.
+    PlacementKill(placement_kill::KillArgs),
     /// Two replicas with peering and one agent on the first: echo RTT and one-stream
     /// throughput through the first (direct) and the second (relayed), interleaved.
     Relay(relay::RelayArgs),
@@ -129,6 +136,7 @@ fn main() -> ExitCode {
             Command::Wan(args) => wan::run(args).await,
             Command::Agents(args) => many_agents::run(args).await,
             Command::Placement(args) => placement_model::run(args),
+            Command::PlacementKill(args) => placement_kill::run(args).await,
             Command::Relay(args) => relay::run(args).await,
             Command::EchoServer { listen } => echo_server::serve(listen).await,
             Command::SpliceRelay { routes } => splice_relay::serve(&routes).await,

@@ -92,7 +92,6 @@ pub(crate) fn run(args: PlacementArgs) -> Result<()> {
     let load = Load::of(&placed, args.replicas);
 
     // One replica dies: its agents reconnect to their next replica in rank order.
-    let dead = 0;
     let survivors: Vec<String> = members[1..].to_vec();
     let after_death = place(&agents, &survivors, args.k);
     let mut received = vec![0usize; args.replicas];
@@ -125,63 +124,91 @@ pub(crate) fn run(args: PlacementArgs) -> Result<()> {
         })
         .count();
 
-    let mut section = String::new();
-    let n = args.replicas;
-    let _ = writeln!(
-        section,
-        "Placement model: {} agents, {n} replicas, k = {} (`tether-bench placement --replicas {n} \
-         --agents {} --k {}`; the agents' own ranking function, no processes).\n",
-        report::format_thousands(args.agents as f64),
-        args.k,
-        args.agents,
-        args.k
-    );
-    let _ = writeln!(
-        section,
-        "| figure | k of N | every agent on every replica |"
-    );
-    let _ = writeln!(section, "|---|---|---|");
-    let _ = writeln!(
-        section,
-        "| sessions per replica: mean (min-max) | {:.0} ({}-{}) | {} |",
-        load.mean(),
-        load.min(),
-        load.max(),
-        args.agents
-    );
-    let _ = writeln!(
-        section,
-        "| busiest replica over the mean | {:.3} | 1 |",
-        load.max() as f64 / load.mean()
-    );
-    let _ = writeln!(
-        section,
-        "| replica {dead} dies: sessions to re-establish | {} ({:.1} % of all) | 0 (the others already hold every agent) |",
-        report::format_thousands(reconnects as f64),
-        100.0 * reconnects as f64 / (args.agents * args.k) as f64
-    );
-    let _ = writeln!(
-        section,
-        "| ... most received by one survivor | {} (mean {:.0}) | 0 |",
+    let figures = Figures {
+        load,
+        reconnects,
         busiest,
-        reconnects as f64 / (n - 1) as f64
-    );
-    let _ = writeln!(
-        section,
-        "| a replica joins: sessions it takes | {} (expected k/(N+1): {:.0}) | {} |",
-        report::format_thousands(joined as f64),
-        (args.agents * args.k) as f64 / (n + 1) as f64,
-        report::format_thousands(args.agents as f64)
-    );
-    let _ = writeln!(
-        section,
-        "| a replica joins: agents moving between old replicas | {moved_elsewhere} | 0 |"
-    );
-    let _ = writeln!(
-        section,
-        "| ranking cost per agent (N = {n}) | {:.1} us | - |",
-        rank_ns / 1000.0
-    );
+        joined,
+        moved_elsewhere,
+        rank_ns,
+    };
+    let section = figures.section(&args);
     print!("{section}");
     report::write_section(args.out, PLACEMENT_MARKER, &section)
+}
+
+/// What the model found.
+struct Figures {
+    load: Load,
+    reconnects: usize,
+    busiest: usize,
+    joined: usize,
+    moved_elsewhere: usize,
+    rank_ns: f64,
+}
+
+impl Figures {
+    /// The markdown section.
+    fn section(&self, args: &PlacementArgs) -> String {
+        let dead = 0;
+        let mut section = String::new();
+        let n = args.replicas;
+        let _ = writeln!(
+            section,
+            "Placement model: {} agents, {n} replicas, k = {} (`tether-bench placement --replicas {n} \
+             --agents {} --k {}`; the agents' own ranking function, no processes).\n",
+            report::format_thousands(args.agents as f64),
+            args.k,
+            args.agents,
+            args.k
+        );
+        let _ = writeln!(
+            section,
+            "| figure | k of N | every agent on every replica |"
+        );
+        let _ = writeln!(section, "|---|---|---|");
+        let _ = writeln!(
+            section,
+            "| sessions per replica: mean (min-max) | {:.0} ({}-{}) | {} |",
+            self.load.mean(),
+            self.load.min(),
+            self.load.max(),
+            args.agents
+        );
+        let _ = writeln!(
+            section,
+            "| busiest replica over the mean | {:.3} | 1 |",
+            self.load.max() as f64 / self.load.mean()
+        );
+        let _ = writeln!(
+            section,
+            "| replica {dead} dies: sessions to re-establish | {} ({:.1} % of all) | 0 (the others already hold every agent) |",
+            report::format_thousands(self.reconnects as f64),
+            100.0 * self.reconnects as f64 / (args.agents * args.k) as f64
+        );
+        let _ = writeln!(
+            section,
+            "| ... most received by one survivor | {} (mean {:.0}) | 0 |",
+            self.busiest,
+            self.reconnects as f64 / (n - 1) as f64
+        );
+        let _ = writeln!(
+            section,
+            "| a replica joins: sessions it takes | {} (expected k/(N+1): {:.0}) | {} |",
+            report::format_thousands(self.joined as f64),
+            (args.agents * args.k) as f64 / (n + 1) as f64,
+            report::format_thousands(args.agents as f64)
+        );
+        let _ = writeln!(
+            section,
+            "| a replica joins: agents moving between old replicas | {} | 0 |",
+            self.moved_elsewhere
+        );
+        let _ = writeln!(
+            section,
+            "| ranking cost per agent (N = {n}) | {:.1} us | - |",
+            self.rank_ns / 1000.0
+        );
+        section
+    }
 }

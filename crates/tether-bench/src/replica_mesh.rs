@@ -70,27 +70,8 @@ pub(crate) async fn run(common: &Common, count: usize, replicas: u8, wait: Durat
             per_agent.push(rss.saturating_sub(*base) * 1024 / n.max(1));
         }
         eprintln!("full mesh in {mesh:.1?}; restarting replica-1");
-        let first = servers.remove(0);
-        first.stop().await?;
-        let restarted = ServerProcess::start_named(
-            &binary,
-            &pki,
-            "replica-1",
-            addr(1),
-            "unused",
-            &[],
-            &extra(1),
-        )
-        .await?;
-        let up = Instant::now();
-        restarted.wait_for_agents(n, wait).await?;
-        let back = up.elapsed();
-        for server in &servers {
-            if server.agents_connected().await? != n {
-                bail!("a replica that was not restarted lost agents");
-            }
-        }
-        servers.insert(0, restarted);
+        let first = (addr(1), extra(1));
+        let back = restart_first(&mut servers, (&binary, &pki), first, n, wait).await?;
         Ok::<_, anyhow::Error>(Measured {
             mesh,
             back,
@@ -107,6 +88,31 @@ pub(crate) async fn run(common: &Common, count: usize, replicas: u8, wait: Durat
     let section = measured.markdown(n, replicas, &command);
     println!("{section}");
     report::write_section(common.out_path()?, report::REPLICAS_MARKER, &section)
+}
+
+/// Stops `servers[0]` (SIGTERM) and starts it again on `addr` with `extra`; how long after
+/// its start every agent is back on it (the others must keep all of theirs).
+async fn restart_first(
+    servers: &mut Vec<ServerProcess>,
+    (binary, pki): (&Path, &Pki),
+    (addr, extra): (SocketAddr, String),
+    n: u64,
+    wait: Duration,
+) -> Result<Duration> {
+    let first = servers.remove(0);
+    first.stop().await?;
+    let restarted =
+        ServerProcess::start_named(binary, pki, "replica-1", addr, "unused", &[], &extra).await?;
+    let up = Instant::now();
+    restarted.wait_for_agents(n, wait).await?;
+    let back = up.elapsed();
+    for server in servers.iter() {
+        if server.agents_connected().await? != n {
+            bail!("a replica that was not restarted lost agents");
+        }
+    }
+    servers.insert(0, restarted);
+    Ok(back)
 }
 
 /// A port free on 127.0.0.1 to 127.0.0.`replicas` (checked by binding each).

@@ -27,6 +27,7 @@ use crate::consumers::audit::AuditLog;
 use crate::consumers::context::ConsumerContext;
 use crate::consumers::forward::{self, Forward};
 use crate::consumers::proxy_control::FrontendControl;
+use crate::peers::tls::PeerTls;
 use crate::tls_reload::TlsReloader;
 use tether_common::tls::TlsError;
 
@@ -143,6 +144,8 @@ struct Inner {
     audit: AuditLog,
     /// The TLS material in force; installed by `Server::new`.
     tls: Mutex<Option<TlsReloader>>,
+    /// The peering's TLS material (with `peers:`), reloaded with the server's.
+    peer_tls: Mutex<Option<PeerTls>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,6 +176,7 @@ impl ServerReloader {
                 metrics,
                 audit,
                 tls: Mutex::new(None),
+                peer_tls: Mutex::new(None),
             }),
         }
     }
@@ -181,8 +185,19 @@ impl ServerReloader {
         *lock(&self.inner.tls) = Some(tls);
     }
 
+    pub(crate) fn install_peer_tls(&self, tls: PeerTls) {
+        *lock(&self.inner.peer_tls) = Some(tls);
+    }
+
+    /// Reloads the peer TLS material (its own files and the listener's `server` files);
+    /// whether new material was applied.
+    fn reload_peer_tls(&self, server: &tether_common::tls::ServerTlsFiles) -> bool {
+        let peer_tls = lock(&self.inner.peer_tls).clone();
+        peer_tls.is_some_and(|tls| tls.reload(server))
+    }
+
     /// The files to watch besides the config file: the TLS material in force (empty when it
-    /// was given in memory).
+    /// was given in memory), and the peer TLS material.
     pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
         let file_backed = lock(&self.inner.tls)
             .as_ref()
@@ -193,6 +208,11 @@ impl ServerReloader {
         let files = self.current().tls_files();
         let mut paths = vec![files.cert, files.key, files.client_ca];
         paths.extend(files.crls);
+        paths.extend(
+            lock(&self.inner.peer_tls)
+                .iter()
+                .flat_map(PeerTls::watched_files),
+        );
         paths
     }
 
@@ -245,13 +265,15 @@ impl ServerReloader {
             return Ok(false);
         };
         let running = self.current();
-        match tls.prepare(&running.tls_files(), running.client_cert_policy())? {
+        let prepared = tls.prepare(&running.tls_files(), running.client_cert_policy())?;
+        let peers_applied = self.reload_peer_tls(&running.tls_files());
+        match prepared {
             Some(prepared) => {
                 tls.commit(prepared);
                 tls.sweep();
                 Ok(true)
             }
-            None => Ok(false),
+            None => Ok(peers_applied),
         }
     }
 
@@ -288,6 +310,11 @@ impl ServerReloader {
         let mut changed = changed_fields(&accepted, &config);
         if prepared.is_some() && !changed.iter().any(|k| k.starts_with("tls.")) {
             changed.push("tls.material".to_owned());
+        }
+        // The peer material reloads on its own: bad files are refused (logged, counted)
+        // without rejecting the rest of the reload.
+        if self.reload_peer_tls(&config.tls_files()) {
+            changed.push("peers.material".to_owned());
         }
         if changed.is_empty() {
             return Ok(ReloadOutcome {

@@ -194,7 +194,7 @@ impl Dialer {
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(self.config.tls_name())
             .map_err(|e| format!("peers.server_name: {e}"))?;
-        let tls = TlsConnector::from(self.tls.client.clone())
+        let tls = TlsConnector::from(self.tls.client())
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;

@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::config::MAX_MEMBERS;
 use super::serve::Served;
-use super::tls::{ALPN_PEER, PeerTls, peer_id};
+use super::tls::{ALPN_PEER, PeerTls, peer_id, peer_serial};
 use crate::accept::accept;
 
 /// Most connections on the peer listener at once (handshakes and sessions): a few per member.
@@ -67,7 +67,7 @@ impl PeerListener {
 
     async fn serve(&self, tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
         let _ = tcp.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(self.tls.server.clone());
+        let acceptor = TlsAcceptor::from(self.tls.server());
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(err)) => return self.refused(peer, &format!("TLS handshake failed: {err}")),
@@ -81,7 +81,8 @@ impl PeerListener {
             Ok(id) => id,
             Err(err) => return self.refused(peer, &format!("certificate refused: {err}")),
         };
-        info!(peer.id = %peer_id, "peer session accepted");
+        let serial = peer_serial(conn.peer_certificates());
+        info!(peer.id = %peer_id, peer.serial = %serial, "peer session accepted");
         let transport = framed(tls, self.mux_config.limits());
         let (session, incoming, driver) = Session::new(
             transport,

@@ -1,5 +1,5 @@
 //! The peering's Prometheus series: peer sessions, relayed streams by outcome on both ends,
-//! and the time a relayed open takes.
+//! the time a relayed open takes and the reloads of the peer TLS material.
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -7,6 +7,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Reg
 pub(crate) const RELAY_OUTCOMES: [&str; 4] = ["opened", "refused", "no_session", "failed"];
 /// Outcomes of a relayed dial on the replica that holds the agent.
 pub(crate) const SERVED_OUTCOMES: [&str; 4] = ["opened", "refused", "no_session", "bad_request"];
+/// Results of a reload of the peer TLS material.
+pub(crate) const TLS_RELOAD_RESULTS: [&str; 3] = ["applied", "unchanged", "rejected"];
 
 /// The peering's metrics. Cheap to clone; clones share the series.
 #[derive(Debug, Clone)]
@@ -19,6 +21,8 @@ pub struct PeerMetrics {
     pub(crate) served: IntCounterVec,
     /// `tether_relay_open_seconds`: from the relay's first attempt to the opened stream.
     pub(crate) open_seconds: Histogram,
+    /// `tether_peer_tls_reloads_total{result}`: reloads of the peer TLS material.
+    pub(crate) tls_reloads: IntCounterVec,
 }
 
 impl PeerMetrics {
@@ -54,6 +58,18 @@ impl PeerMetrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
             ]),
         )?;
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "tether_peer_tls_reloads_total",
+                "Reloads of the peer TLS material (peer certificate, key and CA; the listener's \
+                 server certificate) by result: applied, unchanged, rejected (the old material \
+                 stays in use; the same bad files are counted once).",
+            ),
+            &["result"],
+        )?;
+        for result in TLS_RELOAD_RESULTS {
+            tls_reloads.with_label_values(&[result]);
+        }
         for direction in ["out", "in"] {
             sessions.with_label_values(&[direction]);
         }
@@ -67,11 +83,13 @@ impl PeerMetrics {
         registry.register(Box::new(relayed.clone()))?;
         registry.register(Box::new(served.clone()))?;
         registry.register(Box::new(open_seconds.clone()))?;
+        registry.register(Box::new(tls_reloads.clone()))?;
         Ok(PeerMetrics {
             sessions,
             relayed,
             served,
             open_seconds,
+            tls_reloads,
         })
     }
 }

@@ -83,10 +83,6 @@ impl Server {
         // the next reload rather than being missed.
         let fingerprint = tls_check::server_files_fingerprint(&files).map(|f| (f, policy));
         let tls = tls::server_tls(&files, policy)?;
-        let peer_tls = match &config.peers {
-            Some(peers) => Some(PeerTls::load(peers, &files)?),
-            None => None,
-        };
         let mut server = Self::build(
             config,
             tls.config,
@@ -94,7 +90,11 @@ impl Server {
             fingerprint,
             registry,
         )?;
-        server.peer_tls = peer_tls;
+        if let Some(peers) = &server.config.peers {
+            let peer_tls = PeerTls::load(peers, &files, server.peer_metrics.clone())?;
+            server.reloader.install_peer_tls(peer_tls.clone());
+            server.peer_tls = Some(peer_tls);
+        }
         for (role, path) in [
             (CertRole::Server, &files.cert),
             (CertRole::ClientCa, &files.client_ca),
