@@ -48,7 +48,7 @@ pub use config::{
     AgentConfig, AgentProtocol, AgentTlsConfig, DiscoveryConfig, PlacementConfig, ReconnectConfig,
 };
 pub use connector::{ConnectError, Connector, Endpoint};
-pub use gate::{ActivationConfig, GateState};
+pub use gate::{ActivationConfig, EnvLookup, GateState};
 pub use handler::SharedPolicy;
 pub use metrics::{AgentMetrics, DialOutcome};
 pub use reload::AgentReloader;
@@ -62,9 +62,6 @@ use crate::gate::{Gate, GateControl};
 use crate::handler::Handler;
 use crate::placement::PlacementSettings;
 use crate::reload::{ConnectSettings, ReloadTargets};
-
-/// How the agent reads environment variables (the activation gate's `from: env` source).
-pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// One info line per this window for repeated policy refusals (the rest go to debug).
 const DENIAL_LOG_WINDOW: Duration = Duration::from_secs(60);

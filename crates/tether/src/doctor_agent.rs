@@ -10,7 +10,7 @@ use tether_agent::gate::GateState;
 use tether_common::pki_ops;
 
 use crate::config_load::{self, Overrides};
-use crate::doctor::{Report, expiry_step};
+use crate::doctor_report::{Report, expiry_step};
 use crate::status_cmd::{AdminUrl, fetch_within};
 
 /// How long a running agent's admin endpoint may take to answer.

@@ -10,7 +10,7 @@ use tether_common::{pki_ops, tls};
 use tether_server::{ClientsResponse, ServerConfig};
 
 use crate::config_load::{self, Overrides};
-use crate::doctor::{Report, expiry_step};
+use crate::doctor_report::{Report, expiry_step};
 use crate::status_cmd::{AdminUrl, CLIENTS_PATH, fetch_within};
 
 /// How long the admin endpoint of a running server may take to answer.

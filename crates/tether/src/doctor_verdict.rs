@@ -11,7 +11,7 @@ use tether_agent::AgentConfig;
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use x509_parser::extensions::GeneralName;
 
-use crate::doctor::{Report, human_secs, now_unix};
+use crate::doctor_report::{Report, human_secs, now_unix};
 
 /// What the report says about a certificate.
 pub(crate) struct CertSummary {

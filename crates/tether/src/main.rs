@@ -11,6 +11,7 @@ mod demo;
 mod doctor;
 mod doctor_agent;
 mod doctor_net;
+mod doctor_report;
 mod doctor_server;
 mod doctor_target;
 mod doctor_verdict;
