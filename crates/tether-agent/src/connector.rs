@@ -198,57 +198,8 @@ impl Connector {
         instance_id: &str,
     ) -> Result<Connector, ConfigErrors> {
         let mut errors = ConfigErrors::new();
-        let mut targets = Vec::new();
-        for url in config.urls() {
-            let server = match ServerUrl::parse(&url) {
-                Ok(server) => server,
-                Err(message) => {
-                    errors.push("server_url", message);
-                    continue;
-                }
-            };
-            match server.tls_name(&config.server_name) {
-                Ok(server_name) => targets.push(Target {
-                    url,
-                    server,
-                    server_name,
-                }),
-                Err(message) => errors.push("server_name", message),
-            }
-        }
-        let mut headers = Vec::new();
-        if config.protocol == AgentProtocol::Tether {
-            headers.push((
-                SEC_WEBSOCKET_PROTOCOL,
-                HeaderValue::from_static(SUBPROTOCOL),
-            ));
-        }
-        for (name, value) in &config.headers {
-            match (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
-                (Ok(name), Ok(value)) => headers.push((name, value)),
-                _ => errors.push(format!("headers.{name}"), "not a valid HTTP header"),
-            }
-        }
-        for (name, value, key) in [
-            (INSTANCE_HEADER, instance_id.to_owned(), "instance id"),
-            (
-                VERSION_HEADER,
-                env!("CARGO_PKG_VERSION").to_owned(),
-                "version",
-            ),
-            (LABELS_HEADER, config.labels_header(), "labels"),
-        ] {
-            if value.is_empty() {
-                continue;
-            }
-            match HeaderValue::from_str(&value) {
-                Ok(value) => headers.push((name, value)),
-                Err(_) => errors.push(key, "not a valid HTTP header value"),
-            }
-        }
+        let targets = targets(config, &mut errors);
+        let headers = headers(config, instance_id, &mut errors);
         if !errors.is_empty() || targets.is_empty() {
             return Err(errors);
         }
@@ -451,6 +402,72 @@ fn sanitize_server_id(id: &str) -> String {
 /// A random id for this process start: 16 lowercase hex characters.
 pub fn new_instance_id() -> String {
     format!("{:016x}", fastrand::u64(..))
+}
+
+/// One attempt target per server URL of `config`; problems go to `errors`.
+fn targets(config: &AgentConfig, errors: &mut ConfigErrors) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for url in config.urls() {
+        let server = match ServerUrl::parse(&url) {
+            Ok(server) => server,
+            Err(message) => {
+                errors.push("server_url", message);
+                continue;
+            }
+        };
+        match server.tls_name(&config.server_name) {
+            Ok(server_name) => targets.push(Target {
+                url,
+                server,
+                server_name,
+            }),
+            Err(message) => errors.push("server_name", message),
+        }
+    }
+    targets
+}
+
+/// The upgrade request's headers: the subprotocol, `headers:`, instance id, version, labels;
+/// problems go to `errors`.
+fn headers(
+    config: &AgentConfig,
+    instance_id: &str,
+    errors: &mut ConfigErrors,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = Vec::new();
+    if config.protocol == AgentProtocol::Tether {
+        headers.push((
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        ));
+    }
+    for (name, value) in &config.headers {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(name), Ok(value)) => headers.push((name, value)),
+            _ => errors.push(format!("headers.{name}"), "not a valid HTTP header"),
+        }
+    }
+    for (name, value, key) in [
+        (INSTANCE_HEADER, instance_id.to_owned(), "instance id"),
+        (
+            VERSION_HEADER,
+            env!("CARGO_PKG_VERSION").to_owned(),
+            "version",
+        ),
+        (LABELS_HEADER, config.labels_header(), "labels"),
+    ] {
+        if value.is_empty() {
+            continue;
+        }
+        match HeaderValue::from_str(&value) {
+            Ok(value) => headers.push((name, value)),
+            Err(_) => errors.push(key, "not a valid HTTP header value"),
+        }
+    }
+    headers
 }
 
 #[cfg(test)]
