@@ -115,7 +115,7 @@ async fn one_session(admin: SocketAddr, client: &str) -> u64 {
 
 async fn metric(admin: SocketAddr, series: &str) -> f64 {
     let response = tether_e2e::http::get(admin, "/metrics").await.unwrap();
-    tether_e2e::exposition::sample(&response.body, series).unwrap_or(0.0)
+    tether_testkit::metrics::sample(&response.body, series).unwrap_or(0.0)
 }
 
 async fn wait_metric(admin: SocketAddr, series: &str, at_least: f64) {

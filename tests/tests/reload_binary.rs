@@ -242,7 +242,7 @@ async fn the_config_log_filter_changes_in_place_on_sighup() {
 /// One series of the server's `/metrics` (0 when absent).
 async fn server_metric(admin: SocketAddr, series: &str) -> f64 {
     let response = tether_e2e::http::get(admin, "/metrics").await.unwrap();
-    tether_e2e::exposition::sample(&response.body, series).unwrap_or(0.0)
+    tether_testkit::metrics::sample(&response.body, series).unwrap_or(0.0)
 }
 
 async fn wait_metric(admin: SocketAddr, series: &str, value: f64) {
