@@ -159,6 +159,27 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// Whether `key` is this endpoint's key in `AgentStatus::replicas` (its `Display` form),
+    /// compared without building the string.
+    pub fn has_key(&self, key: &str) -> bool {
+        use std::fmt::Write as _;
+        let mut rest = DisplayMatch(Some(key));
+        let _ = write!(rest, "{self}");
+        rest.0 == Some("")
+    }
+}
+
+/// Consumes a `Display` output from the front of a string: `None` once a piece differs.
+struct DisplayMatch<'a>(Option<&'a str>);
+
+impl std::fmt::Write for DisplayMatch<'_> {
+    fn write_str(&mut self, piece: &str) -> std::fmt::Result {
+        self.0 = self.0.and_then(|rest| rest.strip_prefix(piece));
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.addr {
@@ -473,6 +494,31 @@ fn headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_has_exactly_its_display_as_key() {
+        let url = "wss://tether:8443/v1/connect";
+        let resolved = Endpoint {
+            url: url.into(),
+            addr: Some("[fd00::1]:8443".parse().unwrap()),
+        };
+        let by_name = Endpoint {
+            url: url.into(),
+            addr: None,
+        };
+        for endpoint in [&resolved, &by_name] {
+            let key = endpoint.to_string();
+            assert!(endpoint.has_key(&key), "{key}");
+            assert!(
+                !endpoint.has_key(&key[..key.len() - 1]),
+                "a prefix of {key}"
+            );
+            assert!(!endpoint.has_key(&format!("{key}x")), "longer than {key}");
+        }
+        assert!(!resolved.has_key(&by_name.to_string()));
+        assert!(!by_name.has_key(&resolved.to_string()));
+        assert!(!resolved.has_key("wss://tether:8443/v1/connect ([fd00::2]:8443)"));
+    }
 
     #[test]
     fn labels_cover_every_variant() {
