@@ -128,7 +128,7 @@ mod tests {
             7.0
         );
         assert_eq!(
-            registry_sample(&registry, "closed_total{side=\"agent\",reason=\"reset\"}"),
+            registry_sample(&registry, "closed_total{reason=\"reset\",side=\"agent\"}"),
             5.0
         );
     }

@@ -30,7 +30,7 @@ pub async fn eventually_within(what: &str, within: Duration, mut check: impl FnM
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn returns_once_the_condition_holds() {
         let mut polls = 0;
         eventually("the third poll", || {
@@ -41,7 +41,7 @@ mod tests {
         assert_eq!(polls, 3);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     #[should_panic(expected = "timed out waiting for: never")]
     async fn fails_after_the_deadline() {
         eventually_within("never", Duration::from_millis(50), || false).await;
