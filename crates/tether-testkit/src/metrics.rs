@@ -1,7 +1,11 @@
 //! Reading Prometheus samples in tests: from a registry held by the test, or from the text
 //! exposition a `/metrics` endpoint serves (daemons in child processes).
 
+use std::net::SocketAddr;
+
 use prometheus::proto::{Metric, MetricType};
+
+use crate::net::http_get;
 
 /// The text exposition of `registry`, as `/metrics` serves it.
 pub fn exposition(registry: &prometheus::Registry) -> String {
@@ -29,6 +33,13 @@ pub fn family_sum(text: &str, name: &str) -> f64 {
             value.trim().parse::<f64>().ok()
         })
         .sum()
+}
+
+/// The value of the series `series` (as printed) on the `/metrics` of the admin listener
+/// `admin` (a daemon in a child process); 0 if absent.
+pub async fn scrape(admin: SocketAddr, series: &str) -> f64 {
+    let (_, body) = http_get(admin, "/metrics").await;
+    sample(&body, series).unwrap_or(0.0)
 }
 
 /// The value of the series `series` (as printed) in `registry`'s exposition; 0 if absent.
