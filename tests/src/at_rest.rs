@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tether_common::runtime_metrics::heap_stats;
 
-use crate::metric_or_zero;
+use tether_testkit::metrics::metric_or_zero;
 
 /// How long the process may take to come back to rest after a burst of traffic.
 pub const SETTLE: Duration = Duration::from_secs(45);
@@ -46,7 +46,7 @@ pub fn open_fds() -> usize {
 /// Why one daemon's stream counters do not balance, if they do not.
 pub fn stream_imbalance(name: &str, registry: &prometheus::Registry) -> Option<String> {
     let opened = metric_or_zero(registry, "tether_streams_opened_total", &[]);
-    let closed = crate::metric_sum(registry, "tether_streams_closed_total");
+    let closed = tether_testkit::metrics::metric_sum(registry, "tether_streams_closed_total", &[]);
     let active = metric_or_zero(registry, "tether_streams_active", &[]);
     (opened != closed || active != 0.0)
         .then(|| format!("{name}: opened {opened}, closed {closed}, active {active}"))

@@ -1,11 +1,13 @@
 //! Whole-system test harness: servers and agents started from their library `run` entry points
-//! on ephemeral loopback ports, with per-test certificates, plus metric and polling helpers.
+//! on ephemeral loopback ports, with per-test certificates. Waiting for a condition, reading
+//! metrics, loopback sockets and HTTP GET come from tether-testkit.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use tether_testkit::{AgentCert, TestPki};
+use tether_testkit::metrics::metric_or_zero;
+use tether_testkit::{AgentCert, TestPki, bind_loopback, eventually, http_get};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -14,7 +16,6 @@ pub use tether_testkit;
 
 pub mod at_rest;
 pub mod delay_relay;
-pub mod exposition;
 pub mod http;
 pub mod netns;
 pub mod process;
@@ -22,44 +23,6 @@ pub mod proxy;
 
 /// How long any harness wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(15);
-
-/// Polls `check` until it returns true, failing after [`WAIT`].
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// The value of a metric series (counter or gauge) with exactly these labels, if present.
-pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    for family in registry.gather() {
-        if family.name() != name {
-            continue;
-        }
-        for m in family.get_metric() {
-            let pairs = m.get_label();
-            let matches = labels.len() == pairs.len()
-                && labels
-                    .iter()
-                    .all(|(k, v)| pairs.iter().any(|p| p.name() == *k && p.value() == *v));
-            if !matches {
-                continue;
-            }
-            return Some(sample_value(family.get_field_type(), m));
-        }
-    }
-    None
-}
-
-/// Like [`metric`] but a missing series counts as 0.
-pub fn metric_or_zero(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric(registry, name, labels).unwrap_or(0.0)
-}
 
 /// A forward of the test server.
 #[derive(Debug, Clone)]
@@ -231,12 +194,6 @@ impl TestServer {
             .expect("server stops in time")
             .expect("server task did not panic")
     }
-}
-
-/// A listener on `127.0.0.1:0` with the daemons' accept backlog (`tether_common::listen`), so
-/// that bursts of test connections behave as against the binary.
-pub fn bind_loopback() -> std::io::Result<TcpListener> {
-    tether_common::listen::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
 /// Parses a server config from YAML as the binary does.
@@ -416,22 +373,6 @@ pub fn allow_only(addr: SocketAddr) -> String {
     )
 }
 
-/// The sum of every series of a counter or gauge family (0 when absent).
-pub fn metric_sum(registry: &prometheus::Registry, name: &str) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|family| family.name() == name)
-        .flat_map(|family| {
-            let kind = family.get_field_type();
-            family
-                .get_metric()
-                .iter()
-                .map(move |m| sample_value(kind, m))
-        })
-        .sum()
-}
-
 pub use tether_testkit::assert_no_prior_connection;
 
 /// Reads from a consumer connection whose tunnel stream failed; returns whether it ended with
@@ -446,13 +387,6 @@ pub async fn ends_with_error(stream: &mut tokio::net::TcpStream) -> bool {
             Ok(Ok(_)) => continue,
             Ok(Err(_)) => return true,
         }
-    }
-}
-
-fn sample_value(kind: prometheus::proto::MetricType, m: &prometheus::proto::Metric) -> f64 {
-    match kind {
-        prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
-        _ => m.get_gauge().get_value(),
     }
 }
 
@@ -504,46 +438,6 @@ pub async fn connected_pair(pki: &TestPki, target: SocketAddr) -> (TestServer, T
     agent.wait_connected().await;
     server.wait_agents(1).await;
     (server, agent)
-}
-
-/// A plain HTTP/1.0 `GET path` to `addr`; the status code and body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-        tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut raw = Vec::new();
-        tcp.read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(WAIT, exchange)
-        .await
-        .expect("admin answers in time")
-        .expect("admin request");
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status code");
-    (status, body.to_owned())
-}
-
-/// A port free on 127.0.0.1 to 127.0.0.`n` at once (checked by binding each), for replicas
-/// that share one port on their own loopback addresses.
-pub fn common_port_on(n: u8) -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = first.local_addr().expect("a local address").port();
-        if (2..=n).all(|i| {
-            std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, i), port)).is_ok()
-        }) {
-            return port;
-        }
-    }
-    panic!("no port free on all {n} loopback addresses");
 }
 
 /// Sends `len` bytes through `addr`, half-closes, and checks the echo byte for byte.

@@ -5,11 +5,13 @@ use std::net::SocketAddr;
 use std::process::Output;
 use std::time::Duration;
 
+use tether_testkit::eventually;
+use tether_testkit::metrics::metric_or_zero;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
-use crate::{TestServer, WAIT, eventually, metric_or_zero};
+use crate::{TestServer, WAIT};
 
 /// Token of consumer `ops` (may reach `edge-1`).
 pub const OPS_TOKEN: &str = "ops-token";
@@ -149,13 +151,21 @@ impl HangingTarget {
 pub async fn streams_balance(server: &TestServer) {
     eventually("server streams opened == closed", || {
         let opened = metric_or_zero(&server.registry, "tether_streams_opened_total", &[]);
-        let closed = crate::metric_sum(&server.registry, "tether_streams_closed_total");
+        let closed = tether_testkit::metrics::metric_sum(
+            &server.registry,
+            "tether_streams_closed_total",
+            &[],
+        );
         let active = metric_or_zero(&server.registry, "tether_streams_active", &[]);
         opened == closed && active == 0.0
     })
     .await;
     eventually("no consumer connection held by the frontends", || {
-        crate::metric_sum(&server.registry, "tether_frontend_connections_active") == 0.0
+        tether_testkit::metrics::metric_sum(
+            &server.registry,
+            "tether_frontend_connections_active",
+            &[],
+        ) == 0.0
     })
     .await;
 }

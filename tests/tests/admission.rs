@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use tether_common::pki::IssueOptions;
 use tether_e2e::tether_testkit::{AgentCert, TestPki};
-use tether_e2e::{TestAgent, TestServer, WAIT, eventually, metric};
+use tether_e2e::{TestAgent, TestServer, WAIT};
+use tether_testkit::eventually;
+use tether_testkit::metrics::metric;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;

@@ -17,6 +17,7 @@ use tether_common::pki::{CertifiedKeyPem, IssueOptions};
 use tether_e2e::WAIT;
 use tether_e2e::process::{ServerProcess, tether_binary};
 use tether_e2e::tether_testkit::{AgentCert, TestPki};
+use tether_testkit::metrics::scrape;
 use tokio::process::{Child, Command};
 
 /// The server's own copies of its TLS files, which the tests replace.
@@ -113,14 +114,9 @@ async fn one_session(admin: SocketAddr, client: &str) -> u64 {
     .unwrap_or_else(|_| panic!("one session of {client} in time"))
 }
 
-async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let response = tether_e2e::http::get(admin, "/metrics").await.unwrap();
-    tether_e2e::exposition::sample(&response.body, series).unwrap_or(0.0)
-}
-
 async fn wait_metric(admin: SocketAddr, series: &str, at_least: f64) {
     tokio::time::timeout(WAIT, async {
-        while metric(admin, series).await < at_least {
+        while scrape(admin, series).await < at_least {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
@@ -204,7 +200,7 @@ async fn server_cert_is_replaced_without_dropping_sessions_and_bad_material_is_r
     let truncated = &fresh.cert_pem[..fresh.cert_pem.len() / 2];
     let leaf_as_ca = edge1.cert_pem.clone();
     const UNCHANGED: &str = "tether_tls_reloads_total{result=\"unchanged\"}";
-    let mut rejected = metric(admin, REJECTED).await;
+    let mut rejected = scrape(admin, REJECTED).await;
     type Breaks<'a> = Vec<(&'a str, Box<dyn Fn() + 'a>, Box<dyn Fn() + 'a>)>;
     let breaks: Breaks<'_> = vec![
         (
@@ -266,13 +262,13 @@ async fn server_cert_is_replaced_without_dropping_sessions_and_bad_material_is_r
             der(&fresh.cert_pem),
             "after {what}, the old certificate keeps serving"
         );
-        let unchanged = metric(admin, UNCHANGED).await;
+        let unchanged = scrape(admin, UNCHANGED).await;
         repair();
         // Repairing makes the files equal to the material in force again; reloads in between
         // (one file written, not the other) may be refused, so counting starts after.
         sighup(&server);
         wait_metric(admin, UNCHANGED, unchanged + 1.0).await;
-        rejected = metric(admin, REJECTED).await;
+        rejected = scrape(admin, REJECTED).await;
     }
     drop(breaks);
     assert_eq!(
@@ -332,15 +328,15 @@ async fn ca_rotation_with_overlap_then_removing_the_old_ca_closes_exactly_its_ag
     write(&files.ca, pki.other_ca().cert_pem());
     wait_metric(admin, APPLIED, 3.0).await;
     wait_no_session(admin, "edge-old").await;
-    assert_eq!(metric(admin, CLOSED_UNKNOWN_ISSUER).await, 1.0);
+    assert_eq!(scrape(admin, CLOSED_UNKNOWN_ISSUER).await, 1.0);
     assert_eq!(
-        metric(admin, "tether_session_events_total{event=\"revoked\"}").await,
+        scrape(admin, "tether_session_events_total{event=\"revoked\"}").await,
         1.0
     );
     assert_eq!(sessions(admin, "edge-new").await, vec![new_session]);
     // The old agent keeps trying and is refused at the handshake.
     let failures = "tether_tls_handshake_failures_total{reason=\"bad_certificate\"}";
-    wait_metric(admin, failures, metric(admin, failures).await + 1.0).await;
+    wait_metric(admin, failures, scrape(admin, failures).await + 1.0).await;
     assert!(sessions(admin, "edge-old").await.is_empty());
     server.kill().await;
 }
@@ -387,11 +383,11 @@ async fn certs_revoke_closes_exactly_the_revoked_agents_session_and_refuses_its_
     assert!(out.contains("now revokes 1 certificate"), "{out}");
     wait_metric(admin, APPLIED, 1.0).await;
     wait_no_session(admin, "edge-bad").await;
-    assert_eq!(metric(admin, CLOSED_REVOKED).await, 1.0);
+    assert_eq!(scrape(admin, CLOSED_REVOKED).await, 1.0);
     assert_eq!(sessions(admin, "edge-good").await, vec![good_session]);
     // Its reconnects are refused at the handshake.
     let failures = "tether_tls_handshake_failures_total{reason=\"bad_certificate\"}";
-    wait_metric(admin, failures, metric(admin, failures).await + 2.0).await;
+    wait_metric(admin, failures, scrape(admin, failures).await + 2.0).await;
     assert!(sessions(admin, "edge-bad").await.is_empty());
     assert_eq!(sessions(admin, "edge-good").await, vec![good_session]);
 
@@ -426,7 +422,7 @@ async fn removing_an_agent_from_allowed_agents_closes_its_session() {
     write(&config, &format!("{text}allowed_agents: [edge-2]\n"));
     wait_no_session(admin, "edge-1").await;
     assert_eq!(
-        metric(
+        scrape(
             admin,
             "tether_sessions_revoked_total{reason=\"not_allowed\"}"
         )

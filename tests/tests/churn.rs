@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tether_e2e::tether_testkit::{AgentCert, TestPki, echo_server};
-use tether_e2e::{
-    ForwardSpec, TestAgent, TestServer, allow_only, eventually, metric_or_zero, metric_sum,
-};
+use tether_e2e::{ForwardSpec, TestAgent, TestServer, allow_only};
+use tether_testkit::eventually;
+use tether_testkit::metrics::{metric_or_zero, metric_sum};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -133,7 +133,7 @@ async fn assert_agreement(server: &TestServer, expected: &BTreeMap<String, usize
         );
     }
     assert_eq!(
-        metric_sum(&server.registry, "tether_sessions"),
+        metric_sum(&server.registry, "tether_sessions", &[]),
         total as f64
     );
     let connected = expected.values().filter(|n| **n > 0).count();

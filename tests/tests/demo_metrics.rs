@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tether_e2e::process::{AgentProcess, ServerProcess, tether_binary};
 use tether_e2e::tether_testkit::{TestPki, echo::echo_server};
-use tether_e2e::{allow_only, http_get, wait_forward_echo};
+use tether_e2e::{allow_only, wait_forward_echo};
+use tether_testkit::http_get;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 

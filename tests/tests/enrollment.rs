@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls::pki_types::ServerName;
 use tether_e2e::process::{AgentProcess, ServerProcess, tether_binary};
 use tether_e2e::tether_testkit::TestPki;
+use tether_testkit::metrics::scrape;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
@@ -178,14 +179,9 @@ async fn one_session(admin: SocketAddr, client: &str) -> u64 {
     .unwrap_or_else(|_| panic!("one session of {client} in time"))
 }
 
-async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let response = tether_e2e::http::get(admin, "/metrics").await.unwrap();
-    tether_e2e::exposition::sample(&response.body, series).unwrap_or(0.0)
-}
-
 async fn wait_metric(admin: SocketAddr, series: &str, at_least: f64, limit: Duration) {
     tokio::time::timeout(limit, async {
-        while metric(admin, series).await < at_least {
+        while scrape(admin, series).await < at_least {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
@@ -280,7 +276,7 @@ async fn an_agent_enrolls_with_a_token_and_connects_as_the_id_the_token_names() 
     assert_eq!(issued[0].agent_id(), Some("edge-7"));
     assert!(issued[0].remaining_secs() <= 7 * 86_400);
     assert_eq!(
-        metric(admin, "tether_enrollments_total{result=\"issued\"}").await,
+        scrape(admin, "tether_enrollments_total{result=\"issued\"}").await,
         1.0
     );
 
@@ -290,7 +286,7 @@ async fn an_agent_enrolls_with_a_token_and_connects_as_the_id_the_token_names() 
     assert!(stderr.contains("HTTP 403"), "{stderr}");
     assert!(stderr.contains("already used"), "{stderr}");
     assert_eq!(
-        metric(admin, "tether_enrollments_total{result=\"used_token\"}").await,
+        scrape(admin, "tether_enrollments_total{result=\"used_token\"}").await,
         1.0
     );
 
@@ -324,8 +320,8 @@ async fn expired_token_wrong_pin_and_a_csr_for_another_id_are_refused_clearly() 
     assert!(stderr.contains("enroll.ca_sha256"), "{stderr}");
     assert!(stderr.contains(&wrong), "{stderr}");
     assert_eq!(
-        metric(admin, "tether_enrollments_total{result=\"issued\"}").await
-            + metric(admin, "tether_enrollments_total{result=\"used_token\"}").await,
+        scrape(admin, "tether_enrollments_total{result=\"issued\"}").await
+            + scrape(admin, "tether_enrollments_total{result=\"used_token\"}").await,
         0.0,
         "the token never reached the server"
     );
@@ -346,7 +342,7 @@ async fn expired_token_wrong_pin_and_a_csr_for_another_id_are_refused_clearly() 
         "{reason}"
     );
     assert_eq!(
-        metric(admin, "tether_enrollments_total{result=\"wrong_identity\"}").await,
+        scrape(admin, "tether_enrollments_total{result=\"wrong_identity\"}").await,
         1.0
     );
     // The token still works with the right pin (nothing consumed it).
@@ -448,8 +444,8 @@ async fn renewal_before_expiry_keeps_the_session_and_a_revoked_agent_is_refused(
         vec![session],
         "no session drop"
     );
-    assert!(metric(admin, "tether_renewals_total{result=\"issued\"}").await >= 1.0);
-    let next = metric(
+    assert!(scrape(admin, "tether_renewals_total{result=\"issued\"}").await >= 1.0);
+    let next = scrape(
         agent.admin_addr,
         "tether_agent_cert_next_renewal_timestamp_seconds",
     )
@@ -483,7 +479,7 @@ async fn renewal_before_expiry_keeps_the_session_and_a_revoked_agent_is_refused(
         revoked_pem,
         "the revoked certificate was not renewed"
     );
-    assert_eq!(metric(agent.admin_addr, renewed).await, 1.0);
+    assert_eq!(scrape(agent.admin_addr, renewed).await, 1.0);
 }
 
 #[test]

@@ -8,8 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tether_e2e::tether_testkit::{TestPki, echo_server};
-use tether_e2e::{ForwardSpec, TestAgent, TestServer, agent_config, allow_only, eventually};
+use tether_e2e::{ForwardSpec, TestAgent, TestServer, agent_config, allow_only};
 use tether_mux::{MuxConfig, MuxMetrics, Role, Session};
+use tether_testkit::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

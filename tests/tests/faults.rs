@@ -15,10 +15,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tether_e2e::delay_relay::DelayRelay;
-use tether_e2e::exposition::{family_sum, sample};
 use tether_e2e::http::get;
 use tether_e2e::netns::{Daemon, Topology, unavailable};
 use tether_e2e::tether_testkit::TestPki;
+use tether_testkit::metrics::{family_sum, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tether_e2e::tether_testkit::TestPki;
-use tether_e2e::{TestAgent, TestServer, connected_pair, eventually, metric_or_zero};
+use tether_e2e::{TestAgent, TestServer, connected_pair};
+use tether_testkit::eventually;
+use tether_testkit::metrics::metric_or_zero;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;

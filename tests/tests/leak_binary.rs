@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tether_e2e::at_rest::{HEAP_SLACK, SETTLE, TASK_SLACK, stream_imbalance};
-use tether_e2e::exposition::{family_sum, sample};
 use tether_e2e::http::{HttpTarget, get, request_through};
 use tether_e2e::process::ServerProcess;
 use tether_e2e::tether_testkit::{TestPki, echo_server};
 use tether_e2e::{TestAgent, wait_forward_echo};
+use tether_testkit::metrics::{family_sum, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;

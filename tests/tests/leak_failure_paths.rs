@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use tether_e2e::at_rest::{Resources, wait_at_rest};
 use tether_e2e::http::{HttpTarget, request_through};
 use tether_e2e::tether_testkit::{TestPki, echo_server};
-use tether_e2e::{
-    ForwardSpec, TestAgent, TestServer, consumer_gets_error, eventually, metric_or_zero, metric_sum,
-};
+use tether_e2e::{ForwardSpec, TestAgent, TestServer, consumer_gets_error};
+use tether_testkit::eventually;
+use tether_testkit::metrics::{metric_or_zero, metric_sum};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -117,7 +117,7 @@ async fn failure_paths_leave_nothing_behind() {
 
     // 3. The agent is killed while streams carry data: consumers get errors, the server drops
     //    the session and its streams, the dead agent's own tasks and sockets are released.
-    let closed_before = metric_sum(&server.registry, "tether_streams_closed_total");
+    let closed_before = metric_sum(&server.registry, "tether_streams_closed_total", &[]);
     let mut transfers = JoinSet::new();
     let (started_tx, mut started) = tokio::sync::mpsc::channel(MID_TRANSFER);
     for _ in 0..MID_TRANSFER {
@@ -165,7 +165,7 @@ async fn failure_paths_leave_nothing_behind() {
     server.wait_agents(0).await;
     // Closed as `session_lost`, or as `reset` when the dying agent's RST got out first.
     eventually("the server closes the cut streams", || {
-        metric_sum(&server.registry, "tether_streams_closed_total")
+        metric_sum(&server.registry, "tether_streams_closed_total", &[])
             >= closed_before + MID_TRANSFER as f64
     })
     .await;

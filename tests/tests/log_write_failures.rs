@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tether_e2e::exposition::sample;
 use tether_e2e::http::get;
 use tether_e2e::process::tether_binary;
 use tether_e2e::tether_testkit::{TestPki, echo_server};
 use tether_e2e::{WAIT, wait_forward_echo};
+use tether_testkit::metrics::sample;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};

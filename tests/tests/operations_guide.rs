@@ -8,8 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use tether_e2e::WAIT;
 use tether_e2e::process::{ServerProcess, tether_binary};
-use tether_e2e::{WAIT, eventually};
+use tether_testkit::eventually;
 use tokio::process::Command;
 
 const THIS_FILE: &str = "tests/tests/operations_guide.rs";

@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use tether_e2e::tether_testkit::{TestPki, echo_server};
 use tether_e2e::{
     ForwardSpec, TestAgent, TestServer, assert_no_prior_connection, consumer_gets_error,
-    eventually, metric_or_zero,
 };
+use tether_testkit::eventually;
+use tether_testkit::metrics::metric_or_zero;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -11,12 +11,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tether_common::tls::{cert_not_after, load_certs};
-use tether_e2e::exposition::sample;
 use tether_e2e::http::{HttpTarget, get, request_through};
 use tether_e2e::tether_testkit::TestPki;
-use tether_e2e::{
-    ForwardSpec, TestAgent, TestServer, WAIT, allow_only, consumer_gets_error, metric,
-};
+use tether_e2e::{ForwardSpec, TestAgent, TestServer, WAIT, allow_only, consumer_gets_error};
+use tether_testkit::metrics::metric;
+use tether_testkit::metrics::sample;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -191,7 +190,7 @@ async fn remotedialer_compat_counters_balance() {
     let s = setup("metrics: { remotedialer_compat: true }\n").await;
     let registry = &s.server.registry;
     let labels = [("clientkey", "edge-1"), ("proto", "tcp")];
-    tether_e2e::eventually("every compat connection removed", || {
+    tether_testkit::eventually("every compat connection removed", || {
         metric(registry, "session_server_total_remove_connections", &labels)
             == Some((REQUESTS + 1) as f64)
     })
@@ -669,8 +668,12 @@ async fn every_dashboard_and_rule_expression_returns_series() {
         "",
     )
     .await;
-    tether_e2e::eventually("a TLS failure and a refused agent counted", || {
-        tether_e2e::metric_sum(&s.server.registry, "tether_tls_handshake_failures_total") >= 1.0
+    tether_testkit::eventually("a TLS failure and a refused agent counted", || {
+        tether_testkit::metrics::metric_sum(
+            &s.server.registry,
+            "tether_tls_handshake_failures_total",
+            &[],
+        ) >= 1.0
             && metric(
                 &s.server.registry,
                 "tether_auth_failures_total",
@@ -682,11 +685,11 @@ async fn every_dashboard_and_rule_expression_returns_series() {
     drop(garbage);
     let current = s.server.reloader.current();
     s.server.reloader.reload(current).await.unwrap();
-    tether_e2e::eventually("audit lines written", || {
+    tether_testkit::eventually("audit lines written", || {
         std::fs::read_to_string(&audit).is_ok_and(|t| t.lines().count() > REQUESTS)
     })
     .await;
-    tether_e2e::eventually("a health probe measured the RTT", || {
+    tether_testkit::eventually("a health probe measured the RTT", || {
         metric(
             &s.server.registry,
             "tether_session_rtt_seconds",

@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tether_e2e::tether_testkit::{TestPki, echo_server};
-use tether_e2e::{
-    ForwardSpec, TestAgent, TestServer, allow_only, eventually, metric_or_zero, wait_forward_echo,
-};
+use tether_e2e::{ForwardSpec, TestAgent, TestServer, allow_only, wait_forward_echo};
 use tether_server::{RegistryNotice, SessionEvent};
+use tether_testkit::eventually;
+use tether_testkit::metrics::metric_or_zero;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use tether_e2e::process::ServerProcess;
 use tether_e2e::tether_testkit::{TestPki, echo::echo_server};
-use tether_e2e::{TestAgent, WAIT, common_port_on, echo_exact, ends_with_error, http_get};
+use tether_e2e::{TestAgent, WAIT, echo_exact, ends_with_error};
+use tether_testkit::{common_port_on, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -121,7 +122,7 @@ async fn resetting_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 /// A sample of a replica's `/metrics`.
 async fn sample(admin: SocketAddr, series: &str) -> Option<f64> {
     let (_, body) = http_get(admin, "/metrics").await;
-    tether_e2e::exposition::sample(&body, series)
+    tether_testkit::metrics::sample(&body, series)
 }
 
 /// How long five replicas (debug builds, 20 mutual-TLS handshakes) may take to link up on a

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tether_e2e::WAIT;
 use tether_e2e::process::{ServerProcess, tether_binary};
 use tether_e2e::tether_testkit::{AgentCert, TestPki};
+use tether_testkit::metrics::scrape;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -239,15 +240,9 @@ async fn the_config_log_filter_changes_in_place_on_sighup() {
     server.kill().await;
 }
 
-/// One series of the server's `/metrics` (0 when absent).
-async fn server_metric(admin: SocketAddr, series: &str) -> f64 {
-    let response = tether_e2e::http::get(admin, "/metrics").await.unwrap();
-    tether_e2e::exposition::sample(&response.body, series).unwrap_or(0.0)
-}
-
 async fn wait_metric(admin: SocketAddr, series: &str, value: f64) {
     tokio::time::timeout(WAIT, async {
-        while server_metric(admin, series).await < value {
+        while scrape(admin, series).await < value {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })

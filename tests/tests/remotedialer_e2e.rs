@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tether_e2e::tether_testkit::{TestPki, echo_server};
-use tether_e2e::{
-    ForwardSpec, TestAgent, TestServer, allow_only, consumer_gets_error, eventually, metric_or_zero,
-};
+use tether_e2e::{ForwardSpec, TestAgent, TestServer, allow_only, consumer_gets_error};
+use tether_testkit::eventually;
+use tether_testkit::metrics::metric_or_zero;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
@@ -109,7 +109,8 @@ async fn streams_settle(server: &TestServer, agent: &TestAgent) {
     })
     .await;
     let opened = metric_or_zero(&server.registry, "tether_streams_opened_total", &[]);
-    let closed = tether_e2e::metric_sum(&server.registry, "tether_streams_closed_total");
+    let closed =
+        tether_testkit::metrics::metric_sum(&server.registry, "tether_streams_closed_total", &[]);
     assert_eq!(opened, closed, "server: every stream opened was closed");
 }
 
@@ -209,7 +210,11 @@ async fn denied_and_refused_targets_fail_only_their_connection() {
     let back = exchange(ok, b"still here".to_vec(), Duration::ZERO).await;
     assert_eq!(back, b"still here");
     eventually("the agent counted the denial", || {
-        tether_e2e::metric_sum(&agent.registry, "tether_agent_policy_denials_total") >= 1.0
+        tether_testkit::metrics::metric_sum(
+            &agent.registry,
+            "tether_agent_policy_denials_total",
+            &[],
+        ) >= 1.0
     })
     .await;
     streams_settle(&server, &agent).await;

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use tether_e2e::process::ServerProcess;
 use tether_e2e::tether_testkit::{TestPki, echo::echo_server};
-use tether_e2e::{TestAgent, WAIT, allow_only, common_port_on, http_get, metric};
+use tether_e2e::{TestAgent, WAIT, allow_only};
+use tether_testkit::metrics::metric;
+use tether_testkit::{common_port_on, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -194,7 +196,7 @@ async fn an_agent_keeps_a_session_to_every_replica_and_survives_a_kill() {
             .into(),
         "one session per replica, each announcing its server_id"
     );
-    tether_e2e::eventually("tether_agent_replicas{state=connected} 3", || {
+    tether_testkit::eventually("tether_agent_replicas{state=connected} 3", || {
         metric(
             &agent.registry,
             "tether_agent_replicas",
@@ -410,7 +412,7 @@ async fn agent_with_hosts_file(
 /// `tether_agent_replicas{state}` on an agent's `/metrics`.
 async fn agent_replicas(admin: SocketAddr, state: &str) -> Option<f64> {
     let (_, body) = http_get(admin, "/metrics").await;
-    tether_e2e::exposition::sample(
+    tether_testkit::metrics::sample(
         &body,
         &format!("tether_agent_replicas{{state=\"{state}\"}}"),
     )
@@ -680,7 +682,7 @@ async fn an_agent_with_k_of_n_placement_holds_its_top_ranked_replicas() {
             echo_exact(replica.forward_addrs[0], 64 * 1024).await;
         }
     }
-    tether_e2e::eventually("tether_agent_replicas{state=placed} 2", || {
+    tether_testkit::eventually("tether_agent_replicas{state=placed} 2", || {
         metric(
             &agent.registry,
             "tether_agent_replicas",
@@ -714,7 +716,7 @@ async fn an_agent_with_k_of_n_placement_holds_its_top_ranked_replicas() {
     // It returns: the agent goes back to it, then drains the stand-in.
     replicas[ranked[0]] = Some(ServerProcess::start(&configs[ranked[0]], 1).await);
     wait_connected_to(&agent, &members, [ranked[0], ranked[1]]).await;
-    tether_e2e::eventually("one placement move", || {
+    tether_testkit::eventually("one placement move", || {
         metric(&agent.registry, "tether_agent_placement_moves_total", &[]) == Some(1.0)
     })
     .await;

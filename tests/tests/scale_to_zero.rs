@@ -9,8 +9,10 @@ use std::time::Duration;
 use tether_e2e::tether_testkit::{TestPki, echo_server};
 use tether_e2e::{
     ForwardSpec, TestAgent, TestServer, allow_only, consumer_gets_error, ends_with_error,
-    eventually, metric_or_zero, wait_forward_echo,
+    wait_forward_echo,
 };
+use tether_testkit::eventually;
+use tether_testkit::metrics::metric_or_zero;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;

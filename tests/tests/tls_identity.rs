@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use tether_common::pki::IssueOptions;
 use tether_e2e::tether_testkit::TestPki;
-use tether_e2e::{TestAgent, TestServer, eventually, metric_sum};
+use tether_e2e::{TestAgent, TestServer};
+use tether_testkit::eventually;
+use tether_testkit::metrics::metric_sum;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const POLICY: &str = "  allow: []\n";
@@ -19,7 +21,7 @@ async fn assert_refused(pki: &TestPki, cert: tether_e2e::tether_testkit::AgentCe
     let agent = TestAgent::start(pki, &cert, server.tunnel_addr, POLICY, "").await;
     // Two refusals prove the agent retried and was refused each time.
     eventually(&format!("{counter} counted twice"), || {
-        metric_sum(&server.registry, counter) >= 2.0
+        metric_sum(&server.registry, counter, &[]) >= 2.0
     })
     .await;
     assert_eq!(
@@ -95,7 +97,7 @@ async fn client_without_certificate_is_refused() {
         Ok(n) => panic!("server answered {n} bytes to a client without a certificate"),
     }
     eventually("handshake failure counted", || {
-        metric_sum(&server.registry, "tether_tls_handshake_failures_total") >= 1.0
+        metric_sum(&server.registry, "tether_tls_handshake_failures_total", &[]) >= 1.0
     })
     .await;
     assert_eq!(server.agents_connected(), 0.0);
@@ -116,7 +118,7 @@ async fn agent_refuses_a_server_its_pinned_ca_did_not_sign() {
     )
     .await;
     eventually("agent connect failures counted twice", || {
-        metric_sum(&agent.registry, "tether_agent_connect_failures_total") >= 2.0
+        metric_sum(&agent.registry, "tether_agent_connect_failures_total", &[]) >= 2.0
     })
     .await;
     assert!(!agent.status.borrow().connected);
@@ -134,7 +136,11 @@ async fn valid_agent_connects_with_its_certificate_identity() {
     agent.wait_connected().await;
     server.wait_agents(1).await;
     assert_eq!(
-        tether_e2e::metric(&server.registry, "tether_sessions", &[("client", "edge-7")]),
+        tether_testkit::metrics::metric(
+            &server.registry,
+            "tether_sessions",
+            &[("client", "edge-7")]
+        ),
         Some(1.0)
     );
     agent.stop().await.unwrap();

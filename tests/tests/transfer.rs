@@ -5,8 +5,10 @@
 
 use std::net::SocketAddr;
 
+use tether_e2e::connected_pair;
 use tether_e2e::tether_testkit::{TestPki, echo_server};
-use tether_e2e::{connected_pair, eventually, metric_or_zero};
+use tether_testkit::eventually;
+use tether_testkit::metrics::metric_or_zero;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
-use tether_common::config_error::ConfigErrors;
+use tether_common::config_error::{ConfigErrors, FieldError};
 use tether_common::duration::HumanDuration;
 use tether_common::session_settings::SessionSettings;
 use tether_common::tls::{self, ClientTlsFiles};
 use tether_mux::MuxConfig;
 
 use crate::gate::ActivationConfig;
-use crate::policy::PolicyConfig;
+use crate::policy::{Policy, PolicyConfig};
 
 /// The only config format version this agent reads.
 pub const CONFIG_VERSION: u32 = 1;
@@ -363,6 +363,18 @@ impl AgentConfig {
             dial_timeout: self.dial_timeout.0,
             ..MuxConfig::default()
         }
+    }
+
+    /// The dial policy compiled, or every rule's problem with its key path.
+    pub fn compiled_policy(&self) -> Result<Policy, ConfigErrors> {
+        self.policy.compile().map_err(|errors| {
+            ConfigErrors(
+                errors
+                    .into_iter()
+                    .map(|e| FieldError::new(e.path, e.message))
+                    .collect(),
+            )
+        })
     }
 
     /// Checks every key; returns all problems at once, each with its key path.

@@ -159,6 +159,27 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// Whether `key` is this endpoint's key in `AgentStatus::replicas` (its `Display` form),
+    /// compared without building the string.
+    pub fn has_key(&self, key: &str) -> bool {
+        use std::fmt::Write as _;
+        let mut rest = DisplayMatch(Some(key));
+        let _ = write!(rest, "{self}");
+        rest.0 == Some("")
+    }
+}
+
+/// Consumes a `Display` output from the front of a string: `None` once a piece differs.
+struct DisplayMatch<'a>(Option<&'a str>);
+
+impl std::fmt::Write for DisplayMatch<'_> {
+    fn write_str(&mut self, piece: &str) -> std::fmt::Result {
+        self.0 = self.0.and_then(|rest| rest.strip_prefix(piece));
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.addr {
@@ -198,57 +219,8 @@ impl Connector {
         instance_id: &str,
     ) -> Result<Connector, ConfigErrors> {
         let mut errors = ConfigErrors::new();
-        let mut targets = Vec::new();
-        for url in config.urls() {
-            let server = match ServerUrl::parse(&url) {
-                Ok(server) => server,
-                Err(message) => {
-                    errors.push("server_url", message);
-                    continue;
-                }
-            };
-            match server.tls_name(&config.server_name) {
-                Ok(server_name) => targets.push(Target {
-                    url,
-                    server,
-                    server_name,
-                }),
-                Err(message) => errors.push("server_name", message),
-            }
-        }
-        let mut headers = Vec::new();
-        if config.protocol == AgentProtocol::Tether {
-            headers.push((
-                SEC_WEBSOCKET_PROTOCOL,
-                HeaderValue::from_static(SUBPROTOCOL),
-            ));
-        }
-        for (name, value) in &config.headers {
-            match (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
-                (Ok(name), Ok(value)) => headers.push((name, value)),
-                _ => errors.push(format!("headers.{name}"), "not a valid HTTP header"),
-            }
-        }
-        for (name, value, key) in [
-            (INSTANCE_HEADER, instance_id.to_owned(), "instance id"),
-            (
-                VERSION_HEADER,
-                env!("CARGO_PKG_VERSION").to_owned(),
-                "version",
-            ),
-            (LABELS_HEADER, config.labels_header(), "labels"),
-        ] {
-            if value.is_empty() {
-                continue;
-            }
-            match HeaderValue::from_str(&value) {
-                Ok(value) => headers.push((name, value)),
-                Err(_) => errors.push(key, "not a valid HTTP header value"),
-            }
-        }
+        let targets = targets(config, &mut errors);
+        let headers = headers(config, instance_id, &mut errors);
         if !errors.is_empty() || targets.is_empty() {
             return Err(errors);
         }
@@ -453,9 +425,100 @@ pub fn new_instance_id() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
+/// One attempt target per server URL of `config`; problems go to `errors`.
+fn targets(config: &AgentConfig, errors: &mut ConfigErrors) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for url in config.urls() {
+        let server = match ServerUrl::parse(&url) {
+            Ok(server) => server,
+            Err(message) => {
+                errors.push("server_url", message);
+                continue;
+            }
+        };
+        match server.tls_name(&config.server_name) {
+            Ok(server_name) => targets.push(Target {
+                url,
+                server,
+                server_name,
+            }),
+            Err(message) => errors.push("server_name", message),
+        }
+    }
+    targets
+}
+
+/// The upgrade request's headers: the subprotocol, `headers:`, instance id, version, labels;
+/// problems go to `errors`.
+fn headers(
+    config: &AgentConfig,
+    instance_id: &str,
+    errors: &mut ConfigErrors,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = Vec::new();
+    if config.protocol == AgentProtocol::Tether {
+        headers.push((
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        ));
+    }
+    for (name, value) in &config.headers {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(name), Ok(value)) => headers.push((name, value)),
+            _ => errors.push(format!("headers.{name}"), "not a valid HTTP header"),
+        }
+    }
+    for (name, value, key) in [
+        (INSTANCE_HEADER, instance_id.to_owned(), "instance id"),
+        (
+            VERSION_HEADER,
+            env!("CARGO_PKG_VERSION").to_owned(),
+            "version",
+        ),
+        (LABELS_HEADER, config.labels_header(), "labels"),
+    ] {
+        if value.is_empty() {
+            continue;
+        }
+        match HeaderValue::from_str(&value) {
+            Ok(value) => headers.push((name, value)),
+            Err(_) => errors.push(key, "not a valid HTTP header value"),
+        }
+    }
+    headers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_has_exactly_its_display_as_key() {
+        let url = "wss://tether:8443/v1/connect";
+        let resolved = Endpoint {
+            url: url.into(),
+            addr: Some("[fd00::1]:8443".parse().unwrap()),
+        };
+        let by_name = Endpoint {
+            url: url.into(),
+            addr: None,
+        };
+        for endpoint in [&resolved, &by_name] {
+            let key = endpoint.to_string();
+            assert!(endpoint.has_key(&key), "{key}");
+            assert!(
+                !endpoint.has_key(&key[..key.len() - 1]),
+                "a prefix of {key}"
+            );
+            assert!(!endpoint.has_key(&format!("{key}x")), "longer than {key}");
+        }
+        assert!(!resolved.has_key(&by_name.to_string()));
+        assert!(!by_name.has_key(&resolved.to_string()));
+        assert!(!resolved.has_key("wss://tether:8443/v1/connect ([fd00::2]:8443)"));
+    }
 
     #[test]
     fn labels_cover_every_variant() {

@@ -179,8 +179,9 @@ impl Fleet {
             wanted.iter().all(|e| {
                 status
                     .replicas
-                    .get(&e.to_string())
-                    .is_some_and(|r| r.connected || is_down(r))
+                    .iter()
+                    .find(|(key, _)| e.has_key(key))
+                    .is_some_and(|(_, r)| r.connected || is_down(r))
             })
         };
         let unwanted: Vec<Endpoint> = running
@@ -194,7 +195,7 @@ impl Fleet {
         self.status.send_if_modified(|s| {
             let mut changed = false;
             for (key, replica) in s.replicas.iter_mut() {
-                let placed = running.keys().any(|e| e.to_string() == *key);
+                let placed = running.keys().any(|e| e.has_key(key));
                 changed |= replica.placed != placed;
                 replica.placed = placed;
             }

@@ -281,6 +281,9 @@ fn check_name(path: &str, name: &str, errors: &mut ConfigErrors) {
     }
 }
 
+/// How the agent reads environment variables (the activation gate's `from: env` source).
+pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// The running gate: holds the config (swapped by reloads), publishes the decision on a
 /// `watch` channel and in `tether_agent_gate{state}`, and logs each change once at info.
 pub(crate) struct Gate {
@@ -288,7 +291,7 @@ pub(crate) struct Gate {
     changed: Arc<Notify>,
     state: watch::Sender<GateState>,
     metric: IntGaugeVec,
-    env: crate::EnvLookup,
+    env: EnvLookup,
 }
 
 /// The handle a reload uses to swap the gate's config; the gate re-evaluates at once.
@@ -315,7 +318,7 @@ impl GateControl {
 impl Gate {
     /// A gate evaluated once now (so the first decision is known before any dial), on the
     /// config `control` holds (a reload before `run` may have swapped it).
-    pub(crate) fn new(control: GateControl, metric: IntGaugeVec, env: crate::EnvLookup) -> Gate {
+    pub(crate) fn new(control: GateControl, metric: IntGaugeVec, env: EnvLookup) -> Gate {
         let first = control.config.load().evaluate(env.as_ref());
         let gate = Gate {
             config: control.config,

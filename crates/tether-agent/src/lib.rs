@@ -26,6 +26,7 @@ pub mod reload;
 pub mod remotedialer_ws;
 pub mod renew;
 mod replica_claims;
+mod retry_policy;
 pub mod status;
 mod supervisor;
 pub mod ws_transport;
@@ -48,7 +49,7 @@ pub use config::{
     AgentConfig, AgentProtocol, AgentTlsConfig, DiscoveryConfig, PlacementConfig, ReconnectConfig,
 };
 pub use connector::{ConnectError, Connector, Endpoint};
-pub use gate::{ActivationConfig, GateState};
+pub use gate::{ActivationConfig, EnvLookup, GateState};
 pub use handler::SharedPolicy;
 pub use metrics::{AgentMetrics, DialOutcome};
 pub use reload::AgentReloader;
@@ -62,9 +63,6 @@ use crate::gate::{Gate, GateControl};
 use crate::handler::Handler;
 use crate::placement::PlacementSettings;
 use crate::reload::{ConnectSettings, ReloadTargets};
-
-/// How the agent reads environment variables (the activation gate's `from: env` source).
-pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// One info line per this window for repeated policy refusals (the rest go to debug).
 const DENIAL_LOG_WINDOW: Duration = Duration::from_secs(60);
@@ -134,14 +132,7 @@ impl Agent {
     pub fn new(config: AgentConfig, registry: &prometheus::Registry) -> Result<Agent, AgentError> {
         let config = config.effective();
         config.validate()?;
-        let policy = config.policy.compile().map_err(|errors| {
-            ConfigErrors(
-                errors
-                    .into_iter()
-                    .map(|e| tether_common::config_error::FieldError::new(e.path, e.message))
-                    .collect(),
-            )
-        })?;
+        let policy = config.compiled_policy()?;
         let files = config.tls_files();
         let tls = tls::client_config(&files)?;
         let cert_watch = CertWatch::new();
@@ -149,15 +140,7 @@ impl Agent {
         let instance_id = connector::new_instance_id();
         let connector = Connector::new(&config, tls, &instance_id)?;
         let metrics = AgentMetrics::register(registry)?;
-        for (role, path) in [
-            (CertRole::Agent, &files.cert),
-            (CertRole::ServerCa, &files.server_ca),
-        ] {
-            // The files just loaded; a certificate x509-parser cannot read only costs the series.
-            if let Err(err) = metrics.cert_expiry.record_file(role, path) {
-                warn!(cert = role.label(), error = %err, "cannot read the certificate expiry");
-            }
-        }
+        record_cert_expiry(&metrics, &files);
         let (status, _) = watch::channel(AgentStatus {
             instance_id: instance_id.clone(),
             min_connected: config.discovery.min_connected,
@@ -281,28 +264,7 @@ impl Agent {
         async move {
             let tracker = TaskTracker::new();
             if let Some(listener) = listeners.admin {
-                let addr = listener
-                    .local_addr()
-                    .map(|addr| addr.to_string())
-                    .unwrap_or_default();
-                let router = admin::router_with_cert(
-                    self.status.subscribe(),
-                    self.registry.clone(),
-                    self.cert_watch.clone(),
-                );
-                let stop = shutdown.clone();
-                tracker.spawn(
-                    async move {
-                        info!(addr = %addr, "admin listener serving");
-                        let served = axum::serve(listener, router)
-                            .with_graceful_shutdown(stop.cancelled_owned())
-                            .await;
-                        if let Err(err) = served {
-                            warn!(error = %err, "admin listener failed");
-                        }
-                    }
-                    .in_current_span(),
-                );
+                self.spawn_admin(&tracker, listener, shutdown.clone());
             }
             info!(
                 server_url = self.connect.borrow().connector.url(),
@@ -360,21 +322,64 @@ impl Agent {
             if !finished {
                 supervised.await;
             }
-            tracker.close();
-            if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-                .await
-                .is_err()
-            {
-                warn!(
-                    tasks = tracker.len(),
-                    grace = ?SHUTDOWN_GRACE,
-                    "tasks still running after the shutdown grace period"
-                );
-            }
+            drain(&tracker).await;
             info!("agent stopped");
             Ok(())
         }
         .instrument(span)
         .await
+    }
+
+    /// Serves the admin endpoints on `listener` until `stop`, as a task of `tracker`.
+    fn spawn_admin(&self, tracker: &TaskTracker, listener: TcpListener, stop: CancellationToken) {
+        let addr = listener
+            .local_addr()
+            .map(|addr| addr.to_string())
+            .unwrap_or_default();
+        let router = admin::router_with_cert(
+            self.status.subscribe(),
+            self.registry.clone(),
+            self.cert_watch.clone(),
+        );
+        tracker.spawn(
+            async move {
+                info!(addr = %addr, "admin listener serving");
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(err) = served {
+                    warn!(error = %err, "admin listener failed");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// The expiry series of the agent certificate and the server CA in `files`.
+fn record_cert_expiry(metrics: &AgentMetrics, files: &tls::ClientTlsFiles) {
+    for (role, path) in [
+        (CertRole::Agent, &files.cert),
+        (CertRole::ServerCa, &files.server_ca),
+    ] {
+        // The files just loaded; a certificate x509-parser cannot read only costs the series.
+        if let Err(err) = metrics.cert_expiry.record_file(role, path) {
+            warn!(cert = role.label(), error = %err, "cannot read the certificate expiry");
+        }
+    }
+}
+
+/// Closes `tracker` and waits (up to the grace period) for its tasks.
+async fn drain(tracker: &TaskTracker) {
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            tasks = tracker.len(),
+            grace = ?SHUTDOWN_GRACE,
+            "tasks still running after the shutdown grace period"
+        );
     }
 }

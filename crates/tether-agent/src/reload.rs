@@ -24,6 +24,7 @@ use crate::connector::Connector;
 use crate::gate::GateControl;
 use crate::handler::SharedPolicy;
 use crate::placement::PlacementSettings;
+use crate::policy::Policy;
 
 /// What a session is built from; a new value makes the supervisor reconnect.
 pub(crate) struct ConnectSettings {
@@ -164,94 +165,17 @@ impl AgentReloader {
                 restart_required: Vec::new(),
             });
         }
-        let under = |keys: &[&str], field: &str| {
-            keys.iter()
-                .any(|k| field == *k || field.starts_with(&format!("{k}.")))
-        };
-        let reconnect = changed.iter().any(|f| under(RECONNECT_KEYS, f));
+        let reconnect = changed.iter().any(|f| is_under(RECONNECT_KEYS, f));
         let restart_required: Vec<String> = changed
             .iter()
-            .filter(|f| under(RESTART_KEYS, f))
+            .filter(|f| is_under(RESTART_KEYS, f))
             .cloned()
             .collect();
         // The running config takes the new values (admin_listen included, though it acts only
         // at the next start), so a later reload does not announce the same change again.
         let only_restart = restart_required.len() == changed.len();
-        // Build everything that can fail before touching anything.
-        let policy = config.policy.compile().map_err(|errors| {
-            ConfigErrors(
-                errors
-                    .into_iter()
-                    .map(|e| FieldError::new(e.path, e.message))
-                    .collect(),
-            )
-        })?;
-        // New TLS material is loaded and checked (expired, a leaf as CA, a key for another
-        // certificate...) before anything is applied.
-        let new_tls = if changed.iter().any(|f| f.starts_with("tls.")) {
-            Some(
-                tls_check::load_client_tls(&config.tls_files())
-                    .map_err(|e| ConfigErrors(vec![FieldError::new("tls", e.to_string())]))?,
-            )
-        } else {
-            None
-        };
-        let connect = if reconnect {
-            let tls = match &new_tls {
-                Some(loaded) => loaded.config.clone(),
-                None => tls::client_config(&config.tls_files())
-                    .map_err(|e| ConfigErrors(vec![FieldError::new("tls", e.to_string())]))?,
-            };
-            Some(ConnectSettings {
-                connector: Connector::new(&config, tls, &self.inner.instance_id)?,
-                mux_config: config.to_mux_config(),
-            })
-        } else {
-            None
-        };
-        let inner = &self.inner;
-        if changed.iter().any(|f| f.starts_with("policy")) {
-            inner.policy.store(Arc::new(policy));
-        }
-        inner.dial_timeout.store(Arc::new(config.dial_timeout.0));
-        if running.config.reconnect != config.reconnect {
-            inner.reconnect.store(Arc::new(config.reconnect.clone()));
-        }
-        if running.config.discovery != config.discovery {
-            inner.discovery.store(Arc::new(config.discovery.clone()));
-        }
-        let k = config.placement.replicas_per_agent;
-        inner.placement.send_if_modified(|p| {
-            let changed = p.replicas_per_agent != k;
-            p.replicas_per_agent = k;
-            changed
-        });
-        if running.config.activation != config.activation {
-            inner.gate.set(config.activation.clone());
-        }
-        if let Some(loaded) = &new_tls {
-            if connect.is_none() {
-                // The live session stays; the next handshake presents the new material.
-                inner
-                    .connect
-                    .borrow()
-                    .connector
-                    .set_tls(loaded.config.clone());
-            }
-            inner.cert_watch.set(&loaded.cert_chain);
-            for (role, certs) in [
-                (CertRole::Agent, &loaded.cert_chain),
-                (CertRole::ServerCa, &loaded.server_cas),
-            ] {
-                if let Err(err) = inner.cert_expiry.record(role, certs) {
-                    tracing::warn!(cert = role.label(), error = %err, "cannot read the certificate expiry");
-                }
-            }
-            tracing::info!("TLS material reloaded; the next handshake uses it");
-        }
-        if let Some(connect) = connect {
-            inner.connect.send_replace(Arc::new(connect));
-        }
+        let prepared = self.prepare(&config, &changed, reconnect)?;
+        self.apply(&running.config, &config, &changed, prepared);
         *running = Running { config, material };
         Ok(ReloadOutcome {
             result: if reconnect {
@@ -265,6 +189,117 @@ impl AgentReloader {
             restart_required,
         })
     }
+
+    /// Builds everything of `config` that can fail, before anything is applied: the policy,
+    /// new TLS material (loaded and checked: expired, a leaf as CA, a key for another
+    /// certificate...) and, for a `reconnect`, the new connection settings.
+    fn prepare(
+        &self,
+        config: &AgentConfig,
+        changed: &[String],
+        reconnect: bool,
+    ) -> Result<Prepared, ConfigErrors> {
+        let policy = config.compiled_policy()?;
+        let tls_error =
+            |e: tls::TlsError| ConfigErrors(vec![FieldError::new("tls", e.to_string())]);
+        let new_tls = if changed.iter().any(|f| f.starts_with("tls.")) {
+            Some(tls_check::load_client_tls(&config.tls_files()).map_err(tls_error)?)
+        } else {
+            None
+        };
+        let connect = if reconnect {
+            let tls = match &new_tls {
+                Some(loaded) => loaded.config.clone(),
+                None => tls::client_config(&config.tls_files()).map_err(tls_error)?,
+            };
+            Some(ConnectSettings {
+                connector: Connector::new(config, tls, &self.inner.instance_id)?,
+                mux_config: config.to_mux_config(),
+            })
+        } else {
+            None
+        };
+        Ok(Prepared {
+            policy,
+            new_tls,
+            connect,
+        })
+    }
+
+    /// Hands each changed part of `config` (over `old`) to the running agent.
+    fn apply(
+        &self,
+        old: &AgentConfig,
+        config: &AgentConfig,
+        changed: &[String],
+        prepared: Prepared,
+    ) {
+        let inner = &self.inner;
+        if changed.iter().any(|f| f.starts_with("policy")) {
+            inner.policy.store(Arc::new(prepared.policy));
+        }
+        inner.dial_timeout.store(Arc::new(config.dial_timeout.0));
+        if old.reconnect != config.reconnect {
+            inner.reconnect.store(Arc::new(config.reconnect.clone()));
+        }
+        if old.discovery != config.discovery {
+            inner.discovery.store(Arc::new(config.discovery.clone()));
+        }
+        let k = config.placement.replicas_per_agent;
+        inner.placement.send_if_modified(|p| {
+            let changed = p.replicas_per_agent != k;
+            p.replicas_per_agent = k;
+            changed
+        });
+        if old.activation != config.activation {
+            inner.gate.set(config.activation.clone());
+        }
+        if let Some(loaded) = &prepared.new_tls {
+            self.apply_tls(loaded, prepared.connect.is_none());
+        }
+        if let Some(connect) = prepared.connect {
+            inner.connect.send_replace(Arc::new(connect));
+        }
+    }
+
+    /// New TLS material: the expiry watch and series; without a reconnect (`in_place`) the
+    /// live session stays and the next handshake presents it.
+    fn apply_tls(&self, loaded: &tls_check::LoadedClientTls, in_place: bool) {
+        let inner = &self.inner;
+        if in_place {
+            inner
+                .connect
+                .borrow()
+                .connector
+                .set_tls(loaded.config.clone());
+        }
+        inner.cert_watch.set(&loaded.cert_chain);
+        for (role, certs) in [
+            (CertRole::Agent, &loaded.cert_chain),
+            (CertRole::ServerCa, &loaded.server_cas),
+        ] {
+            if let Err(err) = inner.cert_expiry.record(role, certs) {
+                tracing::warn!(cert = role.label(), error = %err, "cannot read the certificate expiry");
+            }
+        }
+        tracing::info!("TLS material reloaded; the next handshake uses it");
+    }
+}
+
+/// What a reload built before applying anything.
+struct Prepared {
+    policy: Policy,
+    new_tls: Option<tls_check::LoadedClientTls>,
+    connect: Option<ConnectSettings>,
+}
+
+/// Whether `field` is one of `keys` or inside one of them (`session` holds `session.window`).
+fn is_under(keys: &[&str], field: &str) -> bool {
+    keys.iter().any(|k| {
+        field
+            .strip_prefix(k)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    })
 }
 
 /// A fingerprint of the TLS files' contents, so that replaced certificates at the same paths

@@ -2,14 +2,15 @@
 //! connect, run the session and its stream handlers until it ends (or the gate closes, or a
 //! reload changes the connection settings), wait a jittered backoff delay, repeat; publishes
 //! the endpoint's state and logs a failure streak once per backoff step, never per attempt.
+//! The decisions (which delay, which level, when a streak starts over) are `retry_policy`'s;
+//! this file does the I/O they ask for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tether_common::backoff::Backoff;
-use tether_mux::{Role, Session, SessionEnd};
+use tether_mux::{Incoming, Role, Session, SessionDriver, SessionEnd};
 use tether_proto::GoAwayCode;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -18,12 +19,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentProtocol;
 use crate::config::ReconnectConfig;
-use crate::connector::{Connection, Endpoint};
+use crate::connector::{ConnectError, Connection, Endpoint};
 use crate::gate::GateState;
 use crate::handler::Handler;
 use crate::reload::ConnectSettings;
 use crate::remotedialer_ws::RdWsClient;
 use crate::replica_claims::ReplicaClaims;
+use crate::retry_policy::{AfterSession, Loudness, Retry, RetryPolicy};
 use crate::status::{AgentStatus, ReplicaStatus};
 use tether_mux::remotedialer::{self, RdTransport};
 use tether_proto::remotedialer::RdLimits;
@@ -70,47 +72,6 @@ enum SessionResult {
     Stopped(Stop),
 }
 
-/// How loudly to log one failure of a streak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Loudness {
-    Warn,
-    Info,
-    Debug,
-}
-
-/// Failure streak bookkeeping: the first failure is a warning; later ones are logged at info
-/// only when the kind of failure changes or the attempt count reaches a power of two (once per
-/// doubling of the backoff), and at debug otherwise.
-#[derive(Debug, Default)]
-struct RetryLog {
-    streak: u32,
-    last_kind: Option<&'static str>,
-    /// The streak follows a replica's announced restart: its first failure is news, not a
-    /// warning.
-    planned: bool,
-}
-
-impl RetryLog {
-    fn failure(&mut self, kind: &'static str) -> Loudness {
-        self.streak = self.streak.saturating_add(1);
-        let changed = self.last_kind.replace(kind) != Some(kind);
-        if self.streak == 1 && !self.planned {
-            Loudness::Warn
-        } else if self.streak == 1 || changed || self.streak.is_power_of_two() {
-            Loudness::Info
-        } else {
-            Loudness::Debug
-        }
-    }
-
-    /// Ends the streak; returns how many failures it had.
-    fn reset(&mut self) -> u32 {
-        self.last_kind = None;
-        self.planned = false;
-        std::mem::take(&mut self.streak)
-    }
-}
-
 /// Logs one event at a level chosen at runtime, with the same fields at every level.
 macro_rules! log_at {
     ($loudness:expr, $($rest:tt)+) => {
@@ -135,26 +96,16 @@ fn session_end_kind(end: &SessionEnd) -> &'static str {
 
 impl Supervisor {
     /// Connects and reconnects until `shutdown` fires, while the gate is enabled. On shutdown
-    /// or when the gate closes, the live session gets a GOAWAY and is closed.
+    /// or when the gate closes, the live session gets a GOAWAY and is closed. What to do after
+    /// each attempt is [`RetryPolicy`]'s decision.
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
-        let mut reconnect = self.reconnect.load_full();
-        let mut backoff = Backoff::new(reconnect.min_delay.0, reconnect.max_delay.0);
-        let mut retry_log = RetryLog::default();
-        let mut own_sessions: u64 = 0;
-        let metrics = self.handler.metrics.clone();
+        let mut policy = RetryPolicy::new(self.reconnect.load_full());
         loop {
-            let latest = self.reconnect.load_full();
-            if latest != reconnect {
-                reconnect = latest;
-                backoff = Backoff::new(reconnect.min_delay.0, reconnect.max_delay.0);
-            }
+            policy.reconfigure(self.reconnect.load_full());
             match self.wait_for_gate(&shutdown).await {
                 None => break,
                 // A gate that opens again starts a fresh streak.
-                Some(true) => {
-                    backoff.reset();
-                    retry_log.reset();
-                }
+                Some(true) => policy.start_over(),
                 Some(false) => {}
             }
             let settings = self.connect.borrow_and_update().clone();
@@ -165,184 +116,171 @@ impl Supervisor {
                 _ = gate_closes(&mut gate) => continue,
                 attempt = settings.connector.connect_to(&self.endpoint) => attempt,
             };
-            // What went wrong this round, for the log line after the delay is known.
-            let (kind, error) = match attempt {
-                Err(err) => {
-                    metrics.connect_failure(&err);
-                    let kind = err.label();
-                    let error = err.to_string();
-                    self.update(|s, r| {
-                        s.attempts = s.attempts.saturating_add(1);
-                        s.last_error = Some(error.clone());
-                        s.last_error_kind = Some(kind);
-                        r.attempts = r.attempts.saturating_add(1);
-                        r.last_error = Some(error.clone());
-                    });
-                    (kind, error)
-                }
+            let next = match attempt {
+                Err(err) => Round::After(self.connect_failed(&mut policy, &err)),
                 Ok(connection) => {
-                    if let Some(server_id) = connection.server_id.clone()
-                        && let Err(holder) = self.claims.claim(&server_id, &self.endpoint)
-                    {
-                        // Another address reaches the same replica: one session per replica.
-                        drop(connection);
-                        if !self.idle_as_duplicate(&server_id, &holder, &shutdown).await {
-                            break;
-                        }
-                        backoff.reset();
-                        retry_log.reset();
-                        continue;
-                    }
-                    own_sessions += 1;
-                    if own_sessions > 1 {
-                        metrics.reconnects.inc();
-                    }
-                    let n = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
-                    let session_id = format!("{}.{n}", self.instance_id);
-                    let streak = retry_log.streak;
-                    // A recovery is news; a flapping server (sessions that die young) is logged
-                    // once per backoff step like any other failure streak.
-                    let flapping = retry_log
-                        .last_kind
-                        .is_some_and(|kind| kind.starts_with("session_"));
-                    let loudness = if !flapping || streak.is_power_of_two() {
-                        Loudness::Info
-                    } else {
-                        Loudness::Debug
-                    };
-                    log_at!(
-                        loudness,
-                        session.id = %session_id,
-                        peer.addr = %connection.peer,
-                        server.id = connection.server_id.as_deref().unwrap_or(""),
-                        failed_attempts = streak,
-                        "connected to the server"
-                    );
-                    let server_id = connection.server_id.clone();
-                    self.update(|s, r| {
-                        r.connected = true;
-                        r.server_id = server_id.clone();
-                        r.duplicate_of = None;
-                        r.attempts = 0;
-                        s.session_id = Some(session_id.clone());
-                        s.server_id = server_id.clone();
-                        s.attempts = 0;
-                        s.sessions = n;
-                    });
-                    let (result, lived) = self
-                        .run_session(connection, &settings, &session_id, &shutdown)
-                        .await;
-                    if let Some(id) = &server_id {
-                        self.claims.release(id, &self.endpoint);
-                    }
-                    self.update(|_, r| r.connected = false);
-                    self.session_ended.notify_one();
-                    let (end, peer_goaway) = match result {
-                        SessionResult::Stopped(stop) => {
-                            match stop {
-                                Stop::Shutdown => {
-                                    info!(session.id = %session_id, "session closed for shutdown");
-                                    break;
-                                }
-                                Stop::GateClosed => {
-                                    info!(
-                                        session.id = %session_id,
-                                        "session closed: the activation gate is disabled"
-                                    );
-                                }
-                                Stop::Reconfigured => {
-                                    info!(
-                                        session.id = %session_id,
-                                        "session closed: connection settings changed; reconnecting"
-                                    );
-                                    backoff.reset();
-                                    retry_log.reset();
-                                }
-                            }
-                            continue;
-                        }
-                        SessionResult::Ended(end, peer_goaway) => (end, peer_goaway),
-                    };
-                    let kind = session_end_kind(&end);
-                    let restarting = peer_goaway
-                        .as_ref()
-                        .is_some_and(|(code, _)| *code == GoAwayCode::Restart);
-                    let peer_goaway =
-                        peer_goaway.map(|(code, message)| format!("{}: {message}", code.label()));
-                    let error = match &peer_goaway {
-                        Some(message) => {
-                            format!("session ended after the server's GOAWAY ({message}): {end}")
-                        }
-                        None => format!("session ended: {end}"),
-                    };
-                    self.update(|s, r| {
-                        s.last_error = Some(error.clone());
-                        s.last_error_kind = Some(kind);
-                        r.last_error = Some(error.clone());
-                    });
-                    if restarting {
-                        // The replica announced it is going away: not a failure. Come back
-                        // when it is up again; until then failures are expected news.
-                        backoff.reset();
-                        retry_log.reset();
-                        retry_log.planned = true;
-                        let delay = backoff.next_delay();
-                        info!(
-                            session.id = %session_id,
-                            lived = ?lived,
-                            next_delay = ?delay,
-                            "server replica is restarting; keeping the other replicas, \
-                             reconnecting to this one when it is back"
-                        );
-                        if !self.pause(delay, &shutdown).await {
-                            break;
-                        }
-                        continue;
-                    }
-                    if lived >= reconnect.reset_after.0 {
-                        // A session that lived long enough ends any streak: start over.
-                        backoff.reset();
-                        retry_log.reset();
-                        let delay = backoff.next_delay();
-                        let loudness = if peer_goaway.is_some() {
-                            Loudness::Info
-                        } else {
-                            Loudness::Warn
-                        };
-                        log_at!(
-                            loudness,
-                            session.id = %session_id,
-                            reason = kind,
-                            error = %end,
-                            lived = ?lived,
-                            next_delay = ?delay,
-                            "session to the server ended; reconnecting"
-                        );
-                        if !self.pause(delay, &shutdown).await {
-                            break;
-                        }
-                        continue;
-                    }
-                    // A short session counts as one more failure of the streak.
-                    (kind, error)
+                    self.session_round(connection, &settings, &mut policy, &shutdown)
+                        .await
                 }
             };
-            let loudness = retry_log.failure(kind);
-            let delay = backoff.next_delay();
-            log_at!(
-                loudness,
-                attempt = retry_log.streak,
-                reason = kind,
-                error = %error,
-                next_delay = ?delay,
-                endpoint = %self.endpoint,
-                "cannot keep a session to the server; retrying"
-            );
-            if !self.pause(delay, &shutdown).await {
-                break;
+            match next {
+                Round::Stop => break,
+                Round::Now => {}
+                Round::After(delay) => {
+                    if !self.pause(delay, &shutdown).await {
+                        break;
+                    }
+                }
             }
         }
         self.update(|_, r| r.connected = false);
+    }
+
+    /// Records a failed connection attempt; returns the delay before the next one.
+    fn connect_failed(&self, policy: &mut RetryPolicy, err: &ConnectError) -> Duration {
+        self.handler.metrics.connect_failure(err);
+        let kind = err.label();
+        let error = err.to_string();
+        self.update(|s, r| {
+            s.attempts = s.attempts.saturating_add(1);
+            s.last_error = Some(error.clone());
+            s.last_error_kind = Some(kind);
+            r.attempts = r.attempts.saturating_add(1);
+            r.last_error = Some(error.clone());
+        });
+        self.log_retry(policy.connect_failed(kind), kind, &error)
+    }
+
+    /// Logs one failure of the streak as `policy` decided; returns its delay.
+    fn log_retry(&self, retry: Retry, kind: &'static str, error: &str) -> Duration {
+        log_at!(
+            retry.loudness,
+            attempt = retry.attempt,
+            reason = kind,
+            error = %error,
+            next_delay = ?retry.delay,
+            endpoint = %self.endpoint,
+            "cannot keep a session to the server; retrying"
+        );
+        retry.delay
+    }
+
+    /// Claims the replica, runs one session on `connection` and decides what comes after it.
+    async fn session_round(
+        &self,
+        connection: Connection,
+        settings: &ConnectSettings,
+        policy: &mut RetryPolicy,
+        shutdown: &CancellationToken,
+    ) -> Round {
+        let server_id = connection.server_id.clone();
+        if let Some(id) = &server_id
+            && let Err(holder) = self.claims.claim(id, &self.endpoint)
+        {
+            // Another address reaches the same replica: one session per replica.
+            drop(connection);
+            if !self.idle_as_duplicate(id, &holder, shutdown).await {
+                return Round::Stop;
+            }
+            policy.start_over();
+            return Round::Now;
+        }
+        let session_id = self.session_started(&connection, policy);
+        let (result, lived) = self
+            .run_session(connection, settings, &session_id, shutdown)
+            .await;
+        if let Some(id) = &server_id {
+            self.claims.release(id, &self.endpoint);
+        }
+        self.update(|_, r| r.connected = false);
+        self.session_ended.notify_one();
+        match result {
+            SessionResult::Stopped(stop) => stopped(stop, &session_id, policy),
+            SessionResult::Ended(end, goaway) => {
+                Round::After(self.ended(policy, &session_id, &end, goaway, lived))
+            }
+        }
+    }
+
+    /// Counts, logs and publishes a new session on `connection`; returns its id.
+    fn session_started(&self, connection: &Connection, policy: &mut RetryPolicy) -> String {
+        let connected = policy.connected();
+        if connected.is_reconnect {
+            self.handler.metrics.reconnects.inc();
+        }
+        let n = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        let session_id = format!("{}.{n}", self.instance_id);
+        log_at!(
+            connected.loudness,
+            session.id = %session_id,
+            peer.addr = %connection.peer,
+            server.id = connection.server_id.as_deref().unwrap_or(""),
+            failed_attempts = connected.failed_attempts,
+            "connected to the server"
+        );
+        let server_id = connection.server_id.clone();
+        self.update(|s, r| {
+            r.connected = true;
+            r.server_id = server_id.clone();
+            r.duplicate_of = None;
+            r.attempts = 0;
+            s.session_id = Some(session_id.clone());
+            s.server_id = server_id.clone();
+            s.attempts = 0;
+            s.sessions = n;
+        });
+        session_id
+    }
+
+    /// Publishes and logs a session that ended on its own; returns the delay before the next
+    /// attempt.
+    fn ended(
+        &self,
+        policy: &mut RetryPolicy,
+        session_id: &str,
+        end: &SessionEnd,
+        goaway: Option<(GoAwayCode, String)>,
+        lived: Duration,
+    ) -> Duration {
+        let kind = session_end_kind(end);
+        let code = goaway.as_ref().map(|(code, _)| *code);
+        let error = match &goaway {
+            Some((code, message)) => format!(
+                "session ended after the server's GOAWAY ({}: {message}): {end}",
+                code.label()
+            ),
+            None => format!("session ended: {end}"),
+        };
+        self.update(|s, r| {
+            s.last_error = Some(error.clone());
+            s.last_error_kind = Some(kind);
+            r.last_error = Some(error.clone());
+        });
+        match policy.session_ended(kind, code, lived) {
+            AfterSession::ReplicaRestarting { delay } => {
+                info!(
+                    session.id = %session_id,
+                    lived = ?lived,
+                    next_delay = ?delay,
+                    "server replica is restarting; keeping the other replicas, \
+                     reconnecting to this one when it is back"
+                );
+                delay
+            }
+            AfterSession::LivedLong { delay, loudness } => {
+                log_at!(
+                    loudness,
+                    session.id = %session_id,
+                    reason = kind,
+                    error = %end,
+                    lived = ?lived,
+                    next_delay = ?delay,
+                    "session to the server ended; reconnecting"
+                );
+                delay
+            }
+            AfterSession::Failed(retry) => self.log_retry(retry, kind, &error),
+        }
     }
 
     /// Changes the agent's status and this endpoint's entry in it, then the metrics.
@@ -429,23 +367,13 @@ impl Supervisor {
         }
     }
 
-    /// Runs one session until it ends on its own, or the agent stops it (shutdown, gate,
-    /// reload); also returns how long it lived.
-    async fn run_session(
+    /// The mux session over `connection`, in the protocol it speaks.
+    fn open_session(
         &self,
         connection: Connection,
         settings: &ConnectSettings,
-        session_id: &str,
-        shutdown: &CancellationToken,
-    ) -> (SessionResult, Duration) {
-        let started = Instant::now();
-        let span = info_span!(
-            "session",
-            session.id = %session_id,
-            peer.addr = %connection.peer,
-            server.id = connection.server_id.as_deref().unwrap_or(""),
-        );
-        let (session, incoming, driver) = match connection.protocol {
+    ) -> (Session, Incoming, SessionDriver) {
+        match connection.protocol {
             AgentProtocol::Tether => Session::new(
                 connection.transport,
                 Role::Agent,
@@ -467,7 +395,26 @@ impl Supervisor {
                     self.handler.metrics.mux.clone(),
                 )
             }
-        };
+        }
+    }
+
+    /// Runs one session until it ends on its own, or the agent stops it (shutdown, gate,
+    /// reload); also returns how long it lived.
+    async fn run_session(
+        &self,
+        connection: Connection,
+        settings: &ConnectSettings,
+        session_id: &str,
+        shutdown: &CancellationToken,
+    ) -> (SessionResult, Duration) {
+        let started = Instant::now();
+        let span = info_span!(
+            "session",
+            session.id = %session_id,
+            peer.addr = %connection.peer,
+            server.id = connection.server_id.as_deref().unwrap_or(""),
+        );
+        let (session, incoming, driver) = self.open_session(connection, settings);
         // Cancelled when this function returns, however it returns: the session's dials and
         // streams end with it.
         let streams = shutdown.child_token();
@@ -517,6 +464,40 @@ impl Supervisor {
     }
 }
 
+/// What the loop does after one round.
+enum Round {
+    /// Leave (shutdown).
+    Stop,
+    /// Go on at once.
+    Now,
+    /// Go on after this delay (unless shutdown comes first).
+    After(Duration),
+}
+
+/// Logs a session the agent closed itself; a reload reconnects on a fresh streak.
+fn stopped(stop: Stop, session_id: &str, policy: &mut RetryPolicy) -> Round {
+    match stop {
+        Stop::Shutdown => {
+            info!(session.id = %session_id, "session closed for shutdown");
+            return Round::Stop;
+        }
+        Stop::GateClosed => {
+            info!(
+                session.id = %session_id,
+                "session closed: the activation gate is disabled"
+            );
+        }
+        Stop::Reconfigured => {
+            info!(
+                session.id = %session_id,
+                "session closed: connection settings changed; reconnecting"
+            );
+            policy.start_over();
+        }
+    }
+    Round::Now
+}
+
 /// Resolves when the gate is (or becomes) disabled; never if the gate is gone.
 async fn gate_closes(gate: &mut watch::Receiver<GateState>) {
     if gate.wait_for(|s| !s.is_enabled()).await.is_err() {
@@ -527,36 +508,6 @@ async fn gate_closes(gate: &mut watch::Receiver<GateState>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_streak_warns_once_then_logs_per_doubling_or_change() {
-        let mut log = RetryLog::default();
-        let levels: Vec<Loudness> = (0..9).map(|_| log.failure("tcp")).collect();
-        use Loudness::*;
-        assert_eq!(
-            levels,
-            [Warn, Info, Debug, Info, Debug, Debug, Debug, Info, Debug]
-        );
-        // A new kind of failure is worth a line, but never another warning.
-        assert_eq!(log.failure("tls"), Info);
-        assert_eq!(log.failure("tls"), Debug);
-        assert_eq!(log.reset(), 11);
-        assert_eq!(log.failure("tls"), Warn);
-    }
-
-    #[test]
-    fn a_streak_after_an_announced_restart_starts_at_info() {
-        let mut log = RetryLog {
-            planned: true,
-            ..RetryLog::default()
-        };
-        use Loudness::*;
-        assert_eq!(log.failure("tcp"), Info);
-        assert_eq!(log.failure("tcp"), Info);
-        assert_eq!(log.failure("tcp"), Debug);
-        log.reset();
-        assert_eq!(log.failure("tcp"), Warn, "reset forgets the restart");
-    }
 
     #[test]
     fn session_end_kinds_are_prefixed() {

@@ -5,9 +5,10 @@
 
 mod support;
 
-use support::{TestAgent, TestServer, http_get};
+use support::{TestAgent, TestServer};
 use tether_common::pki::IssueOptions;
 use tether_testkit::TestPki;
+use tether_testkit::http_get;
 
 #[tokio::test]
 async fn readyz_says_when_the_agent_certificate_has_expired() {

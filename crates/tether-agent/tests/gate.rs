@@ -13,9 +13,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{TestServer, WAIT, agent_config, http_get, metric};
+use support::{TestServer, WAIT, agent_config};
 use tether_agent::{Agent, AgentListeners};
 use tether_testkit::TestPki;
+use tether_testkit::http_get;
+use tether_testkit::metrics::metric_sum;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -103,7 +105,7 @@ async fn gated_off_agent_stays_idle_and_follows_the_role_file() {
         body.contains("idle: activation gate disabled: cluster role `downstream`"),
         "{body}"
     );
-    let gate = |state| metric(&registry, "tether_agent_gate", &[("state", state)]);
+    let gate = |state| metric_sum(&registry, "tether_agent_gate", &[("state", state)]);
     assert_eq!((gate("enabled"), gate("disabled")), (0.0, 1.0));
 
     // The role file now matches: the gate opens within the bound and a session appears.

@@ -10,10 +10,11 @@ mod support;
 
 use std::sync::atomic::Ordering;
 
-use support::{TestServer, WAIT, agent_config, metric};
+use support::{TestServer, WAIT, agent_config};
 use tether_agent::{Agent, AgentConfig, AgentListeners, AgentReloader, AgentStatus};
 use tether_common::config_diff::ReloadResult;
 use tether_proto::TargetAddr;
+use tether_testkit::metrics::metric_sum;
 use tether_testkit::{AgentCert, TestPki, echo_server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -60,7 +61,7 @@ impl Running {
     }
 
     fn reloads(&self, result: ReloadResult) -> f64 {
-        metric(
+        metric_sum(
             &self.registry,
             "tether_config_reloads_total",
             &[("result", result.label())],

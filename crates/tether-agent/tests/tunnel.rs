@@ -9,10 +9,12 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::Ordering;
 
-use support::{TestAgent, TestServer, WAIT, http_get, metric};
+use support::{TestAgent, TestServer, WAIT};
 use tether_mux::OpenError;
 use tether_proto::{GoAwayCode, Host, OpenErrorCode, TargetAddr};
 use tether_testkit::assert_no_prior_connection;
+use tether_testkit::http_get;
+use tether_testkit::metrics::metric_sum;
 use tether_testkit::{TestPki, echo_server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -79,14 +81,17 @@ async fn allowed_target_echoes_one_mebibyte_byte_exact() {
     assert_eq!(got.len(), payload.len());
     assert!(got == payload, "echoed bytes differ");
     assert_eq!(
-        metric(
+        metric_sum(
             &agent.registry,
             "tether_agent_dials_total",
             &[("outcome", "ok")]
         ),
         1.0
     );
-    assert_eq!(metric(&agent.registry, "tether_agent_connected", &[]), 1.0);
+    assert_eq!(
+        metric_sum(&agent.registry, "tether_agent_connected", &[]),
+        1.0
+    );
 
     let admin = agent.admin.unwrap();
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
@@ -140,11 +145,11 @@ async fn denied_targets_are_refused_and_the_session_survives() {
     }
     assert_no_prior_connection(&denied).await;
     assert_eq!(
-        metric(&agent.registry, "tether_agent_policy_denials_total", &[]),
+        metric_sum(&agent.registry, "tether_agent_policy_denials_total", &[]),
         attempts.len() as f64
     );
     assert_eq!(
-        metric(
+        metric_sum(
             &agent.registry,
             "tether_agent_dials_total",
             &[("outcome", "denied")]
@@ -190,7 +195,7 @@ async fn a_closed_port_is_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert_eq!(
-        metric(
+        metric_sum(
             &agent.registry,
             "tether_agent_dials_total",
             &[("outcome", "refused")]
@@ -223,7 +228,7 @@ async fn a_server_certificate_from_another_ca_is_refused() {
     assert_eq!(server.established.load(Ordering::SeqCst), 0, "no session");
     assert!(server.tcp_accepted.load(Ordering::SeqCst) >= 2);
     assert!(
-        metric(
+        metric_sum(
             &agent.registry,
             "tether_agent_connect_failures_total",
             &[("reason", "tls")]
@@ -266,7 +271,7 @@ async fn the_agent_reconnects_after_the_server_closes_the_session() {
     assert_eq!(status.sessions, 2);
     assert_eq!(server.established.load(Ordering::SeqCst), 2);
     assert_eq!(
-        metric(&agent.registry, "tether_agent_reconnects_total", &[]),
+        metric_sum(&agent.registry, "tether_agent_reconnects_total", &[]),
         1.0
     );
     // The new session works.

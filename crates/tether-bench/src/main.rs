@@ -2,6 +2,7 @@
 //! found, on loopback and over an emulated WAN path, and how many agents one server holds;
 //! writes the results into `docs/BENCHMARKS.md`.
 
+mod agent_pool;
 mod bench_targets;
 mod daemons;
 mod delay_relay;

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Common;
+use crate::agent_pool::{issue_agents, stop_agents};
 use crate::daemons::{Pki, ServerProcess, tether_binary};
-use crate::many_agents::{issue_agents, stop_agents};
 use crate::process_stats;
 use crate::report;
 

@@ -503,6 +503,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+    use crate::tls_presented::capture;
+
     struct Fixture {
         ca: Ca,
         other_ca: Ca,
@@ -949,5 +951,42 @@ mod tests {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         assert!((now + 364 * 86400..=now + 366 * 86400).contains(&not_after));
         assert!(cert_not_after(b"junk").is_err());
+    }
+
+    /// A refused client certificate is still handed to the caller, inside
+    /// `tls_presented::capture` only.
+    #[tokio::test]
+    async fn a_refused_client_certificate_is_captured() {
+        let ca = Ca::generate("test CA").unwrap();
+        let other = Ca::generate("other CA").unwrap();
+        let server = ca
+            .issue_server(&["localhost".into()], &[], &IssueOptions::default())
+            .unwrap();
+        let stranger = other
+            .issue_agent("edge-9", &IssueOptions::default())
+            .unwrap();
+        let server_config =
+            server_config_from_pem(&server.cert_pem, &server.key_pem, ca.cert_pem()).unwrap();
+        let client_config =
+            client_config_from_pem(&stranger.cert_pem, &stranger.key_pem, ca.cert_pem()).unwrap();
+
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let accept = TlsAcceptor::from(server_config).accept(server_io);
+        let connect = async move {
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut tls = TlsConnector::from(client_config)
+                .connect(name, client_io)
+                .await?;
+            tls.read_u8().await
+        };
+        let ((accepted, presented), _) = tokio::join!(capture(accept), connect);
+        let err = accepted.err().unwrap();
+        let rustls_err = err.get_ref().unwrap().downcast_ref::<rustls::Error>();
+        assert!(
+            matches!(rustls_err, Some(rustls::Error::InvalidCertificate(_))),
+            "{err}"
+        );
+        let expected = certs_from_pem(&stranger.cert_pem).unwrap();
+        assert_eq!(presented.as_ref(), expected.first());
     }
 }

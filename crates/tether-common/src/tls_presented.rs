@@ -168,47 +168,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::pki::{Ca, IssueOptions};
-    use crate::tls::{client_config_from_pem, server_config_from_pem};
-    use tokio::io::AsyncReadExt;
-    use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-    /// A refused client certificate is still handed to the caller, inside `capture` only.
-    #[tokio::test]
-    async fn a_refused_client_certificate_is_captured() {
-        let ca = Ca::generate("test CA").unwrap();
-        let other = Ca::generate("other CA").unwrap();
-        let server = ca
-            .issue_server(&["localhost".into()], &[], &IssueOptions::default())
-            .unwrap();
-        let stranger = other
-            .issue_agent("edge-9", &IssueOptions::default())
-            .unwrap();
-        let server_config =
-            server_config_from_pem(&server.cert_pem, &server.key_pem, ca.cert_pem()).unwrap();
-        let client_config =
-            client_config_from_pem(&stranger.cert_pem, &stranger.key_pem, ca.cert_pem()).unwrap();
-
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let accept = TlsAcceptor::from(server_config).accept(server_io);
-        let connect = async move {
-            let name = ServerName::try_from("localhost").unwrap();
-            let mut tls = TlsConnector::from(client_config)
-                .connect(name, client_io)
-                .await?;
-            tls.read_u8().await
-        };
-        let ((accepted, presented), _) = tokio::join!(capture(accept), connect);
-        let err = accepted.err().unwrap();
-        let rustls_err = err.get_ref().unwrap().downcast_ref::<rustls::Error>();
-        assert!(
-            matches!(rustls_err, Some(rustls::Error::InvalidCertificate(_))),
-            "{err}"
-        );
-        let expected = crate::tls::certs_from_pem(&stranger.cert_pem).unwrap();
-        assert_eq!(presented.as_ref(), expected.first());
-
-        // Outside `capture` nothing is recorded and nothing fails.
-        record(&expected[0]);
+    /// Outside `capture` nothing is recorded and nothing fails.
+    #[test]
+    fn recording_outside_capture_is_a_no_op() {
+        record(&CertificateDer::from(vec![0x30, 0x00]));
+        assert!(PRESENTED.try_with(|_| ()).is_err());
     }
 }

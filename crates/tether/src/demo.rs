@@ -18,6 +18,95 @@ use crate::daemon_registry::daemon_registry;
 
 const AGENT_ID: &str = "demo-agent";
 
+/// The loopback addresses of one demo run, bound up front.
+struct DemoListeners {
+    tunnel: TcpListener,
+    server_admin: TcpListener,
+    forward: TcpListener,
+    agent_admin: TcpListener,
+}
+
+/// Their addresses (and the echo target's), for the configs and the printed URLs.
+#[derive(Clone, Copy)]
+struct DemoAddrs {
+    target: SocketAddr,
+    tunnel: SocketAddr,
+    server_admin: SocketAddr,
+    forward: SocketAddr,
+    agent_admin: SocketAddr,
+}
+
+impl DemoListeners {
+    async fn bind() -> anyhow::Result<DemoListeners> {
+        Ok(DemoListeners {
+            tunnel: TcpListener::bind("127.0.0.1:0").await?,
+            server_admin: TcpListener::bind("127.0.0.1:0").await?,
+            forward: TcpListener::bind("127.0.0.1:0").await?,
+            agent_admin: TcpListener::bind("127.0.0.1:0").await?,
+        })
+    }
+
+    fn addrs(&self, target: SocketAddr) -> anyhow::Result<DemoAddrs> {
+        Ok(DemoAddrs {
+            target,
+            tunnel: self.tunnel.local_addr()?,
+            server_admin: self.server_admin.local_addr()?,
+            forward: self.forward.local_addr()?,
+            agent_admin: self.agent_admin.local_addr()?,
+        })
+    }
+}
+
+/// The server and agent configs of the demo (YAML, as `--keep` writes them).
+fn demo_yaml(addrs: &DemoAddrs) -> (String, String) {
+    let DemoAddrs {
+        target,
+        tunnel,
+        server_admin,
+        forward,
+        agent_admin,
+    } = addrs;
+    let server_yaml = format!(
+        "version: 1\n\
+         listen: \"{tunnel}\"\n\
+         admin_listen: \"{server_admin}\"\n\
+         tls: {{ cert: server.pem, key: server-key.pem, client_ca: ca.pem }}\n\
+         forwards:\n  - {{ name: demo, listen: \"{forward}\", client: {AGENT_ID}, target: \"{target}\" }}\n"
+    );
+    let agent_yaml = format!(
+        "version: 1\n\
+         server_url: \"wss://localhost:{port}/v1/connect\"\n\
+         tls: {{ cert: agent-{AGENT_ID}.pem, key: agent-{AGENT_ID}-key.pem, server_ca: ca.pem }}\n\
+         admin_listen: \"{agent_admin}\"\n\
+         reconnect: {{ min_delay: 100ms, max_delay: 2s }}\n\
+         policy:\n  allow:\n    - {{ cidrs: [\"127.0.0.1/32\"], ports: [\"{target_port}\"] }}\n",
+        port = tunnel.port(),
+        target_port = target.port(),
+    );
+    (server_yaml, agent_yaml)
+}
+
+/// The running server and agent, each on its own token.
+struct Daemons {
+    server_token: CancellationToken,
+    agent_token: CancellationToken,
+    server_task: tokio::task::JoinHandle<Result<(), tether_server::ServerError>>,
+    agent_task: tokio::task::JoinHandle<Result<(), tether_agent::AgentError>>,
+}
+
+impl Daemons {
+    /// Stops the agent, then the server; their errors, if any.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.agent_token.cancel();
+        let agent_result = self.agent_task.await;
+        self.server_token.cancel();
+        let server_result = self.server_task.await;
+        agent_result.context("agent task")??;
+        server_result.context("server task")??;
+        Ok(())
+    }
+}
+
 pub(crate) async fn run(
     once: bool,
     bytes: usize,
@@ -32,33 +121,9 @@ pub(crate) async fn run(
     let target = TcpListener::bind("127.0.0.1:0").await?;
     let target_addr = target.local_addr()?;
     tracker.spawn(echo_target(target, shutdown.clone()));
-
-    let tunnel = TcpListener::bind("127.0.0.1:0").await?;
-    let server_admin = TcpListener::bind("127.0.0.1:0").await?;
-    let forward = TcpListener::bind("127.0.0.1:0").await?;
-    let agent_admin = TcpListener::bind("127.0.0.1:0").await?;
-    let tunnel_addr = tunnel.local_addr()?;
-    let server_admin_addr = server_admin.local_addr()?;
-    let forward_addr = forward.local_addr()?;
-    let agent_admin_addr = agent_admin.local_addr()?;
-
-    let server_yaml = format!(
-        "version: 1\n\
-         listen: \"{tunnel_addr}\"\n\
-         admin_listen: \"{server_admin_addr}\"\n\
-         tls: {{ cert: server.pem, key: server-key.pem, client_ca: ca.pem }}\n\
-         forwards:\n  - {{ name: demo, listen: \"{forward_addr}\", client: {AGENT_ID}, target: \"{target_addr}\" }}\n"
-    );
-    let agent_yaml = format!(
-        "version: 1\n\
-         server_url: \"wss://localhost:{port}/v1/connect\"\n\
-         tls: {{ cert: agent-{AGENT_ID}.pem, key: agent-{AGENT_ID}-key.pem, server_ca: ca.pem }}\n\
-         admin_listen: \"{agent_admin_addr}\"\n\
-         reconnect: {{ min_delay: 100ms, max_delay: 2s }}\n\
-         policy:\n  allow:\n    - {{ cidrs: [\"127.0.0.1/32\"], ports: [\"{target_port}\"] }}\n",
-        port = tunnel_addr.port(),
-        target_port = target_addr.port(),
-    );
+    let listeners = DemoListeners::bind().await?;
+    let addrs = listeners.addrs(target_addr)?;
+    let (server_yaml, agent_yaml) = demo_yaml(&addrs);
     let server_config =
         config_load::server_from_str(&server_yaml, dir.path(), "demo server config")?;
     let agent_config = config_load::agent_from_str(&agent_yaml, dir.path(), "demo agent config")?;
@@ -77,42 +142,75 @@ pub(crate) async fn run(
     let mut agent_status = agent.status();
     let server_token = shutdown.child_token();
     let agent_token = shutdown.child_token();
-    let server_task = tracker.spawn(server.run(
-        tether_server::Listeners {
-            tunnel,
-            admin: server_admin,
-            forwards: vec![forward],
-            frontends: Default::default(),
-        },
-        server_token.clone(),
-    ));
-    let agent_task = tracker.spawn(agent.run(
-        tether_agent::AgentListeners {
-            admin: Some(agent_admin),
-        },
-        agent_token.clone(),
-    ));
+    let daemons = Daemons {
+        server_task: tracker.spawn(server.run(
+            tether_server::Listeners {
+                tunnel: listeners.tunnel,
+                admin: listeners.server_admin,
+                forwards: vec![listeners.forward],
+                frontends: Default::default(),
+            },
+            server_token.clone(),
+        )),
+        agent_task: tracker.spawn(agent.run(
+            tether_agent::AgentListeners {
+                admin: Some(listeners.agent_admin),
+            },
+            agent_token.clone(),
+        )),
+        server_token,
+        agent_token,
+    };
     tracker.close();
 
-    // Addresses, not URLs: with `--once` everything here is gone by the time it is read.
-    if keep.is_some() {
+    print_setup(dir.path(), keep.is_some(), &addrs);
+    wait_ready(&mut agent_status, &sessions).await?;
+    println!("agent connected; sending traffic through the tunnel...");
+
+    let outcome = traffic(addrs.forward, bytes).await;
+    print_outcome(&outcome, bytes, once, &addrs);
+    if once || outcome.is_err() {
+        shutdown.cancel();
+    }
+    shutdown.cancelled().await;
+    let stopped = daemons.stop().await;
+    tracker.wait().await;
+    stopped?;
+    outcome.map(|_| ())
+}
+
+/// Where everything is. Addresses, not URLs: with `--once` everything here is gone by the
+/// time it is read.
+fn print_setup(dir: &Path, kept: bool, addrs: &DemoAddrs) {
+    if kept {
         println!(
             "tether demo: CA, certificates and the working server.yaml and agent.yaml kept in {}",
-            dir.path().display()
+            dir.display()
         );
     } else {
         println!(
             "tether demo: throwaway CA and certificates in {}",
-            dir.path().display()
+            dir.display()
         );
     }
-    println!("  server   tunnel {tunnel_addr}, admin {server_admin_addr}");
-    println!("  agent    \"{AGENT_ID}\", admin {agent_admin_addr}");
-    println!(
-        "  target   echo service on {target_addr} (reachable only through the agent's policy)"
-    );
-    println!("  forward  {forward_addr} -> agent \"{AGENT_ID}\" -> {target_addr}");
+    let DemoAddrs {
+        target,
+        tunnel,
+        server_admin,
+        forward,
+        agent_admin,
+    } = addrs;
+    println!("  server   tunnel {tunnel}, admin {server_admin}");
+    println!("  agent    \"{AGENT_ID}\", admin {agent_admin}");
+    println!("  target   echo service on {target} (reachable only through the agent's policy)");
+    println!("  forward  {forward} -> agent \"{AGENT_ID}\" -> {target}");
+}
 
+/// Until the agent is connected and the server has registered its session (bounded).
+async fn wait_ready(
+    agent_status: &mut tokio::sync::watch::Receiver<tether_agent::AgentStatus>,
+    sessions: &tether_server::SessionRegistry,
+) -> anyhow::Result<()> {
     tokio::time::timeout(
         Duration::from_secs(15),
         agent_status.wait_for(|status| status.connected),
@@ -129,10 +227,17 @@ pub(crate) async fn run(
     })
     .await
     .context("the server did not register the agent's session within 15 s")?;
-    println!("agent connected; sending traffic through the tunnel...");
+    Ok(())
+}
 
-    let outcome = traffic(forward_addr, bytes).await;
-    match &outcome {
+/// The traffic check's numbers, and what to do next.
+fn print_outcome(
+    outcome: &anyhow::Result<TrafficReport>,
+    bytes: usize,
+    once: bool,
+    addrs: &DemoAddrs,
+) {
+    match outcome {
         Ok(report) => {
             println!(
                 "  {} bytes echoed byte-exact in {:.1} ms ({:.0} MB/s each way)",
@@ -151,25 +256,13 @@ pub(crate) async fn run(
     }
     if once {
         println!("--once: stopping; run `tether demo` without --once to keep the daemons running");
-        shutdown.cancel();
     } else if outcome.is_ok() {
+        let (server_admin, agent_admin) = (addrs.server_admin, addrs.agent_admin);
         println!("running until Ctrl-C; look around:");
-        println!("  curl -s http://{server_admin_addr}/metrics        server metrics");
-        println!("  curl -s http://{agent_admin_addr}/metrics        agent metrics");
-        println!("  tether status --admin http://{server_admin_addr}   clients and their sessions");
+        println!("  curl -s http://{server_admin}/metrics        server metrics");
+        println!("  curl -s http://{agent_admin}/metrics        agent metrics");
+        println!("  tether status --admin http://{server_admin}   clients and their sessions");
     }
-    if outcome.is_err() {
-        shutdown.cancel();
-    }
-    shutdown.cancelled().await;
-    agent_token.cancel();
-    let agent_result = agent_task.await;
-    server_token.cancel();
-    let server_result = server_task.await;
-    tracker.wait().await;
-    agent_result.context("agent task")??;
-    server_result.context("server task")??;
-    outcome.map(|_| ())
 }
 
 /// Where the demo writes: a temporary directory removed at the end, or `--keep DIR`, left

@@ -10,7 +10,8 @@ use tether_agent::gate::GateState;
 use tether_common::pki_ops;
 
 use crate::config_load::{self, Overrides};
-use crate::doctor::{Report, expiry_step};
+use crate::doctor_report::{Report, expiry_step};
+use crate::doctor_steps::{CaBundle, ca_bundle, config_invalid, key_matches};
 use crate::status_cmd::{AdminUrl, fetch_within};
 
 /// How long a running agent's admin endpoint may take to answer.
@@ -28,14 +29,7 @@ pub(crate) async fn run(
     let config = match config_load::load_agent(path, overrides) {
         Ok(config) => config,
         Err(err) => {
-            report.fail(
-                "config",
-                &format!("{err:#}"),
-                &format!(
-                    "correct the keys listed (`tether check-config {}` lists every problem)",
-                    path.display()
-                ),
-            );
+            config_invalid(report, path, &err);
             return;
         }
     };
@@ -146,18 +140,12 @@ fn own_certificate(report: &mut Report, config: &AgentConfig) {
              is not an agent certificate)",
         ),
     }
-    match pki_ops::key_mismatch(&files.cert, &files.key) {
-        Ok(None) => report.ok(
-            "key",
-            &format!("{} belongs to the certificate", files.key.display()),
-        ),
-        Ok(Some(problem)) => report.fail(
-            "key",
-            &problem,
-            "tls.key must be the key written with this certificate (agent-ID-key.pem)",
-        ),
-        Err(err) => report.fail("key", &format!("tls.key: {err}"), "check tls.key"),
-    }
+    key_matches(
+        report,
+        &files.cert,
+        &files.key,
+        "tls.key must be the key written with this certificate (agent-ID-key.pem)",
+    );
     expiry_step(
         report,
         "cert",
@@ -173,39 +161,18 @@ fn own_certificate(report: &mut Report, config: &AgentConfig) {
 }
 
 fn pinned_ca(report: &mut Report, config: &AgentConfig) {
-    let path = &config.tls.server_ca;
-    let infos = match pki_ops::inspect_file(path) {
-        Ok(infos) => infos,
-        Err(err) => {
-            report.fail(
-                "ca",
-                &format!("tls.server_ca: {err}"),
-                "point tls.server_ca at the ca.pem of the CA that issued the server certificate",
-            );
-            return;
-        }
-    };
-    for info in &infos {
-        if !info.is_ca {
-            report.fail(
-                "ca",
-                &format!(
-                    "tls.server_ca {} holds \"{}\", which is not a CA certificate",
-                    path.display(),
-                    info.subject
-                ),
-                "tls.server_ca is the CA's ca.pem, not the server's certificate",
-            );
-            continue;
-        }
-        expiry_step(
-            report,
-            "ca",
-            &format!("pinned CA \"{}\"", info.subject),
-            (info.not_before, info.not_after),
-            "a new CA means new certificates for the server and every agent",
-        );
-    }
+    ca_bundle(
+        report,
+        &CaBundle {
+            key: "tls.server_ca",
+            path: &config.tls.server_ca,
+            role: "pinned CA",
+            unreadable_fix: "point tls.server_ca at the ca.pem of the CA that issued the server \
+                             certificate",
+            not_ca_fix: "tls.server_ca is the CA's ca.pem, not the server's certificate",
+            expiry_fix: "a new CA means new certificates for the server and every agent",
+        },
+    );
 }
 
 fn gate(report: &mut Report, config: &AgentConfig) {

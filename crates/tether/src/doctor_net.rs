@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 
-use crate::doctor::{Report, expiry_step};
+use crate::doctor_report::{Report, expiry_step};
 use crate::doctor_verdict;
 
 /// Request header asking the server for its verdict instead of a session (the server's

@@ -10,7 +10,8 @@ use tether_common::{pki_ops, tls};
 use tether_server::{ClientsResponse, ServerConfig};
 
 use crate::config_load::{self, Overrides};
-use crate::doctor::{Report, expiry_step};
+use crate::doctor_report::{Report, expiry_step};
+use crate::doctor_steps::{CaBundle, ca_bundle, config_invalid, key_matches};
 use crate::status_cmd::{AdminUrl, CLIENTS_PATH, fetch_within};
 
 /// How long the admin endpoint of a running server may take to answer.
@@ -20,14 +21,7 @@ pub(crate) async fn run(report: &mut Report, path: &Path, overrides: &Overrides<
     let config = match config_load::load_server(path, overrides) {
         Ok(config) => config,
         Err(err) => {
-            report.fail(
-                "config",
-                &format!("{err:#}"),
-                &format!(
-                    "correct the keys listed (`tether check-config {}` lists every problem)",
-                    path.display()
-                ),
-            );
+            config_invalid(report, path, &err);
             return;
         }
     };
@@ -138,18 +132,12 @@ fn certificate(report: &mut Report, config: &ServerConfig) {
             info.issuer
         ),
     );
-    match pki_ops::key_mismatch(&files.cert, &files.key) {
-        Ok(None) => report.ok(
-            "key",
-            &format!("{} belongs to the certificate", files.key.display()),
-        ),
-        Ok(Some(problem)) => report.fail(
-            "key",
-            &problem,
-            "tls.key must be the key written with the certificate (server-key.pem)",
-        ),
-        Err(err) => report.fail("key", &format!("tls.key: {err}"), "check tls.key"),
-    }
+    key_matches(
+        report,
+        &files.cert,
+        &files.key,
+        "tls.key must be the key written with the certificate (server-key.pem)",
+    );
     expiry_step(
         report,
         "cert",
@@ -164,37 +152,17 @@ fn certificate(report: &mut Report, config: &ServerConfig) {
 }
 
 fn client_ca(report: &mut Report, config: &ServerConfig) {
-    let path = &config.tls.client_ca;
-    match pki_ops::inspect_file(path) {
-        Err(err) => report.fail(
-            "ca",
-            &format!("tls.client_ca: {err}"),
-            "point tls.client_ca at the ca.pem that issues the agent certificates",
-        ),
-        Ok(infos) => {
-            for info in infos {
-                if !info.is_ca {
-                    report.fail(
-                        "ca",
-                        &format!(
-                            "tls.client_ca {} holds \"{}\", which is not a CA certificate",
-                            path.display(),
-                            info.subject
-                        ),
-                        "tls.client_ca is the CA's ca.pem, not an agent or server certificate",
-                    );
-                    continue;
-                }
-                expiry_step(
-                    report,
-                    "ca",
-                    &format!("agent CA \"{}\"", info.subject),
-                    (info.not_before, info.not_after),
-                    "a new CA means new certificates for every agent",
-                );
-            }
-        }
-    }
+    ca_bundle(
+        report,
+        &CaBundle {
+            key: "tls.client_ca",
+            path: &config.tls.client_ca,
+            role: "agent CA",
+            unreadable_fix: "point tls.client_ca at the ca.pem that issues the agent certificates",
+            not_ca_fix: "tls.client_ca is the CA's ca.pem, not an agent or server certificate",
+            expiry_fix: "a new CA means new certificates for every agent",
+        },
+    );
     for crl in &config.tls.crls {
         match tls::load_crls(crl) {
             Ok(list) => report.ok("crl", &format!("{}: {} CRL(s)", crl.display(), list.len())),

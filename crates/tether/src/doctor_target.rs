@@ -9,7 +9,7 @@ use tether_agent::AgentConfig;
 use tether_agent::dial::{Resolver, SystemResolver, dial};
 use tether_agent::policy::{DenialReason, Host, Policy, PolicyConfig};
 
-use crate::doctor::Report;
+use crate::doctor_report::Report;
 
 /// Most resolved addresses listed.
 const MAX_ADDRESSES: usize = 16;

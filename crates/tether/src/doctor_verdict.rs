@@ -11,7 +11,7 @@ use tether_agent::AgentConfig;
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use x509_parser::extensions::GeneralName;
 
-use crate::doctor::{Report, human_secs, now_unix};
+use crate::doctor_report::{Report, human_secs, now_unix};
 
 /// What the report says about a certificate.
 pub(crate) struct CertSummary {
@@ -67,69 +67,10 @@ pub(crate) fn explain_handshake(
         || "the server certificate".to_owned(),
         |s| format!("the server certificate \"{}\"", s.subject),
     );
-    let ca = config.tls.server_ca.display();
     match rustls_error(err) {
-        Some(rustls::Error::InvalidCertificate(cert)) => match cert {
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => (
-                format!(
-                    "{who} is not signed by the pinned CA: its issuer \"{}\" is {} in \
-                     tls.server_ca ({ca}) ({})",
-                    server.as_ref().map_or("?", |s| s.issuer.as_str()),
-                    if *cert == CertificateError::BadSignature {
-                        "another CA of the same name as the one"
-                    } else {
-                        "not a CA"
-                    },
-                    if *cert == CertificateError::BadSignature {
-                        "bad signature"
-                    } else {
-                        "unknown issuer"
-                    }
-                ),
-                format!(
-                    "tls.server_ca must be the ca.pem of the CA that issued the server \
-                     certificate: copy it from the server's CA directory (`tether certs \
-                     inspect {ca}` shows which CA it is)"
-                ),
-            ),
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                (
-                    format!(
-                        "{who} is not valid for the name \"{}\" (name mismatch): it holds [{}]",
-                        name.to_str(),
-                        server
-                            .as_ref()
-                            .map_or(String::new(), |s| s.names.join(", "))
-                    ),
-                    "dial a name the certificate holds (server_url's host, or server_name), or \
-                 reissue the server certificate with that name (tether certs init --dns NAME \
-                 / --ip ADDR)"
-                        .to_owned(),
-                )
-            }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => (
-                format!(
-                    "{who} expired{} (certificate expired)",
-                    server.as_ref().map_or(String::new(), |s| format!(
-                        " at {}, {} ago",
-                        tether_common::tls_check::rfc3339(s.not_after),
-                        human_secs(now_unix() - s.not_after)
-                    ))
-                ),
-                "renew the server certificate on the server (tether certs renew --dir CA_DIR \
-                 --cert server.pem --key server-key.pem); the server picks it up without a \
-                 restart"
-                    .to_owned(),
-            ),
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => (
-                format!("{who} is not valid yet (a clock is wrong)"),
-                "check the clocks of this host and of the server (NTP)".to_owned(),
-            ),
-            other => (
-                format!("{who} was refused: {other}"),
-                "check the server certificate with tether certs inspect".to_owned(),
-            ),
-        },
+        Some(rustls::Error::InvalidCertificate(cert)) => {
+            bad_server_certificate(cert, &who, server.as_ref(), name, config)
+        }
         Some(rustls::Error::AlertReceived(alert)) => refused_by_server(*alert, config),
         Some(other) => (
             format!("TLS handshake failed: {other}"),
@@ -138,6 +79,76 @@ pub(crate) fn explain_handshake(
         None => (
             format!("TLS handshake failed: {err}"),
             "is this port the tether server's `listen` (and not a plain HTTP port)?".to_owned(),
+        ),
+    }
+}
+
+/// The agent refused the server's certificate (`cert`): why, and the fix.
+fn bad_server_certificate(
+    cert: &CertificateError,
+    who: &str,
+    server: Option<&CertSummary>,
+    name: &ServerName<'_>,
+    config: &AgentConfig,
+) -> (String, String) {
+    let ca = config.tls.server_ca.display();
+    match cert {
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => (
+            format!(
+                "{who} is not signed by the pinned CA: its issuer \"{}\" is {} in \
+                 tls.server_ca ({ca}) ({})",
+                server.map_or("?", |s| s.issuer.as_str()),
+                if *cert == CertificateError::BadSignature {
+                    "another CA of the same name as the one"
+                } else {
+                    "not a CA"
+                },
+                if *cert == CertificateError::BadSignature {
+                    "bad signature"
+                } else {
+                    "unknown issuer"
+                }
+            ),
+            format!(
+                "tls.server_ca must be the ca.pem of the CA that issued the server \
+                 certificate: copy it from the server's CA directory (`tether certs \
+                 inspect {ca}` shows which CA it is)"
+            ),
+        ),
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => (
+            format!(
+                "{who} is not valid for the name \"{}\" (name mismatch): it holds [{}]",
+                name.to_str(),
+                server
+                    .as_ref()
+                    .map_or(String::new(), |s| s.names.join(", "))
+            ),
+            "dial a name the certificate holds (server_url's host, or server_name), or \
+             reissue the server certificate with that name (tether certs init --dns NAME \
+             / --ip ADDR)"
+                .to_owned(),
+        ),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => (
+            format!(
+                "{who} expired{} (certificate expired)",
+                server.map_or(String::new(), |s| format!(
+                    " at {}, {} ago",
+                    tether_common::tls_check::rfc3339(s.not_after),
+                    human_secs(now_unix() - s.not_after)
+                ))
+            ),
+            "renew the server certificate on the server (tether certs renew --dir CA_DIR \
+             --cert server.pem --key server-key.pem); the server picks it up without a \
+             restart"
+                .to_owned(),
+        ),
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => (
+            format!("{who} is not valid yet (a clock is wrong)"),
+            "check the clocks of this host and of the server (NTP)".to_owned(),
+        ),
+        other => (
+            format!("{who} was refused: {other}"),
+            "check the server certificate with tether certs inspect".to_owned(),
         ),
     }
 }

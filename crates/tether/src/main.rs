@@ -11,7 +11,9 @@ mod demo;
 mod doctor;
 mod doctor_agent;
 mod doctor_net;
+mod doctor_report;
 mod doctor_server;
+mod doctor_steps;
 mod doctor_target;
 mod doctor_verdict;
 mod init_cmd;
@@ -103,84 +105,10 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
     match command {
         Command::Server {
             config: path, set, ..
-        } => {
-            let flags = parse_flags(&set)?;
-            let config = config_load::load_server(
-                &path,
-                &config_load::Overrides {
-                    env: &config_load::process_env,
-                    flags: &flags,
-                },
-            )?;
-            logs.apply_config(&config.log);
-            let registry = daemon_registry::daemon_registry(&logs)?;
-            let listeners = tether_server::Listeners {
-                tunnel: bind(&config.listen, "listen").await?,
-                admin: bind(&config.admin_listen, "admin_listen").await?,
-                forwards: {
-                    let mut forwards = Vec::new();
-                    for (i, forward) in config.forwards.iter().enumerate() {
-                        forwards
-                            .push(bind(&forward.listen, &format!("forwards[{i}].listen")).await?);
-                    }
-                    forwards
-                },
-                frontends: tether_server::FrontendListeners::bind(&config).await?,
-            };
-            let server = tether_server::Server::new(config, &registry)?;
-            let systemd = systemd::start();
-            let server = server.with_notifier(systemd.notifier.clone());
-            let shutdown = CancellationToken::new();
-            let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
-            let _reloads = AbortOnDrop(tokio::spawn(config_reload::server_reloads(
-                path,
-                flags,
-                server.reloader(),
-                logs,
-                systemd.notifier.clone(),
-            )));
-            server.run(listeners, shutdown).await?;
-            Ok(())
-        }
+        } => run_server(path, &set, logs).await,
         Command::Agent {
             config: path, set, ..
-        } => {
-            let flags = parse_flags(&set)?;
-            let config = config_load::load_agent(
-                &path,
-                &config_load::Overrides {
-                    env: &config_load::process_env,
-                    flags: &flags,
-                },
-            )?;
-            logs.apply_config(&config.log);
-            let registry = daemon_registry::daemon_registry(&logs)?;
-            let admin = match config.admin_listen.as_str() {
-                "" => None,
-                addr => Some(bind(addr, "admin_listen").await?),
-            };
-            // An agent with `enroll:` and no certificate yet gets one first (the key is made
-            // here); a refused token or a wrong CA pin ends the process with the reason.
-            if let Some(enrolled) = tether_agent::enroll::enroll_if_needed(&config).await? {
-                tracing::info!(agent.id = %enrolled.agent_id, "enrollment done; connecting");
-            }
-            let agent = tether_agent::Agent::new(config, &registry)?;
-            let systemd = systemd::start();
-            let agent = agent.with_notifier(systemd.notifier.clone());
-            let shutdown = CancellationToken::new();
-            let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
-            let _reloads = AbortOnDrop(tokio::spawn(config_reload::agent_reloads(
-                path,
-                flags,
-                agent.reloader(),
-                logs,
-                systemd.notifier.clone(),
-            )));
-            agent
-                .run(tether_agent::AgentListeners { admin }, shutdown)
-                .await?;
-            Ok(())
-        }
+        } => run_agent(path, &set, logs).await,
         Command::Init {
             dir,
             server_name,
@@ -194,68 +122,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             target: &target,
             forward_listen: &forward_listen,
         }),
-        Command::Certs { command } => match command {
-            CertsCommand::Init {
-                dir,
-                dns,
-                ip,
-                no_localhost,
-                valid_for,
-            } => certs_cmd::init(
-                &dir,
-                &dns,
-                &ip,
-                !no_localhost,
-                &certs_lifecycle::options(valid_for)?,
-            ),
-            CertsCommand::Issue {
-                dir,
-                agent,
-                server_peer,
-                valid_for,
-            } => {
-                let opts = certs_lifecycle::options(valid_for)?;
-                match (agent, server_peer) {
-                    (_, Some(id)) => certs_token::issue_server_peer(&dir, &id, &opts),
-                    (Some(agent), None) => certs_cmd::issue(&dir, &agent, &opts),
-                    (None, None) => anyhow::bail!("give --agent ID or --server-peer ID"),
-                }
-            }
-            CertsCommand::Renew {
-                dir,
-                cert,
-                key,
-                valid_for,
-                keep_key,
-            } => certs_lifecycle::renew(&dir, &cert, &key, &valid_for, keep_key),
-            CertsCommand::Token {
-                agent,
-                valid_for,
-                config,
-                tokens_file,
-            } => certs_token::token(
-                &agent,
-                &valid_for,
-                config.as_deref(),
-                tokens_file.as_deref(),
-            ),
-            CertsCommand::Inspect { file, config } => {
-                certs_lifecycle::inspect(&file, config.as_deref())
-            }
-            CertsCommand::Revoke {
-                dir,
-                agent,
-                config,
-                cert,
-                crl,
-            } => match (dir, agent, config) {
-                (_, Some(agent), Some(config)) => {
-                    certs_token::revoke_agent(&agent, &config, crl.as_deref())
-                }
-                (Some(dir), _, _) => certs_lifecycle::revoke(&dir, cert.as_deref(), crl.as_deref()),
-                _ => anyhow::bail!("give --dir DIR, or --agent ID with --config SERVER.YAML"),
-            },
-        },
+        Command::Certs { command } => certs(command),
         Command::CheckConfig { kind, path } => {
             let kind = config_load::check(kind, &path)?;
             println!("{}: valid {kind:?} config", path.display());
@@ -280,17 +147,7 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             admin,
             json,
             timeout,
-        } => {
-            let urls = status_replicas::expand(&admin).await?;
-            match (urls.len(), client) {
-                (1, client) => status_cmd::run(&admin[0], client.as_deref(), json, timeout).await,
-                (_, Some(_)) => anyhow::bail!(
-                    "tether status CLIENT asks one server: give one --admin (it found {})",
-                    urls.len()
-                ),
-                (_, None) => status_replicas::run(&urls, json, timeout).await,
-            }
-        }
+        } => status(&admin, client.as_deref(), json, timeout).await,
         Command::Demo {
             once, bytes, keep, ..
         } => {
@@ -298,18 +155,192 @@ async fn dispatch(command: Command, logs: logging::LogControl) -> anyhow::Result
             let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
             demo::run(once, bytes, keep.as_deref(), &logs, shutdown).await
         }
-        Command::HashToken => {
-            // From stdin, not an argument: arguments show in `ps` and shell history.
-            let mut line = String::new();
-            std::io::stdin()
-                .read_line(&mut line)
-                .context("reading the token from stdin")?;
-            let token = line.trim_end_matches(['\r', '\n']);
-            anyhow::ensure!(!token.is_empty(), "no token on stdin");
-            println!("{}", tether_server::TokenHash::of(token).0);
-            Ok(())
-        }
+        Command::HashToken => hash_token(),
     }
+}
+
+/// `tether server`: loads the config, binds every listener, runs until a signal.
+async fn run_server(
+    path: std::path::PathBuf,
+    set: &[String],
+    logs: logging::LogControl,
+) -> anyhow::Result<()> {
+    let flags = parse_flags(set)?;
+    let config = config_load::load_server(
+        &path,
+        &config_load::Overrides {
+            env: &config_load::process_env,
+            flags: &flags,
+        },
+    )?;
+    logs.apply_config(&config.log);
+    let registry = daemon_registry::daemon_registry(&logs)?;
+    let listeners = tether_server::Listeners {
+        tunnel: bind(&config.listen, "listen").await?,
+        admin: bind(&config.admin_listen, "admin_listen").await?,
+        forwards: {
+            let mut forwards = Vec::new();
+            for (i, forward) in config.forwards.iter().enumerate() {
+                forwards.push(bind(&forward.listen, &format!("forwards[{i}].listen")).await?);
+            }
+            forwards
+        },
+        frontends: tether_server::FrontendListeners::bind(&config).await?,
+    };
+    let server = tether_server::Server::new(config, &registry)?;
+    let systemd = systemd::start();
+    let server = server.with_notifier(systemd.notifier.clone());
+    let shutdown = CancellationToken::new();
+    let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
+    let _reloads = AbortOnDrop(tokio::spawn(config_reload::server_reloads(
+        path,
+        flags,
+        server.reloader(),
+        logs,
+        systemd.notifier.clone(),
+    )));
+    server.run(listeners, shutdown).await?;
+    Ok(())
+}
+
+/// `tether agent`: loads the config, enrolls if it must, runs until a signal.
+async fn run_agent(
+    path: std::path::PathBuf,
+    set: &[String],
+    logs: logging::LogControl,
+) -> anyhow::Result<()> {
+    let flags = parse_flags(set)?;
+    let config = config_load::load_agent(
+        &path,
+        &config_load::Overrides {
+            env: &config_load::process_env,
+            flags: &flags,
+        },
+    )?;
+    logs.apply_config(&config.log);
+    let registry = daemon_registry::daemon_registry(&logs)?;
+    let admin = match config.admin_listen.as_str() {
+        "" => None,
+        addr => Some(bind(addr, "admin_listen").await?),
+    };
+    // An agent with `enroll:` and no certificate yet gets one first (the key is made
+    // here); a refused token or a wrong CA pin ends the process with the reason.
+    if let Some(enrolled) = tether_agent::enroll::enroll_if_needed(&config).await? {
+        tracing::info!(agent.id = %enrolled.agent_id, "enrollment done; connecting");
+    }
+    let agent = tether_agent::Agent::new(config, &registry)?;
+    let systemd = systemd::start();
+    let agent = agent.with_notifier(systemd.notifier.clone());
+    let shutdown = CancellationToken::new();
+    let _signals = AbortOnDrop(tokio::spawn(signals::cancel_on_signal(shutdown.clone())));
+    let _reloads = AbortOnDrop(tokio::spawn(config_reload::agent_reloads(
+        path,
+        flags,
+        agent.reloader(),
+        logs,
+        systemd.notifier.clone(),
+    )));
+    agent
+        .run(tether_agent::AgentListeners { admin }, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// `tether certs ...`.
+fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init {
+            dir,
+            dns,
+            ip,
+            no_localhost,
+            valid_for,
+        } => certs_cmd::init(
+            &dir,
+            &dns,
+            &ip,
+            !no_localhost,
+            &certs_lifecycle::options(valid_for)?,
+        ),
+        CertsCommand::Issue {
+            dir,
+            agent,
+            server_peer,
+            valid_for,
+        } => {
+            let opts = certs_lifecycle::options(valid_for)?;
+            match (agent, server_peer) {
+                (_, Some(id)) => certs_token::issue_server_peer(&dir, &id, &opts),
+                (Some(agent), None) => certs_cmd::issue(&dir, &agent, &opts),
+                (None, None) => anyhow::bail!("give --agent ID or --server-peer ID"),
+            }
+        }
+        CertsCommand::Renew {
+            dir,
+            cert,
+            key,
+            valid_for,
+            keep_key,
+        } => certs_lifecycle::renew(&dir, &cert, &key, &valid_for, keep_key),
+        CertsCommand::Token {
+            agent,
+            valid_for,
+            config,
+            tokens_file,
+        } => certs_token::token(
+            &agent,
+            &valid_for,
+            config.as_deref(),
+            tokens_file.as_deref(),
+        ),
+        CertsCommand::Inspect { file, config } => {
+            certs_lifecycle::inspect(&file, config.as_deref())
+        }
+        CertsCommand::Revoke {
+            dir,
+            agent,
+            config,
+            cert,
+            crl,
+        } => match (dir, agent, config) {
+            (_, Some(agent), Some(config)) => {
+                certs_token::revoke_agent(&agent, &config, crl.as_deref())
+            }
+            (Some(dir), _, _) => certs_lifecycle::revoke(&dir, cert.as_deref(), crl.as_deref()),
+            _ => anyhow::bail!("give --dir DIR, or --agent ID with --config SERVER.YAML"),
+        },
+    }
+}
+
+/// `tether status`: one server's clients (or one client), or the replicas' merged view.
+async fn status(
+    admin: &[String],
+    client: Option<&str>,
+    json: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let urls = status_replicas::expand(admin).await?;
+    match (urls.len(), client) {
+        (1, client) => status_cmd::run(&admin[0], client, json, timeout).await,
+        (_, Some(_)) => anyhow::bail!(
+            "tether status CLIENT asks one server: give one --admin (it found {})",
+            urls.len()
+        ),
+        (_, None) => status_replicas::run(&urls, json, timeout).await,
+    }
+}
+
+/// `tether hash-token`: the SHA-256 of a consumer token read from stdin.
+fn hash_token() -> anyhow::Result<()> {
+    // From stdin, not an argument: arguments show in `ps` and shell history.
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the token from stdin")?;
+    let token = line.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!token.is_empty(), "no token on stdin");
+    println!("{}", tether_server::TokenHash::of(token).0);
+    Ok(())
 }
 
 /// Binds with the large accept backlog of `tether_common::listen` (validated configs hold

@@ -9,6 +9,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use tether_server::ClientsResponse;
+use tether_testkit::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -117,15 +118,6 @@ fn spawn_agent(
             .await
             .unwrap();
     })
-}
-
-/// Polls until `check` holds (bounded).
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

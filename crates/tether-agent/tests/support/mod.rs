@@ -70,7 +70,7 @@ impl TestServer {
     async fn start_with(pki: &TestPki, cert_pem: &str, key_pem: &str) -> TestServer {
         let tls =
             tether_common::tls::server_config_from_pem(cert_pem, key_pem, pki.ca_pem()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tether_testkit::bind_loopback().unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, sessions) = mpsc::channel(16);
         let tcp_accepted = Arc::new(AtomicUsize::new(0));
@@ -210,7 +210,7 @@ impl TestAgent {
         let agent = Agent::new(config, &registry).expect("agent starts");
         let status = agent.status();
         let (listener, admin) = if admin {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let listener = tether_testkit::bind_loopback().unwrap();
             let addr = listener.local_addr().unwrap();
             (Some(listener), Some(addr))
         } else {
@@ -255,44 +255,4 @@ pub fn agent_config(yaml: &str, pki: &TestPki) -> AgentConfig {
         panic!("invalid agent.yaml:\n{errors}");
     }
     config
-}
-
-/// The value of a metric series in `registry` (0 when absent).
-pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|family| family.name() == name)
-        .flat_map(|family| family.get_metric().iter())
-        .filter(|m| {
-            labels.iter().all(|(k, v)| {
-                m.get_label()
-                    .iter()
-                    .any(|l| l.name() == *k && l.value() == *v)
-            })
-        })
-        // A series is a counter or a gauge; the other one reads 0.
-        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
-        .sum()
-}
-
-/// A plain HTTP/1.1 GET; returns the status code and body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tcp.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }

@@ -13,11 +13,12 @@ use rustls_pki_types::ServerName;
 use tether_mux::{Incoming, MuxConfig, MuxMetrics, Role, Session, SessionEnd, TransportError};
 use tether_proto::{Frame, Host, Limits};
 use tether_server::{Listeners, Server, ServerConfig, ServerError, SessionRegistry, TlsConfig};
+pub(crate) use tether_testkit::eventually;
+pub(crate) use tether_testkit::metrics::registry_sample as metric;
 use tether_testkit::{AgentCert, TestPki};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
@@ -102,27 +103,6 @@ impl Running {
     /// The value of one series (`name{label="value"}`) in the text exposition; 0 if absent.
     pub(crate) fn metric(&self, series: &str) -> f64 {
         metric(&self.prometheus, series)
-    }
-}
-
-/// The value of one series (`name` or `name{label="value"}`) in the text exposition.
-pub(crate) fn metric(prometheus: &prometheus::Registry, series: &str) -> f64 {
-    let text = prometheus::TextEncoder::new()
-        .encode_to_string(&prometheus.gather())
-        .expect("encode metrics");
-    let prefix = format!("{series} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().expect("metric value"))
-        .unwrap_or(0.0)
-}
-
-/// Polls `cond` until it holds; fails after 5 s.
-pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
