@@ -20,9 +20,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Common;
+use crate::agent_pool::{issue_agents, stop_agents};
 use crate::daemons::{Pki, ServerProcess, tether_binary};
 use crate::kill_probe::{self, Echo, ProbeTargets};
-use crate::many_agents::{issue_agents, stop_agents};
 use crate::placement_report::{Measured, Model, Phase, load_average};
 use crate::report;
 
