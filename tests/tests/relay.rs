@@ -185,6 +185,7 @@ async fn any_replica_reaches_an_agent_placed_on_two_of_five() {
     // Through every replica, the holders directly and the others by relay.
     let holders = [ranked[0], ranked[1]];
     every_replica_reaches_the_agent(&replicas, &admins, holders).await;
+    every_listing_shows_the_placement(&admins, holders).await;
     // A target's reset reaches the consumer through a relay as an error, never a clean EOF.
     let relaying = (0..REPLICAS as usize)
         .find(|i| !holders.contains(i))
@@ -286,6 +287,47 @@ async fn every_replica_reaches_the_agent(
         } else {
             assert!(relayed >= Some(1.0), "replica {i} relayed: {relayed:?}");
         }
+    }
+}
+
+/// Each replica's `GET /v1/clients` (what `tether status` reads) reports the five members and
+/// itself among them, and the agent's sessions are on the first two of its ranking over them.
+async fn every_listing_shows_the_placement(admins: &[SocketAddr], holders: [usize; 2]) {
+    for (i, admin) in admins.iter().enumerate() {
+        // A replica learns which member address is itself when its dial of it comes back,
+        // which may be a moment after its four peer sessions are up.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let (listing, view) = loop {
+            let (status, body) = http_get(*admin, "/v1/clients").await;
+            assert_eq!(status, 200, "replica {i}: {body}");
+            let listing: tether_server::ClientsResponse = serde_json::from_str(&body).unwrap();
+            let view = listing
+                .placement
+                .clone()
+                .expect("a replica with peers reports its placement view");
+            if !view.this_replica.is_empty() || tokio::time::Instant::now() > deadline {
+                break (listing, view);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut members = view.members.clone();
+        members.sort();
+        let expected: Vec<String> = (1..=REPLICAS).map(|r| format!("127.0.0.{r}")).collect();
+        assert_eq!(members, expected, "replica {i}");
+        let own = format!("127.0.0.{}", i + 1);
+        assert_eq!(view.this_replica, std::slice::from_ref(&own), "replica {i}");
+        assert_eq!(
+            view.linked.len(),
+            REPLICAS as usize - 1,
+            "replica {i}: {view:?}"
+        );
+        let top2: Vec<&String> = tether_common::placement::top_k("edge-1", &view.members, 2);
+        let holds = listing
+            .clients
+            .iter()
+            .any(|c| c.client == "edge-1" && !c.sessions.is_empty());
+        assert_eq!(holds, top2.contains(&&own), "replica {i}: {top2:?}");
+        assert_eq!(holds, holders.contains(&i), "replica {i}");
     }
 }
 

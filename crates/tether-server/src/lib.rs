@@ -40,6 +40,7 @@ pub use consumers::dial_metrics::DialMetrics;
 pub use consumers::proxy_control::{FrontendControl, FrontendReload};
 pub use consumers::proxy_metrics::{FRONTEND_LABELS, ProxyMetrics, REFUSAL_REASONS};
 pub use peers::config::PeersConfig;
+pub use peers::view::PlacementView;
 pub use reload::ServerReloader;
 pub use server::metrics;
 pub use server::{FrontendListeners, Listeners, Server, ServerError, run};

@@ -20,6 +20,7 @@ mod init_cmd;
 mod logging;
 mod signals;
 mod status_cmd;
+mod status_placement;
 mod status_replicas;
 mod systemd;
 

@@ -541,6 +541,7 @@ mod tests {
             ],
             forwards: Vec::new(),
             frontends: Vec::new(),
+            placement: None,
         };
         let table = render(&listing);
         let lines: Vec<&str> = table.lines().collect();

@@ -1,6 +1,6 @@
 //! `tether status` over several server replicas: every admin URL given (or every address of an
 //! admin host name), each client's sessions per replica, and the replicas a client is missing
-//! on (an agent keeps a session to every replica, so a gap is news).
+//! on, or, with peering, where each client is placed (`status_placement`).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use tether_server::ClientsResponse;
 
 use crate::status_cmd::{AdminUrl, CLIENTS_PATH, counted, fetch_within, table};
+use crate::status_placement::Placement;
 
 /// Most replicas one `tether status` queries.
 const MAX_REPLICAS: usize = 64;
@@ -107,8 +108,9 @@ pub(crate) async fn run(urls: &[AdminUrl], json: bool, timeout: Duration) -> any
     Ok(())
 }
 
-/// One row per client: its sessions on each replica and the replicas it is missing on; then
-/// the replicas that did not answer, and a summary.
+/// One row per client: its sessions on each replica, then where it is placed (with `peers:`,
+/// whose replicas report their members) or else the replicas it is missing on (every agent
+/// keeps a session to every replica); then the replicas that did not answer, and a summary.
 fn render(replicas: &[Replica]) -> String {
     let clients: BTreeSet<&str> = replicas
         .iter()
@@ -116,44 +118,64 @@ fn render(replicas: &[Replica]) -> String {
         .flat_map(|l| l.clients.iter().map(|c| c.client.as_str()))
         .collect();
     let names: Vec<String> = replicas.iter().map(Replica::name).collect();
+    let placement = Placement::gather(
+        replicas
+            .iter()
+            .zip(&names)
+            .filter_map(|(r, name)| r.listing.as_ref().ok().map(|l| (name.as_str(), l))),
+    );
     let mut header: Vec<&str> = vec!["CLIENT"];
     header.extend(names.iter().map(String::as_str));
-    header.push("MISSING ON");
+    header.push(if placement.is_some() {
+        "PLACED (RANK ORDER, * = SESSION)"
+    } else {
+        "MISSING ON"
+    });
     let mut incomplete = 0;
     let rows = clients
         .iter()
         .map(|client| {
-            let mut row = vec![(*client).to_owned()];
-            let mut missing = Vec::new();
-            for (replica, name) in replicas.iter().zip(&names) {
-                let cell = match &replica.listing {
-                    Err(_) => "?".to_owned(),
-                    Ok(listing) => {
-                        let n = listing
-                            .clients
-                            .iter()
-                            .find(|c| c.client == *client)
-                            .map_or(0, |c| c.sessions.len());
-                        if n == 0 {
-                            missing.push(name.clone());
-                        }
-                        n.to_string()
-                    }
-                };
-                row.push(cell);
-            }
-            if !missing.is_empty() {
+            let cells: Vec<Option<usize>> = replicas
+                .iter()
+                .map(|r| r.listing.as_ref().ok().map(|l| sessions_of(l, client)))
+                .collect();
+            let missing: Vec<&str> = names
+                .iter()
+                .zip(&cells)
+                .filter(|(_, n)| **n == Some(0))
+                .map(|(name, _)| name.as_str())
+                .collect();
+            let last = match &placement {
+                Some(placement) => placement.ranked(client, |name| {
+                    let at = names.iter().position(|n| n == name)?;
+                    cells[at].map(|n| n > 0)
+                }),
+                None if missing.is_empty() => "-".to_owned(),
+                None => missing.join(","),
+            };
+            // Placed on k of the replicas, a client is missing on the rest by design: only
+            // one with no session anywhere is news then.
+            let news = match &placement {
+                Some(_) => cells.iter().all(|n| n.is_none_or(|n| n == 0)),
+                None => !missing.is_empty(),
+            };
+            if news {
                 incomplete += 1;
             }
-            row.push(if missing.is_empty() {
-                "-".to_owned()
-            } else {
-                missing.join(",")
-            });
+            let mut row = vec![(*client).to_owned()];
+            row.extend(
+                cells
+                    .iter()
+                    .map(|n| n.map_or("?".to_owned(), |n| n.to_string())),
+            );
+            row.push(last);
             row
         })
         .collect();
     let mut out = table(&header, rows);
+    if let Some(placement) = &placement {
+        out.push_str(&placement.disagreements());
+    }
     for replica in replicas {
         if let Err(error) = &replica.listing {
             out.push_str(&format!("replica {}: {error}\n", replica.admin));
@@ -161,13 +183,27 @@ fn render(replicas: &[Replica]) -> String {
     }
     let answered = replicas.iter().filter(|r| r.listing.is_ok()).count();
     out.push_str(&format!(
-        "{} answered of {}, {}, {} missing on some replica\n",
+        "{} answered of {}, {}, {} {}\n",
         counted(answered, "replica", "replicas"),
         replicas.len(),
         counted(clients.len(), "client", "clients"),
-        incomplete
+        incomplete,
+        if placement.is_some() {
+            "without a session on any replica"
+        } else {
+            "missing on some replica"
+        }
     ));
     out
+}
+
+/// The client's live sessions in one replica's listing.
+fn sessions_of(listing: &ClientsResponse, client: &str) -> usize {
+    listing
+        .clients
+        .iter()
+        .find(|c| c.client == client)
+        .map_or(0, |c| c.sessions.len())
 }
 
 #[cfg(test)]
@@ -226,6 +262,52 @@ mod tests {
         );
         assert!(
             text.contains("2 replicas answered of 3, 2 clients, 1 missing on some replica"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn with_peering_each_client_shows_its_ranking_and_only_unconnected_ones_are_news() {
+        let members = ["10.0.0.1", "10.0.0.2"];
+        let with_view = |id: &str, ip: &str, clients: &[(&str, usize)]| {
+            let mut listing = listing(id, clients);
+            listing.placement = Some(tether_server::PlacementView {
+                members: members.iter().map(|m| (*m).to_owned()).collect(),
+                this_replica: vec![ip.into()],
+                linked: Default::default(),
+            });
+            listing
+        };
+        let replicas = vec![
+            Replica {
+                admin: "http://127.0.0.1:9090".into(),
+                listing: Ok(with_view("r1", "10.0.0.1", &[("edge-1", 1), ("edge-2", 0)])),
+            },
+            Replica {
+                admin: "http://127.0.0.2:9090".into(),
+                listing: Ok(with_view("r2", "10.0.0.2", &[("edge-1", 0), ("edge-2", 0)])),
+            },
+        ];
+        let text = render(&replicas);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].contains("PLACED (RANK ORDER, * = SESSION)"),
+            "{text}"
+        );
+        let order: Vec<&str> = tether_common::placement::rank("edge-1", &members)
+            .into_iter()
+            .map(|ip| if *ip == "10.0.0.1" { "r1*" } else { "r2" })
+            .collect();
+        let edge1: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            edge1,
+            ["edge-1", "1", "0", order.join(",").as_str()],
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "2 replicas answered of 2, 2 clients, 1 without a session on any replica"
+            ),
             "{text}"
         );
     }

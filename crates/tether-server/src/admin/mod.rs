@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) use self::state::{AdminState, Phase, Readiness};
 use crate::agents::registry::ClientSnapshot;
 pub use crate::consumers::forward::ForwardError;
+use crate::peers::view::PlacementView;
 
 /// The body of `GET /v1/clients`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +32,10 @@ pub struct ClientsResponse {
     /// The consumer frontends that are on (absent in listings of older servers).
     #[serde(default)]
     pub frontends: Vec<FrontendSnapshot>,
+    /// With `peers:` set, this replica's view of the membership, over which every client's
+    /// placement is ranked (absent on a lone server and in listings of older servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementView>,
 }
 
 /// The body of `GET /v1/clients/{id}`: the client's live sessions, and why it last failed to
@@ -193,5 +198,6 @@ pub(crate) fn listing(state: &AdminState) -> ClientsResponse {
         clients: state.registry.snapshot(),
         forwards,
         frontends,
+        placement: state.peers.as_ref().map(|links| links.view()),
     }
 }

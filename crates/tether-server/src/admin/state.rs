@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::agents::registry::SessionRegistry;
+use crate::peers::links::Links;
 use crate::reload::ServerReloader;
 
 /// What `/readyz` answers.
@@ -59,4 +60,6 @@ pub(crate) struct AdminState {
     pub(crate) server_id: String,
     /// The running config and forwards, for the listing's `forwards` and `frontends`.
     pub(crate) reloader: ServerReloader,
+    /// The peer sessions, with `peers:` set (the listing's `placement`).
+    pub(crate) peers: Option<Arc<Links>>,
 }

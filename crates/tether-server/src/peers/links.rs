@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use super::config::{MAX_MEMBERS, PeersConfig, split_host_port};
 use super::metrics::PeerMetrics;
 use super::tls::{ALPN_PEER, PeerTls};
+use super::view::PlacementView;
 use super::wire::{Answer, Request};
 
 /// Bound on one dial of a peer: TCP, TLS and the server-id question.
@@ -61,6 +62,19 @@ impl Links {
             .map(|(ip, link)| (*ip, link.clone()))
             .collect();
         (members, live)
+    }
+
+    /// The membership as this replica sees it, for the admin listing.
+    pub(crate) fn view(&self) -> PlacementView {
+        let (members, live) = self.snapshot();
+        PlacementView {
+            members: members.iter().map(IpAddr::to_string).collect(),
+            this_replica: lock(&self.selves).iter().map(IpAddr::to_string).collect(),
+            linked: live
+                .into_iter()
+                .map(|(ip, link)| (ip.to_string(), link.server_id))
+                .collect(),
+        }
     }
 }
 

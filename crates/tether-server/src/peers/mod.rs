@@ -10,4 +10,5 @@ pub(crate) mod relay;
 pub(crate) mod serve;
 mod splice;
 pub(crate) mod tls;
+pub mod view;
 mod wire;

@@ -272,7 +272,8 @@ impl Server {
         self.start_forwards(&consumers, listeners.forwards);
         self.start_proxies(&consumers, listeners.frontends);
         self.start_health(&life);
-        self.start_admin(listeners.admin, readiness.clone(), &life);
+        let peers = consumers.dialer.relay.as_ref().map(|r| r.links.clone());
+        self.start_admin(listeners.admin, readiness.clone(), peers, &life);
 
         readiness.set_ready();
         #[cfg(unix)]

@@ -205,6 +205,7 @@ impl Server {
         &self,
         listener: TcpListener,
         readiness: Arc<Readiness>,
+        peers: Option<Arc<Links>>,
         life: &Lifecycle,
     ) {
         let router = admin::router(Arc::new(AdminState {
@@ -213,6 +214,7 @@ impl Server {
             readiness,
             server_id: self.server_id.clone(),
             reloader: self.reloader.clone(),
+            peers,
         }));
         life.tracker.spawn(
             admin::listener::serve(
