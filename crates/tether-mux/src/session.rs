@@ -47,6 +47,9 @@ pub struct SessionStats {
     pub bytes_tx: u64,
     /// The last measured round-trip time.
     pub rtt: Option<Duration>,
+    /// The receive windows granted to the peer, all streams together (bytes): the most this
+    /// side may have to buffer for the session (see `MuxConfig::window_budget`).
+    pub granted: u64,
 }
 
 impl Session {
@@ -90,7 +93,7 @@ impl Session {
         let shared = self.shared();
         let (reply_tx, reply_rx) = oneshot::channel();
         let id = shared.act(|conn, waiters| {
-            let id = conn.open(target, dial_timeout)?;
+            let id = conn.open(target, dial_timeout, false)?;
             waiters.wait_open(id, reply_tx);
             Ok::<_, OpenError>(id)
         })?;
@@ -110,6 +113,36 @@ impl Session {
             Ok(Err(_)) => Err(OpenError::SessionClosed),
             Err(_) => Err(OpenError::Timeout(wait)),
         }
+    }
+
+    /// Opens a stream without waiting for the far side's answer when the peer negotiated the
+    /// one-round-trip open (`MuxConfig::peer_early_data`): the stream may carry that many
+    /// bytes at once, which the far side buffers until its target is connected. If the open
+    /// fails, the stream's reads and writes fail with the refusal (`ConnectionRefused`, "open
+    /// refused (code): ...") and the bytes sent early are dropped. Without the capability this
+    /// is [`Self::open_with_timeout`].
+    pub async fn open_early(
+        &self,
+        target: TargetAddr,
+        dial_timeout: Duration,
+    ) -> Result<MuxStream, OpenError> {
+        let shared = self.shared();
+        let opened = shared.act(|conn, _| {
+            if !conn.early_data() {
+                return Ok(None);
+            }
+            conn.open(target.clone(), dial_timeout, true).map(Some)
+        });
+        match opened? {
+            Some(id) => Ok(MuxStream::new(shared.clone(), id)),
+            None => self.open_with_timeout(target, dial_timeout).await,
+        }
+    }
+
+    /// Whether [`Self::open_early`] opens in one round trip on this session (the peer
+    /// negotiated it).
+    pub fn early_data(&self) -> bool {
+        self.shared().read(|conn| conn.early_data())
     }
 
     /// Sends a PING and waits for its PONG; returns the round-trip time. The caller bounds the
@@ -164,6 +197,7 @@ impl Session {
             bytes_rx: conn.bytes_rx(),
             bytes_tx,
             rtt: conn.rtt(),
+            granted: conn.granted(),
         })
     }
 
