@@ -11,6 +11,7 @@ use tokio_util::sync::DropGuard;
 
 use crate::config::{MuxConfig, Role};
 use crate::driver::SessionDriver;
+use crate::early_open::OpenAnswer;
 use crate::error::{OpenError, SessionEnd};
 use crate::incoming::Incoming;
 use crate::metrics::MuxMetrics;
@@ -119,23 +120,34 @@ impl Session {
     /// one-round-trip open (`MuxConfig::peer_early_data`): the stream may carry that many
     /// bytes at once, which the far side buffers until its target is connected. If the open
     /// fails, the stream's reads and writes fail with the refusal (`ConnectionRefused`, "open
-    /// refused (code): ...") and the bytes sent early are dropped. Without the capability this
-    /// is [`Self::open_with_timeout`].
+    /// refused (code): ...") and the bytes sent early are dropped; the [`OpenAnswer`] tells
+    /// how the open ended. Without the capability this is [`Self::open_with_timeout`] and the
+    /// answer is known at once.
     pub async fn open_early(
         &self,
         target: TargetAddr,
         dial_timeout: Duration,
-    ) -> Result<MuxStream, OpenError> {
+    ) -> Result<(MuxStream, OpenAnswer), OpenError> {
         let shared = self.shared();
-        let opened = shared.act(|conn, _| {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let opened = shared.act(|conn, waiters| {
             if !conn.early_data() {
                 return Ok(None);
             }
-            conn.open(target.clone(), dial_timeout, true).map(Some)
-        });
-        match opened? {
-            Some(id) => Ok(MuxStream::new(shared.clone(), id)),
-            None => self.open_with_timeout(target, dial_timeout).await,
+            let id = conn.open(target.clone(), dial_timeout, true)?;
+            waiters.wait_open(id, reply_tx);
+            Ok::<_, OpenError>(Some(id))
+        })?;
+        match opened {
+            Some(id) => {
+                let wait = dial_timeout + shared.config.open_grace;
+                let answer = OpenAnswer::waiting(shared.clone(), id, reply_rx, wait);
+                Ok((MuxStream::new(shared.clone(), id), answer))
+            }
+            None => {
+                let stream = self.open_with_timeout(target, dial_timeout).await?;
+                Ok((stream, OpenAnswer::answered()))
+            }
         }
     }
 

@@ -82,6 +82,8 @@ pub(crate) struct ConnectState {
     pub(crate) history: Arc<crate::client_history::ClientHistory>,
     /// The enrollment and renewal routes; `None` without an `enrollment:` section.
     pub(crate) enrollment: Option<Arc<crate::enrollment::Enrollment>>,
+    /// The capabilities this server offers (`x-tether-caps`, issue 27).
+    pub(crate) caps: tether_proto::Caps,
 }
 
 /// Per-connection facts the connection task puts into every request's extensions.
@@ -114,6 +116,8 @@ pub(crate) struct UpgradedAgent {
     pub(crate) slot: OwnedSemaphorePermit,
     /// Which protocol the upgrade speaks.
     pub(crate) protocol: crate::registry::Protocol,
+    /// The capabilities the agent offered (`x-tether-caps`; empty from older agents).
+    pub(crate) peer_caps: tether_proto::Caps,
 }
 
 /// The tunnel listener's router: `GET /v1/connect`, the remotedialer route, the enrollment
@@ -258,6 +262,15 @@ async fn connect(
         .and_then(|v| v.to_str().ok())
         .map(crate::registry::parse_labels)
         .unwrap_or_default();
+    // Capabilities (issue 27): answered only with what both offer.
+    let peer_caps = headers
+        .get(tether_proto::caps::CAPS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(tether_proto::Caps::parse)
+        .unwrap_or_default();
+    let answer_caps = tether_proto::Caps {
+        early_data: peer_caps.early_data.and(state.caps.early_data),
+    };
     let mut response =
         sized(ws, state.max_frame + WS_MESSAGE_OVERHEAD).on_upgrade(move |socket| async move {
             // If the connection task is gone, the socket and the slot drop here.
@@ -270,11 +283,19 @@ async fn connect(
                 labels,
                 slot,
                 protocol: crate::registry::Protocol::Tether,
+                peer_caps,
             });
         });
     response
         .headers_mut()
         .insert(SERVER_ID_HEADER, state.server_id.clone());
+    if let Ok(value) = HeaderValue::from_str(&answer_caps.to_header())
+        && !answer_caps.is_empty()
+    {
+        response
+            .headers_mut()
+            .insert(tether_proto::caps::CAPS_HEADER, value);
+    }
     response
 }
 

@@ -509,6 +509,8 @@ impl Server {
             remotedialer,
             history: self.registry.history().clone(),
             enrollment: self.enrollment.clone(),
+            // Capabilities (issue 27).
+            caps: config.to_mux_config().offer(),
         });
         let tunnel = Arc::new(Tunnel {
             tls: self.tls.clone(),

@@ -365,12 +365,14 @@ async fn run_session(
         labels,
         slot,
         protocol,
+        peer_caps,
     } = up;
     let (session, incoming, driver) = match protocol {
         Protocol::Tether => Session::new(
             WsTransport::new(socket, tunnel.mux_config.limits()),
             Role::Server,
-            tunnel.mux_config.clone(),
+            // Capabilities (issue 27).
+            tunnel.mux_config.clone().negotiate(&peer_caps),
             tunnel.metrics.mux.clone(),
         ),
         Protocol::Remotedialer => {

@@ -63,6 +63,21 @@ impl Conn {
         self.fail_stream(id, failure, answer, true);
     }
 
+    /// An early open (its handle already taken) was not answered within `waited`: the
+    /// stream fails as timed out and the peer gets RST.
+    pub(crate) fn expire_open(&mut self, id: StreamId, waited: Duration) {
+        let Some(slot) = self.streams.get_mut(id) else {
+            return;
+        };
+        if !matches!(slot.phase, Phase::Opening { .. }) {
+            return;
+        }
+        slot.answer_open(id, Err(OpenError::Timeout(waited)), &mut self.events);
+        let message = format!("no answer to OPEN within {waited:?}");
+        let failure = StreamFailure::new(io::ErrorKind::TimedOut, &message, CloseReason::Refused);
+        self.fail_stream(id, failure, Answer::Rst(ResetCode::Cancelled, message), false);
+    }
+
     /// The application accepts the peer's open: OPEN_OK. On an error the slot is released.
     pub(crate) fn accept(&mut self, id: StreamId) -> Result<(), OpenError> {
         if self.end.is_some() {
