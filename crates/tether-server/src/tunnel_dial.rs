@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tether_mux::direct::{DirectTcp, pipe_direct_until};
 use tether_mux::pipe::{PipeError, PipeSide, PipeTotals};
-use tether_mux::{MuxStream, OpenError};
+use tether_mux::{MuxStream, OpenAnswer, OpenError};
 use tether_proto::{OpenErrorCode, ResetCode, TargetAddr};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -208,12 +208,7 @@ impl TunnelDialer {
         entry: SessionEntry,
         target: &TargetAddr,
     ) -> Result<(MuxStream, SessionEntry), OpenError> {
-        let has_alternative = self.registry.sessions(client).iter().any(|other| {
-            other.session_id != entry.session_id
-                && !other.session.is_closed()
-                && other.session.peer_goaway().is_none()
-                && other.health.is_healthy()
-        });
+        let has_alternative = self.has_alternative(client, &entry);
         let first_wait = FAILOVER_AFTER.min(self.dial_timeout);
         if !has_alternative || first_wait == self.dial_timeout {
             let stream = entry
@@ -247,6 +242,109 @@ impl TunnelDialer {
             .await?;
         Ok((stream, retry))
     }
+}
+
+impl TunnelDialer {
+    /// Whether `client` has a healthy session other than `entry`'s to fail over to.
+    fn has_alternative(&self, client: &str, entry: &SessionEntry) -> bool {
+        self.registry.sessions(client).iter().any(|other| {
+            other.session_id != entry.session_id
+                && !other.session.is_closed()
+                && other.session.peer_goaway().is_none()
+                && other.health.is_healthy()
+        })
+    }
+
+    /// Like [`Self::dial`], but in one round trip when the session negotiated it (issue 27)
+    /// and there is no other session to fail over to: the stream is returned before the
+    /// agent's answer, so the consumer's first bytes travel with the OPEN. The answer is
+    /// [`Self::answered`]'s, which counts it as `dial` counts its own.
+    pub(crate) async fn dial_early(
+        &self,
+        client: &str,
+        target: &TargetAddr,
+    ) -> Result<(TunnelConn, Option<EarlyDial>), DialError> {
+        let entry = match self.registry.pick_entry(client) {
+            Ok(entry) if entry.session.early_data() && !self.has_alternative(client, &entry) => {
+                entry
+            }
+            _ => return self.dial(client, target).await.map(|conn| (conn, None)),
+        };
+        let compat = self
+            .metrics
+            .remotedialer
+            .as_ref()
+            .map(|compat| compat.connection(client));
+        let started = Instant::now();
+        match entry
+            .session
+            .open_early(target.clone(), self.dial_timeout)
+            .await
+        {
+            Ok((stream, answer)) => {
+                let conn = TunnelConn {
+                    stream,
+                    session_id: entry.session_id,
+                    instance: entry.instance,
+                    _compat: compat,
+                };
+                let target = target.clone();
+                Ok((
+                    conn,
+                    Some(EarlyDial {
+                        answer,
+                        started,
+                        target,
+                    }),
+                ))
+            }
+            Err(source) => {
+                self.metrics
+                    .dial_errors
+                    .with_label_values(&[source.label()])
+                    .inc();
+                Err(DialError::Open {
+                    target: target.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// The agent's answer to an early dial (`Ok` at once for a dial that waited for it);
+    /// counted in the dial metrics. A stream that went away before its answer is `Ok`.
+    pub(crate) async fn answered(&self, early: Option<EarlyDial>) -> Result<(), DialError> {
+        let Some(EarlyDial {
+            answer,
+            started,
+            target,
+        }) = early
+        else {
+            return Ok(());
+        };
+        let outcome = answer.outcome().await;
+        self.metrics
+            .dial_duration
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Some(Err(source)) => {
+                self.metrics
+                    .dial_errors
+                    .with_label_values(&[source.label()])
+                    .inc();
+                Err(DialError::Open { target, source })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An early dial whose answer is still to come (see [`TunnelDialer::dial_early`]).
+#[derive(Debug)]
+pub(crate) struct EarlyDial {
+    answer: OpenAnswer,
+    started: Instant,
+    target: TargetAddr,
 }
 
 /// Pumps bytes between `tcp` and the tunnel stream until both directions end, one side fails,

@@ -75,7 +75,12 @@ impl Conn {
         slot.answer_open(id, Err(OpenError::Timeout(waited)), &mut self.events);
         let message = format!("no answer to OPEN within {waited:?}");
         let failure = StreamFailure::new(io::ErrorKind::TimedOut, &message, CloseReason::Refused);
-        self.fail_stream(id, failure, Answer::Rst(ResetCode::Cancelled, message), false);
+        self.fail_stream(
+            id,
+            failure,
+            Answer::Rst(ResetCode::Cancelled, message),
+            false,
+        );
     }
 
     /// The application accepts the peer's open: OPEN_OK. On an error the slot is released.
