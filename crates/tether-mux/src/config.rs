@@ -77,6 +77,11 @@ pub struct MuxConfig {
     /// both sides offered the capability in the handshake. `None` (the default) is tether.v1
     /// as first specified: DATA waits for OPEN_OK.
     pub peer_early_data: Option<u32>,
+    /// Accept DATA up to the window on a stream the peer opens before this side's OPEN_OK,
+    /// without the capability (default false: such DATA is RST `flow_control`). The
+    /// remotedialer mapping sets it: Go sends data right after its Connect, and the mapping
+    /// delivers it before the application has accepted the stream.
+    pub data_before_accept: bool,
 }
 
 impl Default for MuxConfig {
@@ -98,6 +103,7 @@ impl Default for MuxConfig {
             window_budget: 32 * 1024 * 1024,
             early_data: 64 * 1024,
             peer_early_data: None,
+            data_before_accept: false,
         }
     }
 }
@@ -125,6 +131,7 @@ impl MuxConfig {
     pub(crate) fn accept_early(&self) -> u64 {
         match self.peer_early_data {
             Some(_) => u64::from(self.early_data.min(self.window)),
+            None if self.data_before_accept => u64::from(self.window),
             None => 0,
         }
     }
