@@ -38,6 +38,9 @@ pub const SERVER_HEADER: HeaderName = HeaderName::from_static("x-tether-server")
 /// for, so that a server reached through two endpoints does not take the second session for a
 /// reconnect of the first (which would replace it).
 pub const ENDPOINT_HEADER: HeaderName = HeaderName::from_static("x-tether-endpoint");
+/// Request and response header: the capabilities each side offers (issue 27: the
+/// one-round-trip open); a server that does not answer it gets tether.v1 as first specified.
+pub const CAPS_HEADER: HeaderName = HeaderName::from_static(tether_proto::caps::CAPS_HEADER);
 
 /// Room for the frame header in a WebSocket message beyond the largest DATA payload.
 const WS_MESSAGE_SLACK: usize = 16;
@@ -110,6 +113,8 @@ impl ConnectError {
 pub struct Connection {
     /// The WebSocket as a frame transport.
     pub transport: ServerTransport,
+    /// The capabilities the server answered with (`x-tether-caps`; empty from older servers).
+    pub peer_caps: tether_proto::Caps,
     /// The server's `X-Tether-Server` id, if it sent one.
     pub server_id: Option<String>,
     /// The server's address.
@@ -335,8 +340,16 @@ impl Connector {
             .and_then(|v| v.to_str().ok())
             .map(sanitize_server_id)
             .filter(|id| !id.is_empty());
+        // Capabilities the server accepted (issue 27); none from a server without them.
+        let peer_caps = response
+            .headers()
+            .get(CAPS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(tether_proto::Caps::parse)
+            .unwrap_or_default();
         Ok(Connection {
             transport: WsTransport::new(socket, self.limits),
+            peer_caps,
             server_id,
             peer,
             protocol: self.protocol,
@@ -461,6 +474,13 @@ fn headers(
             SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(SUBPROTOCOL),
         ));
+        // Capabilities (x-tether-caps): answered by servers that know them.
+        let offer = config.to_mux_config().offer().to_header();
+        if !offer.is_empty()
+            && let Ok(value) = HeaderValue::from_str(&offer)
+        {
+            headers.push((CAPS_HEADER, value));
+        }
     }
     for (name, value) in &config.headers {
         match (

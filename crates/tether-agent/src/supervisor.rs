@@ -377,7 +377,8 @@ impl Supervisor {
             AgentProtocol::Tether => Session::new(
                 connection.transport,
                 Role::Agent,
-                settings.mux_config.clone(),
+                // Capabilities (issue 27).
+                settings.mux_config.clone().negotiate(&connection.peer_caps),
                 self.handler.metrics.mux.clone(),
             ),
             AgentProtocol::Remotedialer => {

@@ -45,6 +45,10 @@ pub(crate) struct WanArgs {
     /// Leave out the peers (rathole, wstunnel) even when found.
     #[arg(long)]
     no_peers: bool,
+    /// Measure only these systems (comma-separated: direct, floor, tether, rathole,
+    /// wstunnel), e.g. `--systems tether` for an A/B of two tether builds.
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
     /// The rathole binary (default: `rathole` on PATH, if there).
     #[arg(long)]
     rathole: Option<PathBuf>,
@@ -76,6 +80,12 @@ pub(crate) async fn run(mut args: WanArgs) -> Result<()> {
     let mut systems = vec![System::Direct, System::Floor, System::Tether];
     systems.extend(rathole.is_some().then_some(System::Rathole));
     systems.extend(wstunnel.is_some().then_some(System::Wstunnel));
+    if !args.systems.is_empty() {
+        systems.retain(|s| args.systems.iter().any(|name| name == s.label()));
+        if systems.is_empty() {
+            bail!("--systems {:?}: none of these is available", args.systems);
+        }
+    }
     let pki = Pki::new(&["bench"])?;
     let jsonl = pki.dir().join("wan.jsonl");
     let targets = Targets::start().await?;

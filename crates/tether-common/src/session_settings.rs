@@ -28,6 +28,15 @@ pub struct SessionSettings {
     pub idle_timeout: HumanDuration,
     /// How often to send SYNC reconciliation.
     pub sync_interval: HumanDuration,
+    /// Largest receive window a stream's window grows to on a long, fat path, bytes
+    /// (`window` or less turns the growth off).
+    pub max_window: u32,
+    /// Most receive window granted on one session, all streams together, beyond which no
+    /// window grows, bytes.
+    pub window_budget: u64,
+    /// Bytes accepted on a stream the peer opens before this side's OPEN_OK (the
+    /// one-round-trip open, offered in the handshake; 0 turns it off).
+    pub early_data: u32,
 }
 
 impl Default for SessionSettings {
@@ -39,6 +48,9 @@ impl Default for SessionSettings {
             ping_interval: HumanDuration::secs(15),
             idle_timeout: HumanDuration::secs(45),
             sync_interval: HumanDuration::secs(60),
+            max_window: 16 * 1024 * 1024,
+            window_budget: 32 * 1024 * 1024,
+            early_data: 64 * 1024,
         }
     }
 }
@@ -56,6 +68,18 @@ impl SessionSettings {
             errors.push(
                 format!("{prefix}.max_frame"),
                 format!("{} is outside 1024..=1048576 bytes", self.max_frame),
+            );
+        }
+        if self.max_window > 1024 * 1024 * 1024 {
+            errors.push(
+                format!("{prefix}.max_window"),
+                format!("{} is over 1073741824 bytes", self.max_window),
+            );
+        }
+        if self.early_data > self.window {
+            errors.push(
+                format!("{prefix}.early_data"),
+                format!("{} is over window ({})", self.early_data, self.window),
             );
         }
         if self.max_streams == 0 || self.max_streams > 1_000_000 {

@@ -62,6 +62,26 @@ pub struct MuxConfig {
     /// quarter window (the default). The remotedialer mapping sets it low, because it derives
     /// Pause/Resume from the unreturned bytes.
     pub window_update: Option<u32>,
+    /// Largest receive window a stream's window grows to when its sender is window-limited
+    /// over about a round trip (bandwidth-delay probing; default 16 MiB). `window` or less
+    /// turns the growth off.
+    pub max_window: u32,
+    /// Most bytes of receive window granted on one session, all streams together, beyond
+    /// which no stream's window grows (default 32 MiB). New streams always get `window`.
+    pub window_budget: u64,
+    /// Bytes this side offers to accept on a stream the peer opens, after its OPEN and
+    /// before this side's OPEN_OK (the one-round-trip open; default 64 KiB, at most
+    /// `window`; 0 offers nothing). Only used once negotiated ([`Self::negotiate`]).
+    pub early_data: u32,
+    /// What the peer accepts before its OPEN_OK on streams this side opens: `Some` only once
+    /// both sides offered the capability in the handshake. `None` (the default) is tether.v1
+    /// as first specified: DATA waits for OPEN_OK.
+    pub peer_early_data: Option<u32>,
+    /// Accept DATA up to the window on a stream the peer opens before this side's OPEN_OK,
+    /// without the capability (default false: such DATA is RST `flow_control`). The
+    /// remotedialer mapping sets it: Go sends data right after its Connect, and the mapping
+    /// delivers it before the application has accepted the stream.
+    pub data_before_accept: bool,
 }
 
 impl Default for MuxConfig {
@@ -79,11 +99,43 @@ impl Default for MuxConfig {
             dial_timeout: Duration::from_secs(10),
             open_grace: Duration::from_secs(5),
             window_update: None,
+            max_window: 16 * 1024 * 1024,
+            window_budget: 32 * 1024 * 1024,
+            early_data: 64 * 1024,
+            peer_early_data: None,
+            data_before_accept: false,
         }
     }
 }
 
 impl MuxConfig {
+    /// The capabilities this side offers in the handshake.
+    pub fn offer(&self) -> tether_proto::Caps {
+        let early = self.early_data.min(self.window);
+        tether_proto::Caps {
+            early_data: (early > 0).then_some(early),
+        }
+    }
+
+    /// This configuration after the handshake in which the peer offered `peer` (and this side
+    /// offered [`Self::offer`]): the one-round-trip open is on when both offered it.
+    pub fn negotiate(mut self, peer: &tether_proto::Caps) -> Self {
+        self.peer_early_data = match (self.offer().early_data, peer.early_data) {
+            (Some(_), Some(theirs)) => Some(theirs),
+            _ => None,
+        };
+        self
+    }
+
+    /// Bytes accepted before OPEN_OK on a stream the peer opens (0 unless negotiated).
+    pub(crate) fn accept_early(&self) -> u64 {
+        match self.peer_early_data {
+            Some(_) => u64::from(self.early_data.min(self.window)),
+            None if self.data_before_accept => u64::from(self.window),
+            None => 0,
+        }
+    }
+
     /// The decoder limits matching this configuration.
     ///
     /// The decoder's message limit is derived from `max_data`, so it never goes below

@@ -162,7 +162,7 @@ fn apply(shared: &Arc<Shared>, frame: Frame) -> Result<Then, SessionEnd> {
                 // The core and the shell attach and detach together, under the lock; should
                 // they ever disagree, the payload is buffered for the stream's consumer.
                 None => {
-                    conn.delivered(stream, 0, payload);
+                    conn.delivered(stream, 0, payload, now);
                     Then::Nothing
                 }
             },
@@ -180,7 +180,8 @@ fn apply(shared: &Arc<Shared>, frame: Frame) -> Result<Then, SessionEnd> {
 fn deliver(shared: &Shared, stream: StreamId, sink: &dyn DeliverSink, mut payload: Bytes) {
     let written = sink.try_deliver(&payload);
     payload.advance(written);
-    shared.act(|conn, _| conn.delivered(stream, written, payload));
+    let now = shared.now();
+    shared.act(|conn, _| conn.delivered(stream, written, payload, now));
 }
 
 /// Hands the peer's open to the application, or refuses it when nobody takes it.

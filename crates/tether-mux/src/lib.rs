@@ -10,6 +10,7 @@
 mod config;
 mod core;
 mod driver;
+mod early_open;
 mod error;
 mod incoming;
 mod io;
@@ -25,6 +26,7 @@ pub use io::{direct, pipe};
 
 pub use config::{MIN_DECODE_DATA, MuxConfig, Role};
 pub use driver::SessionDriver;
+pub use early_open::OpenAnswer;
 pub use error::{OpenError, SessionEnd};
 pub use incoming::{Incoming, PendingOpen};
 pub use metrics::{CloseReason, MuxMetrics};

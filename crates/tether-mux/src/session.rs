@@ -11,6 +11,7 @@ use tokio_util::sync::DropGuard;
 
 use crate::config::{MuxConfig, Role};
 use crate::driver::SessionDriver;
+use crate::early_open::OpenAnswer;
 use crate::error::{OpenError, SessionEnd};
 use crate::incoming::Incoming;
 use crate::metrics::MuxMetrics;
@@ -47,6 +48,9 @@ pub struct SessionStats {
     pub bytes_tx: u64,
     /// The last measured round-trip time.
     pub rtt: Option<Duration>,
+    /// The receive windows granted to the peer, all streams together (bytes): the most this
+    /// side may have to buffer for the session (see `MuxConfig::window_budget`).
+    pub granted: u64,
 }
 
 impl Session {
@@ -90,7 +94,7 @@ impl Session {
         let shared = self.shared();
         let (reply_tx, reply_rx) = oneshot::channel();
         let id = shared.act(|conn, waiters| {
-            let id = conn.open(target, dial_timeout)?;
+            let id = conn.open(target, dial_timeout, false)?;
             waiters.wait_open(id, reply_tx);
             Ok::<_, OpenError>(id)
         })?;
@@ -110,6 +114,47 @@ impl Session {
             Ok(Err(_)) => Err(OpenError::SessionClosed),
             Err(_) => Err(OpenError::Timeout(wait)),
         }
+    }
+
+    /// Opens a stream without waiting for the far side's answer when the peer negotiated the
+    /// one-round-trip open (`MuxConfig::peer_early_data`): the stream may carry that many
+    /// bytes at once, which the far side buffers until its target is connected. If the open
+    /// fails, the stream's reads and writes fail with the refusal (`ConnectionRefused`, "open
+    /// refused (code): ...") and the bytes sent early are dropped; the [`OpenAnswer`] tells
+    /// how the open ended. Without the capability this is [`Self::open_with_timeout`] and the
+    /// answer is known at once.
+    pub async fn open_early(
+        &self,
+        target: TargetAddr,
+        dial_timeout: Duration,
+    ) -> Result<(MuxStream, OpenAnswer), OpenError> {
+        let shared = self.shared();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let opened = shared.act(|conn, waiters| {
+            if !conn.early_data() {
+                return Ok(None);
+            }
+            let id = conn.open(target.clone(), dial_timeout, true)?;
+            waiters.wait_open(id, reply_tx);
+            Ok::<_, OpenError>(Some(id))
+        })?;
+        match opened {
+            Some(id) => {
+                let wait = dial_timeout + shared.config.open_grace;
+                let answer = OpenAnswer::waiting(shared.clone(), id, reply_rx, wait);
+                Ok((MuxStream::new(shared.clone(), id), answer))
+            }
+            None => {
+                let stream = self.open_with_timeout(target, dial_timeout).await?;
+                Ok((stream, OpenAnswer::answered()))
+            }
+        }
+    }
+
+    /// Whether [`Self::open_early`] opens in one round trip on this session (the peer
+    /// negotiated it).
+    pub fn early_data(&self) -> bool {
+        self.shared().read(|conn| conn.early_data())
     }
 
     /// Sends a PING and waits for its PONG; returns the round-trip time. The caller bounds the
@@ -164,6 +209,7 @@ impl Session {
             bytes_rx: conn.bytes_rx(),
             bytes_tx,
             rtt: conn.rtt(),
+            granted: conn.granted(),
         })
     }
 

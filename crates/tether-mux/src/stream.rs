@@ -101,8 +101,9 @@ impl MuxStream {
         holds: bool,
     ) -> Poll<io::Result<Option<R>>> {
         let id = self.id;
+        let now = self.shared.now();
         self.shared.act(|conn, waiters| {
-            let result = conn.consume(id, take, holds);
+            let result = conn.consume(id, take, holds, now);
             if result.is_pending() {
                 waiters.wait_read(id, cx.waker());
             }

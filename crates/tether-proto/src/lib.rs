@@ -6,6 +6,7 @@
 //! remotedialer one) can translate to and from them without touching the multiplexer.
 #![deny(missing_docs)]
 
+pub mod caps;
 pub mod codec;
 pub mod error;
 pub mod frame;
@@ -14,6 +15,7 @@ pub mod remotedialer;
 pub mod target;
 pub mod varint;
 
+pub use caps::Caps;
 pub use codec::{Limits, decode, encode};
 pub use error::{ProtoError, ProtoErrorKind};
 pub use frame::{Frame, FrameType, GoAwayCode, OpenErrorCode, ResetCode, StreamId};

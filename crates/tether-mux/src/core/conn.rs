@@ -34,6 +34,9 @@ pub(crate) struct Conn {
     pub(super) metrics: MuxMetrics,
     /// Payload bytes received.
     pub(super) bytes_rx: u64,
+    /// The receive windows of every stream in the table, summed (bounded by `window_budget`
+    /// for growth; each new stream adds the configured window).
+    pub(super) granted: u64,
 }
 
 impl Conn {
@@ -51,6 +54,7 @@ impl Conn {
             config,
             metrics,
             bytes_rx: 0,
+            granted: 0,
         }
     }
 
@@ -74,6 +78,16 @@ impl Conn {
 
     pub(crate) fn bytes_rx(&self) -> u64 {
         self.bytes_rx
+    }
+
+    /// The receive windows granted on this session, all streams together.
+    pub(crate) fn granted(&self) -> u64 {
+        self.granted
+    }
+
+    /// Whether streams this side opens may carry DATA before the peer's OPEN_OK.
+    pub(crate) fn early_data(&self) -> bool {
+        self.config.peer_early_data.is_some()
     }
 
     /// Control frames queued since the session started (compare to see whether any was).

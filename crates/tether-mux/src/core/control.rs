@@ -24,6 +24,13 @@ impl Conn {
         Ok(self.send_ping(now))
     }
 
+    /// Measures the round trip with a PING of our own unless one is in flight already.
+    pub(super) fn probe_rtt(&mut self, now: Time) {
+        if self.ctl.pings.is_empty() && self.end.is_none() {
+            self.send_ping(now);
+        }
+    }
+
     fn send_ping(&mut self, now: Time) -> u64 {
         let nonce = self.ctl.next_nonce;
         self.ctl.next_nonce = self.ctl.next_nonce.wrapping_add(1);

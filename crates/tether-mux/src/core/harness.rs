@@ -20,8 +20,9 @@ use crate::metrics::MuxMetrics;
 /// One local action or delivery step.
 #[derive(Debug, Clone)]
 pub(crate) enum Action {
-    /// `side` opens a stream.
-    Open(usize),
+    /// `side` opens a stream; with `true`, early (a handle at once, DATA before OPEN_OK when
+    /// negotiated).
+    Open(usize, bool),
     /// `side` accepts one of the peer's opens waiting for it.
     Accept(usize, usize),
     /// `side` refuses one of the peer's opens waiting for it.
@@ -58,7 +59,7 @@ impl Action {
                 let pick = usize::from(c[1]);
                 let size = usize::from(c[2]) * 257 + usize::from(c[1]);
                 match c[0] & 0x0f {
-                    0 => Action::Open(side),
+                    0 => Action::Open(side, pick % 2 == 1),
                     1 => Action::Accept(side, pick),
                     2 => Action::Refuse(side, pick),
                     3 => Action::Abandon(side, pick),
@@ -128,9 +129,12 @@ impl Side {
             match event {
                 Event::Opened(id, result) => {
                     self.opening.retain(|s| *s != id);
+                    // An early open's handle was taken already; it meets a failure itself.
+                    let early = self.handles.contains(&id);
                     match result {
-                        Ok(()) => self.handles.push(id),
-                        Err(_) => self.conn.abandon_open(id),
+                        Ok(()) if !early => self.handles.push(id),
+                        Err(_) if !early => self.conn.abandon_open(id),
+                        _ => {}
                     }
                 }
                 Event::Removed(id) => {
@@ -199,6 +203,26 @@ impl Harness {
         })
     }
 
+    /// Small windows that grow (up to 16 KiB, 24 KiB of growth per session) and the
+    /// one-round-trip open negotiated (1 KiB of early data): the property tests and the fuzz
+    /// target run on this one.
+    pub(crate) fn tuned() -> Self {
+        let mut h = Self::small();
+        let config = MuxConfig {
+            max_window: 16 * 1024,
+            window_budget: 24 * 1024,
+            early_data: 1024,
+            peer_early_data: Some(1024),
+            ..h.config.clone()
+        };
+        h.sides = [
+            Side::new(Role::Server, &config),
+            Side::new(Role::Agent, &config),
+        ];
+        h.config = config;
+        h
+    }
+
     /// Applies `action`, then checks the invariants.
     pub(crate) fn step(&mut self, action: &Action) {
         let before: [u64; 2] = [0, 1].map(|i| self.sides[i].conn.control_pushed());
@@ -214,10 +238,14 @@ impl Harness {
     fn apply(&mut self, action: &Action) {
         let now = self.now;
         match *action {
-            Action::Open(i) => {
+            Action::Open(i, early) => {
                 let side = &mut self.sides[i];
-                if let Ok(id) = side.conn.open(target(), Duration::from_secs(10)) {
+                let early = early && side.conn.early_data();
+                if let Ok(id) = side.conn.open(target(), Duration::from_secs(10), early) {
                     side.opening.push(id);
+                    if early {
+                        side.handles.push(id);
+                    }
                 }
             }
             Action::Accept(i, pick) => {
@@ -302,6 +330,7 @@ impl Harness {
     }
 
     fn read(&mut self, i: usize, pick: usize, max: usize) {
+        let now = self.now;
         let side = &mut self.sides[i];
         let Some(id) = Side::pick(&side.handles, pick) else {
             return;
@@ -314,6 +343,7 @@ impl Harness {
                 (chunk, n)
             },
             false,
+            now,
         ) {
             side.read.push((id, bytes));
         }
@@ -436,42 +466,72 @@ impl Harness {
 
     // === invariants ===
 
-    /// Credit: a sender never holds more credit than the window, and a receiver's allowance,
-    /// buffered and unreturned bytes always add up to its window.
+    /// Credit: a sender never holds more credit than the receiver granted, and a receiver's
+    /// allowance, buffered and unreturned bytes always add up to its stream's window; windows
+    /// grow only up to `max_window` and within the session's `window_budget`; early data
+    /// stays within the negotiated allowance.
     fn check(&self) {
         let window = u64::from(self.config.window);
+        let max = window.max(u64::from(self.config.max_window));
         for (i, side) in self.sides.iter().enumerate() {
+            let mut granted = 0;
+            let mut growth = 0;
             for (id, s) in side.conn.streams.iter() {
+                granted += s.recv_window;
+                growth += s.recv_window - window;
                 assert!(
-                    s.send_credit <= window,
-                    "side {i} stream {id}: credit {} over the window {window}",
-                    s.send_credit
+                    s.send_credit <= max && s.recv_window <= max,
+                    "side {i} stream {id}: credit {} or window {} over {max}",
+                    s.send_credit,
+                    s.recv_window
                 );
                 let total = s.recv_allowance + s.recv_buf.len() as u64 + s.unacked;
                 assert_eq!(
                     total,
-                    window,
+                    s.recv_window,
                     "side {i} stream {id}: allowance {} + buffered {} + unacked {} is not the window",
                     s.recv_allowance,
                     s.recv_buf.len(),
                     s.unacked
                 );
-                // What the sender may still send fits in what the receiver still allows.
-                let peer = &self.sides[1 - i].conn;
-                if let Some(theirs) = peer.streams.get(id)
-                    && s.failure.is_none()
-                    && theirs.failure.is_none()
-                    && !matches!(s.phase, super::stream::Phase::Opening { .. })
-                {
-                    let in_flight = self.data_in_flight(i, id);
-                    assert!(
-                        s.send_credit + in_flight <= theirs.recv_allowance,
-                        "side {i} stream {id}: credit {} + in flight {in_flight} over the peer's allowance {}",
-                        s.send_credit,
-                        theirs.recv_allowance
-                    );
-                }
+                self.check_credit(i, id, s);
             }
+            assert_eq!(granted, side.conn.granted, "side {i}: granted");
+            assert!(
+                growth <= self.config.window_budget,
+                "side {i}: windows grew by {growth}, over the budget"
+            );
+        }
+    }
+
+    /// What the sender of `id` on side `i` may still send fits in what the receiver still
+    /// allows: its window once open, the early-data allowance before OPEN_OK.
+    fn check_credit(&self, i: usize, id: StreamId, s: &super::stream::Stream) {
+        use super::stream::Phase;
+        let peer = &self.sides[1 - i].conn;
+        let Some(theirs) = peer.streams.get(id) else {
+            return;
+        };
+        if s.failure.is_some() || theirs.failure.is_some() {
+            return;
+        }
+        let in_flight = self.data_in_flight(i, id);
+        match (s.phase, theirs.phase) {
+            (Phase::Opening { .. }, Phase::Accepting) => {
+                let received = theirs.recv_window - theirs.recv_allowance;
+                assert!(
+                    s.send_credit + in_flight + received <= peer.config.accept_early(),
+                    "side {i} stream {id}: early credit {} + in flight {in_flight} + received {received} over the early allowance",
+                    s.send_credit
+                );
+            }
+            (Phase::Opening { .. }, _) => {}
+            _ => assert!(
+                s.send_credit + in_flight <= theirs.recv_allowance,
+                "side {i} stream {id}: credit {} + in flight {in_flight} over the peer's allowance {}",
+                s.send_credit,
+                theirs.recv_allowance
+            ),
         }
     }
 
@@ -577,11 +637,19 @@ impl Harness {
     }
 }
 
-/// Runs `actions` on a small-window harness, then settles it (the fuzz target's body).
+/// Runs `actions` on a small-window harness with growth and early data, then settles it (the fuzz target's body).
 pub(crate) fn run_actions(actions: &[Action]) {
-    let mut h = Harness::small();
+    let mut h = Harness::tuned();
     for action in actions {
         h.step(action);
+        // Honest peers: no side ever sees DATA beyond what it granted.
+        for (i, side) in h.sides.iter().enumerate() {
+            let errors = side
+                .metrics
+                .protocol_errors
+                .with_label_values(&["flow_control"]);
+            assert_eq!(errors.get(), 0, "side {i}: DATA beyond the window");
+        }
     }
     h.settle();
 }

@@ -14,11 +14,13 @@ use crate::metrics::CloseReason;
 
 impl Conn {
     /// Opens a stream to `target`: queues OPEN and returns the new id. The outcome comes as
-    /// [`Event::Opened`].
+    /// [`Event::Opened`]. With `early` (and the capability negotiated), the stream may send
+    /// the peer's early-data allowance before OPEN_OK: the caller takes a handle at once.
     pub(crate) fn open(
         &mut self,
         target: TargetAddr,
         dial_timeout: Duration,
+        early: bool,
     ) -> Result<StreamId, OpenError> {
         if self.end.is_some() {
             return Err(OpenError::SessionClosed);
@@ -32,10 +34,14 @@ impl Conn {
         let id = self.next_id;
         self.next_id += 2;
         let window = self.config.window;
-        self.streams.insert(
-            id,
-            Stream::new(Phase::Opening { answered: false }, window, 0),
-        );
+        let early_credit = match self.config.peer_early_data {
+            Some(allowed) if early => u64::from(allowed),
+            _ => 0,
+        };
+        let mut stream = Stream::new(Phase::Opening { answered: false }, window, early_credit);
+        stream.early_credit = early_credit;
+        self.streams.insert(id, stream);
+        self.granted += u64::from(window);
         self.metrics.stream_opened();
         self.push_control(Frame::Open {
             stream: id,
@@ -55,6 +61,26 @@ impl Conn {
         );
         let answer = Answer::Rst(ResetCode::Cancelled, "open abandoned".into());
         self.fail_stream(id, failure, answer, true);
+    }
+
+    /// An early open (its handle already taken) was not answered within `waited`: the
+    /// stream fails as timed out and the peer gets RST.
+    pub(crate) fn expire_open(&mut self, id: StreamId, waited: Duration) {
+        let Some(slot) = self.streams.get_mut(id) else {
+            return;
+        };
+        if !matches!(slot.phase, Phase::Opening { .. }) {
+            return;
+        }
+        slot.answer_open(id, Err(OpenError::Timeout(waited)), &mut self.events);
+        let message = format!("no answer to OPEN within {waited:?}");
+        let failure = StreamFailure::new(io::ErrorKind::TimedOut, &message, CloseReason::Refused);
+        self.fail_stream(
+            id,
+            failure,
+            Answer::Rst(ResetCode::Cancelled, message),
+            false,
+        );
     }
 
     /// The application accepts the peer's open: OPEN_OK. On an error the slot is released.
@@ -178,6 +204,7 @@ impl Conn {
         };
         if slot.handle_dropped && slot.queued == 0 {
             let reason = slot.close_reason();
+            self.granted = self.granted.saturating_sub(slot.recv_window);
             self.streams.remove(id);
             self.metrics.stream_closed(reason);
             self.events.push_back(Event::Removed(id));
@@ -217,6 +244,7 @@ impl Conn {
             stream,
             Stream::new(Phase::Accepting, ours, u64::from(window)),
         );
+        self.granted += u64::from(ours);
         self.metrics.stream_opened();
         Ok(Applied::Incoming {
             stream,
@@ -232,7 +260,12 @@ impl Conn {
         {
             slot.answer_open(stream, Ok(()), &mut self.events);
             slot.phase = Phase::Open;
-            slot.send_credit = u64::from(window);
+            // Early data counts against the acceptor's window: what was sent (or reserved)
+            // before OPEN_OK comes off it.
+            let sent_early = slot.early_credit - slot.send_credit.min(slot.early_credit);
+            slot.send_credit = u64::from(window).saturating_sub(sent_early);
+            slot.early_credit = 0;
+            slot.wake_writer(stream, &mut self.events);
         }
     }
 
@@ -248,12 +281,14 @@ impl Conn {
         );
         match slot.phase {
             Phase::Opening { .. } => {
-                slot.failure = Some(failure);
                 slot.answer_open(
                     stream,
                     Err(OpenError::Refused { code, message }),
                     &mut self.events,
                 );
+                // A handle taken early (one-round-trip open) is waiting: its reads and
+                // writes fail with the refusal; what it sent early is dropped by the peer.
+                slot.fail(stream, failure, &mut self.events);
             }
             // A refusal after the stream was opened: the remotedialer translation opens
             // optimistically and learns of a failed dial later. Counted as refused, like a

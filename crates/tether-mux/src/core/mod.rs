@@ -18,6 +18,8 @@ mod time;
 pub(crate) mod harness;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_tuning;
 
 pub(crate) use buffer::{ReadTarget, RecvBuf};
 pub(crate) use conn::Conn;

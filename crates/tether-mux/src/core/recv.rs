@@ -10,7 +10,8 @@ use tether_proto::{Frame, ResetCode, StreamId};
 use super::buffer::RecvBuf;
 use super::conn::Conn;
 use super::event::Applied;
-use super::stream::{Answer, StreamFailure, session_closed};
+use super::stream::{Answer, Phase, StreamFailure, session_closed};
+use super::time::Time;
 
 impl Conn {
     /// DATA from the peer.
@@ -35,6 +36,15 @@ impl Conn {
                 "flow_control",
                 ResetCode::FlowControl,
                 "DATA beyond the granted window",
+            ))
+        } else if slot.phase == Phase::Accepting
+            && slot.recv_window - slot.recv_allowance + len > self.config.accept_early()
+        {
+            // Before our OPEN_OK only the negotiated early data may come (none without it).
+            Some((
+                "flow_control",
+                ResetCode::FlowControl,
+                "DATA before OPEN_OK beyond the early-data window",
             ))
         } else {
             None
@@ -86,6 +96,7 @@ impl Conn {
         id: StreamId,
         take: impl FnOnce(&mut RecvBuf) -> (R, usize),
         holds: bool,
+        now: Time,
     ) -> Poll<io::Result<Option<R>>> {
         let Some(slot) = self.streams.get_mut(id) else {
             return Poll::Ready(Err(session_closed()));
@@ -114,7 +125,7 @@ impl Conn {
         // The caller holds the bytes until it asks again: a direct write by the session's
         // reader before then would overtake them.
         slot.pump_holds = holds;
-        if let Some(window) = slot.consumed(id, copied, &self.config) {
+        if let Some(window) = self.consumed(id, copied, now) {
             self.push_control(window);
         }
         Poll::Ready(Ok(Some(taken)))
@@ -150,20 +161,70 @@ impl Conn {
     /// After an [`Applied::Deliver`]: `written` bytes reached the socket, `rest` did not (the
     /// socket was full or failed) and goes to the stream's buffer for its consumer, which
     /// writes it or meets the error itself.
-    pub(crate) fn delivered(&mut self, id: StreamId, written: usize, rest: Bytes) {
+    pub(crate) fn delivered(&mut self, id: StreamId, written: usize, rest: Bytes, now: Time) {
         let Some(slot) = self.streams.get_mut(id) else {
             return;
         };
         slot.direct_writing = false;
         slot.direct_bytes += written as u64;
-        let window = slot.consumed(id, written, &self.config);
         if !rest.is_empty() {
             slot.recv_buf.push(rest);
             slot.wake_reader(id, &mut self.events);
         }
-        if let Some(window) = window {
+        if let Some(window) = self.consumed(id, written, now) {
             self.push_control(window);
         }
+    }
+
+    /// Counts `n` bytes of `id` as consumed by the reader; returns the WINDOW frame that
+    /// grants credit back once enough has been consumed (a quarter window by default, so the
+    /// sender stays busy without a WINDOW frame per read), grown by [`Self::window_growth`].
+    fn consumed(&mut self, id: StreamId, n: usize, now: Time) -> Option<Frame> {
+        let every = self.config.window_update;
+        let slot = self.streams.get_mut(id)?;
+        slot.unacked += n as u64;
+        let every = every.map_or(slot.recv_window / 4, u64::from).max(1);
+        if slot.failure.is_some() || slot.recv_fin || slot.unacked < every {
+            return None;
+        }
+        let (window, last) = (slot.recv_window, slot.last_grant.replace(now));
+        let grow = self.window_growth(window, last, now);
+        self.granted += grow;
+        let slot = self.streams.get_mut(id)?;
+        slot.recv_window += grow;
+        let total = slot.unacked + grow;
+        let increment = total.min(u64::from(u32::MAX));
+        slot.unacked = total - increment;
+        slot.recv_allowance += increment;
+        Some(Frame::Window {
+            stream: id,
+            increment: increment as u32,
+        })
+    }
+
+    /// How much a stream's receive `window` grows at a grant at `now` (the previous grant was
+    /// at `last`): doubled (up to `max_window`, within the session's `window_budget`) when
+    /// the last quarter window was consumed within two round trips, i.e. the peer sends at
+    /// least about a window per round trip and is held back by the window, as HTTP/2 and QUIC
+    /// stacks tune theirs. Without a round-trip time yet, a PING measures one.
+    fn window_growth(&mut self, window: u64, last: Option<Time>, now: Time) -> u64 {
+        let max = u64::from(self.config.max_window);
+        // The remotedialer mapping sets its own update size: its windows stay fixed.
+        if window >= max || self.config.window_update.is_some() {
+            return 0;
+        }
+        let Some(rtt) = self.ctl.rtt else {
+            self.probe_rtt(now);
+            return 0;
+        };
+        let Some(last) = last else {
+            return 0;
+        };
+        if now.since(last) >= rtt * 2 {
+            return 0;
+        }
+        let room = self.config.window_budget.saturating_sub(self.granted);
+        window.min(max - window).min(room)
     }
 
     /// Resets `id` for a protocol violation by the peer (once: a peer repeating the offending

@@ -4,11 +4,11 @@
 use std::collections::VecDeque;
 use std::io;
 
-use tether_proto::{Frame, OpenErrorCode, ResetCode, StreamId};
+use tether_proto::{OpenErrorCode, ResetCode, StreamId};
 
 use super::buffer::RecvBuf;
 use super::event::Event;
-use crate::config::MuxConfig;
+use super::time::Time;
 use crate::error::OpenError;
 use crate::metrics::CloseReason;
 
@@ -78,6 +78,11 @@ pub(crate) enum Answer {
 pub(crate) struct Stream {
     pub(super) phase: Phase,
     pub(super) recv_buf: RecvBuf,
+    /// The receive window granted to the peer so far (starts at the configured window and
+    /// grows while the peer is window-limited): allowance + buffered + unacked.
+    pub(super) recv_window: u64,
+    /// When this side last granted credit back (WINDOW), for the growth test.
+    pub(super) last_grant: Option<Time>,
     /// Bytes the peer may still send before it needs a WINDOW.
     pub(super) recv_allowance: u64,
     /// Bytes consumed by the reader and not yet granted back.
@@ -85,6 +90,9 @@ pub(crate) struct Stream {
     pub(super) recv_fin: bool,
     /// Bytes we may still send.
     pub(super) send_credit: u64,
+    /// Credit this side had before OPEN_OK on a stream it opened with early data (the
+    /// peer's negotiated early-data allowance); 0 otherwise.
+    pub(super) early_credit: u64,
     pub(super) send_fin: bool,
     /// This stream's frames waiting in the shell's data queue.
     pub(super) queued: usize,
@@ -112,10 +120,13 @@ impl Stream {
         Self {
             phase,
             recv_buf: RecvBuf::default(),
+            recv_window: u64::from(window),
+            last_grant: None,
             recv_allowance: u64::from(window),
             unacked: 0,
             recv_fin: false,
             send_credit,
+            early_credit: 0,
             send_fin: false,
             queued: 0,
             failure: None,
@@ -142,27 +153,6 @@ impl Stream {
         if std::mem::take(&mut self.write_waiting) {
             events.push_back(Event::Writable(id));
         }
-    }
-
-    /// Counts `n` bytes as consumed by the reader; returns the WINDOW frame that grants credit
-    /// back when enough has been consumed (a quarter window by default, so the sender stays
-    /// busy without a WINDOW frame per read).
-    pub(super) fn consumed(&mut self, id: StreamId, n: usize, config: &MuxConfig) -> Option<Frame> {
-        self.unacked += n as u64;
-        let every = config
-            .window_update
-            .map_or(u64::from(config.window) / 4, u64::from)
-            .max(1);
-        if self.failure.is_some() || self.recv_fin || self.unacked < every {
-            return None;
-        }
-        let increment = self.unacked.min(u64::from(u32::MAX));
-        self.unacked -= increment;
-        self.recv_allowance += increment;
-        Some(Frame::Window {
-            stream: id,
-            increment: increment as u32,
-        })
     }
 
     /// Whether the reader may write a payload into the stream's socket now: one is attached,

@@ -103,12 +103,12 @@ fn direct_delivery_never_overtakes_bytes_received_before() {
     );
     // Until the reader reports, a second payload queues behind the first.
     assert!(!apply_data(&mut c, b"second"));
-    c.delivered(2, 5, Bytes::new());
+    c.delivered(2, 5, Bytes::new(), Time::ZERO);
     // "second" is still buffered: the next payload queues behind it.
     assert!(!apply_data(&mut c, b"third"));
     assert_eq!(c.buffered(2), 11);
     // The consumer takes everything but holds it, unwritten: still no direct write.
-    let take = |c: &mut Conn| match c.consume(2, |buf| (buf.take_chunk(64), 0), true) {
+    let take = |c: &mut Conn| match c.consume(2, |buf| (buf.take_chunk(64), 0), true, Time::ZERO) {
         Poll::Ready(Ok(Some(chunk))) => chunk,
         other => panic!("{other:?}"),
     };
@@ -117,7 +117,10 @@ fn direct_delivery_never_overtakes_bytes_received_before() {
     assert!(!apply_data(&mut c, b"fourth"));
     assert_eq!(take(&mut c)[..], *b"fourth");
     // The next read finds the held bytes written: nothing buffered, held or in flight.
-    assert!(c.consume(2, |buf| ((), buf.len()), false).is_pending());
+    assert!(
+        c.consume(2, |buf| ((), buf.len()), false, Time::ZERO)
+            .is_pending()
+    );
     assert!(apply_data(&mut c, b"fifth"));
     assert_eq!(c.detach_sink(2), 5);
 }
@@ -226,7 +229,7 @@ fn a_silent_peer_ends_the_session_at_the_idle_timeout() {
 #[test]
 fn an_abandoned_open_is_reset_and_released() {
     let mut c = conn();
-    let id = c.open(target(), Duration::from_secs(1)).unwrap();
+    let id = c.open(target(), Duration::from_secs(1), false).unwrap();
     c.abandon_open(id);
     let sent = transmitted(&mut c);
     assert!(matches!(sent[0], Frame::Open { stream, .. } if stream == id));
@@ -246,7 +249,7 @@ fn an_abandoned_open_is_reset_and_released() {
 
 /// Side 0 opens, side 1 accepts; returns the stream id.
 fn open_pair(h: &mut Harness) -> StreamId {
-    h.step(&Action::Open(0));
+    h.step(&Action::Open(0, false));
     h.step(&Action::Flush(0, 8));
     h.step(&Action::Deliver(1, 8));
     let id = h.sides[1].incoming[0];
@@ -261,7 +264,7 @@ fn open_pair(h: &mut Harness) -> StreamId {
 #[test]
 fn open_ok_goes_out_before_the_first_data() {
     let mut h = Harness::small();
-    h.step(&Action::Open(0));
+    h.step(&Action::Open(0, false));
     h.step(&Action::Flush(0, 8));
     h.step(&Action::Deliver(1, 8));
     h.step(&Action::Accept(1, 0));
@@ -408,7 +411,7 @@ fn sync_resets_unlisted_streams_up_to_high_only() {
     assert_eq!(reaped, 1);
     // A SYNC whose high is below a stream leaves that stream alone.
     let id2 = {
-        h.step(&Action::Open(0));
+        h.step(&Action::Open(0, false));
         h.sides[0].opening[0]
     };
     sync(id2 - 2, &mut h.sides[0].conn).unwrap();
@@ -430,7 +433,9 @@ fn goaway_refuses_new_opens_both_ways_and_streams_go_on() {
     h.step(&Action::Flush(1, 8));
     h.step(&Action::Deliver(0, 8));
     assert!(matches!(
-        h.sides[0].conn.open(target(), Duration::from_secs(1)),
+        h.sides[0]
+            .conn
+            .open(target(), Duration::from_secs(1), false),
         Err(OpenError::Draining)
     ));
     // The agent refuses the server's opens that cross its GOAWAY.
@@ -489,13 +494,13 @@ fn keepalive_pings_flow_and_sync_reaps_nothing_that_lives() {
 fn the_session_end_fails_every_stream_and_pending_open() {
     let mut h = Harness::small();
     let id = open_pair(&mut h);
-    h.step(&Action::Open(0));
+    h.step(&Action::Open(0, false));
     let opening = h.sides[0].opening[0];
     // The stream's reader waits (nothing received yet); only a waiting reader is woken.
     assert!(
         h.sides[0]
             .conn
-            .consume(id, |b| ((), b.len()), false)
+            .consume(id, |b| ((), b.len()), false, Time::ZERO)
             .is_pending()
     );
     h.sides[0].conn.end_session(SessionEnd::PeerClosed);
@@ -508,7 +513,9 @@ fn the_session_end_fails_every_stream_and_pending_open() {
         evs.iter()
             .any(|e| matches!(e, Event::Readable(s) if *s == id))
     );
-    let err = h.sides[0].conn.consume(id, |b| ((), b.len()), false);
+    let err = h.sides[0]
+        .conn
+        .consume(id, |b| ((), b.len()), false, Time::ZERO);
     assert!(
         matches!(err, Poll::Ready(Err(ref e)) if e.kind() == std::io::ErrorKind::ConnectionAborted)
     );
@@ -520,7 +527,7 @@ fn action() -> impl Strategy<Value = Action> {
     let side = 0..2usize;
     let pick = 0..4usize;
     prop_oneof![
-        2 => side.clone().prop_map(Action::Open),
+        2 => (side.clone(), any::<bool>()).prop_map(|(s, e)| Action::Open(s, e)),
         2 => (side.clone(), pick.clone()).prop_map(|(s, p)| Action::Accept(s, p)),
         1 => (side.clone(), pick.clone()).prop_map(|(s, p)| Action::Refuse(s, p)),
         1 => (side.clone(), pick.clone()).prop_map(|(s, p)| Action::Abandon(s, p)),
@@ -637,7 +644,7 @@ fn reading_everything_grants_the_whole_window_back() {
 #[test]
 fn an_open_refused_by_the_peer_fails_and_is_released() {
     let mut h = Harness::small();
-    h.step(&Action::Open(0));
+    h.step(&Action::Open(0, false));
     let id = h.sides[0].opening[0];
     h.step(&Action::Flush(0, 8));
     h.step(&Action::Deliver(1, 8));

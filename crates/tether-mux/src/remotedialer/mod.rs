@@ -125,6 +125,9 @@ pub fn mux_config(role: Role, base: &MuxConfig) -> MuxConfig {
     let mut config = base.clone();
     config.window = config.window.max(16 * 1024 * 1024);
     config.window_update = Some(64 * 1024);
+    // Go's data follows its Connect at once; it reaches the session before the accept.
+    config.data_before_accept = true;
+    config.peer_early_data = None;
     match role {
         Role::Agent => {
             config.ping_interval = config.ping_interval.min(Duration::from_secs(5));

@@ -36,8 +36,9 @@ pub(crate) async fn run_session(
         labels,
         slot,
         protocol,
+        peer_caps,
     } = up;
-    let (session, incoming, driver) = start_mux(agents, socket, protocol);
+    let (session, incoming, driver) = start_mux(agents, socket, protocol, &peer_caps);
     let protocol_gauge = agents
         .metrics
         .protocol_sessions
@@ -111,13 +112,16 @@ fn start_mux(
     agents: &ListenerContext,
     socket: WebSocket,
     protocol: Protocol,
+    peer_caps: &tether_proto::Caps,
 ) -> (Session, Incoming, SessionDriver) {
     let messages = AxumMessages::new(socket, protocol.label());
     let metrics = agents.metrics.mux.clone();
     match protocol {
         Protocol::Tether => {
             let framing = TetherFraming::new(messages, agents.mux_config.limits());
-            Session::new(framing, Role::Server, agents.mux_config.clone(), metrics)
+            // Capabilities: what both sides offered (nothing new with an older agent).
+            let config = agents.mux_config.clone().negotiate(peer_caps);
+            Session::new(framing, Role::Server, config, metrics)
         }
         Protocol::Remotedialer => {
             let config = remotedialer::mux_config(Role::Server, &agents.mux_config);

@@ -764,6 +764,9 @@ impl ServerConfig {
             idle_timeout: s.idle_timeout.0,
             sync_interval: (!s.sync_interval.0.is_zero()).then_some(s.sync_interval.0),
             dial_timeout: self.dial_timeout.0,
+            max_window: s.max_window,
+            window_budget: s.window_budget,
+            early_data: s.early_data,
             ..MuxConfig::default()
         }
     }

@@ -84,7 +84,7 @@ pub(crate) struct DialedStream {
     /// The agent process instance of that session (may be empty).
     pub(crate) instance: String,
     /// Counts the remotedialer-compatible removal when the connection ends.
-    _compat: Option<ConnectionGuard>,
+    pub(super) _compat: Option<ConnectionGuard>,
 }
 
 impl AgentDialer {
@@ -194,12 +194,7 @@ impl AgentDialer {
         entry: SessionEntry,
         target: &TargetAddr,
     ) -> Result<(MuxStream, SessionEntry), OpenError> {
-        let has_alternative = self.registry.sessions(client).iter().any(|other| {
-            other.session_id != entry.session_id
-                && !other.session.is_closed()
-                && other.session.peer_goaway().is_none()
-                && other.health.is_healthy()
-        });
+        let has_alternative = self.has_alternative(client, &entry);
         let first_wait = FAILOVER_AFTER.min(self.dial_timeout);
         if !has_alternative || first_wait == self.dial_timeout {
             let stream = entry
@@ -232,5 +227,17 @@ impl AgentDialer {
             .open_with_timeout(target.clone(), self.dial_timeout - first_wait)
             .await?;
         Ok((stream, retry))
+    }
+}
+
+impl AgentDialer {
+    /// Whether `client` has a healthy session other than `entry`'s to fail over to.
+    pub(super) fn has_alternative(&self, client: &str, entry: &SessionEntry) -> bool {
+        self.registry.sessions(client).iter().any(|other| {
+            other.session_id != entry.session_id
+                && !other.session.is_closed()
+                && other.session.peer_goaway().is_none()
+                && other.health.is_healthy()
+        })
     }
 }

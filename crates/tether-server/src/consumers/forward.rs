@@ -140,8 +140,10 @@ async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream, peer: SocketAddr)
         &forward.client,
         &forward.target,
     );
-    let conn = match dialer.dial(&forward.client, &forward.target).await {
-        Ok(conn) => conn,
+    // One round trip when the session offers it (issue 27): the consumer's first bytes go
+    // with the OPEN, and the agent's answer is counted when it comes.
+    let (conn, early) = match dialer.dial_early(&forward.client, &forward.target).await {
+        Ok(dialed) => dialed,
         Err(err) => {
             forward.dial_failed(&err);
             reset(&tcp);
@@ -149,12 +151,22 @@ async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream, peer: SocketAddr)
             return;
         }
     };
-    forward.dial_succeeded();
     audit.dialed(&conn, &forward.target);
     tracing::Span::current().record("stream.id", conn.stream.id());
     debug!("stream open");
-    let end = splice(conn, tcp, &forward.ctx.hard_stop).await;
-    audit.spliced(&end);
+    let answered = async {
+        let answer = dialer.answered(early).await;
+        match &answer {
+            Ok(()) => forward.dial_succeeded(),
+            Err(err) => forward.dial_failed(err),
+        }
+        answer
+    };
+    let (end, answer) = tokio::join!(splice(conn, tcp, &forward.ctx.hard_stop), answered);
+    match answer {
+        Ok(()) => audit.spliced(&end),
+        Err(err) => audit.dial_failed(&err),
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod audit;
 pub(crate) mod auth;
 pub(crate) mod context;
 pub(crate) mod dial;
+pub(crate) mod dial_early;
 pub mod dial_metrics;
 pub(crate) mod forward;
 pub(crate) mod http_connect;

@@ -53,6 +53,7 @@ impl Server {
             remotedialer,
             history: self.registry.history().clone(),
             enrollment: self.enrollment.clone(),
+            caps: config.to_mux_config().offer(),
         });
         let agents = Arc::new(ListenerContext {
             tls: self.tls.clone(),

@@ -76,4 +76,6 @@ pub(crate) struct UpgradeContext {
     pub(crate) history: Arc<ClientHistory>,
     /// The enrollment and renewal routes; `None` without an `enrollment:` section.
     pub(crate) enrollment: Option<Arc<Enrollment>>,
+    /// The capabilities this server offers (`x-tether-caps`).
+    pub(crate) caps: tether_proto::Caps,
 }

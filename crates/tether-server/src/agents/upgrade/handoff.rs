@@ -40,4 +40,6 @@ pub(crate) struct UpgradedAgent {
     pub(crate) slot: OwnedSemaphorePermit,
     /// Which protocol the upgrade speaks.
     pub(crate) protocol: Protocol,
+    /// The capabilities the agent offered (`x-tether-caps`; empty from older agents).
+    pub(crate) peer_caps: tether_proto::Caps,
 }

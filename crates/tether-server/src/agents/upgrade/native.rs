@@ -98,6 +98,15 @@ fn admit(
         .and_then(|v| v.to_str().ok())
         .map(parse_labels)
         .unwrap_or_default();
+    // Capabilities: answered only with what both sides offer.
+    let peer_caps = headers
+        .get(tether_proto::caps::CAPS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(tether_proto::Caps::parse)
+        .unwrap_or_default();
+    let answer_caps = tether_proto::Caps {
+        early_data: peer_caps.early_data.and(state.caps.early_data),
+    };
     let mut response =
         sized(ws, state.max_frame + WS_MESSAGE_OVERHEAD).on_upgrade(move |socket| async move {
             // If the connection task is gone, the socket and the slot drop here.
@@ -110,11 +119,19 @@ fn admit(
                 labels,
                 slot,
                 protocol: Protocol::Tether,
+                peer_caps,
             });
         });
     response
         .headers_mut()
         .insert(SERVER_ID_HEADER, state.server_id.clone());
+    if !answer_caps.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&answer_caps.to_header())
+    {
+        response
+            .headers_mut()
+            .insert(tether_proto::caps::CAPS_HEADER, value);
+    }
     Ok(response)
 }
 

@@ -232,6 +232,7 @@ fn admit(
             labels: Default::default(),
             slot,
             protocol: Protocol::Remotedialer,
+            peer_caps: Default::default(),
         });
     })
 }
