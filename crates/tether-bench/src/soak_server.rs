@@ -33,27 +33,20 @@ pub(crate) struct SoakServer {
 }
 
 impl SoakServer {
-    /// Starts the first life, forwarding client `soak` to `target`.
+    /// Starts the first life, forwarding client `soak` to `target`, on ports below the
+    /// ephemeral range (see [`fixed_port`]).
     pub(crate) async fn start(
         binary: PathBuf,
         pki: &Pki,
         target: SocketAddr,
     ) -> Result<SoakServer> {
-        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        let first = Ports {
-            tunnel: any,
-            admin: any,
-            forward: any,
-        };
-        let process = ServerProcess::launch(&binary, pki, "server-1", &yaml(first, target)).await?;
+        let mut rng = fastrand::Rng::new();
         let ports = Ports {
-            tunnel: process.tunnel,
-            admin: process.admin,
-            forward: *process
-                .forwards
-                .first()
-                .context("the server bound no forward")?,
+            tunnel: fixed_port(&mut rng)?,
+            admin: fixed_port(&mut rng)?,
+            forward: fixed_port(&mut rng)?,
         };
+        let process = ServerProcess::launch(&binary, pki, "server-1", &yaml(ports, target)).await?;
         Ok(SoakServer {
             binary,
             target,
@@ -111,6 +104,29 @@ impl SoakServer {
             None => Ok(()),
         }
     }
+}
+
+/// A free port on 127.0.0.1 below the kernel's ephemeral range. While the server restarts,
+/// consumers keep dialing its forward port and the relay its tunnel port; were that port in
+/// the ephemeral range, a dial could be given it as its own source port and connect the socket
+/// to itself (TCP simultaneous open), which echoes every byte and holds the port the next life
+/// must bind.
+fn fixed_port(rng: &mut fastrand::Rng) -> Result<SocketAddr> {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let floor = 10_000.min(low / 2);
+    for _ in 0..100 {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, rng.u16(floor..low)));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no free port below {low} on 127.0.0.1 after 100 tries")
 }
 
 /// server.yaml with compressed timeouts: tunnel, admin and one forward (client `soak`).
