@@ -71,6 +71,10 @@ pub(crate) async fn run(args: SoakArgs) -> Result<()> {
     let started = Instant::now();
     let samples = inject_and_sample(&mut rig, &args, started).await;
     rig.heal(true);
+    // The workers finish their last operation before the echo target stops (with `stop`,
+    // below): an echo connection dropped mid-transfer ends with a FIN, which the tunnel
+    // rightly passes on, and the worker would count a short clean EOF. The first version of
+    // the soak stopped both at once; that was its one "wrong transfer" in an hour.
     traffic.cancel();
     while workers.join_next().await.is_some() {}
     let mut samples = samples?;
