@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -139,6 +139,17 @@ impl ServerProcess {
                 ));
             }
         }
+        Self::launch(binary, pki, name, &yaml).await
+    }
+
+    /// Writes `yaml` as `<name>.yaml` into the PKI folder, starts the server with it (log in
+    /// `<name>.log`) and waits until it runs.
+    pub(crate) async fn launch(
+        binary: &Path,
+        pki: &Pki,
+        name: &str,
+        yaml: &str,
+    ) -> Result<ServerProcess> {
         let config = pki.dir().join(format!("{name}.yaml"));
         std::fs::write(&config, yaml).with_context(|| format!("writing {name}.yaml"))?;
         let log = pki.dir().join(format!("{name}.log"));
@@ -202,6 +213,29 @@ impl ServerProcess {
     /// SIGTERM (graceful: GOAWAY, drain), then wait for the process to exit.
     pub(crate) async fn stop(mut self) -> Result<()> {
         terminate(&mut self.child).await
+    }
+
+    /// SIGTERM, then its exit status, or `None` when it had not exited within `wait` (it is
+    /// killed then).
+    pub(crate) async fn stop_within(mut self, wait: Duration) -> Result<Option<ExitStatus>> {
+        if let Some(pid) = self.child.id() {
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await?;
+        }
+        match tokio::time::timeout(wait, self.child.wait()).await {
+            Ok(status) => Ok(Some(status?)),
+            Err(_) => {
+                self.child.kill().await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// SIGKILL, and reap the process.
+    pub(crate) async fn kill(mut self) -> Result<()> {
+        self.child.kill().await.context("killing the server")
     }
 }
 

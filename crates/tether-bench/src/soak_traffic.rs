@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 const MAX_TRANSFER: u64 = 4 << 20;
 /// A transfer that takes longer than this failed (the soak's timeouts are compressed).
 const TRANSFER_LIMIT: Duration = Duration::from_secs(30);
+/// A worker's pause after an operation failed.
+const FAILED_PAUSE: Duration = Duration::from_millis(50);
 
 /// What the workers did, counted as they go.
 #[derive(Debug, Default)]
@@ -35,6 +37,12 @@ pub(crate) struct Counts {
     pub(crate) empty: AtomicU64,
     /// Bytes echoed byte-exact.
     pub(crate) bytes: AtomicU64,
+    /// Server SIGKILLs so far, bumped by the fault loop before each kill.
+    pub(crate) server_kills: AtomicU64,
+    /// Clean EOFs before the last byte of echoes that overlapped a server SIGKILL: the kernel
+    /// closes a killed process's sockets with a FIN when no data is unread, so these are failed
+    /// transfers (also counted in `transfers_failed`), not defects.
+    pub(crate) cut_by_server_kill: AtomicU64,
 }
 
 /// An echo server on 127.0.0.1: echoes until EOF, then passes the EOF on. Stops with `stop`.
@@ -76,48 +84,80 @@ pub(crate) async fn worker(forward: SocketAddr, counts: Arc<Counts>, stop: Cance
     let mut rng = fastrand::Rng::new();
     while !stop.is_cancelled() {
         let roll = rng.u8(0..100);
-        if roll < 75 {
+        let succeeded = if roll < 75 {
             let len = if rng.u8(0..10) == 0 {
                 rng.u64(0..=MAX_TRANSFER)
             } else {
                 rng.u64(0..=64 << 10)
             };
             let seed = rng.u64(..);
-            match tokio::time::timeout(TRANSFER_LIMIT, transfer(forward, seed, len)).await {
-                Ok(Ok(Checked::Exact)) => {
-                    counts.transfers_ok.fetch_add(1, Ordering::Relaxed);
-                    counts.bytes.fetch_add(len, Ordering::Relaxed);
-                }
-                Ok(Ok(Checked::Wrong { offset })) => {
-                    counts.corrupt.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("soak: wrong byte at offset {offset} of a {len}-byte echo");
-                }
-                Ok(Ok(Checked::Short { received })) => {
-                    counts.short.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("soak: clean EOF after {received} of {len} echoed bytes");
-                }
-                Ok(Err(_)) | Err(_) => {
-                    counts.transfers_failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            let kills = counts.server_kills.load(Ordering::SeqCst);
+            let checked = tokio::time::timeout(TRANSFER_LIMIT, transfer(forward, seed, len)).await;
+            let killed = counts.server_kills.load(Ordering::SeqCst) != kills;
+            count(&counts, checked, len, killed)
         } else if roll < 90 {
             let len = rng.u64(1..=64 << 10);
-            if let Ok(Ok(())) =
-                tokio::time::timeout(TRANSFER_LIMIT, reset_mid_transfer(forward, len)).await
-            {
+            let reset =
+                tokio::time::timeout(TRANSFER_LIMIT, reset_mid_transfer(forward, len)).await;
+            let done = matches!(reset, Ok(Ok(())));
+            if done {
                 counts.resets.fetch_add(1, Ordering::Relaxed);
             }
-        } else if TcpStream::connect(forward).await.is_ok() {
-            counts.empty.fetch_add(1, Ordering::Relaxed);
+            done
+        } else {
+            let done = TcpStream::connect(forward).await.is_ok();
+            if done {
+                counts.empty.fetch_add(1, Ordering::Relaxed);
+            }
+            done
+        };
+        if !succeeded {
+            // The server is restarting or the link is cut: do not spin on refused connects.
+            tokio::time::sleep(FAILED_PAUSE).await;
         }
     }
 }
 
+/// Counts one transfer's outcome; `killed`: a server SIGKILL happened while it ran. Whether
+/// it came back byte-exact.
+fn count(
+    counts: &Counts,
+    checked: Result<std::io::Result<Checked>, tokio::time::error::Elapsed>,
+    len: u64,
+    killed: bool,
+) -> bool {
+    match checked {
+        Ok(Ok(Checked::Exact)) => {
+            counts.transfers_ok.fetch_add(1, Ordering::Relaxed);
+            counts.bytes.fetch_add(len, Ordering::Relaxed);
+            return true;
+        }
+        Ok(Ok(Checked::Wrong { offset, got })) => {
+            counts.corrupt.fetch_add(1, Ordering::Relaxed);
+            eprintln!("soak: wrong byte {got:#04x} at offset {offset} of a {len}-byte echo");
+        }
+        Ok(Ok(Checked::Short { received })) if killed => {
+            counts.transfers_failed.fetch_add(1, Ordering::Relaxed);
+            counts.cut_by_server_kill.fetch_add(1, Ordering::Relaxed);
+            eprintln!("soak: clean EOF after {received} of {len} bytes across a server SIGKILL");
+        }
+        Ok(Ok(Checked::Short { received })) => {
+            counts.short.fetch_add(1, Ordering::Relaxed);
+            eprintln!("soak: clean EOF after {received} of {len} echoed bytes");
+        }
+        Ok(Err(_)) | Err(_) => {
+            counts.transfers_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    false
+}
+
 enum Checked {
     Exact,
-    /// The first byte that differs.
+    /// The first byte that differs (or the first byte past the end), and its value.
     Wrong {
         offset: u64,
+        got: u8,
     },
     /// A clean EOF after this many (correct) bytes.
     Short {
@@ -154,13 +194,16 @@ async fn transfer(forward: SocketAddr, seed: u64, len: u64) -> std::io::Result<C
                 wrong = buf[..n]
                     .iter()
                     .enumerate()
-                    .find(|(i, b)| **b != pattern(seed, received + *i as u64))
-                    .map(|(i, _)| received + i as u64);
+                    .find(|(i, b)| {
+                        let at = received + *i as u64;
+                        at >= len || **b != pattern(seed, at)
+                    })
+                    .map(|(i, b)| (received + i as u64, *b));
             }
             received += n as u64;
         }
         Ok::<_, std::io::Error>(match wrong {
-            Some(offset) => Checked::Wrong { offset },
+            Some((offset, got)) => Checked::Wrong { offset, got },
             None if received != len => Checked::Short { received },
             None => Checked::Exact,
         })
