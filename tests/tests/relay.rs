@@ -294,8 +294,8 @@ async fn every_replica_reaches_the_agent(
 /// itself among them, and the agent's sessions are on the first two of its ranking over them.
 async fn every_listing_shows_the_placement(admins: &[SocketAddr], holders: [usize; 2]) {
     for (i, admin) in admins.iter().enumerate() {
-        // A replica learns which member address is itself when its dial of it comes back,
-        // which may be a moment after its four peer sessions are up.
+        // Each replica listens on its own address, so it knows itself among the members at
+        // once; the listing is read until it says so (bounded by WAIT) all the same.
         let deadline = tokio::time::Instant::now() + WAIT;
         let (listing, view) = loop {
             let (status, body) = http_get(*admin, "/v1/clients").await;

@@ -53,6 +53,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Links {
+    /// The links of a replica whose peer listener is bound to `listen`: a specific address
+    /// there is known to be this replica without dialing it (with an unspecified one, the
+    /// dial loop finds which member addresses are this replica by asking them).
+    pub(crate) fn new(listen: SocketAddr) -> Links {
+        let links = Links::default();
+        if !listen.ip().is_unspecified() {
+            lock(&links.selves).insert(listen.ip());
+        }
+        links
+    }
+
     /// The member addresses and their live links (without oneself), for ranking.
     pub(crate) fn snapshot(&self) -> (Vec<IpAddr>, BTreeMap<IpAddr, Link>) {
         let members = lock(&self.members).iter().copied().collect();

@@ -116,7 +116,7 @@ impl Server {
             .map_err(|m| one(FieldError::new("peers.listen", m)))?;
         let listener = bind("peers.listen", addr).await?;
         info!(listen = %display_addr(&listener), "peer listener listening");
-        let links = Arc::new(Links::default());
+        let links = Arc::new(Links::new(addr));
         let mux_config = self.config.to_mux_config();
         let tracker = &life.tracker;
         let dialer = Dialer {
