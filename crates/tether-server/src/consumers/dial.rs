@@ -126,16 +126,7 @@ impl AgentDialer {
                 instance: used.instance,
                 _compat: compat,
             }),
-            Err(source) => {
-                self.metrics
-                    .dial_errors
-                    .with_label_values(&[source.label()])
-                    .inc();
-                Err(DialError::Open {
-                    target: target.clone(),
-                    source,
-                })
-            }
+            Err(source) => Err(self.open_failed(target, source)),
         }
     }
 }
@@ -231,6 +222,18 @@ impl AgentDialer {
 }
 
 impl AgentDialer {
+    /// A refused or failed open, counted under its code.
+    pub(super) fn open_failed(&self, target: &TargetAddr, source: OpenError) -> DialError {
+        self.metrics
+            .dial_errors
+            .with_label_values(&[source.label()])
+            .inc();
+        DialError::Open {
+            target: target.clone(),
+            source,
+        }
+    }
+
     /// Whether `client` has a healthy session other than `entry`'s to fail over to.
     pub(super) fn has_alternative(&self, client: &str, entry: &SessionEntry) -> bool {
         self.registry.sessions(client).iter().any(|other| {

@@ -2,7 +2,7 @@
 //! to fail over to, the stream is handed out before the agent's answer (so the consumer's
 //! first bytes travel with the OPEN), and the answer is awaited and counted beside the pump.
 
-use tether_mux::{OpenAnswer, OpenError};
+use tether_mux::OpenAnswer;
 use tether_proto::TargetAddr;
 use tokio::time::Instant;
 
@@ -79,18 +79,6 @@ impl AgentDialer {
         match outcome {
             Some(Err(source)) => Err(self.open_failed(&target, source)),
             _ => Ok(()),
-        }
-    }
-
-    /// A refused or failed open, counted under its code.
-    fn open_failed(&self, target: &TargetAddr, source: OpenError) -> DialError {
-        self.metrics
-            .dial_errors
-            .with_label_values(&[source.label()])
-            .inc();
-        DialError::Open {
-            target: target.clone(),
-            source,
         }
     }
 }
