@@ -75,8 +75,12 @@ impl Handler {
         tracing::Span::current().record("target", field::display(format_args!("{host}:{port}")));
         let timeout = effective_timeout(**self.dial_timeout.load(), pending.timeout());
         let policy = self.policy.load_full();
+        // Boxed: the dial's future (resolution, happy eyeballs, timers) is large and lives only
+        // until the target answers, while this task lives as long as the stream (its size is
+        // each idle stream's cost).
+        let dialing = Box::pin(dial(&policy, self.resolver.as_ref(), &host, port, timeout));
         let dialed = tokio::select! {
-            dialed = dial(&policy, self.resolver.as_ref(), &host, port, timeout) => dialed,
+            dialed = dialing => dialed,
             _ = cancel.cancelled() => {
                 // Dropping the pending open answers OPEN_ERR if the session is still there.
                 debug!("session ending; dial abandoned");

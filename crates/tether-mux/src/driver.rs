@@ -59,14 +59,27 @@ impl SessionDriver {
             Some(WriterCore::new(sink, data_rx));
         let mut writer = AbortOnDrop(tokio::spawn(write_loop(shared.clone())));
         let reason = read_loop(&shared, stream, incoming_tx).await;
+        let peer_may_read = reason.peer_may_read();
         shared.finish(reason);
         // The writer flushes its last frames and closes the transport; bounded, then aborted.
-        let _ = tokio::time::timeout(
-            CLOSE_FLUSH_TIMEOUT + Duration::from_millis(500),
-            &mut writer.0,
-        )
-        .await;
+        // A peer that fell silent reads nothing more: its session ends at once rather than
+        // waiting on a full socket (a blackholed link).
+        if peer_may_read {
+            let _ = tokio::time::timeout(
+                CLOSE_FLUSH_TIMEOUT + Duration::from_millis(500),
+                &mut writer.0,
+            )
+            .await;
+        }
         drop(writer);
+        // An aborted writer leaves its half of the transport behind: dropping it here closes
+        // the connection even while handles keep the session's state alive.
+        let unclosed = shared
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(unclosed);
         let end = shared.ended().unwrap_or(SessionEnd::Local);
         debug!(reason = %end, "session ended");
         end

@@ -853,3 +853,43 @@ async fn written_chunks_become_data_frames_within_credit() {
     drop(handle);
     t.finish().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_that_stopped_reading_ends_the_driver_without_a_close_flush() {
+    // A short idle timeout, as a fast-failover deployment sets: the close flush's own bound
+    // would be a large part of it.
+    let idle = Duration::from_secs(2);
+    let mut t = Scripted::new(
+        Role::Server,
+        MuxConfig {
+            idle_timeout: idle,
+            ping_interval: Duration::from_millis(250),
+            ..MuxConfig::default()
+        },
+    );
+    let mut stream = session_opens(&mut t, 4 << 20).await;
+    // The peer neither reads nor sends (a blackholed link): the stream's bytes fill the pipe
+    // and the writer blocks on it.
+    let writing = tokio::spawn(async move {
+        let chunk = vec![0x5Au8; 64 * 1024];
+        while stream.write_all(&chunk).await.is_ok() {}
+    });
+    let last_frame = tokio::time::Instant::now();
+    let end = tokio::time::timeout(idle * 2, &mut t.driver)
+        .await
+        .expect("the driver ends within twice the idle timeout")
+        .unwrap();
+    let silent = last_frame.elapsed();
+    assert!(matches!(end, SessionEnd::IdleTimeout), "{end:?}");
+    assert!(
+        silent <= idle + idle / 10,
+        "the driver returned {silent:?} after the peer's last frame"
+    );
+    bounded("writer", writing).await.unwrap();
+    // The transport is closed although the session's handle is still held: the peer reads
+    // what was buffered, then the end.
+    bounded("the transport's end", async {
+        while let Some(Ok(_)) = futures::StreamExt::next(&mut t.peer).await {}
+    })
+    .await;
+}

@@ -98,7 +98,7 @@ impl AgentDialer {
         let entry = match (self.registry.pick_entry(client), &self.relay) {
             (Ok(entry), _) => entry,
             (Err(no_session), Some(relay)) => {
-                return self.dial_relayed(relay, client, target, no_session).await;
+                return Box::pin(self.dial_relayed(relay, client, target, no_session)).await;
             }
             (Err(no_session), None) => {
                 self.metrics
@@ -115,7 +115,9 @@ impl AgentDialer {
             .as_ref()
             .map(|compat| compat.connection(client));
         let started = Instant::now();
-        let opened = self.open_with_failover(client, entry, target).await;
+        // Boxed, as the relayed dial above: these futures are large and live only until the
+        // stream is open, while the caller's task lives as long as the connection.
+        let opened = Box::pin(self.open_with_failover(client, entry, target)).await;
         self.metrics
             .dial_duration
             .observe(started.elapsed().as_secs_f64());

@@ -37,11 +37,9 @@ impl AgentDialer {
             .as_ref()
             .map(|compat| compat.connection(client));
         let started = Instant::now();
-        match entry
-            .session
-            .open_early(target.clone(), self.dial_timeout)
-            .await
-        {
+        // Boxed: see `dial`.
+        let opening = Box::pin(entry.session.open_early(target.clone(), self.dial_timeout));
+        match opening.await {
             Ok((stream, answer)) => {
                 let conn = DialedStream {
                     stream,

@@ -154,14 +154,16 @@ async fn serve_consumer(forward: Arc<Forward>, tcp: TcpStream, peer: SocketAddr)
     audit.dialed(&conn, &forward.target);
     tracing::Span::current().record("stream.id", conn.stream.id());
     debug!("stream open");
-    let answered = async {
+    // Boxed: once answered, the box is freed instead of the answer's timer staying in this
+    // task (whose size is each idle connection's cost) for the connection's life.
+    let answered = Box::pin(async {
         let answer = dialer.answered(early).await;
         match &answer {
             Ok(()) => forward.dial_succeeded(),
             Err(err) => forward.dial_failed(err),
         }
         answer
-    };
+    });
     let (end, answer) = tokio::join!(splice(conn, tcp, &forward.ctx.hard_stop), answered);
     match answer {
         Ok(()) => audit.spliced(&end),
