@@ -70,7 +70,7 @@ impl SessionEnd {
     /// Whether the peer may still read what this side writes after the end: not after an
     /// idle timeout (it is silent, perhaps gone). A transport error may still leave the write
     /// side working (a WebSocket message of the wrong kind is answered with a close code).
-    pub fn peer_may_read(&self) -> bool {
+    pub(crate) fn peer_may_read(&self) -> bool {
         !matches!(self, SessionEnd::IdleTimeout)
     }
 
